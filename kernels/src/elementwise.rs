@@ -1,0 +1,189 @@
+//! Element-wise and row-wise kernels: RMSNorm, SwiGLU, softmax, dot products.
+//!
+//! Reductions keep 16 independent partial sums so the compiler can vectorise them (floating
+//! point addition is not associative, so a single accumulator would force scalar code).
+
+use rayon::prelude::*;
+
+/// Rows per rayon task for row-wise kernels; below this, a single thread is faster.
+const ROWS_PER_TASK: usize = 8;
+
+/// Dot product of two equally long slices, vectorised with 16 partial sums.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 16];
+    let ca = a.chunks_exact(16);
+    let cb = b.chunks_exact(16);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail = x.mul_add(*y, tail);
+    }
+    sum16(acc) + tail
+}
+
+#[inline]
+fn sum16(acc: [f32; 16]) -> f32 {
+    let mut s8 = [0f32; 8];
+    for i in 0..8 {
+        s8[i] = acc[i] + acc[i + 8];
+    }
+    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
+    (s4[0] + s4[2]) + (s4[1] + s4[3])
+}
+
+/// `y += a * x` over equally long slices.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = a.mul_add(*xi, *yi);
+    }
+}
+
+/// RMSNorm of each `dim`-wide row of `x` into `out`: `out = x / sqrt(mean(x^2) + eps) * weight`.
+pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = weight.len();
+    debug_assert_eq!(x.len(), out.len());
+    debug_assert_eq!(x.len() % dim, 0);
+    let one = |(xr, or): (&[f32], &mut [f32])| {
+        let ms = dot(xr, xr) / dim as f32;
+        let scale = 1.0 / (ms + eps).sqrt();
+        for ((o, xi), w) in or.iter_mut().zip(xr).zip(weight) {
+            *o = (xi * scale) * w;
+        }
+    };
+    if x.len() / dim >= 2 * ROWS_PER_TASK {
+        x.par_chunks(dim)
+            .zip(out.par_chunks_mut(dim))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(one);
+    } else {
+        x.chunks(dim).zip(out.chunks_mut(dim)).for_each(one);
+    }
+}
+
+/// SwiGLU on fused `[gate | up]` rows: for each row of `gu` (width `2 * inter`),
+/// `out[i] = silu(gate[i]) * up[i]`.
+pub fn silu_mul(gu: &[f32], inter: usize, out: &mut [f32]) {
+    debug_assert_eq!(gu.len(), 2 * out.len());
+    let one = |(g, o): (&[f32], &mut [f32])| {
+        let (gate, up) = g.split_at(inter);
+        for ((oi, gi), ui) in o.iter_mut().zip(gate).zip(up) {
+            *oi = gi / (1.0 + (-gi).exp()) * ui;
+        }
+    };
+    if out.len() / inter >= 2 * ROWS_PER_TASK {
+        gu.par_chunks(2 * inter)
+            .zip(out.par_chunks_mut(inter))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(one);
+    } else {
+        gu.chunks(2 * inter)
+            .zip(out.chunks_mut(inter))
+            .for_each(one);
+    }
+}
+
+/// `y += x` element-wise.
+pub fn add_inplace(y: &mut [f32], x: &[f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    for (a, b) in y.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
+/// Numerically stable softmax of one row, in place. Returns the log of the normaliser
+/// (`max + ln(sum(exp(x - max)))`), which callers use for log-probabilities.
+pub fn softmax_inplace(x: &mut [f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        // All entries masked: define the result as uniform zeros rather than NaN.
+        x.iter_mut().for_each(|v| *v = 0.0);
+        return f32::NEG_INFINITY;
+    }
+    let mut sum = 0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    x.iter_mut().for_each(|v| *v *= inv);
+    max + (sum as f32).ln()
+}
+
+/// Log-sum-exp of a row (the log of softmax's normaliser), accumulated in f64.
+pub fn logsumexp(x: &[f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return f32::NEG_INFINITY;
+    }
+    let sum: f64 = x.iter().map(|v| ((v - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    #[test]
+    fn dot_matches_f64_reference_for_odd_lengths() {
+        for n in [0usize, 1, 7, 15, 16, 17, 64, 100, 577] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.3).collect();
+            let got = dot(&a, &b) as f64;
+            let want = naive_dot(&a, &b);
+            assert!(
+                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "n={n}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn rmsnorm_matches_definition() {
+        let x = [1.0f32, -2.0, 3.0, 0.5, 4.0, 0.0, -1.0, 2.0];
+        let w = [0.5f32, 1.0, 2.0, -1.0];
+        let mut out = [0f32; 8];
+        rmsnorm(&x, &w, 1e-5, &mut out);
+        for r in 0..2 {
+            let row = &x[r * 4..r * 4 + 4];
+            let ms: f64 = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / 4.0;
+            let s = 1.0 / (ms + 1e-5).sqrt();
+            for i in 0..4 {
+                let want = row[i] as f64 * s * w[i] as f64;
+                assert!((out[r * 4 + i] as f64 - want).abs() < 1e-6, "{r},{i}");
+            }
+        }
+    }
+
+    #[test]
+    fn silu_mul_matches_definition() {
+        let gu = [1.0f32, -1.0, 2.0, 3.0];
+        let mut out = [0f32; 2];
+        silu_mul(&gu, 2, &mut out);
+        let silu = |x: f64| x / (1.0 + (-x).exp());
+        assert!((out[0] as f64 - silu(1.0) * 2.0).abs() < 1e-6);
+        assert!((out[1] as f64 - silu(-1.0) * 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_returns_lse() {
+        let mut x = [1.0f32, 2.0, 3.0, -1000.0];
+        let lse_ref = logsumexp(&x);
+        let lse = softmax_inplace(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!((lse - lse_ref).abs() < 1e-6);
+        assert!((lse - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln() as f32).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,112 @@
+//! Perplexity over non-overlapping windows of a tokenized text.
+//!
+//! Windows of `W` tokens are cut from the start of the text; each runs from an empty cache and
+//! is scored from its second token (the first has no context). A BOS token is prepended to each
+//! window only when the model's metadata asks for one; it is never scored.
+
+use crate::error::{ModelError, Result};
+use crate::forward::{Row, token_logprobs};
+use crate::kv::{DEFAULT_BLOCK_SIZE, KvPool, SeqKv};
+use crate::loader::LoadedModel;
+
+/// Perplexity result.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PerplexityReport {
+    pub ppl: f64,
+    /// Mean negative log-likelihood per scored token (nats).
+    pub nll: f64,
+    pub scored_tokens: usize,
+    pub windows: usize,
+    pub window: usize,
+}
+
+/// Cuts `tokens` into at most `max_windows` full windows of `window` tokens.
+pub fn windows(tokens: &[u32], window: usize, max_windows: Option<usize>) -> Vec<&[u32]> {
+    tokens
+        .chunks_exact(window)
+        .take(max_windows.unwrap_or(usize::MAX))
+        .collect()
+}
+
+/// Summed log-probabilities of tokens `1..` of one window, given tokens before them in it.
+pub fn window_logprobs(lm: &LoadedModel, win: &[u32]) -> Result<Vec<f64>> {
+    let model = &lm.model;
+    let bos = if lm.tokenizer.add_bos {
+        lm.tokenizer.bos
+    } else {
+        None
+    };
+    let input: Vec<u32> = bos.into_iter().chain(win.iter().copied()).collect();
+    let offset = input.len() - win.len();
+    let mut pool = KvPool::new(
+        model.kv_layout(DEFAULT_BLOCK_SIZE),
+        input.len().div_ceil(DEFAULT_BLOCK_SIZE),
+    );
+    let mut seq = SeqKv::default();
+    pool.reserve(&mut seq, input.len())?;
+    let rows: Vec<Row<'_>> = input
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| Row {
+            token: t,
+            pos: i,
+            blocks: &seq.blocks,
+        })
+        .collect();
+    // Row offset + j predicts window token j + 1.
+    let select: Vec<usize> = (offset..offset + win.len() - 1).collect();
+    let logits = model.forward(&rows, &mut pool, &select)?;
+    Ok(token_logprobs(&logits, model.config.vocab, &win[1..]))
+}
+
+/// Perplexity of `text` as defined in the module docs.
+pub fn perplexity(
+    lm: &LoadedModel,
+    text: &str,
+    window: usize,
+    max_windows: Option<usize>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<PerplexityReport> {
+    if window < 2 {
+        return Err(ModelError::InvalidArgument {
+            field: "window",
+            msg: format!("must be at least 2, got {window}"),
+        });
+    }
+    if window > lm.model.config.max_positions {
+        return Err(ModelError::InvalidArgument {
+            field: "window",
+            msg: format!(
+                "{window} exceeds the context length {}",
+                lm.model.config.max_positions
+            ),
+        });
+    }
+    let tokens = lm.tokenizer.encode(text, false, false)?;
+    let wins = windows(&tokens, window, max_windows);
+    if wins.is_empty() {
+        return Err(ModelError::InvalidArgument {
+            field: "text",
+            msg: format!(
+                "the text has {} tokens, fewer than one window of {window}",
+                tokens.len()
+            ),
+        });
+    }
+    let mut sum = 0f64;
+    let mut count = 0usize;
+    for (i, w) in wins.iter().enumerate() {
+        let lp = window_logprobs(lm, w)?;
+        sum -= lp.iter().sum::<f64>();
+        count += lp.len();
+        progress(i + 1, wins.len());
+    }
+    let nll = sum / count as f64;
+    Ok(PerplexityReport {
+        ppl: nll.exp(),
+        nll,
+        scored_tokens: count,
+        windows: wins.len(),
+        window,
+    })
+}

@@ -1,0 +1,253 @@
+//! The CPU forward pass of a Llama-family decoder over a batch of rows.
+//!
+//! A row is one token of one sequence at one position. Rows of different sequences (and a
+//! whole prompt chunk of one sequence) run together: every matrix product covers all rows at
+//! once, attention reads each row's own sequence from the paged KV cache. A chunk's rows see
+//! each other causally because all keys/values of a layer are written before attention runs.
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::kv::KvPool;
+use crate::weights::{Linear, Weights};
+use rayon::prelude::*;
+use rrt_kernels::attention::{AttnRow, AttnShape};
+use rrt_kernels::{KvLayout, MatmulMode, RopeTable, attention_paged, matmul_nt, rmsnorm, silu_mul};
+
+/// A loaded model ready to run.
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    rope: RopeTable,
+}
+
+/// One row of a forward batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Row<'a> {
+    pub token: u32,
+    pub pos: usize,
+    /// The block table of the row's sequence (already reserved up to `pos`).
+    pub blocks: &'a [u32],
+}
+
+/// `y = x W^T (+ b)` for all rows.
+pub(crate) fn linear(l: &Linear, x: &[f32], y: &mut [f32], n: usize, mode: MatmulMode) {
+    matmul_nt(x, &l.w, y, n, l.in_dim, l.out_dim, mode);
+    if let Some(b) = &l.bias {
+        for row in y.chunks_exact_mut(l.out_dim) {
+            for (v, bi) in row.iter_mut().zip(b) {
+                *v += bi;
+            }
+        }
+    }
+}
+
+/// Per-batch buffers, sized for `n` rows.
+struct Buffers {
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    q: Vec<f32>,
+    attn: Vec<f32>,
+    gu: Vec<f32>,
+    act: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Model {
+    pub fn new(config: ModelConfig, weights: Weights) -> Self {
+        let rope = RopeTable::new(
+            config.head_dim,
+            config.rope_dim,
+            config.rope_theta,
+            &config.rope_scaling,
+        );
+        Self {
+            config,
+            weights,
+            rope,
+        }
+    }
+
+    /// The KV geometry of this model with `block_size` positions per block.
+    pub fn kv_layout(&self, block_size: usize) -> KvLayout {
+        KvLayout {
+            n_layers: self.config.n_layers,
+            block_size,
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Embeddings of the rows' tokens (`n x hidden`).
+    pub fn embed(&self, tokens: impl ExactSizeIterator<Item = u32>) -> Result<Vec<f32>> {
+        let h = self.config.hidden;
+        let mut x = vec![0f32; tokens.len() * h];
+        for (i, t) in tokens.enumerate() {
+            let t = t as usize;
+            if t >= self.config.vocab {
+                return Err(ModelError::InvalidArgument {
+                    field: "token",
+                    msg: format!(
+                        "token id {t} is outside the vocabulary of {}",
+                        self.config.vocab
+                    ),
+                });
+            }
+            x[i * h..(i + 1) * h].copy_from_slice(&self.weights.embed[t * h..(t + 1) * h]);
+        }
+        Ok(x)
+    }
+
+    fn buffers(&self, rows: &[Row<'_>]) -> Buffers {
+        let c = &self.config;
+        let n = rows.len();
+        let half = self.rope.half();
+        let mut cos = vec![0f32; n * half];
+        let mut sin = vec![0f32; n * half];
+        for (i, r) in rows.iter().enumerate() {
+            self.rope.cos_sin(
+                r.pos,
+                &mut cos[i * half..(i + 1) * half],
+                &mut sin[i * half..(i + 1) * half],
+            );
+        }
+        Buffers {
+            h: vec![0f32; n * c.hidden],
+            qkv: vec![0f32; n * c.qkv_dim()],
+            q: vec![0f32; n * c.q_dim()],
+            attn: vec![0f32; n * c.q_dim()],
+            gu: vec![0f32; n * 2 * c.intermediate],
+            act: vec![0f32; n * c.intermediate],
+            cos,
+            sin,
+        }
+    }
+
+    /// Runs decoder layer `li` (writing K/V into cache layer `li`) on the hidden states `x`.
+    fn layer(
+        &self,
+        li: usize,
+        x: &mut [f32],
+        rows: &[Row<'_>],
+        pool: &mut KvPool,
+        b: &mut Buffers,
+    ) {
+        let c = &self.config;
+        let n = rows.len();
+        let w = &self.weights.layers[li];
+        let (qd, kd) = (c.q_dim(), c.kv_dim());
+        let half = self.rope.half();
+
+        rmsnorm(x, &w.attn_norm, c.rms_eps, &mut b.h);
+        linear(&w.qkv, &b.h, &mut b.qkv, n, MatmulMode::Overwrite);
+        for (i, r) in rows.iter().enumerate() {
+            let row = &mut b.qkv[i * c.qkv_dim()..(i + 1) * c.qkv_dim()];
+            let (cos, sin) = (
+                &b.cos[i * half..(i + 1) * half],
+                &b.sin[i * half..(i + 1) * half],
+            );
+            let (q, kv) = row.split_at_mut(qd);
+            self.rope.apply(q, cos, sin);
+            self.rope.apply(&mut kv[..kd], cos, sin);
+            b.q[i * qd..(i + 1) * qd].copy_from_slice(q);
+            pool.write(r.blocks, li, r.pos, &kv[..kd], &kv[kd..]);
+        }
+        let arows: Vec<AttnRow<'_>> = rows
+            .iter()
+            .map(|r| AttnRow {
+                blocks: r.blocks,
+                pos: r.pos,
+                layer: li,
+            })
+            .collect();
+        let shape = AttnShape {
+            n_heads: c.n_heads,
+            window: c.sliding_window,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        let layout = *pool.layout();
+        attention_paged(&b.q, &arows, pool.data(), &layout, shape, &mut b.attn);
+        linear(&w.o, &b.attn, x, n, MatmulMode::Accumulate);
+
+        rmsnorm(x, &w.ffn_norm, c.rms_eps, &mut b.h);
+        linear(&w.gate_up, &b.h, &mut b.gu, n, MatmulMode::Overwrite);
+        silu_mul(&b.gu, c.intermediate, &mut b.act);
+        linear(&w.down, &b.act, x, n, MatmulMode::Accumulate);
+    }
+
+    /// Runs all layers for `rows`, writing their keys and values into `pool`, and returns the
+    /// final hidden states (`n x hidden`, before the final norm).
+    pub fn forward_hidden(&self, rows: &[Row<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
+        self.check_rows(rows, pool)?;
+        let mut x = self.embed(rows.iter().map(|r| r.token))?;
+        let mut b = self.buffers(rows);
+        for li in 0..self.config.n_layers {
+            self.layer(li, &mut x, rows, pool, &mut b);
+        }
+        Ok(x)
+    }
+
+    /// Final norm and LM head for the rows `select` of `hidden` (`select.len() x vocab`).
+    pub fn logits(&self, hidden: &[f32], select: &[usize]) -> Vec<f32> {
+        let h = self.config.hidden;
+        let mut picked = vec![0f32; select.len() * h];
+        for (i, &r) in select.iter().enumerate() {
+            picked[i * h..(i + 1) * h].copy_from_slice(&hidden[r * h..(r + 1) * h]);
+        }
+        let mut normed = vec![0f32; picked.len()];
+        rmsnorm(
+            &picked,
+            &self.weights.norm,
+            self.config.rms_eps,
+            &mut normed,
+        );
+        let mut out = vec![0f32; select.len() * self.config.vocab];
+        matmul_nt(
+            &normed,
+            self.weights.head(),
+            &mut out,
+            select.len(),
+            h,
+            self.config.vocab,
+            MatmulMode::Overwrite,
+        );
+        out
+    }
+
+    /// [`Self::forward_hidden`] then [`Self::logits`] of the rows `select`.
+    pub fn forward(
+        &self,
+        rows: &[Row<'_>],
+        pool: &mut KvPool,
+        select: &[usize],
+    ) -> Result<Vec<f32>> {
+        let hidden = self.forward_hidden(rows, pool)?;
+        Ok(self.logits(&hidden, select))
+    }
+
+    fn check_rows(&self, rows: &[Row<'_>], pool: &KvPool) -> Result<()> {
+        let bs = pool.layout().block_size;
+        for r in rows {
+            if r.pos / bs >= r.blocks.len() {
+                return Err(ModelError::InvalidArgument {
+                    field: "pos",
+                    msg: format!(
+                        "position {} has no reserved KV block ({} blocks of {bs})",
+                        r.pos,
+                        r.blocks.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Log-softmax probability of `target` under each row of `logits` (used by perplexity).
+pub fn token_logprobs(logits: &[f32], vocab: usize, targets: &[u32]) -> Vec<f64> {
+    logits
+        .par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| (row[t as usize] - rrt_kernels::logsumexp(row)) as f64)
+        .collect()
+}

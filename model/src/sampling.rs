@@ -1,0 +1,267 @@
+//! Token sampling: greedy, temperature, top-k, top-p, min-p, with a per-request seed.
+//!
+//! Filters apply in this order: temperature scaling, top-k, top-p (nucleus), min-p; then one
+//! draw from the renormalised distribution. Temperature 0 is greedy (ties go to the lowest id).
+
+use crate::error::{ModelError, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Sampling parameters of one request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = no top-k.
+    pub top_k: usize,
+    /// 1 = no nucleus filtering.
+    pub top_p: f32,
+    /// 0 = no min-p filtering.
+    pub min_p: f32,
+    /// Seed for the request's random stream; `None` draws one from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Rejects values that have no meaning, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad =
+            |field: &'static str, msg: String| Err(ModelError::InvalidArgument { field, msg });
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(
+                "temperature",
+                format!("must be a finite number >= 0, got {}", self.temperature),
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.min_p >= 0.0 && self.min_p <= 1.0) {
+            return bad("min_p", format!("must be in [0, 1], got {}", self.min_p));
+        }
+        Ok(())
+    }
+}
+
+/// Index of the largest value; the lowest index among equal maxima; NaN never wins.
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut bv = f32::NEG_INFINITY;
+    for (i, &v) in x.iter().enumerate() {
+        if v > bv {
+            bv = v;
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// A sampler with its own random stream.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Scratch for (logit, id) candidates, reused across steps.
+    cand: Vec<(f32, u32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let rng = match params.seed {
+            Some(s) => ChaCha8Rng::seed_from_u64(s),
+            None => ChaCha8Rng::from_os_rng(),
+        };
+        Ok(Self {
+            params,
+            rng,
+            cand: Vec::new(),
+        })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from one row of logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        if p.temperature == 0.0 || p.top_k == 1 {
+            return argmax(logits);
+        }
+        let cand = &mut self.cand;
+        cand.clear();
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| !v.is_nan())
+                .map(|(i, &v)| (v / p.temperature, i as u32)),
+        );
+        if cand.is_empty() {
+            return 0;
+        }
+        let by_logit_desc =
+            |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            cand.truncate(p.top_k);
+        }
+        cand.sort_unstable_by(by_logit_desc);
+        // Softmax over the candidates (in place: .0 becomes the probability).
+        let max = cand[0].0;
+        let mut sum = 0f64;
+        for c in cand.iter_mut() {
+            c.0 = (c.0 - max).exp();
+            sum += c.0 as f64;
+        }
+        for c in cand.iter_mut() {
+            c.0 = (c.0 as f64 / sum) as f32;
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0f32;
+            let mut keep = cand.len();
+            for (i, c) in cand.iter().enumerate() {
+                acc += c.0;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cand.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let floor = cand[0].0 * p.min_p;
+            let keep = cand
+                .iter()
+                .position(|c| c.0 < floor)
+                .unwrap_or(cand.len())
+                .max(1);
+            cand.truncate(keep);
+        }
+        let total: f32 = cand.iter().map(|c| c.0).sum();
+        let mut u = self.rng.random::<f32>() * total;
+        for c in cand.iter() {
+            if u < c.0 {
+                return c.1;
+            }
+            u -= c.0;
+        }
+        cand[cand.len() - 1].1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_lowest_index_of_ties() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, f32::NAN]), 1);
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(s.sample(&[0.0, 5.0, 1.0]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_filters_hold() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 5,
+            top_p: 0.9,
+            min_p: 0.0,
+            seed: Some(42),
+        };
+        let mut a = Sampler::new(params.clone()).unwrap();
+        let mut b = Sampler::new(params).unwrap();
+        let mut top5: Vec<usize> = (0..50).collect();
+        top5.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]));
+        top5.truncate(5);
+        for _ in 0..200 {
+            let t = a.sample(&logits);
+            assert_eq!(t, b.sample(&logits));
+            assert!(top5.contains(&(t as usize)), "token {t} outside top-5");
+        }
+    }
+
+    #[test]
+    fn min_p_and_top_p_restrict_to_the_head() {
+        let logits = [10.0f32, 9.0, 0.0, -1.0];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.5,
+            seed: Some(1),
+        })
+        .unwrap();
+        for _ in 0..100 {
+            assert!(
+                s.sample(&logits) < 1,
+                "min_p 0.5 keeps only tokens with p >= 0.5 p_max: only token 0"
+            );
+        }
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            min_p: 0.0,
+            seed: Some(1),
+        })
+        .unwrap();
+        for _ in 0..100 {
+            assert_eq!(s.sample(&logits), 0);
+        }
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let cases: [(SamplingParams, &str); 4] = [
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    min_p: 1.5,
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+        ];
+        for (p, field) in cases {
+            match p.validate() {
+                Err(ModelError::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! `rrt bench forward`: prefill and decode throughput of the forward pass at several batch
+//! sizes, measured the way llama.cpp's `llama-batched-bench` measures them (B sequences of P
+//! prompt tokens prefilled together, then G decode steps of B rows), so the two compare.
+
+use super::ModelArg;
+use anyhow::{Result, bail};
+use rrt_model::forward::Row;
+use rrt_model::generate::PREFILL_CHUNK;
+use rrt_model::kv::{DEFAULT_BLOCK_SIZE, KvPool, SeqKv};
+use rrt_model::sampling::argmax;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(clap::Subcommand)]
+pub enum What {
+    /// Prefill and decode tokens/s of the forward pass.
+    Forward(ForwardArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Batch sizes (parallel sequences), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Decode steps per sequence.
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Repetitions per batch size (the best is reported).
+    #[arg(long, default_value_t = 2)]
+    pub reps: usize,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Line {
+    batch: usize,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    prefill_s: f64,
+    prefill_tok_s: f64,
+    decode_s: f64,
+    decode_tok_s: f64,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    match a.what {
+        What::Forward(f) => forward(f),
+    }
+}
+
+fn forward(a: ForwardArgs) -> Result<()> {
+    if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.batch.contains(&0) {
+        bail!("--prompt-tokens, --gen-tokens and every --batch must be positive");
+    }
+    let lm = a.model.load()?;
+    let model = &lm.model;
+    let vocab = model.config.vocab as u64;
+    if !a.json {
+        println!(
+            "model: {}  threads: {}",
+            lm.path.display(),
+            rayon::current_num_threads()
+        );
+        println!(
+            "{:>6} {:>6} {:>6} | {:>10} {:>12} | {:>10} {:>12}",
+            "batch", "P", "G", "prefill s", "prefill t/s", "decode s", "decode t/s"
+        );
+    }
+    for &b in &a.batch {
+        let mut best: Option<Line> = None;
+        for rep in 0..a.reps.max(1) {
+            let total = a.prompt_tokens + a.gen_tokens;
+            let mut pool = KvPool::new(
+                model.kv_layout(DEFAULT_BLOCK_SIZE),
+                b * total.div_ceil(DEFAULT_BLOCK_SIZE),
+            );
+            let mut seqs = vec![SeqKv::default(); b];
+            for s in seqs.iter_mut() {
+                pool.reserve(s, total)?;
+            }
+            // Deterministic pseudo-random prompt tokens, different per sequence and repetition.
+            let tok = |s: usize, i: usize| {
+                ((s as u64 * 7919 + i as u64 * 104729 + rep as u64 * 31) % vocab) as u32
+            };
+            let mut rows: Vec<(usize, usize)> = Vec::with_capacity(b * a.prompt_tokens);
+            for s in 0..b {
+                for i in 0..a.prompt_tokens {
+                    rows.push((s, i));
+                }
+            }
+            let t0 = Instant::now();
+            let mut next = vec![0u32; b];
+            for chunk in rows.chunks(PREFILL_CHUNK) {
+                let r: Vec<Row<'_>> = chunk
+                    .iter()
+                    .map(|&(s, i)| Row {
+                        token: tok(s, i),
+                        pos: i,
+                        blocks: &seqs[s].blocks,
+                    })
+                    .collect();
+                // Logits only for rows that end a prompt, as in llama-batched-bench.
+                let select: Vec<usize> = chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, i))| *i + 1 == a.prompt_tokens)
+                    .map(|(j, _)| j)
+                    .collect();
+                let logits = model.forward(&r, &mut pool, &select)?;
+                for (k, &j) in select.iter().enumerate() {
+                    next[chunk[j].0] =
+                        argmax(&logits[k * model.config.vocab..(k + 1) * model.config.vocab]);
+                }
+            }
+            let prefill_s = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            for step in 0..a.gen_tokens {
+                let r: Vec<Row<'_>> = (0..b)
+                    .map(|s| Row {
+                        token: next[s],
+                        pos: a.prompt_tokens + step,
+                        blocks: &seqs[s].blocks,
+                    })
+                    .collect();
+                let select: Vec<usize> = (0..b).collect();
+                let logits = model.forward(&r, &mut pool, &select)?;
+                for s in 0..b {
+                    next[s] = argmax(&logits[s * model.config.vocab..(s + 1) * model.config.vocab]);
+                }
+            }
+            let decode_s = t1.elapsed().as_secs_f64();
+            for s in seqs.iter_mut() {
+                pool.release(s);
+            }
+            let line = Line {
+                batch: b,
+                prompt_tokens: a.prompt_tokens,
+                gen_tokens: a.gen_tokens,
+                prefill_s,
+                prefill_tok_s: (b * a.prompt_tokens) as f64 / prefill_s,
+                decode_s,
+                decode_tok_s: (b * a.gen_tokens) as f64 / decode_s,
+            };
+            let better = match &best {
+                None => true,
+                Some(o) => {
+                    line.decode_tok_s + line.prefill_tok_s > o.decode_tok_s + o.prefill_tok_s
+                }
+            };
+            if better {
+                best = Some(line);
+            }
+        }
+        let l = best.expect("at least one repetition");
+        if a.json {
+            println!("{}", serde_json::to_string(&l)?);
+        } else {
+            println!(
+                "{:>6} {:>6} {:>6} | {:>10.3} {:>12.1} | {:>10.3} {:>12.1}",
+                l.batch,
+                l.prompt_tokens,
+                l.gen_tokens,
+                l.prefill_s,
+                l.prefill_tok_s,
+                l.decode_s,
+                l.decode_tok_s
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! One module per subcommand, plus the model-path handling they share.
+
+pub mod bench;
+pub mod eval;
+pub mod generate;
+pub mod tokenize;
+
+use anyhow::{Context, Result};
+use rrt_model::LoadedModel;
+use std::path::PathBuf;
+
+/// `--model`: a GGUF file or a Hugging Face directory; the fetched default model if absent.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArg {
+    /// GGUF file or Hugging Face model directory (default: the cached SmolLM2-135M-Instruct).
+    #[arg(long, env = "RRT_MODEL")]
+    pub model: Option<PathBuf>,
+}
+
+impl ModelArg {
+    pub fn path(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => Ok(rrt_model::default_model_path()?),
+        }
+    }
+
+    pub fn load(&self) -> Result<LoadedModel> {
+        let path = self.path()?;
+        let t = std::time::Instant::now();
+        let lm = rrt_model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        tracing::info!(path = %path.display(), secs = t.elapsed().as_secs_f64(), "model loaded");
+        Ok(lm)
+    }
+}

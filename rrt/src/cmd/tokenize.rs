@@ -1,0 +1,26 @@
+//! `rrt tokenize`: token ids of a text as a JSON array.
+
+use super::ModelArg;
+use anyhow::Result;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// The text to tokenize.
+    #[arg(long)]
+    pub text: String,
+    /// Recognise special-token text such as `<|im_start|>` as the special tokens.
+    #[arg(long)]
+    pub special: bool,
+    /// Do not add BOS even if the model asks for it.
+    #[arg(long)]
+    pub no_bos: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let lm = a.model.load()?;
+    let ids = lm.tokenizer.encode(&a.text, !a.no_bos, a.special)?;
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}
