@@ -35,8 +35,7 @@ impl KvLayout {
     /// `(block, layer, slot)`.
     #[inline]
     pub fn offset(&self, block: u32, layer: usize, kind: usize, slot: usize) -> usize {
-        (((block as usize * self.n_layers + layer) * 2 + kind) * self.block_size + slot)
-            * self.kv_dim()
+        (((block as usize * self.n_layers + layer) * 2 + kind) * self.block_size + slot) * self.kv_dim()
     }
 }
 
@@ -165,12 +164,8 @@ mod tests {
         let mut keys = Vec::new();
         let mut vals = Vec::new();
         for p in 0..ctx {
-            let k: Vec<f32> = (0..layout.kv_dim())
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            let v: Vec<f32> = (0..layout.kv_dim())
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
+            let k: Vec<f32> = (0..layout.kv_dim()).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let v: Vec<f32> = (0..layout.kv_dim()).map(|_| rng.random_range(-1.0..1.0)).collect();
             let b = table[p / 4];
             let ko = layout.offset(b, 1, 0, p % 4);
             pool[ko..ko + layout.kv_dim()].copy_from_slice(&k);
@@ -179,9 +174,7 @@ mod tests {
             keys.push(k);
             vals.push(v);
         }
-        let q: Vec<f32> = (0..2 * n_heads * 8)
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
+        let q: Vec<f32> = (0..2 * n_heads * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
         let rows = [
             AttnRow {
                 blocks: &table,

@@ -85,9 +85,7 @@ pub fn silu_mul(gu: &[f32], inter: usize, out: &mut [f32]) {
             .with_min_len(ROWS_PER_TASK)
             .for_each(one);
     } else {
-        gu.chunks(2 * inter)
-            .zip(out.chunks_mut(inter))
-            .for_each(one);
+        gu.chunks(2 * inter).zip(out.chunks_mut(inter)).for_each(one);
     }
 }
 

@@ -19,15 +19,7 @@ pub enum MatmulMode {
 const PARALLEL_THRESHOLD: usize = 1 << 16;
 
 /// `y (n x m) = x (n x k) * w^T` where `w` is `m x k` row-major; see [`MatmulMode`].
-pub fn matmul_nt(
-    x: &[f32],
-    w: &[f32],
-    y: &mut [f32],
-    n: usize,
-    k: usize,
-    m: usize,
-    mode: MatmulMode,
-) {
+pub fn matmul_nt(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usize, mode: MatmulMode) {
     assert_eq!(x.len(), n * k, "matmul_nt: x is not n x k");
     assert_eq!(w.len(), m * k, "matmul_nt: w is not m x k");
     assert_eq!(y.len(), n * m, "matmul_nt: y is not n x m");
@@ -83,9 +75,7 @@ mod tests {
         let mut y = vec![0f64; n * m];
         for i in 0..n {
             for j in 0..m {
-                y[i * m + j] = (0..k)
-                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
-                    .sum();
+                y[i * m + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
             }
         }
         y
@@ -94,13 +84,7 @@ mod tests {
     #[test]
     fn matches_f64_reference_in_both_modes() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        for (n, k, m) in [
-            (1, 1, 1),
-            (1, 576, 192),
-            (3, 64, 70),
-            (17, 576, 1536),
-            (64, 130, 33),
-        ] {
+        for (n, k, m) in [(1, 1, 1), (1, 576, 192), (3, 64, 70), (17, 576, 1536), (64, 130, 33)] {
             let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let w: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let want = reference(&x, &w, n, k, m);

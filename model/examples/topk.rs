@@ -21,11 +21,7 @@ fn main() -> anyhow::Result<()> {
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     for &i in &idx[..8] {
-        println!(
-            "{i} {:.4} {:?}",
-            logits[i],
-            lm.tokenizer.id_to_token(i as u32)
-        );
+        println!("{i} {:.4} {:?}", logits[i], lm.tokenizer.id_to_token(i as u32));
     }
     Ok(())
 }

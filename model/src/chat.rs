@@ -29,9 +29,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("source", &self.source)
-            .finish()
+        f.debug_struct("ChatTemplate").field("source", &self.source).finish()
     }
 }
 
@@ -118,18 +116,14 @@ mod tests {
     #[test]
     fn chatml_renders_like_python_jinja() {
         let t = ChatTemplate::new(CHATML).unwrap();
-        let s = t
-            .render(&[Message::new("user", "Hi")], true, None, None)
-            .unwrap();
+        let s = t.render(&[Message::new("user", "Hi")], true, None, None).unwrap();
         assert_eq!(s, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 
     #[test]
     fn raise_exception_and_syntax_errors_are_errors() {
         let t = ChatTemplate::new("{{ raise_exception('only user roles') }}").unwrap();
-        let e = t
-            .render(&[Message::new("x", "y")], true, None, None)
-            .unwrap_err();
+        let e = t.render(&[Message::new("x", "y")], true, None, None).unwrap_err();
         assert!(e.to_string().contains("only user roles"), "{e}");
         assert!(ChatTemplate::new("{% for %}").is_err());
     }
@@ -138,8 +132,7 @@ mod tests {
     fn python_string_methods_work() {
         let t = ChatTemplate::new("{{ messages[0]['content'].strip().upper() }}").unwrap();
         assert_eq!(
-            t.render(&[Message::new("user", "  hi ")], false, None, None)
-                .unwrap(),
+            t.render(&[Message::new("user", "  hi ")], false, None, None).unwrap(),
             "HI"
         );
     }

@@ -93,16 +93,10 @@ impl ModelConfig {
             ));
         }
         if !(self.rms_eps > 0.0 && self.rms_eps.is_finite()) {
-            return bad(format!(
-                "RMSNorm epsilon {} is not a positive number",
-                self.rms_eps
-            ));
+            return bad(format!("RMSNorm epsilon {} is not a positive number", self.rms_eps));
         }
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
-            return bad(format!(
-                "RoPE theta {} is not a positive number",
-                self.rope_theta
-            ));
+            return bad(format!("RoPE theta {} is not a positive number", self.rope_theta));
         }
         if let RopeScaling::Factors(f) = &self.rope_scaling
             && f.len() != self.rope_dim / 2
@@ -149,10 +143,7 @@ impl ModelConfig {
         };
         let vocab = match g.opt_u64(&key("vocab_size"))? {
             Some(v) => v as usize,
-            None => g
-                .str_array("tokenizer.ggml.tokens")?
-                .map(|t| t.len())
-                .unwrap_or(0),
+            None => g.str_array("tokenizer.ggml.tokens")?.map(|t| t.len()).unwrap_or(0),
         };
         let rope_scaling = match g.opt_str(&key("rope.scaling.type"))? {
             None | Some("none") => RopeScaling::None,
@@ -160,10 +151,7 @@ impl ModelConfig {
                 factor: g.opt_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0),
             },
             Some(other) => {
-                return Err(ModelError::unsupported(
-                    path,
-                    format!("RoPE scaling `{other}`"),
-                ));
+                return Err(ModelError::unsupported(path, format!("RoPE scaling `{other}`")));
             }
         };
         let cfg = ModelConfig {
@@ -175,9 +163,7 @@ impl ModelConfig {
             n_kv_heads,
             head_dim,
             vocab,
-            rms_eps: g
-                .opt_f64(&key("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5) as f32,
+            rms_eps: g.opt_f64(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f32,
             rope_theta: g.opt_f64(&key("rope.freq_base"))?.unwrap_or(10000.0),
             rope_dim: g
                 .opt_u64(&key("rope.dimension_count"))?
@@ -210,16 +196,13 @@ impl ModelConfig {
             json.get(k)
                 .and_then(Json::as_u64)
                 .map(|v| v as usize)
-                .ok_or_else(|| {
-                    ModelError::format(path, format!("`{k}` is missing or not an unsigned integer"))
-                })
+                .ok_or_else(|| ModelError::format(path, format!("`{k}` is missing or not an unsigned integer")))
         };
         let opt_num = |k: &str| json.get(k).and_then(Json::as_u64).map(|v| v as usize);
         let opt_f = |k: &str| json.get(k).and_then(Json::as_f64);
         let hidden = num("hidden_size")?;
         let n_heads = num("num_attention_heads")?;
-        let head_dim =
-            opt_num("head_dim").unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 });
+        let head_dim = opt_num("head_dim").unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 });
         let rope_scaling = match json.get("rope_scaling") {
             None | Some(Json::Null) => RopeScaling::None,
             Some(rs) => {
@@ -238,23 +221,17 @@ impl ModelConfig {
                         factor: f("factor").unwrap_or(8.0),
                         low_freq_factor: f("low_freq_factor").unwrap_or(1.0),
                         high_freq_factor: f("high_freq_factor").unwrap_or(4.0),
-                        original_max_position: f("original_max_position_embeddings")
-                            .unwrap_or(8192.0),
+                        original_max_position: f("original_max_position_embeddings").unwrap_or(8192.0),
                     },
                     other => {
-                        return Err(ModelError::unsupported(
-                            path,
-                            format!("rope_scaling type `{other}`"),
-                        ));
+                        return Err(ModelError::unsupported(path, format!("rope_scaling type `{other}`")));
                     }
                 }
             }
         };
         let sliding_window = match family {
             Family::Mistral => opt_num("sliding_window"),
-            Family::Qwen2
-                if json.get("use_sliding_window").and_then(Json::as_bool) == Some(true) =>
-            {
+            Family::Qwen2 if json.get("use_sliding_window").and_then(Json::as_bool) == Some(true) => {
                 opt_num("sliding_window")
             }
             _ => None,
@@ -274,12 +251,8 @@ impl ModelConfig {
             rope_scaling,
             max_positions: opt_num("max_position_embeddings").unwrap_or(2048),
             sliding_window,
-            qkv_bias: family == Family::Qwen2
-                || json.get("attention_bias").and_then(Json::as_bool) == Some(true),
-            tie_embeddings: json
-                .get("tie_word_embeddings")
-                .and_then(Json::as_bool)
-                .unwrap_or(false),
+            qkv_bias: family == Family::Qwen2 || json.get("attention_bias").and_then(Json::as_bool) == Some(true),
+            tie_embeddings: json.get("tie_word_embeddings").and_then(Json::as_bool).unwrap_or(false),
         })
     }
 }

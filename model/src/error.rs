@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a GGUF file (magic bytes {magic:02x?}, expected \"GGUF\")")]
     BadMagic { path: PathBuf, magic: [u8; 4] },
     #[error("{path}: unsupported GGUF version {version} (supported: 2 and 3)")]
@@ -18,11 +15,7 @@ pub enum ModelError {
     #[error("{path}: file is truncated: {what}")]
     Truncated { path: PathBuf, what: String },
     #[error("{path}: tensor `{tensor}`: unknown or unsupported tensor type {ty}")]
-    UnknownTensorType {
-        path: PathBuf,
-        tensor: String,
-        ty: String,
-    },
+    UnknownTensorType { path: PathBuf, tensor: String, ty: String },
     #[error("{path}: tensor `{tensor}`: shape {got:?}, expected {expected:?}")]
     Shape {
         path: PathBuf,

@@ -31,11 +31,7 @@ pub fn windows(tokens: &[u32], window: usize, max_windows: Option<usize>) -> Vec
 /// Summed log-probabilities of tokens `1..` of one window, given tokens before them in it.
 pub fn window_logprobs(lm: &LoadedModel, win: &[u32]) -> Result<Vec<f64>> {
     let model = &lm.model;
-    let bos = if lm.tokenizer.add_bos {
-        lm.tokenizer.bos
-    } else {
-        None
-    };
+    let bos = if lm.tokenizer.add_bos { lm.tokenizer.bos } else { None };
     let input: Vec<u32> = bos.into_iter().chain(win.iter().copied()).collect();
     let offset = input.len() - win.len();
     let mut pool = KvPool::new(
@@ -76,10 +72,7 @@ pub fn perplexity(
     if window > lm.model.config.max_positions {
         return Err(ModelError::InvalidArgument {
             field: "window",
-            msg: format!(
-                "{window} exceeds the context length {}",
-                lm.model.config.max_positions
-            ),
+            msg: format!("{window} exceeds the context length {}", lm.model.config.max_positions),
         });
     }
     let tokens = lm.tokenizer.encode(text, false, false)?;

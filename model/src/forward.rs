@@ -61,11 +61,7 @@ impl Model {
             config.rope_theta,
             &config.rope_scaling,
         );
-        Self {
-            config,
-            weights,
-            rope,
-        }
+        Self { config, weights, rope }
     }
 
     /// The KV geometry of this model with `block_size` positions per block.
@@ -87,10 +83,7 @@ impl Model {
             if t >= self.config.vocab {
                 return Err(ModelError::InvalidArgument {
                     field: "token",
-                    msg: format!(
-                        "token id {t} is outside the vocabulary of {}",
-                        self.config.vocab
-                    ),
+                    msg: format!("token id {t} is outside the vocabulary of {}", self.config.vocab),
                 });
             }
             x[i * h..(i + 1) * h].copy_from_slice(&self.weights.embed[t * h..(t + 1) * h]);
@@ -124,14 +117,7 @@ impl Model {
     }
 
     /// Runs decoder layer `li` (writing K/V into cache layer `li`) on the hidden states `x`.
-    fn layer(
-        &self,
-        li: usize,
-        x: &mut [f32],
-        rows: &[Row<'_>],
-        pool: &mut KvPool,
-        b: &mut Buffers,
-    ) {
+    fn layer(&self, li: usize, x: &mut [f32], rows: &[Row<'_>], pool: &mut KvPool, b: &mut Buffers) {
         let c = &self.config;
         let n = rows.len();
         let w = &self.weights.layers[li];
@@ -142,10 +128,7 @@ impl Model {
         linear(&w.qkv, &b.h, &mut b.qkv, n, MatmulMode::Overwrite);
         for (i, r) in rows.iter().enumerate() {
             let row = &mut b.qkv[i * c.qkv_dim()..(i + 1) * c.qkv_dim()];
-            let (cos, sin) = (
-                &b.cos[i * half..(i + 1) * half],
-                &b.sin[i * half..(i + 1) * half],
-            );
+            let (cos, sin) = (&b.cos[i * half..(i + 1) * half], &b.sin[i * half..(i + 1) * half]);
             let (q, kv) = row.split_at_mut(qd);
             self.rope.apply(q, cos, sin);
             self.rope.apply(&mut kv[..kd], cos, sin);
@@ -195,12 +178,7 @@ impl Model {
             picked[i * h..(i + 1) * h].copy_from_slice(&hidden[r * h..(r + 1) * h]);
         }
         let mut normed = vec![0f32; picked.len()];
-        rmsnorm(
-            &picked,
-            &self.weights.norm,
-            self.config.rms_eps,
-            &mut normed,
-        );
+        rmsnorm(&picked, &self.weights.norm, self.config.rms_eps, &mut normed);
         let mut out = vec![0f32; select.len() * self.config.vocab];
         matmul_nt(
             &normed,
@@ -215,12 +193,7 @@ impl Model {
     }
 
     /// [`Self::forward_hidden`] then [`Self::logits`] of the rows `select`.
-    pub fn forward(
-        &self,
-        rows: &[Row<'_>],
-        pool: &mut KvPool,
-        select: &[usize],
-    ) -> Result<Vec<f32>> {
+    pub fn forward(&self, rows: &[Row<'_>], pool: &mut KvPool, select: &[usize]) -> Result<Vec<f32>> {
         let hidden = self.forward_hidden(rows, pool)?;
         Ok(self.logits(&hidden, select))
     }

@@ -52,12 +52,7 @@ fn check_request(model: &Model, prompt: &[u32], max_tokens: usize) -> Result<()>
 }
 
 /// Runs the prompt through the model in chunks; returns the logits of its last token.
-pub fn prefill(
-    model: &Model,
-    pool: &mut KvPool,
-    seq: &mut SeqKv,
-    prompt: &[u32],
-) -> Result<Vec<f32>> {
+pub fn prefill(model: &Model, pool: &mut KvPool, seq: &mut SeqKv, prompt: &[u32]) -> Result<Vec<f32>> {
     let mut last = Vec::new();
     for chunk in prompt.chunks(PREFILL_CHUNK) {
         let start = seq.len;
@@ -91,12 +86,7 @@ pub fn generate(
     check_request(model, prompt, max_tokens)?;
     let mut sampler = Sampler::new(sampling)?;
     let layout = model.kv_layout(DEFAULT_BLOCK_SIZE);
-    let mut pool = KvPool::new(
-        layout,
-        (prompt.len() + max_tokens)
-            .div_ceil(DEFAULT_BLOCK_SIZE)
-            .max(1),
-    );
+    let mut pool = KvPool::new(layout, (prompt.len() + max_tokens).div_ceil(DEFAULT_BLOCK_SIZE).max(1));
     let mut seq = SeqKv::default();
     let mut ids = Vec::new();
     if max_tokens == 0 {
@@ -219,9 +209,7 @@ pub fn generate_batch(
         let logits = model.forward(&rows, &mut pool, &select)?;
         for (j, &i) in active.iter().enumerate() {
             seqs[i].len += 1;
-            next[i] = Some(
-                samplers[i].sample(&logits[j * model.config.vocab..(j + 1) * model.config.vocab]),
-            );
+            next[i] = Some(samplers[i].sample(&logits[j * model.config.vocab..(j + 1) * model.config.vocab]));
         }
     }
 }

@@ -163,10 +163,7 @@ impl<'a> Cursor<'a> {
     fn len(&mut self, what: &str) -> Result<u64> {
         let n = self.u64(what)?;
         if n > MAX_ARRAY {
-            return Err(ModelError::format(
-                self.path,
-                format!("{what}: implausible length {n}"),
-            ));
+            return Err(ModelError::format(self.path, format!("{what}: implausible length {n}")));
         }
         Ok(n)
     }
@@ -286,9 +283,10 @@ impl GgufFile {
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
                 let d = c.u64(&name)?;
-                dims.push(usize::try_from(d).map_err(|_| {
-                    ModelError::format(path, format!("tensor `{name}`: dimension {d}"))
-                })?);
+                dims.push(
+                    usize::try_from(d)
+                        .map_err(|_| ModelError::format(path, format!("tensor `{name}`: dimension {d}")))?,
+                );
             }
             let type_id = c.u32(&name)?;
             let rel = c.u64(&name)? as usize;
@@ -305,20 +303,14 @@ impl GgufFile {
             if t.offset % alignment != 0 {
                 return Err(ModelError::format(
                     path,
-                    format!(
-                        "tensor `{}`: offset {} is not aligned to {alignment}",
-                        t.name, t.offset
-                    ),
+                    format!("tensor `{}`: offset {} is not aligned to {alignment}", t.name, t.offset),
                 ));
             }
-            t.offset = data_start.checked_add(t.offset).ok_or_else(|| {
-                ModelError::format(path, format!("tensor `{}`: offset overflows", t.name))
-            })?;
+            t.offset = data_start
+                .checked_add(t.offset)
+                .ok_or_else(|| ModelError::format(path, format!("tensor `{}`: offset overflows", t.name)))?;
             if index.insert(t.name.clone(), i).is_some() {
-                return Err(ModelError::format(
-                    path,
-                    format!("tensor `{}` appears twice", t.name),
-                ));
+                return Err(ModelError::format(path, format!("tensor `{}` appears twice", t.name)));
             }
         }
         Ok(Self {
@@ -355,12 +347,7 @@ impl GgufFile {
             .dims
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| {
-                ModelError::format(
-                    &self.path,
-                    format!("tensor `{}`: size overflows", info.name),
-                )
-            })?;
+            .ok_or_else(|| ModelError::format(&self.path, format!("tensor `{}`: size overflows", info.name)))?;
         let bytes = ty.bytes_for(n).ok_or_else(|| {
             ModelError::format(
                 &self.path,
@@ -372,10 +359,7 @@ impl GgufFile {
                 ),
             )
         })?;
-        let end = info
-            .offset
-            .checked_add(bytes)
-            .filter(|&e| e <= self.mmap.len());
+        let end = info.offset.checked_add(bytes).filter(|&e| e <= self.mmap.len());
         match end {
             Some(end) => Ok((ty, &self.mmap[info.offset..end])),
             None => Err(ModelError::Truncated {
@@ -405,22 +389,14 @@ impl GgufFile {
         self.get(key)
             .ok_or_else(|| ModelError::format(&self.path, format!("missing metadata key `{key}`")))?
             .as_u64()
-            .ok_or_else(|| {
-                ModelError::format(
-                    &self.path,
-                    format!("metadata key `{key}` is not an unsigned integer"),
-                )
-            })
+            .ok_or_else(|| ModelError::format(&self.path, format!("metadata key `{key}` is not an unsigned integer")))
     }
 
     pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                ModelError::format(
-                    &self.path,
-                    format!("metadata key `{key}` is not an unsigned integer"),
-                )
+                ModelError::format(&self.path, format!("metadata key `{key}` is not an unsigned integer"))
             }),
         }
     }
@@ -428,27 +404,30 @@ impl GgufFile {
     pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
-                ModelError::format(&self.path, format!("metadata key `{key}` is not a number"))
-            }),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| ModelError::format(&self.path, format!("metadata key `{key}` is not a number"))),
         }
     }
 
     pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| {
-                ModelError::format(&self.path, format!("metadata key `{key}` is not a string"))
-            }),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| ModelError::format(&self.path, format!("metadata key `{key}` is not a string"))),
         }
     }
 
     pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| {
-                ModelError::format(&self.path, format!("metadata key `{key}` is not a boolean"))
-            }),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| ModelError::format(&self.path, format!("metadata key `{key}` is not a boolean"))),
         }
     }
 
@@ -457,16 +436,13 @@ impl GgufFile {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        let arr = v.as_array().ok_or_else(|| {
-            ModelError::format(&self.path, format!("metadata key `{key}` is not an array"))
-        })?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| ModelError::format(&self.path, format!("metadata key `{key}` is not an array")))?;
         arr.iter()
             .map(|e| {
                 e.as_str().ok_or_else(|| {
-                    ModelError::format(
-                        &self.path,
-                        format!("metadata key `{key}`: element is not a string"),
-                    )
+                    ModelError::format(&self.path, format!("metadata key `{key}`: element is not a string"))
                 })
             })
             .collect::<Result<Vec<_>>>()
@@ -478,16 +454,13 @@ impl GgufFile {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        let arr = v.as_array().ok_or_else(|| {
-            ModelError::format(&self.path, format!("metadata key `{key}` is not an array"))
-        })?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| ModelError::format(&self.path, format!("metadata key `{key}` is not an array")))?;
         arr.iter()
             .map(|e| {
                 e.as_f64().ok_or_else(|| {
-                    ModelError::format(
-                        &self.path,
-                        format!("metadata key `{key}`: element is not a number"),
-                    )
+                    ModelError::format(&self.path, format!("metadata key `{key}`: element is not a number"))
                 })
             })
             .collect::<Result<Vec<_>>>()

@@ -46,7 +46,10 @@ pub fn default_model_path() -> Result<PathBuf> {
             .join(DEFAULT_MODEL_FILE),
     );
     candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-        ModelError::format(&candidates[0], "the default model is not in the model cache; run scripts/fetch-model.sh (or pass --model)")
+        ModelError::format(
+            &candidates[0],
+            "the default model is not in the model cache; run scripts/fetch-model.sh (or pass --model)",
+        )
     })
 }
 

@@ -37,8 +37,7 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Rejects values that have no meaning, naming the field.
     pub fn validate(&self) -> Result<()> {
-        let bad =
-            |field: &'static str, msg: String| Err(ModelError::InvalidArgument { field, msg });
+        let bad = |field: &'static str, msg: String| Err(ModelError::InvalidArgument { field, msg });
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return bad(
                 "temperature",
@@ -112,8 +111,7 @@ impl Sampler {
         if cand.is_empty() {
             return 0;
         }
-        let by_logit_desc =
-            |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             cand.truncate(p.top_k);
@@ -143,11 +141,7 @@ impl Sampler {
         }
         if p.min_p > 0.0 {
             let floor = cand[0].0 * p.min_p;
-            let keep = cand
-                .iter()
-                .position(|c| c.0 < floor)
-                .unwrap_or(cand.len())
-                .max(1);
+            let keep = cand.iter().position(|c| c.0 < floor).unwrap_or(cand.len()).max(1);
             cand.truncate(keep);
         }
         let total: f32 = cand.iter().map(|c| c.0).sum();

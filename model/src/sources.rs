@@ -72,8 +72,7 @@ fn unpermute_rows(data: &[f32], n_heads: usize, row_len: usize) -> Vec<f32> {
             for j in 0..2 {
                 let src = h * hd + 2 * i + j;
                 let dst = h * hd + j * half + i;
-                out[dst * row_len..(dst + 1) * row_len]
-                    .copy_from_slice(&data[src * row_len..(src + 1) * row_len]);
+                out[dst * row_len..(dst + 1) * row_len].copy_from_slice(&data[src * row_len..(src + 1) * row_len]);
             }
         }
     }
@@ -88,13 +87,10 @@ impl TensorSource for GgufSource<'_> {
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let path = self.file.path();
         let gname = gguf_name(name).unwrap_or_else(|| name.to_string());
-        let info = self
-            .file
-            .tensor_info(&gname)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: path.to_path_buf(),
-                tensor: gname.clone(),
-            })?;
+        let info = self.file.tensor_info(&gname).ok_or_else(|| ModelError::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: gname.clone(),
+        })?;
         let got = info.shape();
         if got != shape {
             return Err(ModelError::Shape {
@@ -143,19 +139,14 @@ impl SafetensorsSource {
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let mut names: Vec<PathBuf> = if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
             let json: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::format(&index_path, format!("invalid JSON: {e}")))?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| ModelError::format(&index_path, "missing `weight_map` object"))?;
-            let mut shards: Vec<PathBuf> = map
-                .values()
-                .filter_map(|v| v.as_str())
-                .map(|s| dir.join(s))
-                .collect();
+            let mut shards: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|s| dir.join(s)).collect();
             shards.sort();
             shards.dedup();
             shards
@@ -191,10 +182,7 @@ impl SafetensorsSource {
                     });
                 }
                 if index.contains_key(&name) {
-                    return Err(ModelError::format(
-                        &p,
-                        format!("tensor `{name}` appears in two shards"),
-                    ));
+                    return Err(ModelError::format(&p, format!("tensor `{name}` appears in two shards")));
                 }
                 index.insert(
                     name,
@@ -233,13 +221,10 @@ impl TensorSource for SafetensorsSource {
     }
 
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let e = self
-            .index
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: self.any_path().to_path_buf(),
-                tensor: name.to_string(),
-            })?;
+        let e = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
+            path: self.any_path().to_path_buf(),
+            tensor: name.to_string(),
+        })?;
         let path = self.path_of(e);
         if e.shape != shape {
             return Err(ModelError::Shape {

@@ -17,14 +17,13 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
-};
+use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 /// Regex of llama.cpp's `llama-bpe` pre-tokenizer (Llama 3).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Regex of llama.cpp's `qwen2` pre-tokenizer.
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -71,9 +70,9 @@ impl Tokenizer {
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let path = g.path();
         let model = g.opt_str("tokenizer.ggml.model")?.unwrap_or("").to_string();
-        let tokens = g.str_array("tokenizer.ggml.tokens")?.ok_or_else(|| {
-            ModelError::format(path, "missing metadata key `tokenizer.ggml.tokens`")
-        })?;
+        let tokens = g
+            .str_array("tokenizer.ggml.tokens")?
+            .ok_or_else(|| ModelError::format(path, "missing metadata key `tokenizer.ggml.tokens`"))?;
         let types: Vec<i64> = match g.num_array("tokenizer.ggml.token_type")? {
             Some(t) if t.len() == tokens.len() => t.into_iter().map(|v| v as i64).collect(),
             Some(t) => {
@@ -93,10 +92,7 @@ impl Tokenizer {
                 Some(v) if (v as usize) < tokens.len() => Ok(Some(v as u32)),
                 Some(v) => Err(ModelError::format(
                     path,
-                    format!(
-                        "`{key}` = {v} is outside the vocabulary of {}",
-                        tokens.len()
-                    ),
+                    format!("`{key}` = {v} is outside the vocabulary of {}", tokens.len()),
                 )),
                 None => Ok(None),
             }
@@ -110,29 +106,21 @@ impl Tokenizer {
         }
         let (base, add_bos_default) = match model.as_str() {
             "gpt2" => {
-                let merges = g.str_array("tokenizer.ggml.merges")?.ok_or_else(|| {
-                    ModelError::format(path, "missing metadata key `tokenizer.ggml.merges`")
-                })?;
+                let merges = g
+                    .str_array("tokenizer.ggml.merges")?
+                    .ok_or_else(|| ModelError::format(path, "missing metadata key `tokenizer.ggml.merges`"))?;
                 let merges = merges
                     .iter()
                     .map(|m| {
                         m.split_once(' ')
                             .map(|(a, b)| (a.to_string(), b.to_string()))
                             .ok_or_else(|| {
-                                ModelError::format(
-                                    path,
-                                    format!("tokenizer.ggml.merges: `{m}` is not a pair"),
-                                )
+                                ModelError::format(path, format!("tokenizer.ggml.merges: `{m}` is not a pair"))
                             })
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let bpe = BPE::builder()
-                    .vocab_and_merges(
-                        vocab
-                            .into_iter()
-                            .collect::<tokenizers::models::bpe::Vocab>(),
-                        merges,
-                    )
+                    .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
                     .build()
                     .map_err(tok_err)?;
                 let mut t = tokenizers::Tokenizer::new(bpe);
@@ -152,31 +140,21 @@ impl Tokenizer {
                     ));
                 }
                 let merges = spm_merges(&tokens, &scores, &types);
-                let unk = id_of("tokenizer.ggml.unknown_token_id")?
-                    .map(|i| tokens[i as usize].to_string());
+                let unk = id_of("tokenizer.ggml.unknown_token_id")?.map(|i| tokens[i as usize].to_string());
                 let mut builder = BPE::builder()
-                    .vocab_and_merges(
-                        vocab
-                            .into_iter()
-                            .collect::<tokenizers::models::bpe::Vocab>(),
-                        merges,
-                    )
+                    .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
                     .byte_fallback(true)
                     .fuse_unk(true);
                 if let Some(u) = unk {
                     builder = builder.unk_token(u);
                 }
                 let mut t = tokenizers::Tokenizer::new(builder.build().map_err(tok_err)?);
-                let space_prefix = g
-                    .opt_bool("tokenizer.ggml.add_space_prefix")?
-                    .unwrap_or(true);
+                let space_prefix = g.opt_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
                 let mut norms = Vec::new();
                 if space_prefix {
                     norms.push(NormalizerWrapper::Prepend(Prepend::new("▁".into())));
                 }
-                norms.push(NormalizerWrapper::Replace(
-                    Replace::new(" ", "▁").map_err(tok_err)?,
-                ));
+                norms.push(NormalizerWrapper::Replace(Replace::new(" ", "▁").map_err(tok_err)?));
                 t.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)))
                     .map_err(tok_err)?;
                 let mut decs = vec![
@@ -221,10 +199,7 @@ impl Tokenizer {
             }
         }
         eog.sort_unstable();
-        let add_bos = g
-            .opt_bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(add_bos_default)
-            && bos.is_some();
+        let add_bos = g.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(add_bos_default) && bos.is_some();
         let text_of = |id: Option<u32>| id.map(|i| tokens[i as usize].to_string());
         Ok(Self::assemble(
             special,
@@ -266,21 +241,14 @@ impl Tokenizer {
 
     /// Loads `tokenizer.json` and `tokenizer_config.json` (and `generation_config.json` /
     /// `config.json` for end-of-generation ids) from a Hugging Face model directory.
-    pub fn from_hf_dir(
-        dir: &Path,
-        config: &serde_json::Value,
-        tok_config: &serde_json::Value,
-    ) -> Result<Self> {
+    pub fn from_hf_dir(dir: &Path, config: &serde_json::Value, tok_config: &serde_json::Value) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         let tok = tokenizers::Tokenizer::from_file(&tj)
             .map_err(|e| ModelError::format(&tj, format!("cannot load tokenizer: {e}")))?;
         let token_text = |v: Option<&serde_json::Value>| -> Option<String> {
             match v? {
                 serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o
-                    .get("content")
-                    .and_then(|c| c.as_str())
-                    .map(str::to_string),
+                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
                 _ => None,
             }
         };
@@ -289,24 +257,17 @@ impl Tokenizer {
         let bos = bos_text
             .as_deref()
             .and_then(|t| tok.token_to_id(t))
-            .or_else(|| {
-                config
-                    .get("bos_token_id")
-                    .and_then(|v| v.as_u64())
-                    .map(|v| v as u32)
-            });
+            .or_else(|| config.get("bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32));
         let mut eog: Vec<u32> = Vec::new();
         let mut push_ids = |v: Option<&serde_json::Value>| match v {
             Some(serde_json::Value::Number(n)) => eog.extend(n.as_u64().map(|v| v as u32)),
-            Some(serde_json::Value::Array(a)) => {
-                eog.extend(a.iter().filter_map(|x| x.as_u64()).map(|v| v as u32))
-            }
+            Some(serde_json::Value::Array(a)) => eog.extend(a.iter().filter_map(|x| x.as_u64()).map(|v| v as u32)),
             _ => {}
         };
         let gen_path = dir.join("generation_config.json");
         if let Ok(text) = std::fs::read_to_string(&gen_path) {
-            let gen_cfg: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::format(&gen_path, format!("invalid JSON: {e}")))?;
+            let gen_cfg: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::format(&gen_path, format!("invalid JSON: {e}")))?;
             push_ids(gen_cfg.get("eos_token_id"));
         }
         push_ids(config.get("eos_token_id"));
@@ -315,10 +276,7 @@ impl Tokenizer {
         }
         for t in EOG_TEXTS {
             if let Some(id) = tok.token_to_id(t)
-                && tok
-                    .get_added_tokens_decoder()
-                    .get(&id)
-                    .is_some_and(|a| a.special)
+                && tok.get_added_tokens_decoder().get(&id).is_some_and(|a| a.special)
             {
                 eog.push(id);
             }
@@ -337,11 +295,7 @@ impl Tokenizer {
     /// `parse_special` recognises special-token text (e.g. `<|im_start|>`) as those tokens,
     /// otherwise such text is tokenized like any other.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
-        let t = if parse_special {
-            &self.special
-        } else {
-            &self.plain
-        };
+        let t = if parse_special { &self.special } else { &self.plain };
         let add_post = add_special && !self.manual_bos;
         let enc = t.encode(text, add_post).map_err(tok_err)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
@@ -383,8 +337,7 @@ impl Tokenizer {
 
 /// The pre-tokenizer of a GGUF `gpt2` vocabulary, by llama.cpp's `tokenizer.ggml.pre` name.
 fn gpt2_pre_tokenizer(path: &Path, pre: &str) -> Result<PreTokenizerWrapper> {
-    let byte_level =
-        |regex: bool| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, regex));
+    let byte_level = |regex: bool| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, regex));
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
         Ok(PreTokenizerWrapper::Split(
             Split::new(
@@ -404,21 +357,15 @@ fn gpt2_pre_tokenizer(path: &Path, pre: &str) -> Result<PreTokenizerWrapper> {
             ]))
         }
         "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "pixtral" => {
-            PreTokenizerWrapper::Sequence(PreSequence::new(vec![
-                split(LLAMA3_REGEX)?,
-                byte_level(false),
-            ]))
+            PreTokenizerWrapper::Sequence(PreSequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false)]))
         }
-        "qwen2" | "deepseek-r1-qwen" => PreTokenizerWrapper::Sequence(PreSequence::new(vec![
-            split(QWEN2_REGEX)?,
-            byte_level(false),
-        ])),
+        "qwen2" | "deepseek-r1-qwen" => {
+            PreTokenizerWrapper::Sequence(PreSequence::new(vec![split(QWEN2_REGEX)?, byte_level(false)]))
+        }
         other => {
             return Err(ModelError::unsupported(
                 path,
-                format!(
-                    "pre-tokenizer `{other}` (supported: default, gpt2, smollm, starcoder, llama-bpe, qwen2)"
-                ),
+                format!("pre-tokenizer `{other}` (supported: default, gpt2, smollm, starcoder, llama-bpe, qwen2)"),
             ));
         }
     })
@@ -475,10 +422,7 @@ impl StreamDecoder {
         self.ids.push(id);
         let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
         let after = tok.decode(&self.ids[self.prefix..], true)?;
-        if after.len() > before.len()
-            && !after.ends_with('\u{FFFD}')
-            && after.is_char_boundary(before.len())
-        {
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.is_char_boundary(before.len()) {
             let delta = after[before.len()..].to_string();
             self.prefix = self.read;
             self.read = self.ids.len();

@@ -86,10 +86,7 @@ pub struct Weights {
 impl Weights {
     /// The LM head matrix (`vocab x hidden`).
     pub fn head(&self) -> &[f32] {
-        self.lm_head
-            .as_ref()
-            .map(|l| l.w.as_slice())
-            .unwrap_or(&self.embed)
+        self.lm_head.as_ref().map(|l| l.w.as_slice()).unwrap_or(&self.embed)
     }
 
     /// Total number of parameters held.
@@ -102,12 +99,7 @@ impl Weights {
                 .layers
                 .iter()
                 .map(|l| {
-                    l.attn_norm.len()
-                        + l.ffn_norm.len()
-                        + lin(&l.qkv)
-                        + lin(&l.o)
-                        + lin(&l.gate_up)
-                        + lin(&l.down)
+                    l.attn_norm.len() + l.ffn_norm.len() + lin(&l.qkv) + lin(&l.o) + lin(&l.gate_up) + lin(&l.down)
                 })
                 .sum::<usize>()
     }
@@ -157,24 +149,9 @@ pub fn load_weights(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights
     let layers = (0..cfg.n_layers)
         .map(|i| -> Result<Layer> {
             let p = format!("model.layers.{i}");
-            let q = lin(
-                &format!("{p}.self_attn.q_proj"),
-                cfg.q_dim(),
-                h,
-                cfg.qkv_bias,
-            )?;
-            let k = lin(
-                &format!("{p}.self_attn.k_proj"),
-                cfg.kv_dim(),
-                h,
-                cfg.qkv_bias,
-            )?;
-            let v = lin(
-                &format!("{p}.self_attn.v_proj"),
-                cfg.kv_dim(),
-                h,
-                cfg.qkv_bias,
-            )?;
+            let q = lin(&format!("{p}.self_attn.q_proj"), cfg.q_dim(), h, cfg.qkv_bias)?;
+            let k = lin(&format!("{p}.self_attn.k_proj"), cfg.kv_dim(), h, cfg.qkv_bias)?;
+            let v = lin(&format!("{p}.self_attn.v_proj"), cfg.kv_dim(), h, cfg.qkv_bias)?;
             let gate = lin(&format!("{p}.mlp.gate_proj"), cfg.intermediate, h, false)?;
             let up = lin(&format!("{p}.mlp.up_proj"), cfg.intermediate, h, false)?;
             Ok(Layer {

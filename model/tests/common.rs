@@ -16,10 +16,7 @@ pub fn fixture(rel: &str) -> PathBuf {
 
 pub fn read_json(rel: &str) -> serde_json::Value {
     let p = fixture(rel);
-    serde_json::from_str(
-        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
 }
 
 /// The default model (SmolLM2-135M-Instruct Q4_1), loaded once per test binary. Fails with the
@@ -46,10 +43,6 @@ pub fn shakespeare() -> String {
         .join("shared")
         .join("data")
         .join("tinyshakespeare.txt");
-    let p = if p.exists() {
-        p
-    } else {
-        fixture("tinyshakespeare.txt")
-    };
+    let p = if p.exists() { p } else { fixture("tinyshakespeare.txt") };
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }

@@ -65,15 +65,9 @@ fn logits_equal_float64_reference() {
         let prompt = ids(&c["ids"]);
         let got = last_logits(&lm.model, &prompt);
         let want = &all[i * vocab..(i + 1) * vocab];
-        let max_diff = got
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max_diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        eprintln!(
-            "case {i}: max |logit - f64 reference| = {max_diff:.2e} (logit scale {scale:.1})"
-        );
+        eprintln!("case {i}: max |logit - f64 reference| = {max_diff:.2e} (logit scale {scale:.1})");
         assert!(max_diff < 5e-4, "case {i}: max abs diff {max_diff}");
         assert_eq!(argmax(&got), argmax(want));
     }
@@ -98,9 +92,7 @@ fn greedy_cases() -> Vec<GreedyCase> {
             let prompt_ids = ids(&c["prompt_ids"]);
             // The prompts are tokenized identically (special tokens parsed).
             assert_eq!(
-                lm.tokenizer
-                    .encode(c["prompt"].as_str().unwrap(), false, true)
-                    .unwrap(),
+                lm.tokenizer.encode(c["prompt"].as_str().unwrap(), false, true).unwrap(),
                 prompt_ids
             );
             GreedyCase {
@@ -214,9 +206,5 @@ fn perplexity_within_two_percent_of_llama_cpp() {
         r.ppl, r.scored_tokens
     );
     assert_eq!(r.scored_tokens as u64, f["scored_tokens"].as_u64().unwrap());
-    assert!(
-        (r.ppl - want).abs() / want < 0.02,
-        "rrt {} vs llama.cpp {want}",
-        r.ppl
-    );
+    assert!((r.ppl - want).abs() / want < 0.02, "rrt {} vs llama.cpp {want}", r.ppl);
 }

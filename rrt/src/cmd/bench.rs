@@ -91,9 +91,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
                 pool.reserve(s, total)?;
             }
             // Deterministic pseudo-random prompt tokens, different per sequence and repetition.
-            let tok = |s: usize, i: usize| {
-                ((s as u64 * 7919 + i as u64 * 104729 + rep as u64 * 31) % vocab) as u32
-            };
+            let tok = |s: usize, i: usize| ((s as u64 * 7919 + i as u64 * 104729 + rep as u64 * 31) % vocab) as u32;
             let mut rows: Vec<(usize, usize)> = Vec::with_capacity(b * a.prompt_tokens);
             for s in 0..b {
                 for i in 0..a.prompt_tokens {
@@ -120,8 +118,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
                     .collect();
                 let logits = model.forward(&r, &mut pool, &select)?;
                 for (k, &j) in select.iter().enumerate() {
-                    next[chunk[j].0] =
-                        argmax(&logits[k * model.config.vocab..(k + 1) * model.config.vocab]);
+                    next[chunk[j].0] = argmax(&logits[k * model.config.vocab..(k + 1) * model.config.vocab]);
                 }
             }
             let prefill_s = t0.elapsed().as_secs_f64();
@@ -155,9 +152,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
             };
             let better = match &best {
                 None => true,
-                Some(o) => {
-                    line.decode_tok_s + line.prefill_tok_s > o.decode_tok_s + o.prefill_tok_s
-                }
+                Some(o) => line.decode_tok_s + line.prefill_tok_s > o.decode_tok_s + o.prefill_tok_s,
             };
             if better {
                 best = Some(line);
@@ -169,13 +164,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         } else {
             println!(
                 "{:>6} {:>6} {:>6} | {:>10.3} {:>12.1} | {:>10.3} {:>12.1}",
-                l.batch,
-                l.prompt_tokens,
-                l.gen_tokens,
-                l.prefill_s,
-                l.prefill_tok_s,
-                l.decode_s,
-                l.decode_tok_s
+                l.batch, l.prompt_tokens, l.gen_tokens, l.prefill_s, l.prefill_tok_s, l.decode_s, l.decode_tok_s
             );
         }
     }

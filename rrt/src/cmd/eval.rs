@@ -24,14 +24,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let text = std::fs::read_to_string(&a.text)
-        .with_context(|| format!("reading {}", a.text.display()))?;
+    let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
     let lm = a.model.load()?;
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template(
-            "{spinner} windows {pos}/{len} [{elapsed_precise} < {eta}] {wide_bar}",
-        )
-        .expect("valid template"),
+        ProgressStyle::with_template("{spinner} windows {pos}/{len} [{elapsed_precise} < {eta}] {wide_bar}")
+            .expect("valid template"),
     );
     let t = std::time::Instant::now();
     let r = rrt_model::eval::perplexity(&lm, &text, a.window, a.windows, |done, total| {
