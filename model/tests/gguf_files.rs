@@ -13,21 +13,39 @@ fn every_type_dequantizes_exactly_like_gguf_python() {
     let g = GgufFile::open(&fixture("gguf/quant_types.gguf")).unwrap();
     let idx = read_json("gguf/quant_types.json");
     let bytes = std::fs::read(fixture("gguf/quant_types_expected.f32")).unwrap();
-    let expected: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let expected: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let mut seen = Vec::new();
     for t in idx["tensors"].as_array().unwrap() {
         let name = t["name"].as_str().unwrap();
         let n = (t["rows"].as_u64().unwrap() * t["cols"].as_u64().unwrap()) as usize;
         let off = t["offset"].as_u64().unwrap() as usize;
         let info = g.tensor_info(name).unwrap();
-        assert_eq!(info.shape(), vec![t["rows"].as_u64().unwrap() as usize, t["cols"].as_u64().unwrap() as usize]);
+        assert_eq!(
+            info.shape(),
+            vec![
+                t["rows"].as_u64().unwrap() as usize,
+                t["cols"].as_u64().unwrap() as usize
+            ]
+        );
         let got = g.tensor_f32(info).unwrap();
         let want = &expected[off..off + n];
         let mismatches = got.iter().zip(want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        assert_eq!(mismatches, 0, "{}: {mismatches} of {n} values differ from gguf-py", t["type"]);
+        assert_eq!(
+            mismatches, 0,
+            "{}: {mismatches} of {n} values differ from gguf-py",
+            t["type"]
+        );
         seen.push(t["type"].as_str().unwrap().to_string());
     }
-    assert_eq!(seen, ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]);
+    assert_eq!(
+        seen,
+        [
+            "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"
+        ]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -145,7 +163,12 @@ fn f32_tensor(name: &str, dims: &[u64], seed: u32) -> Tensor {
             v.to_le_bytes()
         })
         .collect();
-    Tensor { name: name.into(), dims: dims.to_vec(), ty: 0, data }
+    Tensor {
+        name: name.into(),
+        dims: dims.to_vec(),
+        ty: 0,
+        data,
+    }
 }
 
 /// A valid tiny llama model: 2 layers, 4 heads of 16, 2 KV heads, byte-level vocabulary.
@@ -172,7 +195,10 @@ fn tiny_model() -> (Vec<(&'static str, Kv)>, Vec<Tensor>) {
         ("tokenizer.ggml.eos_token_id", Kv::U32(256)),
         ("tokenizer.ggml.add_bos_token", Kv::Bool(false)),
     ];
-    let mut t = vec![f32_tensor("token_embd.weight", &[HIDDEN, VOCAB], 1), f32_tensor("output_norm.weight", &[HIDDEN], 2)];
+    let mut t = vec![
+        f32_tensor("token_embd.weight", &[HIDDEN, VOCAB], 1),
+        f32_tensor("output_norm.weight", &[HIDDEN], 2),
+    ];
     for l in 0..2u32 {
         let p = |n: &str| format!("blk.{l}.{n}.weight");
         let s = 10 * (l + 1);
@@ -235,10 +261,16 @@ fn bad_magic_and_version() {
     assert!(matches!(e, ModelError::BadMagic { .. }), "{e}");
     assert!(e.to_string().contains("magic.gguf"));
     std::fs::write(&p, b"GG").unwrap();
-    assert!(matches!(rrt_model::load(&p).err().unwrap(), ModelError::BadMagic { .. }));
+    assert!(matches!(
+        rrt_model::load(&p).err().unwrap(),
+        ModelError::BadMagic { .. }
+    ));
     let (kvs, t) = tiny_model();
     write_gguf(&p, 1, &kvs, &t);
-    assert!(matches!(rrt_model::load(&p).err().unwrap(), ModelError::BadVersion { version: 1, .. }));
+    assert!(matches!(
+        rrt_model::load(&p).err().unwrap(),
+        ModelError::BadVersion { version: 1, .. }
+    ));
 }
 
 #[test]
@@ -257,7 +289,10 @@ fn truncated_files_name_what_is_cut() {
     for len in [4usize, 10, 30, 200, 3000] {
         std::fs::write(&cut, &full[..len]).unwrap();
         let e = rrt_model::load(&cut).err().unwrap();
-        assert!(matches!(e, ModelError::Truncated { .. } | ModelError::BadMagic { .. }), "{len}: {e}");
+        assert!(
+            matches!(e, ModelError::Truncated { .. } | ModelError::BadMagic { .. }),
+            "{len}: {e}"
+        );
     }
 }
 
@@ -293,7 +328,11 @@ fn missing_tensor_names_the_tensor() {
 
 #[test]
 fn nan_and_inf_weights_name_the_tensor() {
-    for (bad, file) in [(f32::NAN, "nan.gguf"), (f32::INFINITY, "inf.gguf"), (f32::NEG_INFINITY, "ninf.gguf")] {
+    for (bad, file) in [
+        (f32::NAN, "nan.gguf"),
+        (f32::INFINITY, "inf.gguf"),
+        (f32::NEG_INFINITY, "ninf.gguf"),
+    ] {
         let (p, e) = load_err(file, |_, t| {
             let d = t.iter_mut().find(|t| t.name == "blk.0.ffn_down.weight").unwrap();
             d.data[40..44].copy_from_slice(&bad.to_le_bytes());
@@ -308,5 +347,8 @@ fn missing_metadata_is_named() {
     let (_, e) = load_err("meta.gguf", |kv, _| kv.retain(|(k, _)| *k != "llama.embedding_length"));
     assert!(e.to_string().contains("llama.embedding_length"), "{e}");
     let (_, e) = load_err("arch.gguf", |kv, _| kv[0].1 = Kv::Str("gpt-neox".into()));
-    assert!(matches!(e, ModelError::Unsupported { .. }) && e.to_string().contains("gpt-neox"), "{e}");
+    assert!(
+        matches!(e, ModelError::Unsupported { .. }) && e.to_string().contains("gpt-neox"),
+        "{e}"
+    );
 }
