@@ -15,6 +15,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod matmul;
 pub mod rope;
+pub mod skinny;
 
 pub use attention::{AttnRow, AttnShape, KvLayout, attention_paged};
 pub use elementwise::{add_inplace, axpy, dot, logsumexp, rmsnorm, silu_mul, softmax_inplace};

@@ -32,6 +32,10 @@ pub fn matmul_nt(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usi
         }
         return;
     }
+    if n <= crate::skinny::MAX_ROWS {
+        crate::skinny::matmul_skinny(x, w, y, n, k, m, mode == MatmulMode::Accumulate);
+        return;
+    }
     let par = if n * m * k >= PARALLEL_THRESHOLD {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -84,7 +88,14 @@ mod tests {
     #[test]
     fn matches_f64_reference_in_both_modes() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        for (n, k, m) in [(1, 1, 1), (1, 576, 192), (3, 64, 70), (17, 576, 1536), (64, 130, 33)] {
+        for (n, k, m) in [
+            (1, 1, 1),
+            (1, 576, 192),
+            (3, 64, 70),
+            (17, 576, 1536),
+            (64, 130, 33),
+            (100, 576, 200),
+        ] {
             let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let w: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let want = reference(&x, &w, n, k, m);

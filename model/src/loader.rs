@@ -138,6 +138,24 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     })
 }
 
+/// Loads only the tokenizer of a model (no weights): what `rrt tokenize` needs.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    if meta.is_dir() {
+        let cfg_path = path.join("config.json");
+        let cfg_json = read_json(&cfg_path)?;
+        let tc_path = path.join("tokenizer_config.json");
+        let tok_config = if tc_path.exists() {
+            read_json(&tc_path)?
+        } else {
+            serde_json::json!({})
+        };
+        Tokenizer::from_hf_dir(path, &cfg_json, &tok_config)
+    } else {
+        Tokenizer::from_gguf(&GgufFile::open(path)?)
+    }
+}
+
 fn check_vocab(path: &Path, config: &ModelConfig, tok: &Tokenizer) -> Result<()> {
     if tok.vocab_size() > config.vocab {
         return Err(ModelError::format(

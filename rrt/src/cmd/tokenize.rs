@@ -19,8 +19,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let lm = a.model.load()?;
-    let ids = lm.tokenizer.encode(&a.text, !a.no_bos, a.special)?;
+    let path = a.model.path()?;
+    let tok = rrt_model::loader::load_tokenizer(&path)?;
+    let ids = tok.encode(&a.text, !a.no_bos, a.special)?;
     println!("{}", serde_json::to_string(&ids)?);
     Ok(())
 }

@@ -1,0 +1,209 @@
+//! A matrix product specialised for few rows ("skinny" `x`): `y = x W^T` with `x` of 1..=64
+//! rows, `W` in its natural `out x in` layout, read straight from memory without packing.
+//!
+//! This is the shape of every decode step. General GEMM libraries pack `W` on every call, which
+//! doubles the memory traffic that dominates small batches; here each weight tile (4 rows of
+//! `W`) is loaded once per step from memory and reused from L1 for all rows of `x`.
+//!
+//! The AVX-512 path keeps a 4 x 4 tile of accumulators (4 weight rows x 4 rows of `x`) in
+//! registers and reduces them at the end. Other CPUs use a portable version of the same loop
+//! that the compiler vectorises for the build's target (AVX2 here).
+
+use rayon::prelude::*;
+
+/// Rows of `x` up to which the skinny kernel beats packed GEMM (measured: BENCHMARKS.md).
+pub const MAX_ROWS: usize = 48;
+
+/// Weight rows per rayon task.
+const ROWS_PER_TASK: usize = 64;
+
+/// `y (n x m) (+)= x (n x k) W^T`, `w` is `m x k` row-major.
+pub fn matmul_skinny(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usize, accumulate: bool) {
+    debug_assert_eq!(x.len(), n * k);
+    debug_assert_eq!(w.len(), m * k);
+    debug_assert_eq!(y.len(), n * m);
+    // Each task owns a range of output columns; y is written through per-task column slices
+    // gathered afterwards, so tasks never share memory.
+    let tasks = m.div_ceil(ROWS_PER_TASK);
+    let work = n * k * m;
+    let run = |t: usize| -> (usize, Vec<f32>) {
+        let j0 = t * ROWS_PER_TASK;
+        let j1 = (j0 + ROWS_PER_TASK).min(m);
+        let mut out = vec![0f32; n * (j1 - j0)];
+        block(x, &w[j0 * k..j1 * k], &mut out, n, k, j1 - j0);
+        (j0, out)
+    };
+    let parts: Vec<(usize, Vec<f32>)> = if work >= 1 << 17 {
+        (0..tasks).into_par_iter().map(run).collect()
+    } else {
+        (0..tasks).map(run).collect()
+    };
+    for (j0, out) in parts {
+        let width = out.len() / n.max(1);
+        for i in 0..n {
+            let dst = &mut y[i * m + j0..i * m + j0 + width];
+            let src = &out[i * width..(i + 1) * width];
+            if accumulate {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// `out (n x mb) = x (n x k) wb^T` for one block of weight rows.
+fn block(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above); slice sizes are
+            // x: n*k, wb: mb*k, out: n*mb, which `block_avx512` relies on.
+            unsafe { avx512::block(x, wb, out, n, k, mb) };
+            return;
+        }
+    }
+    block_portable(x, wb, out, n, k, mb);
+}
+
+/// Portable version: the compiler vectorises the 16-wide inner loops.
+fn block_portable(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb: usize) {
+    for j in 0..mb {
+        let wr = &wb[j * k..(j + 1) * k];
+        for i in 0..n {
+            out[i * mb + j] = crate::elementwise::dot(&x[i * k..(i + 1) * k], wr);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Accumulates a `R x C` tile: weight rows `j..j+R`, x rows `i..i+C`.
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const C: usize>(x: *const f32, w: *const f32, k: usize, out: &mut [[f32; C]; R]) {
+        // SAFETY (whole body): callers guarantee R rows of w and C rows of x, each k long, and
+        // the masked loads never touch memory past k.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            let full = k / 16 * 16;
+            let mut p = 0;
+            while p < full {
+                let mut wv = [_mm512_setzero_ps(); R];
+                for r in 0..R {
+                    wv[r] = _mm512_loadu_ps(w.add(r * k + p));
+                }
+                for c in 0..C {
+                    let xv = _mm512_loadu_ps(x.add(c * k + p));
+                    for r in 0..R {
+                        acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
+                    }
+                }
+                p += 16;
+            }
+            if p < k {
+                let mask: __mmask16 = (1u32 << (k - p)) as u16 - 1;
+                let mut wv = [_mm512_setzero_ps(); R];
+                for r in 0..R {
+                    wv[r] = _mm512_maskz_loadu_ps(mask, w.add(r * k + p));
+                }
+                for c in 0..C {
+                    let xv = _mm512_maskz_loadu_ps(mask, x.add(c * k + p));
+                    for r in 0..R {
+                        acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for c in 0..C {
+                    out[r][c] = _mm512_reduce_add_ps(acc[r][c]);
+                }
+            }
+        }
+    }
+
+    /// See `super::block`. Requires AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb: usize) {
+        let mut j = 0;
+        while j < mb {
+            let r = (mb - j).min(4);
+            let mut i = 0;
+            while i < n {
+                let c = (n - i).min(4);
+                // SAFETY: j + r <= mb rows of wb and i + c <= n rows of x, each k long.
+                unsafe {
+                    let wp = wb.as_ptr().add(j * k);
+                    let xp = x.as_ptr().add(i * k);
+                    macro_rules! go {
+                        ($R:literal, $C:literal) => {{
+                            let mut t = [[0f32; $C]; $R];
+                            tile::<$R, $C>(xp, wp, k, &mut t);
+                            for rr in 0..$R {
+                                for cc in 0..$C {
+                                    out[(i + cc) * mb + j + rr] = t[rr][cc];
+                                }
+                            }
+                        }};
+                    }
+                    match (r, c) {
+                        (4, 4) => go!(4, 4),
+                        (4, 3) => go!(4, 3),
+                        (4, 2) => go!(4, 2),
+                        (4, 1) => go!(4, 1),
+                        (3, _) | (2, _) | (1, _) => {
+                            for rr in 0..r {
+                                for cc in 0..c {
+                                    let mut t = [[0f32; 1]; 1];
+                                    tile::<1, 1>(xp.add(cc * k), wp.add(rr * k), k, &mut t);
+                                    out[(i + cc) * mb + j + rr] = t[0][0];
+                                }
+                            }
+                        }
+                        _ => unreachable!("r and c are in 1..=4"),
+                    }
+                }
+                i += c;
+            }
+            j += r;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn matches_portable_and_f64_reference_for_all_tail_shapes() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for (n, k, m) in [
+            (1, 576, 192),
+            (3, 17, 7),
+            (5, 64, 70),
+            (8, 100, 131),
+            (13, 33, 4),
+            (48, 576, 67),
+        ] {
+            let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut y = vec![2.0f32; n * m];
+            matmul_skinny(&x, &w, &mut y, n, k, m, true);
+            let mut p = vec![0f32; n * m];
+            block_portable(&x, &w, &mut p, n, k, m);
+            for i in 0..n {
+                for j in 0..m {
+                    let r: f64 = (0..k).map(|q| x[i * k + q] as f64 * w[j * k + q] as f64).sum();
+                    let got = y[i * m + j] as f64 - 2.0;
+                    assert!(
+                        (got - r).abs() < 1e-4 * (k as f64).sqrt(),
+                        "{n}x{k}x{m} ({i},{j}): {got} vs {r}"
+                    );
+                    assert!((p[i * m + j] as f64 - r).abs() < 1e-4 * (k as f64).sqrt());
+                }
+            }
+        }
+    }
+}

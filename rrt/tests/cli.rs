@@ -1,0 +1,140 @@
+//! The `rrt` binary end to end on the default model: output formats and values, and clear
+//! errors for bad input.
+
+use std::process::{Command, Output};
+
+fn rrt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rrt"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(o.status.success(), "rrt failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn fixture(rel: &str) -> serde_json::Value {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures")
+        .join(rel);
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn tokenize_prints_llama_cpp_ids() {
+    let f = fixture("llamacpp/tokenize.json");
+    let case = &f["cases"][12];
+    let text = case["text"].as_str().unwrap();
+    let plain: serde_json::Value = serde_json::from_str(&stdout(&rrt(&["tokenize", "--text", text]))).unwrap();
+    assert_eq!(plain, case["ids"]);
+    let special: serde_json::Value =
+        serde_json::from_str(&stdout(&rrt(&["tokenize", "--text", text, "--special"]))).unwrap();
+    assert_eq!(special, case["ids_special"]);
+    assert_ne!(plain, special);
+}
+
+#[test]
+fn generate_json_and_stream_agree_with_reference() {
+    let g = fixture("llamacpp/greedy.json");
+    let case = &g["cases"][1];
+    let prompt = case["prompt"].as_str().unwrap();
+    let out: serde_json::Value = serde_json::from_str(&stdout(&rrt(&[
+        "generate",
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "20",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(out["prompt_ids"], case["prompt_ids"]);
+    // Greedy ids equal llama.cpp's on the exact (F32) weights.
+    let want: Vec<u64> = case["ids_f32"].as_array().unwrap()[..20]
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let got: Vec<u64> = out["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(out["finish_reason"], "length");
+    let text = out["text"].as_str().unwrap();
+    assert!(text.starts_with(" there was a"), "{text:?}");
+    // Streaming mode prints the same text (plus a final newline).
+    let streamed = stdout(&rrt(&["generate", "--prompt", prompt, "--max-tokens", "20"]));
+    assert_eq!(streamed, format!("{text}\n"));
+}
+
+#[test]
+fn chat_applies_the_template_and_stops_at_end_of_turn() {
+    let out: serde_json::Value = serde_json::from_str(&stdout(&rrt(&[
+        "generate",
+        "--chat",
+        "What is the capital of France?",
+        "--json",
+    ])))
+    .unwrap();
+    let prompt: Vec<u64> = out["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    // <|im_start|>system ... <|im_start|>user ... <|im_start|>assistant\n
+    assert_eq!(prompt.iter().filter(|&&t| t == 1).count(), 3);
+    assert_eq!(out["finish_reason"], "eos");
+    assert!(out["text"].as_str().unwrap().contains("Paris"), "{}", out["text"]);
+}
+
+#[test]
+fn eval_json_reports_perplexity() {
+    let text = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt");
+    let out: serde_json::Value = serde_json::from_str(&stdout(&rrt(&[
+        "eval",
+        "--text",
+        text.to_str().unwrap(),
+        "--window",
+        "128",
+        "--windows",
+        "2",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(out["scored_tokens"], 254);
+    let ppl = out["ppl"].as_f64().unwrap();
+    assert!(ppl > 5.0 && ppl < 500.0, "{ppl}");
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+        (&["generate", "--prompt", "x", "--top-p", "0"], "top_p"),
+        (&["generate", "--prompt", "x", "--top-p", "1.5"], "top_p"),
+        (
+            &["generate", "--prompt", "x", "--model", "/nonexistent/model.gguf"],
+            "/nonexistent/model.gguf",
+        ),
+        (
+            &["generate", "--prompt", "x", "--max-tokens", "100000"],
+            "context length",
+        ),
+        (&["generate", "--prompt", "", "--max-tokens", "3"], "prompt"),
+        (&["eval", "--text", "/nonexistent.txt"], "/nonexistent.txt"),
+        (&["eval", "--text", "Cargo.toml", "--window", "1"], "window"),
+        (&["generate"], "--prompt"),
+    ];
+    for (args, needle) in cases {
+        let o = rrt(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
