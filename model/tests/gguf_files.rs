@@ -352,3 +352,20 @@ fn missing_metadata_is_named() {
         "{e}"
     );
 }
+
+/// A SentencePiece-style (`llama` tokenizer model) vocabulary: tokenization identical to
+/// llama.cpp's (scripts/make_spm_fixture.py), BOS added as its metadata asks, byte fallback
+/// for characters outside the vocabulary, and decoding back to the text.
+#[test]
+fn spm_vocabulary_tokenizes_like_llama_cpp() {
+    let tok = rrt_model::loader::load_tokenizer(&fixture("gguf/spm_vocab.gguf")).unwrap();
+    assert!(tok.add_bos);
+    let f = read_json("gguf/spm_tokenize.json");
+    for c in f["cases"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        let want = common::ids(&c["ids"]);
+        let got = tok.encode(text, true, false).unwrap();
+        assert_eq!(got, want, "{text:?}");
+        assert_eq!(tok.decode(&got, true).unwrap(), text, "{text:?}");
+    }
+}
