@@ -76,34 +76,46 @@ pub fn attention_paged(
     let group = shape.n_heads / layout.n_kv_heads;
     debug_assert_eq!(q.len(), rows.len() * shape.n_heads * hd);
     debug_assert_eq!(out.len(), q.len());
+    // One task per (row, KV head): the `group` query heads that share a KV head are computed
+    // together, so each key and value vector is read once for all of them.
     let work = |(idx, o): (usize, &mut [f32])| {
-        let (r, h) = (idx / shape.n_heads, idx % shape.n_heads);
+        let (r, kvh) = (idx / layout.n_kv_heads, idx % layout.n_kv_heads);
         let row = &rows[r];
-        let qh = &q[idx * hd..(idx + 1) * hd];
-        let kvh = h / group;
+        let q0 = (r * shape.n_heads + kvh * group) * hd;
+        let qg = &q[q0..q0 + group * hd];
         let start = match shape.window {
             Some(w) if row.pos + 1 > w => row.pos + 1 - w,
             _ => 0,
         };
-        let mut scores: Vec<f32> = Vec::with_capacity(row.pos + 1 - start);
-        for p in start..=row.pos {
+        let len = row.pos + 1 - start;
+        // scores[g * len + i]: query head g of the group, position start + i.
+        let mut scores = vec![0f32; group * len];
+        for (i, p) in (start..=row.pos).enumerate() {
             let b = row.blocks[p / layout.block_size];
             let off = layout.offset(b, row.layer, 0, p % layout.block_size) + kvh * hd;
-            scores.push(dot(qh, &pool[off..off + hd]) * shape.scale);
+            let key = &pool[off..off + hd];
+            for g in 0..group {
+                scores[g * len + i] = dot(&qg[g * hd..(g + 1) * hd], key) * shape.scale;
+            }
         }
-        softmax_inplace(&mut scores);
+        for g in 0..group {
+            softmax_inplace(&mut scores[g * len..(g + 1) * len]);
+        }
         o.fill(0.0);
         for (i, p) in (start..=row.pos).enumerate() {
             let b = row.blocks[p / layout.block_size];
             let off = layout.offset(b, row.layer, 1, p % layout.block_size) + kvh * hd;
-            axpy(scores[i], &pool[off..off + hd], o);
+            let val = &pool[off..off + hd];
+            for g in 0..group {
+                axpy(scores[g * len + i], val, &mut o[g * hd..(g + 1) * hd]);
+            }
         }
     };
     let total_ctx: usize = rows.iter().map(|r| r.pos + 1).sum::<usize>() * shape.n_heads;
     if total_ctx * hd >= 1 << 15 {
-        out.par_chunks_mut(hd).enumerate().for_each(work);
+        out.par_chunks_mut(group * hd).enumerate().for_each(work);
     } else {
-        out.chunks_mut(hd).enumerate().for_each(work);
+        out.chunks_mut(group * hd).enumerate().for_each(work);
     }
 }
 

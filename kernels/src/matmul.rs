@@ -36,6 +36,20 @@ pub fn matmul_nt(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usi
         crate::skinny::matmul_skinny(x, w, y, n, k, m, mode == MatmulMode::Accumulate);
         return;
     }
+    matmul_gemm(x, w, y, n, k, m, mode);
+}
+
+/// [`matmul_nt`] always through the `gemm` crate (packed GEMM), whatever the row count.
+pub fn matmul_gemm(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usize, mode: MatmulMode) {
+    assert_eq!(x.len(), n * k, "matmul_gemm: x is not n x k");
+    assert_eq!(w.len(), m * k, "matmul_gemm: w is not m x k");
+    assert_eq!(y.len(), n * m, "matmul_gemm: y is not n x m");
+    if n == 0 || m == 0 || k == 0 {
+        if mode == MatmulMode::Overwrite {
+            y.fill(0.0);
+        }
+        return;
+    }
     let par = if n * m * k >= PARALLEL_THRESHOLD {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {

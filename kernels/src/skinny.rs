@@ -76,6 +76,46 @@ fn block_portable(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb
     }
 }
 
+/// `y (n x m) = x (n x k) W^T` with `W` stored as bf16 (`m x k` raw bf16 bits), converted to
+/// f32 in registers. Used to measure the bf16 weight format against f32 (BENCHMARKS.md); the
+/// model keeps f32 weights.
+pub fn matmul_skinny_bf16(x: &[f32], w: &[u16], y: &mut [f32], n: usize, k: usize, m: usize) {
+    debug_assert_eq!(w.len(), m * k);
+    let tasks = m.div_ceil(ROWS_PER_TASK);
+    let run = |t: usize| -> (usize, Vec<f32>) {
+        let j0 = t * ROWS_PER_TASK;
+        let j1 = (j0 + ROWS_PER_TASK).min(m);
+        let mut out = vec![0f32; n * (j1 - j0)];
+        let wb = &w[j0 * k..j1 * k];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") && k % 16 == 0 {
+                // SAFETY: AVX-512F is present; k is a multiple of 16 as the bf16 tile requires;
+                // sizes are x: n*k, wb: (j1-j0)*k, out: n*(j1-j0).
+                unsafe { avx512::block_bf16(x, wb, &mut out, n, k, j1 - j0) };
+                return (j0, out);
+            }
+        }
+        for j in 0..j1 - j0 {
+            let wr: Vec<f32> = wb[j * k..(j + 1) * k]
+                .iter()
+                .map(|&b| f32::from_bits((b as u32) << 16))
+                .collect();
+            for i in 0..n {
+                out[i * (j1 - j0) + j] = crate::elementwise::dot(&x[i * k..(i + 1) * k], &wr);
+            }
+        }
+        (j0, out)
+    };
+    let parts: Vec<(usize, Vec<f32>)> = (0..tasks).into_par_iter().map(run).collect();
+    for (j0, out) in parts {
+        let width = out.len() / n.max(1);
+        for i in 0..n {
+            y[i * m + j0..i * m + j0 + width].copy_from_slice(&out[i * width..(i + 1) * width]);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -119,6 +159,81 @@ mod avx512 {
                 for c in 0..C {
                     out[r][c] = _mm512_reduce_add_ps(acc[r][c]);
                 }
+            }
+        }
+    }
+
+    /// 4 bf16 weight rows x up to 4 rows of x, `k % 16 == 0`.
+    #[inline(always)]
+    unsafe fn tile_bf16<const C: usize>(x: *const f32, w: *const u16, k: usize, out: &mut [[f32; C]; 4]) {
+        // SAFETY (whole body): 4 rows of w and C rows of x, each k long, k a multiple of 16.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); C]; 4];
+            let mut p = 0;
+            while p < k {
+                let mut wv = [_mm512_setzero_ps(); 4];
+                for r in 0..4 {
+                    let raw = _mm256_loadu_si256(w.add(r * k + p) as *const __m256i);
+                    wv[r] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
+                }
+                for c in 0..C {
+                    let xv = _mm512_loadu_ps(x.add(c * k + p));
+                    for r in 0..4 {
+                        acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
+                    }
+                }
+                p += 16;
+            }
+            for r in 0..4 {
+                for c in 0..C {
+                    out[r][c] = _mm512_reduce_add_ps(acc[r][c]);
+                }
+            }
+        }
+    }
+
+    /// bf16-weight version of `block`; `mb % 4 == 0` is not required (tail rows one by one).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn block_bf16(x: &[f32], wb: &[u16], out: &mut [f32], n: usize, k: usize, mb: usize) {
+        let full = mb / 4 * 4;
+        let mut j = 0;
+        while j < full {
+            let mut i = 0;
+            while i < n {
+                let c = (n - i).min(4);
+                // SAFETY: rows j..j+4 of wb and i..i+c of x exist, each k long.
+                unsafe {
+                    let wp = wb.as_ptr().add(j * k);
+                    let xp = x.as_ptr().add(i * k);
+                    macro_rules! go {
+                        ($C:literal) => {{
+                            let mut t = [[0f32; $C]; 4];
+                            tile_bf16::<$C>(xp, wp, k, &mut t);
+                            for rr in 0..4 {
+                                for cc in 0..$C {
+                                    out[(i + cc) * mb + j + rr] = t[rr][cc];
+                                }
+                            }
+                        }};
+                    }
+                    match c {
+                        4 => go!(4),
+                        3 => go!(3),
+                        2 => go!(2),
+                        _ => go!(1),
+                    }
+                }
+                i += c;
+            }
+            j += 4;
+        }
+        for j in full..mb {
+            let wr: Vec<f32> = wb[j * k..(j + 1) * k]
+                .iter()
+                .map(|&b| f32::from_bits((b as u32) << 16))
+                .collect();
+            for i in 0..n {
+                out[i * mb + j] = crate::elementwise::dot(&x[i * k..(i + 1) * k], &wr);
             }
         }
     }
@@ -175,6 +290,24 @@ mod avx512 {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn bf16_variant_matches_f32_on_bf16_representable_weights() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for (n, k, m) in [(1, 64, 7), (5, 576, 70), (32, 128, 9)] {
+            let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let wb: Vec<u16> = (0..m * k)
+                .map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_bits())
+                .collect();
+            let wf: Vec<f32> = wb.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+            let (mut a, mut b) = (vec![0f32; n * m], vec![0f32; n * m]);
+            matmul_skinny_bf16(&x, &wb, &mut a, n, k, m);
+            matmul_skinny(&x, &wf, &mut b, n, k, m, false);
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+            }
+        }
+    }
 
     #[test]
     fn matches_portable_and_f64_reference_for_all_tail_shapes() {

@@ -12,7 +12,13 @@ fn tok() -> rrt_model::tokenizer::Tokenizer {
 #[test]
 fn streaming_never_splits_a_character_and_reassembles_the_text() {
     let tok = tok();
-    for text in ["😀🚀👍🏽 and 🇫🇷", "日本語のテキスト", "naïve café — “quotes”", "plain ascii text", "a\u{301}\u{200b}b"] {
+    for text in [
+        "😀🚀👍🏽 and 🇫🇷",
+        "日本語のテキスト",
+        "naïve café — “quotes”",
+        "plain ascii text",
+        "a\u{301}\u{200b}b",
+    ] {
         let ids = tok.encode(text, false, false).unwrap();
         // Emoji and CJK take several byte-level tokens each: a token alone is not valid UTF-8.
         let mut dec = StreamDecoder::new(&[]);
@@ -20,7 +26,10 @@ fn streaming_never_splits_a_character_and_reassembles_the_text() {
         let mut deltas = 0;
         for &id in &ids {
             if let Some(d) = dec.step(&tok, id).unwrap() {
-                assert!(!d.contains('\u{FFFD}'), "{text:?}: replacement character in delta {d:?}");
+                assert!(
+                    !d.contains('\u{FFFD}'),
+                    "{text:?}: replacement character in delta {d:?}"
+                );
                 out.push_str(&d);
                 deltas += 1;
             }
@@ -71,7 +80,17 @@ fn default_template_renders_like_transformers() {
         s,
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
-    let s = t.render(&[Message::new("system", "Be brief."), Message::new("user", "Hi")], false, None, None).unwrap();
-    assert_eq!(s, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+    let s = t
+        .render(
+            &[Message::new("system", "Be brief."), Message::new("user", "Hi")],
+            false,
+            None,
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        s,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    );
     assert!(t.render(&[], true, None, None).is_err());
 }

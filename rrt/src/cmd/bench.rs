@@ -20,6 +20,19 @@ pub struct Args {
 pub enum What {
     /// Prefill and decode tokens/s of the forward pass.
     Forward(ForwardArgs),
+    /// The weight-format measurement: all matrix products of one SmolLM2 decode step with
+    /// f32 weights (gemm, skinny kernel) and bf16 weights (skinny kernel).
+    Matmul(MatmulArgs),
+}
+
+#[derive(clap::Args)]
+pub struct MatmulArgs {
+    /// Rows (batch sizes), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch: Vec<usize>,
+    /// Timed repetitions per case (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
 }
 
 #[derive(clap::Args)]
@@ -57,7 +70,77 @@ struct Line {
 pub fn run(a: Args) -> Result<()> {
     match a.what {
         What::Forward(f) => forward(f),
+        What::Matmul(m) => matmul(m),
     }
+}
+
+/// SmolLM2-135M's products per decode step: (out, in, count).
+const SMOLLM2_PRODUCTS: [(usize, usize, usize); 5] = [
+    (960, 576, 30),
+    (576, 576, 30),
+    (3072, 576, 30),
+    (576, 1536, 30),
+    (49152, 576, 1),
+];
+
+fn matmul(a: MatmulArgs) -> Result<()> {
+    use rrt_kernels::skinny::{matmul_skinny, matmul_skinny_bf16};
+    let mut seed = 1u64;
+    let mut rnd = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+            })
+            .collect()
+    };
+    // Distinct weights per layer so that nothing stays in cache between layers, as in a real step.
+    let mats: Vec<(usize, usize, Vec<f32>, Vec<u16>)> = SMOLLM2_PRODUCTS
+        .iter()
+        .flat_map(|&(m, k, count)| (0..count).map(move |_| (m, k)))
+        .map(|(m, k)| {
+            let w = rnd(m * k);
+            let wb = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            (m, k, w, wb)
+        })
+        .collect();
+    let bytes_f32: usize = mats.iter().map(|(m, k, _, _)| m * k * 4).sum();
+    println!(
+        "one SmolLM2 decode step = {} products, {:.0} MB of f32 weights; threads {}",
+        mats.len(),
+        bytes_f32 as f64 / 1e6,
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:>6} | {:>14} {:>14} {:>14} | ms per step (median of {})",
+        "rows", "f32 gemm", "f32 skinny", "bf16 skinny", a.reps
+    );
+    for &n in &a.batch {
+        let x = rnd(n * 1536);
+        let mut y = vec![0f32; n * 49152];
+        let mut time = |f: &mut dyn FnMut(&(usize, usize, Vec<f32>, Vec<u16>), &mut [f32])| -> f64 {
+            let mut v: Vec<f64> = (0..a.reps.max(1) + 1)
+                .map(|_| {
+                    let t = Instant::now();
+                    for mat in &mats {
+                        f(mat, &mut y[..n * mat.0]);
+                    }
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            v.remove(0);
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let g = time(&mut |(m, k, w, _), y| {
+            // Force the general GEMM path (gemm crate) even for few rows.
+            rrt_kernels::matmul::matmul_gemm(&x[..n * k], w, y, n, *k, *m, rrt_kernels::MatmulMode::Overwrite)
+        });
+        let s = time(&mut |(m, k, w, _), y| matmul_skinny(&x[..n * k], w, y, n, *k, *m, false));
+        let b = time(&mut |(m, k, _, wb), y| matmul_skinny_bf16(&x[..n * k], wb, y, n, *k, *m));
+        println!("{n:>6} | {g:>14.2} {s:>14.2} {b:>14.2}");
+    }
+    Ok(())
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
