@@ -359,3 +359,153 @@ fn truncated_safetensors_and_bad_config() {
             .contains("invalid JSON")
     );
 }
+
+/// Dense float64 forward pass of a one-layer model, written independently of rrt (Hugging
+/// Face's modeling_qwen2/mistral semantics: biases on q/k/v, rotate-half RoPE, causal
+/// attention over the last `window` positions).
+fn reference_logits(
+    m: &HashMap<String, T>,
+    ids: &[usize],
+    heads: usize,
+    kv: usize,
+    theta: f64,
+    window: Option<usize>,
+) -> Vec<Vec<f64>> {
+    let get = |n: &str| -> Vec<f64> {
+        let t = &m[n];
+        t.data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect()
+    };
+    let shape = |n: &str| m[n].shape.clone();
+    let h = shape("model.norm.weight")[0];
+    let hd = h / heads;
+    let emb = get("model.embed_tokens.weight");
+    let rms = |x: &[f64], w: &[f64]| -> Vec<f64> {
+        let s = (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + 1e-5).sqrt();
+        x.iter().zip(w).map(|(a, b)| a / s * b).collect()
+    };
+    let lin = |name: &str, x: &[f64]| -> Vec<f64> {
+        let w = get(&format!("{name}.weight"));
+        let out = shape(&format!("{name}.weight"))[0];
+        let b = m
+            .contains_key(&format!("{name}.bias"))
+            .then(|| get(&format!("{name}.bias")));
+        (0..out)
+            .map(|j| (0..x.len()).map(|i| w[j * x.len() + i] * x[i]).sum::<f64>() + b.as_ref().map_or(0.0, |b| b[j]))
+            .collect()
+    };
+    let rope = |v: &mut [f64], pos: usize| {
+        for head in v.chunks_mut(hd) {
+            for i in 0..hd / 2 {
+                let a = pos as f64 * theta.powf(-((2 * i) as f64) / hd as f64);
+                let (x0, x1) = (head[i], head[i + hd / 2]);
+                head[i] = x0 * a.cos() - x1 * a.sin();
+                head[i + hd / 2] = x1 * a.cos() + x0 * a.sin();
+            }
+        }
+    };
+    let p = "model.layers.0";
+    let mut xs: Vec<Vec<f64>> = ids.iter().map(|&t| emb[t * h..(t + 1) * h].to_vec()).collect();
+    let (mut ks, mut vs) = (Vec::new(), Vec::new());
+    let mut out = Vec::new();
+    for (pos, x) in xs.iter_mut().enumerate() {
+        let a = rms(x, &get(&format!("{p}.input_layernorm.weight")));
+        let mut q = lin(&format!("{p}.self_attn.q_proj"), &a);
+        let mut k = lin(&format!("{p}.self_attn.k_proj"), &a);
+        rope(&mut q, pos);
+        rope(&mut k, pos);
+        ks.push(k);
+        vs.push(lin(&format!("{p}.self_attn.v_proj"), &a));
+        let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let mut attn = vec![0f64; h];
+        for hh in 0..heads {
+            let g = hh / (heads / kv);
+            let s: Vec<f64> = (start..=pos)
+                .map(|j| (0..hd).map(|i| q[hh * hd + i] * ks[j][g * hd + i]).sum::<f64>() / (hd as f64).sqrt())
+                .collect();
+            let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
+            for (jj, j) in (start..=pos).enumerate() {
+                for i in 0..hd {
+                    attn[hh * hd + i] += (s[jj] - mx).exp() / z * vs[j][g * hd + i];
+                }
+            }
+        }
+        let o = lin(&format!("{p}.self_attn.o_proj"), &attn);
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        let f = rms(x, &get(&format!("{p}.post_attention_layernorm.weight")));
+        let gate = lin(&format!("{p}.mlp.gate_proj"), &f);
+        let up = lin(&format!("{p}.mlp.up_proj"), &f);
+        let act: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        let d = lin(&format!("{p}.mlp.down_proj"), &act);
+        x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+        let n = rms(x, &get("model.norm.weight"));
+        out.push(
+            (0..emb.len() / h)
+                .map(|t| (0..h).map(|i| emb[t * h + i] * n[i]).sum::<f64>())
+                .collect(),
+        );
+    }
+    out
+}
+
+/// Qwen2 (q/k/v biases) and Mistral (sliding window) directories: rrt's logits at every
+/// position equal the independent float64 reference.
+#[test]
+fn qwen2_biases_and_mistral_window_match_reference() {
+    for (family, window) in [("qwen2", None), ("mistral", Some(3usize))] {
+        let dir = tmpdir(family);
+        let mut saved = HashMap::new();
+        tiny(&dir, |m| {
+            if family == "qwen2" {
+                for (name, n) in [("q_proj", 16usize), ("k_proj", 8), ("v_proj", 8)] {
+                    let b: Vec<f32> = (0..n).map(|i| (i as f32 - 4.0) * 0.05).collect();
+                    m.insert(format!("model.layers.0.self_attn.{name}.bias"), f32_t(vec![n], &b));
+                }
+            }
+            for (k, t) in m.iter() {
+                saved.insert(
+                    k.clone(),
+                    T {
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                        data: t.data.clone(),
+                    },
+                );
+            }
+        });
+        let mut cfg = llama_config(16, 32, 1, 2, 1, 49152);
+        cfg["model_type"] = family.into();
+        cfg["rope_theta"] = 10000.0.into();
+        if let Some(w) = window {
+            cfg["sliding_window"] = w.into();
+        }
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        let lm = rrt_model::load(&dir).unwrap();
+        assert_eq!(lm.model.config.qkv_bias, family == "qwen2");
+        assert_eq!(lm.model.config.sliding_window, window);
+        let ids = [5usize, 900, 77, 12000, 3, 45000, 8];
+        let want = reference_logits(&saved, &ids, 2, 1, 10000.0, window);
+        let mut pool = rrt_model::kv::KvPool::new(lm.model.kv_layout(4), 2);
+        let mut seq = rrt_model::kv::SeqKv::default();
+        pool.reserve(&mut seq, ids.len()).unwrap();
+        let rows: Vec<rrt_model::Row<'_>> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| rrt_model::Row {
+                token: t as u32,
+                pos: i,
+                blocks: &seq.blocks,
+            })
+            .collect();
+        let select: Vec<usize> = (0..ids.len()).collect();
+        let got = lm.model.forward(&rows, &mut pool, &select).unwrap();
+        for (p, w) in want.iter().enumerate() {
+            let g = &got[p * 49152..(p + 1) * 49152];
+            let err = g.iter().zip(w).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
+            assert!(err < 1e-4, "{family} position {p}: max abs error {err}");
+        }
+    }
+}
