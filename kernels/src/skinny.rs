@@ -21,18 +21,31 @@ const ROWS_PER_TASK: usize = 64;
 pub fn matmul_skinny(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usize, accumulate: bool) {
     debug_assert_eq!(x.len(), n * k);
     debug_assert_eq!(w.len(), m * k);
+    by_column_blocks(y, n, m, n * k * m, accumulate, |j0, j1, out| {
+        block(x, &w[j0 * k..j1 * k], out, n, k, j1 - j0)
+    });
+}
+
+/// Splits the output columns into blocks of [`ROWS_PER_TASK`] weight rows, computes each block
+/// with `f(j0, j1, out)` (`out` is `n x (j1 - j0)`), in parallel when `work` (multiply-adds)
+/// pays for it, and writes (or adds) the blocks into `y`. Tasks never share memory.
+fn by_column_blocks(
+    y: &mut [f32],
+    n: usize,
+    m: usize,
+    work: usize,
+    accumulate: bool,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     debug_assert_eq!(y.len(), n * m);
-    // Each task owns a range of output columns; y is written through per-task column slices
-    // gathered afterwards, so tasks never share memory.
-    let tasks = m.div_ceil(ROWS_PER_TASK);
-    let work = n * k * m;
     let run = |t: usize| -> (usize, Vec<f32>) {
         let j0 = t * ROWS_PER_TASK;
         let j1 = (j0 + ROWS_PER_TASK).min(m);
         let mut out = vec![0f32; n * (j1 - j0)];
-        block(x, &w[j0 * k..j1 * k], &mut out, n, k, j1 - j0);
+        f(j0, j1, &mut out);
         (j0, out)
     };
+    let tasks = m.div_ceil(ROWS_PER_TASK);
     let parts: Vec<(usize, Vec<f32>)> = if work >= 1 << 17 {
         (0..tasks).into_par_iter().map(run).collect()
     } else {
@@ -81,39 +94,28 @@ fn block_portable(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb
 /// model keeps f32 weights.
 pub fn matmul_skinny_bf16(x: &[f32], w: &[u16], y: &mut [f32], n: usize, k: usize, m: usize) {
     debug_assert_eq!(w.len(), m * k);
-    let tasks = m.div_ceil(ROWS_PER_TASK);
-    let run = |t: usize| -> (usize, Vec<f32>) {
-        let j0 = t * ROWS_PER_TASK;
-        let j1 = (j0 + ROWS_PER_TASK).min(m);
-        let mut out = vec![0f32; n * (j1 - j0)];
+    by_column_blocks(y, n, m, n * k * m, false, |j0, j1, out| {
         let wb = &w[j0 * k..j1 * k];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") && k % 16 == 0 {
-                // SAFETY: AVX-512F is present; k is a multiple of 16 as the bf16 tile requires;
-                // sizes are x: n*k, wb: (j1-j0)*k, out: n*(j1-j0).
-                unsafe { avx512::block_bf16(x, wb, &mut out, n, k, j1 - j0) };
-                return (j0, out);
+            if std::arch::is_x86_feature_detected!("avx512bw") && k % 16 == 0 {
+                // SAFETY: AVX-512F/BW are present; k is a multiple of 16 as the bf16 tile
+                // requires; sizes are x: n*k, wb: (j1-j0)*k, out: n*(j1-j0).
+                unsafe { avx512::block_bf16(x, wb, out, n, k, j1 - j0) };
+                return;
             }
         }
-        for j in 0..j1 - j0 {
+        let mb = j1 - j0;
+        for j in 0..mb {
             let wr: Vec<f32> = wb[j * k..(j + 1) * k]
                 .iter()
                 .map(|&b| f32::from_bits((b as u32) << 16))
                 .collect();
             for i in 0..n {
-                out[i * (j1 - j0) + j] = crate::elementwise::dot(&x[i * k..(i + 1) * k], &wr);
+                out[i * mb + j] = crate::elementwise::dot(&x[i * k..(i + 1) * k], &wr);
             }
         }
-        (j0, out)
-    };
-    let parts: Vec<(usize, Vec<f32>)> = (0..tasks).into_par_iter().map(run).collect();
-    for (j0, out) in parts {
-        let width = out.len() / n.max(1);
-        for i in 0..n {
-            y[i * m + j0..i * m + j0 + width].copy_from_slice(&out[i * width..(i + 1) * width]);
-        }
-    }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
