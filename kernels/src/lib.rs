@@ -14,6 +14,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod matmul;
+pub mod qmatmul;
 pub mod rope;
 pub mod skinny;
 

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 pub const MAX_ROWS: usize = 48;
 
 /// Weight rows per rayon task.
-const ROWS_PER_TASK: usize = 64;
+pub(crate) const ROWS_PER_TASK: usize = 64;
 
 /// `y (n x m) (+)= x (n x k) W^T`, `w` is `m x k` row-major.
 pub fn matmul_skinny(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usize, accumulate: bool) {
@@ -29,7 +29,7 @@ pub fn matmul_skinny(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m:
 /// Splits the output columns into blocks of [`ROWS_PER_TASK`] weight rows, computes each block
 /// with `f(j0, j1, out)` (`out` is `n x (j1 - j0)`), in parallel when `work` (multiply-adds)
 /// pays for it, and writes (or adds) the blocks into `y`. Tasks never share memory.
-fn by_column_blocks(
+pub(crate) fn by_column_blocks(
     y: &mut [f32],
     n: usize,
     m: usize,
@@ -67,24 +67,32 @@ fn by_column_blocks(
 
 /// `out (n x mb) = x (n x k) wb^T` for one block of weight rows.
 fn block(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb: usize) {
+    block_at(x, wb, out, n, k, mb, mb, 0);
+}
+
+/// Like [`block`], but writes column `j` of the result to `out[i * ld + col0 + j]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn block_at(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb: usize, ld: usize, col0: usize) {
+    debug_assert!(n == 0 || out.len() >= (n - 1) * ld + col0 + mb);
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above); slice sizes are
-            // x: n*k, wb: mb*k, out: n*mb, which `block_avx512` relies on.
-            unsafe { avx512::block(x, wb, out, n, k, mb) };
+            // SAFETY: the CPU supports AVX-512F (checked just above); x holds n*k values, wb
+            // mb*k, and out has room for every (i, col0 + j) at stride ld (asserted above).
+            unsafe { avx512::block(x, wb, out, n, k, mb, ld, col0) };
             return;
         }
     }
-    block_portable(x, wb, out, n, k, mb);
+    block_portable(x, wb, out, n, k, mb, ld, col0);
 }
 
 /// Portable version: the compiler vectorises the 16-wide inner loops.
-fn block_portable(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb: usize) {
+#[allow(clippy::too_many_arguments)]
+fn block_portable(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb: usize, ld: usize, col0: usize) {
     for j in 0..mb {
         let wr = &wb[j * k..(j + 1) * k];
         for i in 0..n {
-            out[i * mb + j] = crate::elementwise::dot(&x[i * k..(i + 1) * k], wr);
+            out[i * ld + col0 + j] = crate::elementwise::dot(&x[i * k..(i + 1) * k], wr);
         }
     }
 }
@@ -240,9 +248,19 @@ mod avx512 {
         }
     }
 
-    /// See `super::block`. Requires AVX-512F.
+    /// See `super::block_at`. Requires AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb: usize) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn block(
+        x: &[f32],
+        wb: &[f32],
+        out: &mut [f32],
+        n: usize,
+        k: usize,
+        mb: usize,
+        ld: usize,
+        col0: usize,
+    ) {
         let mut j = 0;
         while j < mb {
             let r = (mb - j).min(4);
@@ -259,7 +277,7 @@ mod avx512 {
                             tile::<$R, $C>(xp, wp, k, &mut t);
                             for rr in 0..$R {
                                 for cc in 0..$C {
-                                    out[(i + cc) * mb + j + rr] = t[rr][cc];
+                                    out[(i + cc) * ld + col0 + j + rr] = t[rr][cc];
                                 }
                             }
                         }};
@@ -274,7 +292,7 @@ mod avx512 {
                                 for cc in 0..c {
                                     let mut t = [[0f32; 1]; 1];
                                     tile::<1, 1>(xp.add(cc * k), wp.add(rr * k), k, &mut t);
-                                    out[(i + cc) * mb + j + rr] = t[0][0];
+                                    out[(i + cc) * ld + col0 + j + rr] = t[0][0];
                                 }
                             }
                         }
@@ -327,7 +345,7 @@ mod tests {
             let mut y = vec![2.0f32; n * m];
             matmul_skinny(&x, &w, &mut y, n, k, m, true);
             let mut p = vec![0f32; n * m];
-            block_portable(&x, &w, &mut p, n, k, m);
+            block_portable(&x, &w, &mut p, n, k, m, m, 0);
             for i in 0..n {
                 for j in 0..m {
                     let r: f64 = (0..k).map(|q| x[i * k + q] as f64 * w[j * k + q] as f64).sum();

@@ -11,7 +11,7 @@ use crate::kv::KvPool;
 use crate::weights::{Linear, Weights};
 use rayon::prelude::*;
 use rrt_kernels::attention::{AttnRow, AttnShape};
-use rrt_kernels::{KvLayout, MatmulMode, RopeTable, attention_paged, matmul_nt, rmsnorm, silu_mul};
+use rrt_kernels::{KvLayout, MatmulMode, RopeTable, attention_paged, rmsnorm, silu_mul};
 
 /// A loaded model ready to run.
 pub struct Model {
@@ -31,7 +31,7 @@ pub struct Row<'a> {
 
 /// `y = x W^T (+ b)` for all rows.
 pub(crate) fn linear(l: &Linear, x: &[f32], y: &mut [f32], n: usize, mode: MatmulMode) {
-    matmul_nt(x, &l.w, y, n, l.in_dim, l.out_dim, mode);
+    l.matmul(x, y, n, mode);
     if let Some(b) = &l.bias {
         for row in y.chunks_exact_mut(l.out_dim) {
             for (v, bi) in row.iter_mut().zip(b) {
@@ -86,7 +86,7 @@ impl Model {
                     msg: format!("token id {t} is outside the vocabulary of {}", self.config.vocab),
                 });
             }
-            x[i * h..(i + 1) * h].copy_from_slice(&self.weights.embed[t * h..(t + 1) * h]);
+            self.weights.embed.row_into(t, &mut x[i * h..(i + 1) * h]);
         }
         Ok(x)
     }
@@ -180,15 +180,9 @@ impl Model {
         let mut normed = vec![0f32; picked.len()];
         rmsnorm(&picked, &self.weights.norm, self.config.rms_eps, &mut normed);
         let mut out = vec![0f32; select.len() * self.config.vocab];
-        matmul_nt(
-            &normed,
-            self.weights.head(),
-            &mut out,
-            select.len(),
-            h,
-            self.config.vocab,
-            MatmulMode::Overwrite,
-        );
+        self.weights
+            .head()
+            .matmul(&normed, &mut out, select.len(), MatmulMode::Overwrite);
         out
     }
 

@@ -3,9 +3,11 @@
 use crate::config::{Family, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+use crate::quant::GgmlType;
 use crate::weights::{TensorSource, check_finite};
 use half::{bf16, f16};
 use memmap2::Mmap;
+use rrt_kernels::qmatmul::QFormat;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -62,11 +64,11 @@ impl<'a> GgufSource<'a> {
 
 /// Undoes llama.cpp's permutation of q/k rows: within each head of `head_dim` rows, GGUF row
 /// `2 i + j` holds Hugging Face row `j * head_dim / 2 + i`.
-fn unpermute_rows(data: &[f32], n_heads: usize, row_len: usize) -> Vec<f32> {
+fn unpermute_rows<T: Copy + Default>(data: &[T], n_heads: usize, row_len: usize) -> Vec<T> {
     let rows = data.len() / row_len;
     let hd = rows / n_heads;
     let half = hd / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..n_heads {
         for i in 0..half {
             for j in 0..2 {
@@ -79,9 +81,46 @@ fn unpermute_rows(data: &[f32], n_heads: usize, row_len: usize) -> Vec<f32> {
     out
 }
 
+impl GgufSource<'_> {
+    /// Heads of the q/k projection this GGUF tensor is, if its rows must be unpermuted.
+    fn qk_heads(&self, gname: &str) -> Option<usize> {
+        if !self.unpermute_qk {
+            None
+        } else if gname.contains(".attn_q.") {
+            Some(self.n_heads)
+        } else if gname.contains(".attn_k.") {
+            Some(self.n_kv_heads)
+        } else {
+            None
+        }
+    }
+}
+
 impl TensorSource for GgufSource<'_> {
     fn contains(&self, name: &str) -> bool {
         gguf_name(name).is_some_and(|g| self.file.tensor_info(&g).is_some())
+    }
+
+    fn load_blocks(&self, name: &str) -> Result<Option<(QFormat, Vec<u8>)>> {
+        let gname = gguf_name(name).unwrap_or_else(|| name.to_string());
+        let Some(info) = self.file.tensor_info(&gname) else {
+            return Ok(None);
+        };
+        let (ty, bytes) = self.file.tensor_bytes(info)?;
+        let fmt = match ty {
+            GgmlType::Q4_1 => QFormat::Q4_1,
+            GgmlType::Q8_0 => QFormat::Q8_0,
+            _ => return Ok(None),
+        };
+        if info.dims.len() != 2 {
+            return Ok(None);
+        }
+        let row_bytes = fmt.row_bytes(info.dims[0]);
+        let blocks = match self.qk_heads(&gname) {
+            Some(nh) => unpermute_rows(bytes, nh, row_bytes),
+            None => bytes.to_vec(),
+        };
+        Ok(Some((fmt, blocks)))
     }
 
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -102,18 +141,9 @@ impl TensorSource for GgufSource<'_> {
         }
         let mut data = self.file.tensor_f32(info)?;
         check_finite(path, &gname, &data)?;
-        if self.unpermute_qk {
-            let heads = if gname.contains(".attn_q.") {
-                Some(self.n_heads)
-            } else if gname.contains(".attn_k.") {
-                Some(self.n_kv_heads)
-            } else {
-                None
-            };
-            if let Some(nh) = heads {
-                let row_len = if shape.len() == 2 { shape[1] } else { 1 };
-                data = unpermute_rows(&data, nh, row_len);
-            }
+        if let Some(nh) = self.qk_heads(&gname) {
+            let row_len = if shape.len() == 2 { shape[1] } else { 1 };
+            data = unpermute_rows(&data, nh, row_len);
         }
         Ok(data)
     }

@@ -21,7 +21,7 @@ pub enum What {
     /// Prefill and decode tokens/s of the forward pass.
     Forward(ForwardArgs),
     /// The weight-format measurement: all matrix products of one SmolLM2 decode step with
-    /// f32 weights (gemm, skinny kernel) and bf16 weights (skinny kernel).
+    /// f32 weights (gemm, skinny kernel), bf16 weights and Q4_1 blocks dequantized on the fly.
     Matmul(MatmulArgs),
 }
 
@@ -95,16 +95,29 @@ fn matmul(a: MatmulArgs) -> Result<()> {
             .collect()
     };
     // Distinct weights per layer so that nothing stays in cache between layers, as in a real step.
-    let mats: Vec<(usize, usize, Vec<f32>, Vec<u16>)> = SMOLLM2_PRODUCTS
+    type Mat = (usize, usize, Vec<f32>, Vec<u16>, Vec<u8>);
+    let mats: Vec<Mat> = SMOLLM2_PRODUCTS
         .iter()
         .flat_map(|&(m, k, count)| (0..count).map(move |_| (m, k)))
         .map(|(m, k)| {
             let w = rnd(m * k);
             let wb = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-            (m, k, w, wb)
+            // Q4_1 blocks with scale 0.01 and min -0.08 and pseudo-random nibbles.
+            let wq: Vec<u8> = (0..m * k / 32)
+                .flat_map(|b| {
+                    let mut blk = vec![0u8; 20];
+                    blk[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+                    blk[2..4].copy_from_slice(&half::f16::from_f32(-0.08).to_le_bytes());
+                    for (i, q) in blk[4..].iter_mut().enumerate() {
+                        *q = ((b * 31 + i * 7) % 256) as u8;
+                    }
+                    blk
+                })
+                .collect();
+            (m, k, w, wb, wq)
         })
         .collect();
-    let bytes_f32: usize = mats.iter().map(|(m, k, _, _)| m * k * 4).sum();
+    let bytes_f32: usize = mats.iter().map(|(m, k, _, _, _)| m * k * 4).sum();
     println!(
         "one SmolLM2 decode step = {} products, {:.0} MB of f32 weights; threads {}",
         mats.len(),
@@ -112,13 +125,13 @@ fn matmul(a: MatmulArgs) -> Result<()> {
         rayon::current_num_threads()
     );
     println!(
-        "{:>6} | {:>14} {:>14} {:>14} | ms per step (median of {})",
-        "rows", "f32 gemm", "f32 skinny", "bf16 skinny", a.reps
+        "{:>6} | {:>14} {:>14} {:>14} {:>14} | ms per step (median of {})",
+        "rows", "f32 gemm", "f32 skinny", "bf16 skinny", "q4_1 blocks", a.reps
     );
     for &n in &a.batch {
         let x = rnd(n * 1536);
         let mut y = vec![0f32; n * 49152];
-        let mut time = |f: &mut dyn FnMut(&(usize, usize, Vec<f32>, Vec<u16>), &mut [f32])| -> f64 {
+        let mut time = |f: &mut dyn FnMut(&Mat, &mut [f32])| -> f64 {
             let mut v: Vec<f64> = (0..a.reps.max(1) + 1)
                 .map(|_| {
                     let t = Instant::now();
@@ -132,13 +145,25 @@ fn matmul(a: MatmulArgs) -> Result<()> {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        let g = time(&mut |(m, k, w, _), y| {
+        let g = time(&mut |(m, k, w, _, _), y| {
             // Force the general GEMM path (gemm crate) even for few rows.
             rrt_kernels::matmul::matmul_gemm(&x[..n * k], w, y, n, *k, *m, rrt_kernels::MatmulMode::Overwrite)
         });
-        let s = time(&mut |(m, k, w, _), y| matmul_skinny(&x[..n * k], w, y, n, *k, *m, false));
-        let b = time(&mut |(m, k, _, wb), y| matmul_skinny_bf16(&x[..n * k], wb, y, n, *k, *m));
-        println!("{n:>6} | {g:>14.2} {s:>14.2} {b:>14.2}");
+        let s = time(&mut |(m, k, w, _, _), y| matmul_skinny(&x[..n * k], w, y, n, *k, *m, false));
+        let b = time(&mut |(m, k, _, wb, _), y| matmul_skinny_bf16(&x[..n * k], wb, y, n, *k, *m));
+        let q = time(&mut |(m, k, _, _, wq), y| {
+            rrt_kernels::qmatmul::matmul_q(
+                &x[..n * k],
+                rrt_kernels::qmatmul::QFormat::Q4_1,
+                wq,
+                y,
+                n,
+                *k,
+                *m,
+                rrt_kernels::MatmulMode::Overwrite,
+            )
+        });
+        println!("{n:>6} | {g:>14.2} {s:>14.2} {b:>14.2} {q:>14.2}");
     }
     Ok(())
 }
