@@ -14,10 +14,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${LLAMA_BENCH:?set LLAMA_BENCH to the llama-batched-bench binary}"
 model="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-P="${P:-128}" G="${G:-64}" B="${B:-1,8,32}" T="${T:-$(nproc)}"
+P="${P:-128}" G="${G:-64}" B="${B:-1,8,32}" T="${T:-$(nproc)}" RUNS="${RUNS:-3}"
 cargo build --release -p rrt >/dev/null
 echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; date $(date -u +%F)"
-echo "== rrt bench forward (model $model)"
-./target/release/rrt bench forward --model "$model" --batch "$B" --prompt-tokens "$P" --gen-tokens "$G"
-echo "== llama.cpp llama-batched-bench (model $model)"
-"$LLAMA_BENCH" -m "$model" -c $(( (P + G) * 32 + 256 )) -b 2048 -ub 512 -npp "$P" -ntg "$G" -npl "$B" -t "$T" 2>/dev/null
+# The two alternate RUNS times, so that load from the machine's neighbours hits both alike;
+# report the best run of each (the least disturbed).
+for run in $(seq "$RUNS"); do
+  echo "== run $run: rrt bench forward (model $model)"
+  ./target/release/rrt bench forward --model "$model" --batch "$B" --prompt-tokens "$P" --gen-tokens "$G" --reps 1
+  echo "== run $run: llama.cpp llama-batched-bench (model $model)"
+  "$LLAMA_BENCH" -m "$model" -c $(( (P + G) * 32 + 256 )) -b 2048 -ub 512 -npp "$P" -ntg "$G" -npl "$B" -t "$T" 2>/dev/null | grep -E '^\|'
+done
