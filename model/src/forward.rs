@@ -8,6 +8,7 @@
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv::KvPool;
+use crate::recursive::{Lora, Recursion};
 use crate::weights::{Linear, Weights};
 use rayon::prelude::*;
 use rrt_kernels::attention::{AttnRow, AttnShape};
@@ -16,8 +17,25 @@ use rrt_kernels::{KvLayout, MatmulMode, RopeTable, attention_paged, rmsnorm, sil
 /// A loaded model ready to run.
 pub struct Model {
     pub config: ModelConfig,
+    /// For a recursive model, `weights.layers` holds the K shared layers.
     pub weights: Weights,
+    /// Loops and per-unrolled-layer LoRAs of a relaxed recursive model (`None`: vanilla).
+    pub recursion: Option<Recursion>,
     rope: RopeTable,
+}
+
+/// `y[:, col0 .. col0 + out] += (x A^T) B^T` for `n` rows (`y` has row stride `ld`).
+fn apply_lora(lora: &Lora, x: &[f32], n: usize, y: &mut [f32], ld: usize, col0: usize) {
+    let mut t = vec![0f32; n * lora.rank];
+    rrt_kernels::matmul_nt(x, &lora.a, &mut t, n, lora.in_dim, lora.rank, MatmulMode::Overwrite);
+    let mut d = vec![0f32; n * lora.out_dim];
+    rrt_kernels::matmul_nt(&t, &lora.b, &mut d, n, lora.rank, lora.out_dim, MatmulMode::Overwrite);
+    for i in 0..n {
+        let row = &mut y[i * ld + col0..i * ld + col0 + lora.out_dim];
+        row.iter_mut()
+            .zip(&d[i * lora.out_dim..(i + 1) * lora.out_dim])
+            .for_each(|(a, b)| *a += b);
+    }
 }
 
 /// One row of a forward batch.
@@ -61,7 +79,37 @@ impl Model {
             config.rope_theta,
             &config.rope_scaling,
         );
-        Self { config, weights, rope }
+        Self {
+            config,
+            weights,
+            rope,
+            recursion: None,
+        }
+    }
+
+    /// A relaxed recursive model: `weights.layers` are the K shared layers, looped
+    /// `recursion.loops` times (K x loops = `config.n_layers`).
+    pub fn recursive(config: ModelConfig, weights: Weights, recursion: Recursion) -> Result<Self> {
+        if weights.layers.len() * recursion.loops != config.n_layers || recursion.lora.len() != config.n_layers {
+            return Err(ModelError::InvalidArgument {
+                field: "loops",
+                msg: format!(
+                    "{} shared layers x {} loops with {} LoRA layers does not unroll to {} layers",
+                    weights.layers.len(),
+                    recursion.loops,
+                    recursion.lora.len(),
+                    config.n_layers
+                ),
+            });
+        }
+        let mut m = Self::new(config, weights);
+        m.recursion = Some(recursion);
+        Ok(m)
+    }
+
+    /// The LoRA of module `m` (index in `recursive::MODULES`) at unrolled layer `l`.
+    fn lora(&self, l: usize, m: usize) -> Option<&Lora> {
+        self.recursion.as_ref().and_then(|r| r.lora[l][m].as_ref())
     }
 
     /// The KV geometry of this model with `block_size` positions per block.
@@ -116,16 +164,22 @@ impl Model {
         }
     }
 
-    /// Runs decoder layer `li` (writing K/V into cache layer `li`) on the hidden states `x`.
+    /// Runs unrolled layer `li` (shared layer `li mod K` with the LoRAs of `li`, writing K/V
+    /// into cache layer `li`) on the hidden states `x`.
     fn layer(&self, li: usize, x: &mut [f32], rows: &[Row<'_>], pool: &mut KvPool, b: &mut Buffers) {
         let c = &self.config;
         let n = rows.len();
-        let w = &self.weights.layers[li];
+        let w = &self.weights.layers[li % self.weights.layers.len()];
         let (qd, kd) = (c.q_dim(), c.kv_dim());
         let half = self.rope.half();
 
         rmsnorm(x, &w.attn_norm, c.rms_eps, &mut b.h);
         linear(&w.qkv, &b.h, &mut b.qkv, n, MatmulMode::Overwrite);
+        for (m, col0) in [(0, 0), (1, qd), (2, qd + kd)] {
+            if let Some(lora) = self.lora(li, m) {
+                apply_lora(lora, &b.h, n, &mut b.qkv, c.qkv_dim(), col0);
+            }
+        }
         for (i, r) in rows.iter().enumerate() {
             let row = &mut b.qkv[i * c.qkv_dim()..(i + 1) * c.qkv_dim()];
             let (cos, sin) = (&b.cos[i * half..(i + 1) * half], &b.sin[i * half..(i + 1) * half]);
@@ -151,11 +205,22 @@ impl Model {
         let layout = *pool.layout();
         attention_paged(&b.q, &arows, pool.data(), &layout, shape, &mut b.attn);
         linear(&w.o, &b.attn, x, n, MatmulMode::Accumulate);
+        if let Some(lora) = self.lora(li, 3) {
+            apply_lora(lora, &b.attn, n, x, c.hidden, 0);
+        }
 
         rmsnorm(x, &w.ffn_norm, c.rms_eps, &mut b.h);
         linear(&w.gate_up, &b.h, &mut b.gu, n, MatmulMode::Overwrite);
+        for (m, col0) in [(4, 0), (5, c.intermediate)] {
+            if let Some(lora) = self.lora(li, m) {
+                apply_lora(lora, &b.h, n, &mut b.gu, 2 * c.intermediate, col0);
+            }
+        }
         silu_mul(&b.gu, c.intermediate, &mut b.act);
         linear(&w.down, &b.act, x, n, MatmulMode::Accumulate);
+        if let Some(lora) = self.lora(li, 6) {
+            apply_lora(lora, &b.act, n, x, c.hidden, 0);
+        }
     }
 
     /// Runs all layers for `rows`, writing their keys and values into `pool`, and returns the

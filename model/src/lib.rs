@@ -17,6 +17,7 @@ pub mod gguf;
 pub mod kv;
 pub mod loader;
 pub mod quant;
+pub mod recursive;
 pub mod sampling;
 pub mod sources;
 pub mod tokenizer;
