@@ -8,6 +8,7 @@
 //! - [`sampling`], [`generate`], [`eval`]: decoding and perplexity.
 
 pub mod chat;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod eval;

@@ -20,6 +20,8 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub enum SourceKind {
     Gguf,
     HuggingFace,
+    /// A relaxed recursive checkpoint written by `rrt convert`.
+    Recursive,
 }
 
 /// A model with everything needed to serve it.
@@ -57,7 +59,11 @@ pub fn default_model_path() -> Result<PathBuf> {
 pub fn load(path: &Path) -> Result<LoadedModel> {
     let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     if meta.is_dir() {
-        load_hf_dir(path)
+        if path.join(crate::checkpoint::CONFIG_FILE).exists() {
+            crate::checkpoint::load(path)
+        } else {
+            load_hf_dir(path)
+        }
     } else {
         load_gguf(path)
     }
@@ -141,7 +147,10 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
 /// Loads only the tokenizer of a model (no weights): what `rrt tokenize` needs.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
-    if meta.is_dir() {
+    if meta.is_dir() && path.join(crate::checkpoint::CONFIG_FILE).exists() {
+        let cfg = crate::checkpoint::read_config(path)?;
+        Tokenizer::from_json_file(&path.join("tokenizer.json"), cfg.tokenizer)
+    } else if meta.is_dir() {
         let cfg_path = path.join("config.json");
         let cfg_json = read_json(&cfg_path)?;
         let tc_path = path.join("tokenizer_config.json");

@@ -329,6 +329,36 @@ impl Tokenizer {
         self.eog.binary_search(&id).is_ok()
     }
 
+    /// The special-token facts that `tokenizer.json` alone does not carry (written into
+    /// checkpoints next to it).
+    pub fn facts(&self) -> TokenizerFacts {
+        TokenizerFacts {
+            bos: self.bos,
+            eog: self.eog.clone(),
+            bos_text: self.bos_text.clone(),
+            eos_text: self.eos_text.clone(),
+            add_bos: self.add_bos,
+            manual_bos: self.manual_bos,
+        }
+    }
+
+    /// Rebuilds a tokenizer from a `tokenizer.json` written by [`Self::to_json`] and its facts.
+    pub fn from_json_file(path: &Path, f: TokenizerFacts) -> Result<Self> {
+        let tok = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| ModelError::format(path, format!("cannot load tokenizer: {e}")))?;
+        let vocab_size = tok.get_vocab_size(true);
+        Ok(Self::assemble(
+            tok,
+            f.manual_bos,
+            f.bos,
+            f.eog,
+            f.bos_text,
+            f.eos_text,
+            f.add_bos,
+            vocab_size,
+        ))
+    }
+
     /// Serialises the tokenizer as a `tokenizer.json` (used when writing checkpoints).
     pub fn to_json(&self) -> Result<String> {
         self.special.to_string(false).map_err(tok_err)
@@ -393,6 +423,18 @@ fn spm_merges(tokens: &[&str], scores: &[f64], types: &[i64]) -> Vec<(String, St
         .into_iter()
         .map(|(_, _, a, b)| (tokens[a].to_string(), tokens[b].to_string()))
         .collect()
+}
+
+/// Special-token facts of a tokenizer (see [`Tokenizer::facts`]).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenizerFacts {
+    pub bos: Option<u32>,
+    pub eog: Vec<u32>,
+    pub bos_text: Option<String>,
+    pub eos_text: Option<String>,
+    pub add_bos: bool,
+    /// BOS is prepended by rrt, not by the tokenizer.json post-processor.
+    pub manual_bos: bool,
 }
 
 /// Incremental detokenizer for streaming: emits text only once it is complete UTF-8 and

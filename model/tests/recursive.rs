@@ -137,3 +137,101 @@ fn invalid_specs_are_refused() {
         "{e}"
     );
 }
+
+mod checkpoint_format {
+    use super::*;
+    use rrt_model::checkpoint::{Provenance, read_config, save, write_config};
+    use std::path::PathBuf;
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rrt-ckpt-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+
+    /// Save then load gives the same model (identical logits), tokenizer and template; bad
+    /// checkpoints are refused naming the problem.
+    #[test]
+    fn round_trip_and_refusals() {
+        let lm = smollm2();
+        let spec = RecursiveSpec {
+            loops: 3,
+            init: Init::Lower,
+            ranks: [8, 4, 4, 8, 8, 8, 0],
+        };
+        let m = converted(&spec).unwrap();
+        let dir = tmpdir("ok");
+        let prov = Provenance {
+            source: "test".into(),
+            source_sha256: "00".into(),
+            tool: "test".into(),
+            extra: serde_json::Value::Null,
+        };
+        save(&dir, &m, &lm.tokenizer, lm.chat_template.as_ref(), prov).unwrap();
+        let back = rrt_model::load(&dir).unwrap();
+        assert_eq!(back.kind, rrt_model::loader::SourceKind::Recursive);
+        let ids = lm.tokenizer.encode("To be, or not to be", false, false).unwrap();
+        let (a, b) = (logits(&m, &ids), logits(&back.model, &ids));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert_eq!(
+            back.tokenizer.encode("<|im_start|>hi", false, true).unwrap(),
+            lm.tokenizer.encode("<|im_start|>hi", false, true).unwrap()
+        );
+        let msgs = [rrt_model::chat::Message::new("user", "Hi")];
+        assert_eq!(back.chat_prompt(&msgs).unwrap(), lm.chat_prompt(&msgs).unwrap());
+        let rec = back.model.recursion.as_ref().unwrap();
+        assert_eq!(
+            (rec.loops, rec.ranks, back.model.weights.layers.len()),
+            (3, spec.ranks, 10)
+        );
+        // `rrt tokenize` path: the tokenizer alone loads from the checkpoint.
+        assert!(rrt_model::loader::load_tokenizer(&dir).is_ok());
+
+        // Wrong version.
+        let bad = tmpdir("version");
+        copy_dir(&dir, &bad);
+        let mut cfg = read_config(&bad).unwrap();
+        cfg.version = 99;
+        write_config(&bad, &cfg).unwrap();
+        let e = rrt_model::load(&bad).err().unwrap();
+        assert!(e.to_string().contains("version 99"), "{e}");
+        // Inconsistent recursion.
+        cfg.version = 1;
+        cfg.recursion.loops = 2;
+        write_config(&bad, &cfg).unwrap();
+        assert!(rrt_model::load(&bad).err().unwrap().to_string().contains("loops"));
+        // A rank the tensors do not have: the first LoRA tensor's shape is wrong.
+        cfg.recursion.loops = 3;
+        cfg.recursion.ranks.insert("q".into(), 16);
+        write_config(&bad, &cfg).unwrap();
+        let e = rrt_model::load(&bad).err().unwrap();
+        assert!(
+            matches!(e, ModelError::Shape { .. }) && e.to_string().contains("lora.0.q.a"),
+            "{e}"
+        );
+        // A partial checkpoint: LoRAs declared for `down` that were never written.
+        cfg.recursion.ranks.insert("q".into(), 8);
+        cfg.recursion.ranks.insert("down".into(), 8);
+        write_config(&bad, &cfg).unwrap();
+        let e = rrt_model::load(&bad).err().unwrap();
+        assert!(
+            matches!(e, ModelError::MissingTensor { .. }) && e.to_string().contains("lora.0.down.a"),
+            "{e}"
+        );
+        // Weights file missing entirely.
+        cfg.recursion.ranks.insert("down".into(), 0);
+        write_config(&bad, &cfg).unwrap();
+        std::fs::remove_file(bad.join("model.safetensors")).unwrap();
+        assert!(rrt_model::load(&bad).err().unwrap().to_string().contains("safetensors"));
+        std::fs::remove_dir_all(&bad).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

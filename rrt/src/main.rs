@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt (streams to stdout) or a chat message.
     Generate(cmd::generate::Args),
+    /// Convert a pretrained model into a relaxed recursive checkpoint.
+    Convert(cmd::convert::Args),
     /// Print the token ids of a text as a JSON array.
     Tokenize(cmd::tokenize::Args),
     /// Perplexity over non-overlapping windows of a text file.
@@ -37,6 +39,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Bench(a) => cmd::bench::run(a),

@@ -138,3 +138,35 @@ fn bad_input_gives_clear_errors() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn convert_refuses_bad_specifications() {
+    let out = std::env::temp_dir().join(format!("rrt-cli-convert-{}", std::process::id()));
+    let o = out.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["convert", "--out", o, "--loops", "4"], "divisible"),
+        (
+            &["convert", "--out", o, "--loops", "2", "--lora-rank", "600"],
+            "exceeds min(in, out)",
+        ),
+        (
+            &["convert", "--out", o, "--loops", "2", "--lora-ranks", "q=8,x=3"],
+            "unknown module `x`",
+        ),
+        (
+            &["convert", "--out", o, "--loops", "2", "--lora-ranks", "q=eight"],
+            "not a rank",
+        ),
+        (
+            &["convert", "--out", o, "--loops", "2", "--svd", "activation"],
+            "not implemented",
+        ),
+    ];
+    for (args, needle) in cases {
+        let r = rrt(args);
+        assert!(!r.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!out.exists(), "a refused conversion must not write anything");
+}

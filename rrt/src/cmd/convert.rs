@@ -1,0 +1,124 @@
+//! `rrt convert`: a pretrained model to a relaxed recursive checkpoint.
+
+use super::ModelArg;
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use rrt_model::checkpoint::{Provenance, save, sha256_of};
+use rrt_model::forward::Model;
+use rrt_model::recursive::{Init, MODULES, RecursiveSpec, convert};
+use rrt_model::weights::Weights;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum InitArg {
+    Stepwise,
+    Average,
+    Lower,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum SvdArg {
+    Plain,
+    Activation,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Output checkpoint directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// B: how many times the shared block runs (the model's layer count must divide by it).
+    #[arg(long)]
+    pub loops: usize,
+    /// How the shared layers are initialised.
+    #[arg(long, value_enum, default_value = "average")]
+    pub init: InitArg,
+    /// LoRA rank for every module (0 = plain recursive model).
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+    /// Per-module ranks overriding --lora-rank, e.g. `q=64,k=32,v=32,o=64,gate=128,up=128,down=128`.
+    #[arg(long)]
+    pub lora_ranks: Option<String>,
+    /// SVD of the residual: plain, or activation-aware (whitened by calibration statistics).
+    #[arg(long, value_enum, default_value = "plain")]
+    pub svd: SvdArg,
+}
+
+fn parse_ranks(base: usize, spec: Option<&str>) -> Result<[usize; 7]> {
+    let mut ranks = [base; 7];
+    if let Some(s) = spec {
+        for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .with_context(|| format!("--lora-ranks: `{part}` is not module=rank"))?;
+            let m = MODULES
+                .iter()
+                .position(|m| *m == k.trim())
+                .with_context(|| format!("--lora-ranks: unknown module `{k}` (modules: {})", MODULES.join(", ")))?;
+            ranks[m] = v
+                .trim()
+                .parse()
+                .with_context(|| format!("--lora-ranks: `{v}` is not a rank"))?;
+        }
+    }
+    Ok(ranks)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if matches!(a.svd, SvdArg::Activation) {
+        bail!("--svd activation is not implemented yet (issue B); use --svd plain");
+    }
+    let ranks = parse_ranks(a.lora_rank, a.lora_ranks.as_deref())?;
+    let init = match a.init {
+        InitArg::Stepwise => Init::Stepwise,
+        InitArg::Average => Init::Average,
+        InitArg::Lower => Init::Lower,
+    };
+    let src = a.model.path()?;
+    let lm = a.model.load()?;
+    if lm.model.recursion.is_some() {
+        bail!("{} is already a recursive checkpoint", src.display());
+    }
+    let spec = RecursiveSpec {
+        loops: a.loops,
+        init,
+        ranks,
+    };
+    let n = lm.model.config.n_layers as u64;
+    let bar = ProgressBar::new(n).with_style(
+        ProgressStyle::with_template(
+            "{spinner} converting: unrolled layer {pos}/{len} [{elapsed_precise} < {eta}] {wide_bar}",
+        )
+        .expect("valid template"),
+    );
+    let t = std::time::Instant::now();
+    let (layers, rec) = convert(&lm.model.weights, &lm.model.config, &spec, |_| bar.inc(1))?;
+    bar.finish_and_clear();
+    let w = &lm.model.weights;
+    let weights = Weights {
+        embed: w.embed.clone(),
+        layers,
+        norm: w.norm.clone(),
+        lm_head: w.lm_head.clone(),
+    };
+    let model = Model::recursive(lm.model.config.clone(), weights, rec)?;
+    let provenance = Provenance {
+        source: src.display().to_string(),
+        source_sha256: sha256_of(&src)?,
+        tool: format!("rrt {} convert", env!("CARGO_PKG_VERSION")),
+        extra: serde_json::json!({"svd": "plain"}),
+    };
+    save(&a.out, &model, &lm.tokenizer, lm.chat_template.as_ref(), provenance)?;
+    eprintln!(
+        "wrote {} (L = {}, K = {}, B = {}, ranks {:?}) in {:.1} s",
+        a.out.display(),
+        model.config.n_layers,
+        model.weights.layers.len(),
+        a.loops,
+        ranks,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
