@@ -18,6 +18,63 @@ pub struct PerplexityReport {
     pub scored_tokens: usize,
     pub windows: usize,
     pub window: usize,
+    /// For recursive models: decoding after each loop (the last equals `ppl`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loops: Vec<LoopReport>,
+}
+
+/// Quality of the prediction decoded after one loop.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LoopReport {
+    /// 1-based loop number.
+    pub r#loop: usize,
+    pub ppl: f64,
+    /// Fraction of scored tokens whose top-1 prediction equals the last loop's.
+    pub agreement: f64,
+}
+
+/// Per-loop log-probabilities of the targets and argmax predictions of one window.
+pub struct WindowLoops {
+    /// `logprobs[b][j]`: loop b's log-probability of window token j + 1.
+    pub logprobs: Vec<Vec<f64>>,
+    /// `argmax[b][j]`: loop b's top-1 prediction for window token j + 1.
+    pub argmax: Vec<Vec<u32>>,
+}
+
+/// Like [`window_logprobs`], for every loop of a recursive model.
+pub fn window_loops(lm: &LoadedModel, win: &[u32]) -> Result<WindowLoops> {
+    let model = &lm.model;
+    let bos = if lm.tokenizer.add_bos { lm.tokenizer.bos } else { None };
+    let input: Vec<u32> = bos.into_iter().chain(win.iter().copied()).collect();
+    let offset = input.len() - win.len();
+    let mut pool = KvPool::new(
+        model.kv_layout(DEFAULT_BLOCK_SIZE),
+        input.len().div_ceil(DEFAULT_BLOCK_SIZE),
+    );
+    let mut seq = SeqKv::default();
+    pool.reserve(&mut seq, input.len())?;
+    let rows: Vec<Row<'_>> = input
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| Row {
+            token: t,
+            pos: i,
+            blocks: &seq.blocks,
+        })
+        .collect();
+    let select: Vec<usize> = (offset..offset + win.len() - 1).collect();
+    let vocab = model.config.vocab;
+    let mut out = WindowLoops {
+        logprobs: Vec::new(),
+        argmax: Vec::new(),
+    };
+    for hidden in model.forward_loops(&rows, &mut pool)? {
+        let logits = model.logits(&hidden, &select);
+        out.logprobs.push(token_logprobs(&logits, vocab, &win[1..]));
+        out.argmax
+            .push(logits.chunks_exact(vocab).map(crate::sampling::argmax).collect());
+    }
+    Ok(out)
 }
 
 /// Cuts `tokens` into at most `max_windows` full windows of `window` tokens.
@@ -86,20 +143,44 @@ pub fn perplexity(
             ),
         });
     }
-    let mut sum = 0f64;
+    let n_loops = lm.model.loops();
+    let mut sums = vec![0f64; n_loops];
+    let mut agree = vec![0usize; n_loops];
     let mut count = 0usize;
     for (i, w) in wins.iter().enumerate() {
-        let lp = window_logprobs(lm, w)?;
-        sum -= lp.iter().sum::<f64>();
-        count += lp.len();
+        if n_loops == 1 {
+            let lp = window_logprobs(lm, w)?;
+            sums[0] -= lp.iter().sum::<f64>();
+            count += lp.len();
+        } else {
+            let wl = window_loops(lm, w)?;
+            let last = &wl.argmax[n_loops - 1];
+            for b in 0..n_loops {
+                sums[b] -= wl.logprobs[b].iter().sum::<f64>();
+                agree[b] += wl.argmax[b].iter().zip(last).filter(|(x, y)| x == y).count();
+            }
+            count += last.len();
+        }
         progress(i + 1, wins.len());
     }
-    let nll = sum / count as f64;
+    let nll = sums[n_loops - 1] / count as f64;
+    let loops = if n_loops == 1 {
+        Vec::new()
+    } else {
+        (0..n_loops)
+            .map(|b| LoopReport {
+                r#loop: b + 1,
+                ppl: (sums[b] / count as f64).exp(),
+                agreement: agree[b] as f64 / count as f64,
+            })
+            .collect()
+    };
     Ok(PerplexityReport {
         ppl: nll.exp(),
         nll,
         scored_tokens: count,
         windows: wins.len(),
         window,
+        loops,
     })
 }

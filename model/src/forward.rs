@@ -235,6 +235,29 @@ impl Model {
         Ok(x)
     }
 
+    /// Number of loops (1 for a vanilla model).
+    pub fn loops(&self) -> usize {
+        self.recursion.as_ref().map_or(1, |r| r.loops)
+    }
+
+    /// Like [`Self::forward_hidden`], but returns the hidden states after every loop
+    /// (`loops()` entries, the last equal to `forward_hidden`'s result), so each loop's
+    /// prediction can be decoded with the final norm and LM head.
+    pub fn forward_loops(&self, rows: &[Row<'_>], pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+        self.check_rows(rows, pool)?;
+        let mut x = self.embed(rows.iter().map(|r| r.token))?;
+        let mut b = self.buffers(rows);
+        let per_loop = self.weights.layers.len();
+        let mut out = Vec::with_capacity(self.loops());
+        for li in 0..self.config.n_layers {
+            self.layer(li, &mut x, rows, pool, &mut b);
+            if (li + 1) % per_loop == 0 {
+                out.push(x.clone());
+            }
+        }
+        Ok(out)
+    }
+
     /// Final norm and LM head for the rows `select` of `hidden` (`select.len() x vocab`).
     pub fn logits(&self, hidden: &[f32], select: &[usize]) -> Vec<f32> {
         let h = self.config.hidden;

@@ -192,6 +192,14 @@ mod checkpoint_format {
             (rec.loops, rec.ranks, back.model.weights.layers.len()),
             (3, spec.ranks, 10)
         );
+        // Per-loop evaluation: one report per loop, the last is the model's own perplexity and
+        // agrees with itself; earlier loops are decoded from their own hidden states.
+        let text = common::shakespeare();
+        let r = rrt_model::eval::perplexity(&back, &text, 64, Some(2), |_, _| {}).unwrap();
+        assert_eq!(r.loops.len(), 3);
+        assert_eq!(r.loops[2].agreement, 1.0);
+        assert!((r.loops[2].ppl - r.ppl).abs() < 1e-9 * r.ppl);
+        assert!(r.loops[0].ppl != r.loops[2].ppl && r.loops.iter().all(|l| l.ppl.is_finite() && l.agreement <= 1.0));
         // `rrt tokenize` path: the tokenizer alone loads from the checkpoint.
         assert!(rrt_model::loader::load_tokenizer(&dir).is_ok());
 

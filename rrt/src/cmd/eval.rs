@@ -18,7 +18,8 @@ pub struct Args {
     /// Number of windows (default: as many as the text holds).
     #[arg(long)]
     pub windows: Option<usize>,
-    /// Print {"ppl", "scored_tokens", ...} as JSON.
+    /// Print {"ppl", "scored_tokens", ..., "loops": [{"loop", "ppl", "agreement"}]} as JSON
+    /// ("loops" only for recursive checkpoints).
     #[arg(long)]
     pub json: bool,
 }
@@ -47,6 +48,12 @@ pub fn run(a: Args) -> Result<()> {
             r.window,
             t.elapsed().as_secs_f64()
         );
+        if !r.loops.is_empty() {
+            println!("{:>5} {:>14} {:>22}", "loop", "perplexity", "top-1 agreement w/ last");
+            for l in &r.loops {
+                println!("{:>5} {:>14.4} {:>22.4}", l.r#loop, l.ppl, l.agreement);
+            }
+        }
     }
     Ok(())
 }
