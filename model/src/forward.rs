@@ -38,6 +38,22 @@ fn apply_lora(lora: &Lora, x: &[f32], n: usize, y: &mut [f32], ld: usize, col0: 
     }
 }
 
+/// Activations a calibration pass can observe inside a layer (see [`Model::forward_capture`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tap {
+    /// The residual stream entering the attention norm (`n x hidden`).
+    PreAttnNorm,
+    /// The attention output, input of the o projection (`n x q_dim`).
+    AttnOut,
+    /// The residual stream entering the FFN norm (`n x hidden`).
+    PreFfnNorm,
+    /// SwiGLU's output, input of the down projection (`n x intermediate`).
+    Act,
+}
+
+/// Callback of [`Model::forward_capture`]: unrolled layer, tap, activations.
+pub type TapFn<'a> = dyn FnMut(usize, Tap, &[f32]) + 'a;
+
 /// One row of a forward batch.
 #[derive(Clone, Copy, Debug)]
 pub struct Row<'a> {
@@ -166,13 +182,24 @@ impl Model {
 
     /// Runs unrolled layer `li` (shared layer `li mod K` with the LoRAs of `li`, writing K/V
     /// into cache layer `li`) on the hidden states `x`.
-    fn layer(&self, li: usize, x: &mut [f32], rows: &[Row<'_>], pool: &mut KvPool, b: &mut Buffers) {
+    fn layer(
+        &self,
+        li: usize,
+        x: &mut [f32],
+        rows: &[Row<'_>],
+        pool: &mut KvPool,
+        b: &mut Buffers,
+        mut tap: Option<&mut TapFn<'_>>,
+    ) {
         let c = &self.config;
         let n = rows.len();
         let w = &self.weights.layers[li % self.weights.layers.len()];
         let (qd, kd) = (c.q_dim(), c.kv_dim());
         let half = self.rope.half();
 
+        if let Some(t) = tap.as_mut() {
+            t(li, Tap::PreAttnNorm, x);
+        }
         rmsnorm(x, &w.attn_norm, c.rms_eps, &mut b.h);
         linear(&w.qkv, &b.h, &mut b.qkv, n, MatmulMode::Overwrite);
         for (m, col0) in [(0, 0), (1, qd), (2, qd + kd)] {
@@ -204,11 +231,17 @@ impl Model {
         };
         let layout = *pool.layout();
         attention_paged(&b.q, &arows, pool.data(), &layout, shape, &mut b.attn);
+        if let Some(t) = tap.as_mut() {
+            t(li, Tap::AttnOut, &b.attn);
+        }
         linear(&w.o, &b.attn, x, n, MatmulMode::Accumulate);
         if let Some(lora) = self.lora(li, 3) {
             apply_lora(lora, &b.attn, n, x, c.hidden, 0);
         }
 
+        if let Some(t) = tap.as_mut() {
+            t(li, Tap::PreFfnNorm, x);
+        }
         rmsnorm(x, &w.ffn_norm, c.rms_eps, &mut b.h);
         linear(&w.gate_up, &b.h, &mut b.gu, n, MatmulMode::Overwrite);
         for (m, col0) in [(4, 0), (5, c.intermediate)] {
@@ -217,6 +250,9 @@ impl Model {
             }
         }
         silu_mul(&b.gu, c.intermediate, &mut b.act);
+        if let Some(t) = tap.as_mut() {
+            t(li, Tap::Act, &b.act);
+        }
         linear(&w.down, &b.act, x, n, MatmulMode::Accumulate);
         if let Some(lora) = self.lora(li, 6) {
             apply_lora(lora, &b.act, n, x, c.hidden, 0);
@@ -230,7 +266,18 @@ impl Model {
         let mut x = self.embed(rows.iter().map(|r| r.token))?;
         let mut b = self.buffers(rows);
         for li in 0..self.config.n_layers {
-            self.layer(li, &mut x, rows, pool, &mut b);
+            self.layer(li, &mut x, rows, pool, &mut b, None);
+        }
+        Ok(x)
+    }
+
+    /// [`Self::forward_hidden`] that shows every layer's inputs to `tap` (calibration).
+    pub fn forward_capture(&self, rows: &[Row<'_>], pool: &mut KvPool, tap: &mut TapFn<'_>) -> Result<Vec<f32>> {
+        self.check_rows(rows, pool)?;
+        let mut x = self.embed(rows.iter().map(|r| r.token))?;
+        let mut b = self.buffers(rows);
+        for li in 0..self.config.n_layers {
+            self.layer(li, &mut x, rows, pool, &mut b, Some(&mut *tap));
         }
         Ok(x)
     }
@@ -250,7 +297,7 @@ impl Model {
         let per_loop = self.weights.layers.len();
         let mut out = Vec::with_capacity(self.loops());
         for li in 0..self.config.n_layers {
-            self.layer(li, &mut x, rows, pool, &mut b);
+            self.layer(li, &mut x, rows, pool, &mut b, None);
             if (li + 1) % per_loop == 0 {
                 out.push(x.clone());
             }

@@ -130,6 +130,161 @@ fn scale_columns(w: &mut [f32], in_dim: usize, s: &[f64]) {
     }
 }
 
+/// Input second moments `E[x x^T]` of every original layer's linear maps, measured by running
+/// the original model on calibration text (for `--svd activation`).
+pub struct Calibration {
+    /// Tokens the moments average over.
+    pub tokens: usize,
+    /// Per layer: RMS-normalised (unscaled) input of the attention norm, `hidden x hidden`.
+    attn_in: Vec<Vec<f64>>,
+    /// Per layer: input of the o projection, `q_dim x q_dim`.
+    attn_out: Vec<Vec<f64>>,
+    /// Per layer: RMS-normalised input of the FFN norm, `hidden x hidden`.
+    ffn_in: Vec<Vec<f64>>,
+    /// Per layer: input of the down projection, `intermediate x intermediate`.
+    act: Vec<Vec<f64>>,
+}
+
+/// Adds `x^T x` of the rows of `x` (`n x d`) to `acc` (`d x d`, f64).
+fn add_gram(acc: &mut [f64], x: &[f32], d: usize) {
+    let n = x.len() / d;
+    let mut g = vec![0f32; d * d];
+    // x^T x as (d x n)(n x d): transpose x once, then one product.
+    let mut xt = vec![0f32; d * n];
+    for i in 0..n {
+        for j in 0..d {
+            xt[j * n + i] = x[i * d + j];
+        }
+    }
+    rrt_kernels::matmul_nt(&xt, &xt, &mut g, d, n, d, rrt_kernels::MatmulMode::Overwrite);
+    acc.iter_mut().zip(&g).for_each(|(a, v)| *a += *v as f64);
+}
+
+fn rms_normalise(x: &[f32], d: usize, eps: f32) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for row in out.chunks_exact_mut(d) {
+        let s = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+        row.iter_mut().for_each(|v| *v *= s);
+    }
+    out
+}
+
+impl Calibration {
+    /// Runs the (vanilla) model over `tokens` in independent windows of `window` tokens.
+    pub fn collect(
+        model: &crate::forward::Model,
+        tokens: &[u32],
+        window: usize,
+        progress: impl Fn(usize, usize),
+    ) -> Result<Self> {
+        let c = &model.config;
+        let l = c.n_layers;
+        let (h, q, i) = (c.hidden, c.q_dim(), c.intermediate);
+        let mut cal = Calibration {
+            tokens: 0,
+            attn_in: vec![vec![0.0; h * h]; l],
+            attn_out: vec![vec![0.0; q * q]; l],
+            ffn_in: vec![vec![0.0; h * h]; l],
+            act: vec![vec![0.0; i * i]; l],
+        };
+        let wins: Vec<&[u32]> = tokens.chunks(window).filter(|w| w.len() >= 2).collect();
+        if wins.is_empty() {
+            return Err(ModelError::InvalidArgument {
+                field: "calibration",
+                msg: "the calibration text has fewer than 2 tokens".into(),
+            });
+        }
+        for (wi, w) in wins.iter().enumerate() {
+            let mut pool = crate::kv::KvPool::new(model.kv_layout(16), w.len().div_ceil(16));
+            let mut seq = crate::kv::SeqKv::default();
+            pool.reserve(&mut seq, w.len())?;
+            let rows: Vec<crate::forward::Row<'_>> = w
+                .iter()
+                .enumerate()
+                .map(|(p, &t)| crate::forward::Row {
+                    token: t,
+                    pos: p,
+                    blocks: &seq.blocks,
+                })
+                .collect();
+            let eps = c.rms_eps;
+            let mut tap = |li: usize, t: crate::forward::Tap, x: &[f32]| match t {
+                crate::forward::Tap::PreAttnNorm => add_gram(&mut cal.attn_in[li], &rms_normalise(x, h, eps), h),
+                crate::forward::Tap::AttnOut => add_gram(&mut cal.attn_out[li], x, q),
+                crate::forward::Tap::PreFfnNorm => add_gram(&mut cal.ffn_in[li], &rms_normalise(x, h, eps), h),
+                crate::forward::Tap::Act => add_gram(&mut cal.act[li], x, i),
+            };
+            model.forward_capture(&rows, &mut pool, &mut tap)?;
+            cal.tokens += w.len();
+            progress(wi + 1, wins.len());
+        }
+        let inv = 1.0 / cal.tokens as f64;
+        for m in cal
+            .attn_in
+            .iter_mut()
+            .chain(cal.attn_out.iter_mut())
+            .chain(cal.ffn_in.iter_mut())
+            .chain(cal.act.iter_mut())
+        {
+            m.iter_mut().for_each(|v| *v *= inv);
+        }
+        Ok(cal)
+    }
+}
+
+/// `S = C^(1/2)` and a regularised `S^(-1)` of a second-moment matrix (`d x d`).
+fn sqrt_and_inverse(c: &[f64], d: usize) -> Result<(Mat<f64>, Mat<f64>)> {
+    let m = Mat::<f64>::from_fn(d, d, |i, j| c[i * d + j]);
+    let evd = m
+        .self_adjoint_eigen(faer::Side::Lower)
+        .map_err(|e| ModelError::InvalidArgument {
+            field: "calibration",
+            msg: format!("eigendecomposition failed: {e:?}"),
+        })?;
+    let (u, s) = (evd.U(), evd.S().column_vector());
+    let max = (0..d).map(|i| s[i]).fold(0f64, f64::max);
+    // Directions the calibration text never excites still get a small weight, so that their
+    // part of the residual is not ignored entirely and S stays invertible.
+    let floor = (max * 1e-6).max(1e-12);
+    let root: Vec<f64> = (0..d).map(|i| s[i].max(floor).sqrt()).collect();
+    // S = U diag(root) U^T and S^-1 = U diag(1/root) U^T, as two matrix products.
+    let us = Mat::<f64>::from_fn(d, d, |i, t| u[(i, t)] * root[t]);
+    let ui = Mat::<f64>::from_fn(d, d, |i, t| u[(i, t)] / root[t]);
+    let sq = &us * u.transpose();
+    let inv = &ui * u.transpose();
+    Ok((sq, inv))
+}
+
+/// Rank-`r` LoRA minimising `E || (R - B A) x ||^2` for inputs with second moment `S^2`:
+/// SVD of `R S`, then `B = U_r Sigma_r`, `A = V_r^T S^(-1)`.
+fn weighted_svd(res: &[f64], out: usize, inp: usize, r: usize, s: &Mat<f64>, s_inv: &Mat<f64>) -> Result<Lora> {
+    let rm = Mat::<f64>::from_fn(out, inp, |i, j| res[i * inp + j]);
+    let rs = &rm * s;
+    let svd = rs.thin_svd().map_err(|e| ModelError::InvalidArgument {
+        field: "lora-rank",
+        msg: format!("SVD did not converge: {e:?}"),
+    })?;
+    let (u, sv, v) = (svd.U(), svd.S().column_vector(), svd.V());
+    let vt_sinv = v.subcols(0, r).transpose() * s_inv;
+    let mut a = vec![0f32; r * inp];
+    let mut b = vec![0f32; out * r];
+    for t in 0..r {
+        for i in 0..out {
+            b[i * r + t] = (u[(i, t)] * sv[t]) as f32;
+        }
+        for j in 0..inp {
+            a[t * inp + j] = vt_sinv[(t, j)] as f32;
+        }
+    }
+    Ok(Lora {
+        rank: r,
+        in_dim: inp,
+        out_dim: out,
+        a,
+        b,
+    })
+}
+
 /// Rank-`r` truncated SVD of `r_mat` (`out x in`, f64): `B = U_r S_r`, `A = V_r^T`.
 fn truncated_svd(res: &[f64], out: usize, inp: usize, r: usize) -> Result<Lora> {
     let m = Mat::<f64>::from_fn(out, inp, |i, j| res[i * inp + j]);
@@ -160,10 +315,14 @@ fn truncated_svd(res: &[f64], out: usize, inp: usize, r: usize) -> Result<Lora> 
 
 /// Converts a vanilla model's weights into a relaxed recursive one. `progress` is called after
 /// each unrolled layer's LoRAs are computed.
+///
+/// With `calibration`, LoRAs come from the activation-aware SVD (method.md section 2): the
+/// residual is weighted by the square root of its input's second moment before truncation.
 pub fn convert(
     w: &Weights,
     cfg: &crate::config::ModelConfig,
     spec: &RecursiveSpec,
+    calibration: Option<&Calibration>,
     progress: impl Fn(usize) + Sync,
 ) -> Result<(Vec<Layer>, Recursion)> {
     let l_total = cfg.n_layers;
@@ -240,6 +399,9 @@ pub fn convert(
         .map(|l| -> Result<[Option<Lora>; 7]> {
             let k = l % k_shared;
             let mut out: [Option<Lora>; 7] = Default::default();
+            // Square roots of the input second moments, per input kind: the inputs of q/k/v
+            // and gate/up are the shared-norm-scaled normalised states (diag(s) C diag(s)).
+            let mut roots: [Option<(Mat<f64>, Mat<f64>)>; 4] = Default::default();
             for m in 0..7 {
                 let r = spec.ranks[m];
                 if r == 0 {
@@ -251,7 +413,32 @@ pub fn convert(
                     .zip(&shared_mats[k][m])
                     .map(|(a, b)| *a as f64 - *b as f64)
                     .collect();
-                out[m] = Some(truncated_svd(&res, o, i, r)?);
+                out[m] = Some(match calibration {
+                    None => truncated_svd(&res, o, i, r)?,
+                    Some(cal) => {
+                        let kind = match m {
+                            0..=2 => 0,
+                            3 => 1,
+                            4 | 5 => 2,
+                            _ => 3,
+                        };
+                        if roots[kind].is_none() {
+                            let scaled = |c: &[f64], s: &[f32]| -> Vec<f64> {
+                                let d = s.len();
+                                (0..d * d).map(|t| c[t] * s[t / d] as f64 * s[t % d] as f64).collect()
+                            };
+                            let (c, d) = match kind {
+                                0 => (scaled(&cal.attn_in[l], &shared_norms[k].0), cfg.hidden),
+                                1 => (cal.attn_out[l].clone(), cfg.q_dim()),
+                                2 => (scaled(&cal.ffn_in[l], &shared_norms[k].1), cfg.hidden),
+                                _ => (cal.act[l].clone(), cfg.intermediate),
+                            };
+                            roots[kind] = Some(sqrt_and_inverse(&c, d)?);
+                        }
+                        let (sq, inv) = roots[kind].as_ref().expect("computed above");
+                        weighted_svd(&res, o, i, r, sq, inv)?
+                    }
+                });
             }
             progress(l);
             Ok(out)
@@ -284,4 +471,62 @@ pub fn convert(
             lora,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `|| (R - B A) S ||_F` for a LoRA.
+    fn weighted_error(res: &[f64], out: usize, inp: usize, l: &Lora, s: &Mat<f64>) -> f64 {
+        let mut d = Mat::<f64>::from_fn(out, inp, |i, j| res[i * inp + j]);
+        for i in 0..out {
+            for j in 0..inp {
+                let ba: f64 = (0..l.rank)
+                    .map(|t| l.b[i * l.rank + t] as f64 * l.a[t * inp + j] as f64)
+                    .sum();
+                d[(i, j)] -= ba;
+            }
+        }
+        let ds = &d * s;
+        (0..out)
+            .flat_map(|i| (0..inp).map(move |j| (i, j)))
+            .map(|(i, j)| ds[(i, j)].powi(2))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    #[test]
+    fn activation_aware_svd_beats_plain_under_the_input_distribution_and_is_exact_at_full_rank() {
+        let (out, inp) = (24, 16);
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let res: Vec<f64> = (0..out * inp).map(|_| rnd()).collect();
+        // Anisotropic inputs: a few directions carry most of the energy.
+        let g: Vec<f64> = (0..inp * inp).map(|_| rnd()).collect();
+        let c: Vec<f64> = (0..inp * inp)
+            .map(|t| {
+                let (i, j) = (t / inp, t % inp);
+                (0..inp)
+                    .map(|k| g[i * inp + k] * g[j * inp + k] * if k < 3 { 100.0 } else { 0.01 })
+                    .sum()
+            })
+            .collect();
+        let (sq, inv) = sqrt_and_inverse(&c, inp).unwrap();
+        for r in [2, 4, 8] {
+            let plain = truncated_svd(&res, out, inp, r).unwrap();
+            let aware = weighted_svd(&res, out, inp, r, &sq, &inv).unwrap();
+            let (ep, ea) = (
+                weighted_error(&res, out, inp, &plain, &sq),
+                weighted_error(&res, out, inp, &aware, &sq),
+            );
+            assert!(ea < 0.8 * ep, "rank {r}: activation-aware {ea} vs plain {ep}");
+        }
+        let full = weighted_svd(&res, out, inp, inp, &sq, &inv).unwrap();
+        let id = Mat::<f64>::from_fn(inp, inp, |i, j| if i == j { 1.0 } else { 0.0 });
+        assert!(weighted_error(&res, out, inp, &full, &id) < 1e-4);
+    }
 }

@@ -30,7 +30,7 @@ fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
 fn converted(spec: &RecursiveSpec) -> Result<Model, ModelError> {
     let lm = smollm2();
     let w = &lm.model.weights;
-    let (layers, rec) = convert(w, &lm.model.config, spec, |_| {})?;
+    let (layers, rec) = convert(w, &lm.model.config, spec, None, |_| {})?;
     let weights = Weights {
         embed: w.embed.clone(),
         layers,

@@ -41,9 +41,16 @@ pub struct Args {
     /// Per-module ranks overriding --lora-rank, e.g. `q=64,k=32,v=32,o=64,gate=128,up=128,down=128`.
     #[arg(long)]
     pub lora_ranks: Option<String>,
-    /// SVD of the residual: plain, or activation-aware (whitened by calibration statistics).
+    /// SVD of the residual: plain, or activation-aware (weighted by the square root of the
+    /// input second moments measured on --calibration text).
     #[arg(long, value_enum, default_value = "plain")]
     pub svd: SvdArg,
+    /// Calibration text for --svd activation (its first --calibration-tokens tokens are used).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Tokens of calibration text, run in windows of 256.
+    #[arg(long, default_value_t = 4096)]
+    pub calibration_tokens: usize,
 }
 
 fn parse_ranks(base: usize, spec: Option<&str>) -> Result<[usize; 7]> {
@@ -67,9 +74,16 @@ fn parse_ranks(base: usize, spec: Option<&str>) -> Result<[usize; 7]> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if matches!(a.svd, SvdArg::Activation) {
-        bail!("--svd activation is not implemented yet (issue B); use --svd plain");
-    }
+    let calib_text = match (a.svd, &a.calibration) {
+        (SvdArg::Activation, None) => bail!("--svd activation needs --calibration FILE"),
+        (SvdArg::Activation, Some(p)) => {
+            if a.calibration_tokens < 2 {
+                bail!("--calibration-tokens must be at least 2");
+            }
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        (SvdArg::Plain, _) => None,
+    };
     let ranks = parse_ranks(a.lora_rank, a.lora_ranks.as_deref())?;
     let init = match a.init {
         InitArg::Stepwise => Init::Stepwise,
@@ -86,6 +100,23 @@ pub fn run(a: Args) -> Result<()> {
         init,
         ranks,
     };
+    let calibration = match &calib_text {
+        None => None,
+        Some(text) => {
+            let ids = lm.tokenizer.encode(text, false, false)?;
+            let ids = &ids[..ids.len().min(a.calibration_tokens)];
+            let bar = ProgressBar::new(0).with_style(
+                ProgressStyle::with_template("{spinner} calibrating: window {pos}/{len} {wide_bar}")
+                    .expect("valid template"),
+            );
+            let cal = rrt_model::recursive::Calibration::collect(&lm.model, ids, 256, |d, t| {
+                bar.set_length(t as u64);
+                bar.set_position(d as u64);
+            })?;
+            bar.finish_and_clear();
+            Some(cal)
+        }
+    };
     let n = lm.model.config.n_layers as u64;
     let bar = ProgressBar::new(n).with_style(
         ProgressStyle::with_template(
@@ -94,7 +125,9 @@ pub fn run(a: Args) -> Result<()> {
         .expect("valid template"),
     );
     let t = std::time::Instant::now();
-    let (layers, rec) = convert(&lm.model.weights, &lm.model.config, &spec, |_| bar.inc(1))?;
+    let (layers, rec) = convert(&lm.model.weights, &lm.model.config, &spec, calibration.as_ref(), |_| {
+        bar.inc(1)
+    })?;
     bar.finish_and_clear();
     let w = &lm.model.weights;
     let weights = Weights {
@@ -108,7 +141,15 @@ pub fn run(a: Args) -> Result<()> {
         source: src.display().to_string(),
         source_sha256: sha256_of(&src)?,
         tool: format!("rrt {} convert", env!("CARGO_PKG_VERSION")),
-        extra: serde_json::json!({"svd": "plain"}),
+        extra: match (&calibration, &a.calibration) {
+            (Some(c), Some(p)) => serde_json::json!({
+                "svd": "activation",
+                "calibration": p.display().to_string(),
+                "calibration_sha256": sha256_of(p)?,
+                "calibration_tokens": c.tokens,
+            }),
+            _ => serde_json::json!({"svd": "plain"}),
+        },
     };
     save(&a.out, &model, &lm.tokenizer, lm.chat_template.as_ref(), provenance)?;
     eprintln!(
