@@ -159,7 +159,21 @@ fn convert_refuses_bad_specifications() {
         ),
         (
             &["convert", "--out", o, "--loops", "2", "--svd", "activation"],
-            "not implemented",
+            "--calibration",
+        ),
+        (
+            &[
+                "convert",
+                "--out",
+                o,
+                "--loops",
+                "2",
+                "--svd",
+                "activation",
+                "--calibration",
+                "/nonexistent.txt",
+            ],
+            "/nonexistent.txt",
         ),
     ];
     for (args, needle) in cases {
