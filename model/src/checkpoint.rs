@@ -62,9 +62,15 @@ pub struct RecursionConfig {
 /// Early-exit settings (filled by `rrt calibrate`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ExitConfig {
-    pub criterion: Option<String>,
-    /// One threshold per loop before the last.
-    pub thresholds: Vec<f32>,
+    pub criterion: Option<crate::exit::Criterion>,
+    /// One threshold per loop before the last; `null` = never exit after that loop.
+    pub thresholds: Vec<Option<f32>>,
+    /// The agreement rate the thresholds were calibrated for.
+    #[serde(default)]
+    pub target_agreement: Option<f64>,
+    /// Where and on how many tokens they were calibrated.
+    #[serde(default)]
+    pub calibration: serde_json::Value,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

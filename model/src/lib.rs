@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod exit;
 pub mod forward;
 pub mod generate;
 pub mod gguf;

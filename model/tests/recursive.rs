@@ -200,6 +200,29 @@ mod checkpoint_format {
         assert_eq!(r.loops[2].agreement, 1.0);
         assert!((r.loops[2].ppl - r.ppl).abs() < 1e-9 * r.ppl);
         assert!(r.loops[0].ppl != r.loops[2].ppl && r.loops.iter().all(|l| l.ppl.is_finite() && l.agreement <= 1.0));
+        // Exit calibration plumbing: one sample per token and loop before the last, scores in
+        // range; a target of 0 lets every token exit after loop 1; thresholds round-trip
+        // through the checkpoint config.
+        let toks = lm.tokenizer.encode(&text, false, false).unwrap();
+        for crit in [
+            rrt_model::exit::Criterion::MaxProb,
+            rrt_model::exit::Criterion::Saturation,
+        ] {
+            let s = rrt_model::exit::collect_samples(&back, &toks[..100], 64, crit).unwrap();
+            assert_eq!(s.len(), 2);
+            assert!(
+                s.iter()
+                    .all(|l| l.len() == 100 && l.iter().all(|(v, _)| (-1.0..=1.0).contains(v)))
+            );
+            let c = rrt_model::exit::calibrate(&s, 0.0);
+            assert_eq!(c.mean_loops, 1.0);
+            assert_eq!(c.thresholds.len(), 2);
+        }
+        let mut cfg = read_config(&dir).unwrap();
+        cfg.exit.thresholds = vec![Some(0.5), None];
+        cfg.exit.criterion = Some(rrt_model::exit::Criterion::Margin);
+        write_config(&dir, &cfg).unwrap();
+        assert_eq!(read_config(&dir).unwrap().exit, cfg.exit);
         // `rrt tokenize` path: the tokenizer alone loads from the checkpoint.
         assert!(rrt_model::loader::load_tokenizer(&dir).is_ok());
 

@@ -23,6 +23,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Convert a pretrained model into a relaxed recursive checkpoint.
     Convert(cmd::convert::Args),
+    /// Calibrate the early-exit thresholds of a recursive checkpoint.
+    Calibrate(cmd::calibrate::Args),
     /// Print the token ids of a text as a JSON array.
     Tokenize(cmd::tokenize::Args),
     /// Perplexity over non-overlapping windows of a text file.
@@ -40,6 +42,7 @@ fn main() -> std::process::ExitCode {
     let result: Result<()> = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Convert(a) => cmd::convert::run(a),
+        Command::Calibrate(a) => cmd::calibrate::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Bench(a) => cmd::bench::run(a),

@@ -1,0 +1,232 @@
+//! Early-exit criteria and their calibration (CALM-style): per-loop thresholds chosen on text so
+//! that the tokens that would exit early agree with the full-depth prediction at a target rate.
+//!
+//! A token exits after the first loop `b < B - 1` whose score reaches that loop's threshold;
+//! thresholds are calibrated loop by loop over the tokens still running, each as low as the
+//! agreement target allows (more exits), or `None` (never exit there) when no threshold does.
+
+use crate::error::{ModelError, Result};
+use crate::forward::Row;
+use crate::kv::{DEFAULT_BLOCK_SIZE, KvPool, SeqKv};
+use crate::loader::LoadedModel;
+use serde::{Deserialize, Serialize};
+
+/// How confident a loop's prediction is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Criterion {
+    /// Largest softmax probability of the loop's logits (needs the LM head).
+    MaxProb,
+    /// Difference of the two largest probabilities (needs the LM head).
+    Margin,
+    /// Cosine similarity of this loop's hidden state with the previous loop's (the embedding
+    /// for the first loop); CALM's state saturation, no LM head needed.
+    Saturation,
+}
+
+impl Criterion {
+    pub fn name(self) -> &'static str {
+        match self {
+            Criterion::MaxProb => "max-prob",
+            Criterion::Margin => "margin",
+            Criterion::Saturation => "saturation",
+        }
+    }
+}
+
+/// Max softmax probability and top-1 minus top-2 probability of one row of logits.
+pub fn prob_scores(logits: &[f32]) -> (f32, f32) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = logits.iter().map(|v| ((v - max) as f64).exp()).sum();
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &v in logits {
+        if v > a {
+            b = a;
+            a = v;
+        } else if v > b {
+            b = v;
+        }
+    }
+    let p1 = (1.0 / z) as f32;
+    let p2 = (((b - max) as f64).exp() / z) as f32;
+    (p1, p1 - p2)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        ab += (*x as f64) * (*y as f64);
+        aa += (*x as f64) * (*x as f64);
+        bb += (*y as f64) * (*y as f64);
+    }
+    (ab / (aa.sqrt() * bb.sqrt()).max(1e-30)) as f32
+}
+
+/// Per token: for each loop before the last, (score, prediction agrees with the last loop).
+pub type LoopSamples = Vec<Vec<(f32, bool)>>;
+
+/// Runs the model over `tokens` in windows and collects, per loop before the last, each
+/// token's score under `criterion` and whether its top-1 prediction equals the last loop's.
+pub fn collect_samples(lm: &LoadedModel, tokens: &[u32], window: usize, criterion: Criterion) -> Result<LoopSamples> {
+    let model = &lm.model;
+    let loops = model.loops();
+    if loops < 2 {
+        return Err(ModelError::InvalidArgument {
+            field: "model",
+            msg: "early exit needs a recursive model with at least 2 loops".into(),
+        });
+    }
+    let h = model.config.hidden;
+    let vocab = model.config.vocab;
+    let mut samples: LoopSamples = vec![Vec::new(); loops - 1];
+    for win in tokens.chunks(window).filter(|w| w.len() >= 2) {
+        let mut pool = KvPool::new(
+            model.kv_layout(DEFAULT_BLOCK_SIZE),
+            win.len().div_ceil(DEFAULT_BLOCK_SIZE),
+        );
+        let mut seq = SeqKv::default();
+        pool.reserve(&mut seq, win.len())?;
+        let rows: Vec<Row<'_>> = win
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| Row {
+                token: t,
+                pos: i,
+                blocks: &seq.blocks,
+            })
+            .collect();
+        let select: Vec<usize> = (0..win.len()).collect();
+        let hidden = model.forward_loops(&rows, &mut pool)?;
+        let embed = model.embed(win.iter().copied())?;
+        let last = model.logits(&hidden[loops - 1], &select);
+        let last_top: Vec<u32> = last.chunks_exact(vocab).map(crate::sampling::argmax).collect();
+        for b in 0..loops - 1 {
+            let logits = model.logits(&hidden[b], &select);
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                let agrees = crate::sampling::argmax(row) == last_top[i];
+                let score = match criterion {
+                    Criterion::MaxProb => prob_scores(row).0,
+                    Criterion::Margin => prob_scores(row).1,
+                    Criterion::Saturation => {
+                        let prev = if b == 0 {
+                            &embed[i * h..(i + 1) * h]
+                        } else {
+                            &hidden[b - 1][i * h..(i + 1) * h]
+                        };
+                        cosine(&hidden[b][i * h..(i + 1) * h], prev)
+                    }
+                };
+                samples[b].push((score, agrees));
+            }
+        }
+    }
+    Ok(samples)
+}
+
+/// Calibrated thresholds and what they are expected to do on the calibration text.
+#[derive(Clone, Debug, Serialize)]
+pub struct Calibrated {
+    /// One per loop before the last; `None` = never exit after that loop.
+    pub thresholds: Vec<Option<f32>>,
+    /// Fraction of tokens exiting after each loop (the last entry: running to full depth).
+    pub exit_fraction: Vec<f64>,
+    pub mean_loops: f64,
+    /// Agreement with the full-depth prediction over all tokens, exited or not.
+    pub agreement: f64,
+    pub tokens: usize,
+}
+
+/// Chooses thresholds loop by loop (see the module docs).
+pub fn calibrate(samples: &LoopSamples, target: f64) -> Calibrated {
+    let n = samples.first().map_or(0, Vec::len);
+    let loops = samples.len() + 1;
+    let mut running: Vec<bool> = vec![true; n];
+    let mut thresholds = Vec::with_capacity(samples.len());
+    let mut exits = vec![0usize; loops];
+    let mut agreeing = 0usize;
+    for (b, s) in samples.iter().enumerate() {
+        let mut cand: Vec<(f32, bool, usize)> = s
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| running[*i])
+            .map(|(i, &(sc, ag))| (sc, ag, i))
+            .collect();
+        cand.sort_by(|x, y| y.0.total_cmp(&x.0));
+        // Walk scores from high to low; the threshold is the lowest score at which the
+        // tokens at or above it still agree at the target rate (ties stay together).
+        let (mut ok, mut best) = (0usize, None::<usize>);
+        let mut k = 0;
+        while k < cand.len() {
+            let mut e = k;
+            while e < cand.len() && cand[e].0 == cand[k].0 {
+                ok += usize::from(cand[e].1);
+                e += 1;
+            }
+            if ok as f64 >= target * e as f64 {
+                best = Some(e);
+            }
+            k = e;
+        }
+        match best {
+            Some(e) => {
+                thresholds.push(Some(cand[e - 1].0));
+                for &(_, ag, i) in &cand[..e] {
+                    running[i] = false;
+                    agreeing += usize::from(ag);
+                }
+                exits[b] = e;
+            }
+            None => thresholds.push(None),
+        }
+    }
+    let full = running.iter().filter(|r| **r).count();
+    exits[loops - 1] = full;
+    agreeing += full;
+    let exit_fraction: Vec<f64> = exits.iter().map(|&e| e as f64 / n.max(1) as f64).collect();
+    let mean_loops = exit_fraction.iter().enumerate().map(|(b, f)| (b + 1) as f64 * f).sum();
+    Calibrated {
+        thresholds,
+        exit_fraction,
+        mean_loops,
+        agreement: agreeing as f64 / n.max(1) as f64,
+        tokens: n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_meet_the_target_and_maximise_exits() {
+        // Loop 1: high scores agree, low ones do not. Loop 2: everything agrees.
+        let l1 = vec![
+            (0.9, true),
+            (0.8, true),
+            (0.7, false),
+            (0.6, true),
+            (0.2, false),
+            (0.1, false),
+        ];
+        let l2 = vec![(0.5, true); 6];
+        let c = calibrate(&vec![l1.clone(), l2.clone()], 0.75);
+        // Top 4 have 3/4 agreeing = 0.75 >= target; top 5 would be 3/5.
+        assert_eq!(c.thresholds[0], Some(0.6));
+        // The 2 remaining tokens all exit at loop 2.
+        assert_eq!(c.thresholds[1], Some(0.5));
+        assert_eq!(c.exit_fraction, vec![4.0 / 6.0, 2.0 / 6.0, 0.0]);
+        assert!((c.mean_loops - (4.0 + 2.0 * 2.0) / 6.0).abs() < 1e-12);
+        assert!((c.agreement - 5.0 / 6.0).abs() < 1e-12);
+        // A target nothing reaches: no early exit.
+        let c = calibrate(&vec![vec![(0.9, false), (0.1, false)]], 0.5);
+        assert_eq!(c.thresholds, vec![None]);
+        assert_eq!(c.mean_loops, 2.0);
+        assert_eq!(c.agreement, 1.0);
+    }
+
+    #[test]
+    fn probability_scores() {
+        let (p, m) = prob_scores(&[0.0, (3f32).ln(), f32::NEG_INFINITY]);
+        assert!((p - 0.75).abs() < 1e-6 && (m - 0.5).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,94 @@
+//! `rrt calibrate`: per-loop early-exit thresholds of a recursive checkpoint.
+
+use super::ModelArg;
+use anyhow::{Context, Result, bail};
+use rrt_model::exit::{Criterion, calibrate, collect_samples};
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum CriterionArg {
+    MaxProb,
+    Margin,
+    Saturation,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Calibration text.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Target rate at which exited tokens agree with the full-depth prediction.
+    #[arg(long, default_value_t = 0.95)]
+    pub agreement: f64,
+    /// Exit criterion.
+    #[arg(long, value_enum, default_value = "max-prob")]
+    pub criterion: CriterionArg,
+    /// Tokens of the text to use.
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: usize,
+    /// Print the result without writing it into the checkpoint.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if !(a.agreement > 0.0 && a.agreement <= 1.0) {
+        bail!("--agreement must be in (0, 1], got {}", a.agreement);
+    }
+    let dir = a.model.path()?;
+    let mut cfg = rrt_model::checkpoint::read_config(&dir)
+        .with_context(|| format!("{} is not a recursive checkpoint", dir.display()))?;
+    let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
+    let lm = a.model.load()?;
+    let criterion = match a.criterion {
+        CriterionArg::MaxProb => Criterion::MaxProb,
+        CriterionArg::Margin => Criterion::Margin,
+        CriterionArg::Saturation => Criterion::Saturation,
+    };
+    let ids = lm.tokenizer.encode(&text, false, false)?;
+    let ids = &ids[..ids.len().min(a.tokens)];
+    let samples = collect_samples(&lm, ids, 256, criterion)?;
+    let c = calibrate(&samples, a.agreement);
+    println!(
+        "criterion {}, target agreement {}, {} tokens",
+        criterion.name(),
+        a.agreement,
+        c.tokens
+    );
+    println!("{:>5} {:>12} {:>14}", "loop", "threshold", "exit fraction");
+    for (b, f) in c.exit_fraction.iter().enumerate() {
+        let t = match c.thresholds.get(b) {
+            Some(Some(t)) => format!("{t:.4}"),
+            Some(None) => "never".to_string(),
+            None => "(last)".to_string(),
+        };
+        println!("{:>5} {:>12} {:>14.4}", b + 1, t, f);
+    }
+    println!(
+        "mean loops per token {:.3} of {}; agreement with full depth {:.4}",
+        c.mean_loops,
+        c.exit_fraction.len(),
+        c.agreement
+    );
+    if !a.dry_run {
+        cfg.exit = rrt_model::checkpoint::ExitConfig {
+            criterion: Some(criterion),
+            thresholds: c.thresholds.clone(),
+            target_agreement: Some(a.agreement),
+            calibration: serde_json::json!({
+                "text": a.text.display().to_string(),
+                "tokens": c.tokens,
+                "expected_exit_fraction": c.exit_fraction,
+                "expected_mean_loops": c.mean_loops,
+            }),
+        };
+        rrt_model::checkpoint::write_config(&dir, &cfg)?;
+        eprintln!(
+            "wrote the thresholds into {}",
+            dir.join(rrt_model::checkpoint::CONFIG_FILE).display()
+        );
+    }
+    Ok(())
+}
