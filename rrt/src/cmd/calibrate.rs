@@ -31,6 +31,9 @@ pub struct Args {
     /// Print the result without writing it into the checkpoint.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -51,27 +54,11 @@ pub fn run(a: Args) -> Result<()> {
     let ids = &ids[..ids.len().min(a.tokens)];
     let samples = collect_samples(&lm, ids, 256, criterion)?;
     let c = calibrate(&samples, a.agreement);
-    println!(
-        "criterion {}, target agreement {}, {} tokens",
-        criterion.name(),
-        a.agreement,
-        c.tokens
-    );
-    println!("{:>5} {:>12} {:>14}", "loop", "threshold", "exit fraction");
-    for (b, f) in c.exit_fraction.iter().enumerate() {
-        let t = match c.thresholds.get(b) {
-            Some(Some(t)) => format!("{t:.4}"),
-            Some(None) => "never".to_string(),
-            None => "(last)".to_string(),
-        };
-        println!("{:>5} {:>12} {:>14.4}", b + 1, t, f);
+    if a.json {
+        println!("{}", serde_json::to_string(&c)?);
+    } else {
+        print_table(&c, criterion, a.agreement);
     }
-    println!(
-        "mean loops per token {:.3} of {}; agreement with full depth {:.4}",
-        c.mean_loops,
-        c.exit_fraction.len(),
-        c.agreement
-    );
     if !a.dry_run {
         cfg.exit = rrt_model::checkpoint::ExitConfig {
             criterion: Some(criterion),
@@ -91,4 +78,28 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn print_table(c: &rrt_model::exit::Calibrated, criterion: Criterion, target: f64) {
+    println!(
+        "criterion {}, target agreement {}, {} tokens",
+        criterion.name(),
+        target,
+        c.tokens
+    );
+    println!("{:>5} {:>12} {:>14}", "loop", "threshold", "exit fraction");
+    for (b, f) in c.exit_fraction.iter().enumerate() {
+        let t = match c.thresholds.get(b) {
+            Some(Some(t)) => format!("{t:.4}"),
+            Some(None) => "never".to_string(),
+            None => "(last)".to_string(),
+        };
+        println!("{:>5} {:>12} {:>14.4}", b + 1, t, f);
+    }
+    println!(
+        "mean loops per token {:.3} of {}; agreement with full depth {:.4}",
+        c.mean_loops,
+        c.exit_fraction.len(),
+        c.agreement
+    );
 }
