@@ -63,7 +63,10 @@ for loops in map(int, a.loops.split(",")):
                 d = os.path.join(a.out, f"b{loops}-{init}-r{rank}-{svd}")
                 if not os.path.exists(os.path.join(d, "rrt_checkpoint.json")):
                     extra = ["--svd", "activation", "--calibration", calf] if svd == "activation" else []
-                    run(["convert", "--out", d, "--loops", str(loops), "--init", init, "--lora-rank", str(rank), *extra])
+                    # Ranks above a module's min(in, out) are refused by rrt convert; the table's
+                    # rank means "up to full rank" for the small k/v projections.
+                    ranks = ",".join(f"{m}={min(rank, min(o, i))}" for m, (o, i) in DIMS.items())
+                    run(["convert", "--out", d, "--loops", str(loops), "--init", init, "--lora-ranks", ranks, *extra])
                 k = L // loops
                 params = k * LAYER + H + L * sum(min(rank, min(o, i)) * (o + i) for o, i in DIMS.values())
                 ev = evaluate(["--model", d])
