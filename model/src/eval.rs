@@ -5,8 +5,8 @@
 //! window only when the model's metadata asks for one; it is never scored.
 
 use crate::error::{ModelError, Result};
-use crate::forward::{Row, token_logprobs};
-use crate::kv::{DEFAULT_BLOCK_SIZE, KvPool, SeqKv};
+use crate::forward::{sequence_rows, token_logprobs};
+use crate::kv::{DEFAULT_BLOCK_SIZE, single_sequence};
 use crate::loader::LoadedModel;
 
 /// Perplexity result.
@@ -47,21 +47,8 @@ pub fn window_loops(lm: &LoadedModel, win: &[u32]) -> Result<WindowLoops> {
     let bos = if lm.tokenizer.add_bos { lm.tokenizer.bos } else { None };
     let input: Vec<u32> = bos.into_iter().chain(win.iter().copied()).collect();
     let offset = input.len() - win.len();
-    let mut pool = KvPool::new(
-        model.kv_layout(DEFAULT_BLOCK_SIZE),
-        input.len().div_ceil(DEFAULT_BLOCK_SIZE),
-    );
-    let mut seq = SeqKv::default();
-    pool.reserve(&mut seq, input.len())?;
-    let rows: Vec<Row<'_>> = input
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| Row {
-            token: t,
-            pos: i,
-            blocks: &seq.blocks,
-        })
-        .collect();
+    let (mut pool, seq) = single_sequence(model.kv_layout(DEFAULT_BLOCK_SIZE), input.len())?;
+    let rows = sequence_rows(&input, &seq.blocks);
     let select: Vec<usize> = (offset..offset + win.len() - 1).collect();
     let vocab = model.config.vocab;
     let mut out = WindowLoops {
@@ -91,21 +78,8 @@ pub fn window_logprobs(lm: &LoadedModel, win: &[u32]) -> Result<Vec<f64>> {
     let bos = if lm.tokenizer.add_bos { lm.tokenizer.bos } else { None };
     let input: Vec<u32> = bos.into_iter().chain(win.iter().copied()).collect();
     let offset = input.len() - win.len();
-    let mut pool = KvPool::new(
-        model.kv_layout(DEFAULT_BLOCK_SIZE),
-        input.len().div_ceil(DEFAULT_BLOCK_SIZE),
-    );
-    let mut seq = SeqKv::default();
-    pool.reserve(&mut seq, input.len())?;
-    let rows: Vec<Row<'_>> = input
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| Row {
-            token: t,
-            pos: i,
-            blocks: &seq.blocks,
-        })
-        .collect();
+    let (mut pool, seq) = single_sequence(model.kv_layout(DEFAULT_BLOCK_SIZE), input.len())?;
+    let rows = sequence_rows(&input, &seq.blocks);
     // Row offset + j predicts window token j + 1.
     let select: Vec<usize> = (offset..offset + win.len() - 1).collect();
     let logits = model.forward(&rows, &mut pool, &select)?;

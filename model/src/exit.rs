@@ -6,8 +6,8 @@
 //! agreement target allows (more exits), or `None` (never exit there) when no threshold does.
 
 use crate::error::{ModelError, Result};
-use crate::forward::Row;
-use crate::kv::{DEFAULT_BLOCK_SIZE, KvPool, SeqKv};
+use crate::forward::sequence_rows;
+use crate::kv::{DEFAULT_BLOCK_SIZE, single_sequence};
 use crate::loader::LoadedModel;
 use serde::{Deserialize, Serialize};
 
@@ -80,21 +80,8 @@ pub fn collect_samples(lm: &LoadedModel, tokens: &[u32], window: usize, criterio
     let vocab = model.config.vocab;
     let mut samples: LoopSamples = vec![Vec::new(); loops - 1];
     for win in tokens.chunks(window).filter(|w| w.len() >= 2) {
-        let mut pool = KvPool::new(
-            model.kv_layout(DEFAULT_BLOCK_SIZE),
-            win.len().div_ceil(DEFAULT_BLOCK_SIZE),
-        );
-        let mut seq = SeqKv::default();
-        pool.reserve(&mut seq, win.len())?;
-        let rows: Vec<Row<'_>> = win
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| Row {
-                token: t,
-                pos: i,
-                blocks: &seq.blocks,
-            })
-            .collect();
+        let (mut pool, seq) = single_sequence(model.kv_layout(DEFAULT_BLOCK_SIZE), win.len())?;
+        let rows = sequence_rows(&win, &seq.blocks);
         let select: Vec<usize> = (0..win.len()).collect();
         let hidden = model.forward_loops(&rows, &mut pool)?;
         let embed = model.embed(win.iter().copied())?;

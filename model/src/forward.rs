@@ -63,6 +63,15 @@ pub struct Row<'a> {
     pub blocks: &'a [u32],
 }
 
+/// Rows for `tokens` at positions `0..` of one sequence with block table `blocks`.
+pub fn sequence_rows<'a>(tokens: &[u32], blocks: &'a [u32]) -> Vec<Row<'a>> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(pos, &token)| Row { token, pos, blocks })
+        .collect()
+}
+
 /// `y = x W^T (+ b)` for all rows.
 pub(crate) fn linear(l: &Linear, x: &[f32], y: &mut [f32], n: usize, mode: MatmulMode) {
     l.matmul(x, y, n, mode);

@@ -117,6 +117,15 @@ impl KvPool {
     }
 }
 
+/// A pool sized for exactly one sequence of `len` positions, with that sequence reserved
+/// (evaluation and calibration passes over one window).
+pub fn single_sequence(layout: KvLayout, len: usize) -> Result<(KvPool, SeqKv)> {
+    let mut pool = KvPool::new(layout, len.div_ceil(layout.block_size).max(1));
+    let mut seq = SeqKv::default();
+    pool.reserve(&mut seq, len)?;
+    Ok((pool, seq))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

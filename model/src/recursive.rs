@@ -195,18 +195,8 @@ impl Calibration {
             });
         }
         for (wi, w) in wins.iter().enumerate() {
-            let mut pool = crate::kv::KvPool::new(model.kv_layout(16), w.len().div_ceil(16));
-            let mut seq = crate::kv::SeqKv::default();
-            pool.reserve(&mut seq, w.len())?;
-            let rows: Vec<crate::forward::Row<'_>> = w
-                .iter()
-                .enumerate()
-                .map(|(p, &t)| crate::forward::Row {
-                    token: t,
-                    pos: p,
-                    blocks: &seq.blocks,
-                })
-                .collect();
+            let (mut pool, seq) = crate::kv::single_sequence(model.kv_layout(crate::kv::DEFAULT_BLOCK_SIZE), w.len())?;
+            let rows = crate::forward::sequence_rows(w, &seq.blocks);
             let eps = c.rms_eps;
             let mut tap = |li: usize, t: crate::forward::Tap, x: &[f32]| match t {
                 crate::forward::Tap::PreAttnNorm => add_gram(&mut cal.attn_in[li], &rms_normalise(x, h, eps), h),
