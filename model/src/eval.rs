@@ -44,12 +44,9 @@ pub struct WindowLoops {
 /// Like [`window_logprobs`], for every loop of a recursive model.
 pub fn window_loops(lm: &LoadedModel, win: &[u32]) -> Result<WindowLoops> {
     let model = &lm.model;
-    let bos = if lm.tokenizer.add_bos { lm.tokenizer.bos } else { None };
-    let input: Vec<u32> = bos.into_iter().chain(win.iter().copied()).collect();
-    let offset = input.len() - win.len();
+    let (input, select) = window_input(lm, win);
     let (mut pool, seq) = single_sequence(model.kv_layout(DEFAULT_BLOCK_SIZE), input.len())?;
     let rows = sequence_rows(&input, &seq.blocks);
-    let select: Vec<usize> = (offset..offset + win.len() - 1).collect();
     let vocab = model.config.vocab;
     let mut out = WindowLoops {
         logprobs: Vec::new(),
@@ -74,16 +71,18 @@ pub fn windows(tokens: &[u32], window: usize, max_windows: Option<usize>) -> Vec
 
 /// Summed log-probabilities of tokens `1..` of one window, given tokens before them in it.
 pub fn window_logprobs(lm: &LoadedModel, win: &[u32]) -> Result<Vec<f64>> {
-    let model = &lm.model;
+    let (input, select) = window_input(lm, win);
+    let logits = lm.model.sequence_logits(&input, &select)?;
+    Ok(token_logprobs(&logits, lm.model.config.vocab, &win[1..]))
+}
+
+/// The tokens a window runs (BOS first when the model asks for it) and the rows whose logits
+/// score it: row `offset + j` predicts window token `j + 1`.
+fn window_input(lm: &LoadedModel, win: &[u32]) -> (Vec<u32>, Vec<usize>) {
     let bos = if lm.tokenizer.add_bos { lm.tokenizer.bos } else { None };
     let input: Vec<u32> = bos.into_iter().chain(win.iter().copied()).collect();
     let offset = input.len() - win.len();
-    let (mut pool, seq) = single_sequence(model.kv_layout(DEFAULT_BLOCK_SIZE), input.len())?;
-    let rows = sequence_rows(&input, &seq.blocks);
-    // Row offset + j predicts window token j + 1.
-    let select: Vec<usize> = (offset..offset + win.len() - 1).collect();
-    let logits = model.forward(&rows, &mut pool, &select)?;
-    Ok(token_logprobs(&logits, model.config.vocab, &win[1..]))
+    (input, (offset..offset + win.len() - 1).collect())
 }
 
 /// Perplexity of `text` as defined in the module docs.

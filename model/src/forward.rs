@@ -271,24 +271,12 @@ impl Model {
     /// Runs all layers for `rows`, writing their keys and values into `pool`, and returns the
     /// final hidden states (`n x hidden`, before the final norm).
     pub fn forward_hidden(&self, rows: &[Row<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
-        self.check_rows(rows, pool)?;
-        let mut x = self.embed(rows.iter().map(|r| r.token))?;
-        let mut b = self.buffers(rows);
-        for li in 0..self.config.n_layers {
-            self.layer(li, &mut x, rows, pool, &mut b, None);
-        }
-        Ok(x)
+        self.run_layers(rows, pool, None, |_| {})
     }
 
     /// [`Self::forward_hidden`] that shows every layer's inputs to `tap` (calibration).
     pub fn forward_capture(&self, rows: &[Row<'_>], pool: &mut KvPool, tap: &mut TapFn<'_>) -> Result<Vec<f32>> {
-        self.check_rows(rows, pool)?;
-        let mut x = self.embed(rows.iter().map(|r| r.token))?;
-        let mut b = self.buffers(rows);
-        for li in 0..self.config.n_layers {
-            self.layer(li, &mut x, rows, pool, &mut b, Some(&mut *tap));
-        }
-        Ok(x)
+        self.run_layers(rows, pool, Some(tap), |_| {})
     }
 
     /// Number of loops (1 for a vanilla model).
@@ -300,18 +288,39 @@ impl Model {
     /// (`loops()` entries, the last equal to `forward_hidden`'s result), so each loop's
     /// prediction can be decoded with the final norm and LM head.
     pub fn forward_loops(&self, rows: &[Row<'_>], pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(self.loops());
+        self.run_layers(rows, pool, None, |x| out.push(x.to_vec()))?;
+        Ok(out)
+    }
+
+    /// Runs one fresh sequence of `tokens` (positions 0..) and returns the logits of the rows
+    /// `select` (evaluation, tests).
+    pub fn sequence_logits(&self, tokens: &[u32], select: &[usize]) -> Result<Vec<f32>> {
+        let (mut pool, seq) = crate::kv::single_sequence(self.kv_layout(crate::kv::DEFAULT_BLOCK_SIZE), tokens.len())?;
+        self.forward(&sequence_rows(tokens, &seq.blocks), &mut pool, select)
+    }
+
+    /// The layer loop shared by the forward variants: embeds, runs every unrolled layer
+    /// (showing its inputs to `tap`), calls `loop_end` with the hidden states after each loop,
+    /// and returns the final hidden states.
+    fn run_layers(
+        &self,
+        rows: &[Row<'_>],
+        pool: &mut KvPool,
+        mut tap: Option<&mut TapFn<'_>>,
+        mut loop_end: impl FnMut(&[f32]),
+    ) -> Result<Vec<f32>> {
         self.check_rows(rows, pool)?;
         let mut x = self.embed(rows.iter().map(|r| r.token))?;
         let mut b = self.buffers(rows);
         let per_loop = self.weights.layers.len();
-        let mut out = Vec::with_capacity(self.loops());
         for li in 0..self.config.n_layers {
-            self.layer(li, &mut x, rows, pool, &mut b, None);
+            self.layer(li, &mut x, rows, pool, &mut b, tap.as_deref_mut());
             if (li + 1) % per_loop == 0 {
-                out.push(x.clone());
+                loop_end(&x);
             }
         }
-        Ok(out)
+        Ok(x)
     }
 
     /// Final norm and LM head for the rows `select` of `hidden` (`select.len() x vocab`).

@@ -245,55 +245,27 @@ fn sqrt_and_inverse(c: &[f64], d: usize) -> Result<(Mat<f64>, Mat<f64>)> {
     Ok((sq, inv))
 }
 
-/// Rank-`r` LoRA minimising `E || (R - B A) x ||^2` for inputs with second moment `S^2`:
-/// SVD of `R S`, then `B = U_r Sigma_r`, `A = V_r^T S^(-1)`.
-fn weighted_svd(res: &[f64], out: usize, inp: usize, r: usize, s: &Mat<f64>, s_inv: &Mat<f64>) -> Result<Lora> {
-    let rm = Mat::<f64>::from_fn(out, inp, |i, j| res[i * inp + j]);
-    let rs = &rm * s;
-    let svd = rs.thin_svd().map_err(|e| ModelError::InvalidArgument {
-        field: "lora-rank",
-        msg: format!("SVD did not converge: {e:?}"),
-    })?;
-    let (u, sv, v) = (svd.U(), svd.S().column_vector(), svd.V());
-    let vt_sinv = v.subcols(0, r).transpose() * s_inv;
-    let mut a = vec![0f32; r * inp];
-    let mut b = vec![0f32; out * r];
-    for t in 0..r {
-        for i in 0..out {
-            b[i * r + t] = (u[(i, t)] * sv[t]) as f32;
-        }
-        for j in 0..inp {
-            a[t * inp + j] = vt_sinv[(t, j)] as f32;
-        }
+/// Rank-`r` LoRA of the residual `res` (`out x in`) by truncated SVD.
+///
+/// Plain (`weight = None`): SVD of `R`, `B = U_r Sigma_r`, `A = V_r^T`.
+/// Activation-aware (`weight = Some((S, S^-1))` with `S^2` the input second moment): SVD of
+/// `R S`, `B = U_r Sigma_r`, `A = V_r^T S^-1`, which minimises `E || (R - B A) x ||^2`.
+fn svd_lora(res: &[f64], out: usize, inp: usize, r: usize, weight: Option<(&Mat<f64>, &Mat<f64>)>) -> Result<Lora> {
+    let mut m = Mat::<f64>::from_fn(out, inp, |i, j| res[i * inp + j]);
+    if let Some((s, _)) = weight {
+        m = &m * s;
     }
-    Ok(Lora {
-        rank: r,
-        in_dim: inp,
-        out_dim: out,
-        a,
-        b,
-    })
-}
-
-/// Rank-`r` truncated SVD of `r_mat` (`out x in`, f64): `B = U_r S_r`, `A = V_r^T`.
-fn truncated_svd(res: &[f64], out: usize, inp: usize, r: usize) -> Result<Lora> {
-    let m = Mat::<f64>::from_fn(out, inp, |i, j| res[i * inp + j]);
     let svd = m.thin_svd().map_err(|e| ModelError::InvalidArgument {
         field: "lora-rank",
         msg: format!("SVD did not converge: {e:?}"),
     })?;
-    let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
-    let mut a = vec![0f32; r * inp];
-    let mut b = vec![0f32; out * r];
-    for t in 0..r {
-        let st = s[t];
-        for i in 0..out {
-            b[i * r + t] = (u[(i, t)] * st) as f32;
-        }
-        for j in 0..inp {
-            a[t * inp + j] = v[(j, t)] as f32;
-        }
+    let (u, sv, v) = (svd.U(), svd.S().column_vector(), svd.V());
+    let mut vt = v.subcols(0, r).transpose().to_owned();
+    if let Some((_, s_inv)) = weight {
+        vt = &vt * s_inv;
     }
+    let b = (0..out * r).map(|x| (u[(x / r, x % r)] * sv[x % r]) as f32).collect();
+    let a = (0..r * inp).map(|x| vt[(x / inp, x % inp)] as f32).collect();
     Ok(Lora {
         rank: r,
         in_dim: inp,
@@ -404,7 +376,7 @@ pub fn convert(
                     .map(|(a, b)| *a as f64 - *b as f64)
                     .collect();
                 out[m] = Some(match calibration {
-                    None => truncated_svd(&res, o, i, r)?,
+                    None => svd_lora(&res, o, i, r, None)?,
                     Some(cal) => {
                         let kind = match m {
                             0..=2 => 0,
@@ -426,7 +398,7 @@ pub fn convert(
                             roots[kind] = Some(sqrt_and_inverse(&c, d)?);
                         }
                         let (sq, inv) = roots[kind].as_ref().expect("computed above");
-                        weighted_svd(&res, o, i, r, sq, inv)?
+                        svd_lora(&res, o, i, r, Some((sq, inv)))?
                     }
                 });
             }
@@ -507,15 +479,15 @@ mod tests {
             .collect();
         let (sq, inv) = sqrt_and_inverse(&c, inp).unwrap();
         for r in [2, 4, 8] {
-            let plain = truncated_svd(&res, out, inp, r).unwrap();
-            let aware = weighted_svd(&res, out, inp, r, &sq, &inv).unwrap();
+            let plain = svd_lora(&res, out, inp, r, None).unwrap();
+            let aware = svd_lora(&res, out, inp, r, Some((&sq, &inv))).unwrap();
             let (ep, ea) = (
                 weighted_error(&res, out, inp, &plain, &sq),
                 weighted_error(&res, out, inp, &aware, &sq),
             );
             assert!(ea < 0.8 * ep, "rank {r}: activation-aware {ea} vs plain {ep}");
         }
-        let full = weighted_svd(&res, out, inp, inp, &sq, &inv).unwrap();
+        let full = svd_lora(&res, out, inp, inp, Some((&sq, &inv))).unwrap();
         let id = Mat::<f64>::from_fn(inp, inp, |i, j| if i == j { 1.0 } else { 0.0 });
         assert!(weighted_error(&res, out, inp, &full, &id) < 1e-4);
     }

@@ -7,25 +7,12 @@
 mod common;
 
 use common::{fixture, ids, read_json, smollm2};
-use rrt_model::forward::{Model, Row};
+use rrt_model::forward::Model;
 use rrt_model::generate::generate_batch;
-use rrt_model::kv::{KvPool, SeqKv};
 use rrt_model::sampling::{SamplingParams, argmax};
 
 fn last_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut pool = KvPool::new(model.kv_layout(16), ids.len().div_ceil(16));
-    let mut seq = SeqKv::default();
-    pool.reserve(&mut seq, ids.len()).unwrap();
-    let rows: Vec<Row<'_>> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| Row {
-            token: t,
-            pos: i,
-            blocks: &seq.blocks,
-        })
-        .collect();
-    model.forward(&rows, &mut pool, &[ids.len() - 1]).unwrap()
+    model.sequence_logits(ids, &[ids.len() - 1]).unwrap()
 }
 
 #[test]

@@ -5,26 +5,13 @@ mod common;
 
 use common::smollm2;
 use rrt_model::ModelError;
-use rrt_model::forward::{Model, Row};
-use rrt_model::kv::{KvPool, SeqKv};
+use rrt_model::forward::Model;
 use rrt_model::recursive::{Init, RecursiveSpec, convert};
 use rrt_model::weights::Weights;
 
 fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut pool = KvPool::new(model.kv_layout(16), ids.len().div_ceil(16));
-    let mut seq = SeqKv::default();
-    pool.reserve(&mut seq, ids.len()).unwrap();
-    let rows: Vec<Row<'_>> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| Row {
-            token: t,
-            pos: i,
-            blocks: &seq.blocks,
-        })
-        .collect();
     let select: Vec<usize> = (0..ids.len()).collect();
-    model.forward(&rows, &mut pool, &select).unwrap()
+    model.sequence_logits(ids, &select).unwrap()
 }
 
 fn converted(spec: &RecursiveSpec) -> Result<Model, ModelError> {
