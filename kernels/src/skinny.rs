@@ -106,9 +106,9 @@ pub fn matmul_skinny_bf16(x: &[f32], w: &[u16], y: &mut [f32], n: usize, k: usiz
         let wb = &w[j0 * k..j1 * k];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512bw") && k % 16 == 0 {
-                // SAFETY: AVX-512F/BW are present; k is a multiple of 16 as the bf16 tile
-                // requires; sizes are x: n*k, wb: (j1-j0)*k, out: n*(j1-j0).
+            if std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vl") {
+                // SAFETY: AVX-512F/BW/VL are present (BW implies F); sizes are x: n*k,
+                // wb: (j1-j0)*k, out: n*(j1-j0).
                 unsafe { avx512::block_bf16(x, wb, out, n, k, j1 - j0) };
                 return;
             }
@@ -130,9 +130,67 @@ pub fn matmul_skinny_bf16(x: &[f32], w: &[u16], y: &mut [f32], n: usize, k: usiz
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// Accumulates a `R x C` tile: weight rows `j..j+R`, x rows `i..i+C`.
+    /// Weight rows in some storage format, loaded 16 at a time as f32.
+    pub(super) trait Rows: Copy {
+        /// The same rows starting `rows` rows further.
+        unsafe fn skip(self, rows: usize) -> Self;
+        /// Weights `p..p + 16` of row `r`.
+        unsafe fn load(self, r: usize, p: usize) -> __m512;
+        /// Weights `p..` of row `r` where `mask` selects the ones that exist.
+        unsafe fn load_tail(self, mask: __mmask16, r: usize, p: usize) -> __m512;
+    }
+
+    #[derive(Clone, Copy)]
+    pub(super) struct F32Rows(pub *const f32, pub usize);
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Bf16Rows(pub *const u16, pub usize);
+
+    impl Rows for F32Rows {
+        #[inline(always)]
+        unsafe fn skip(self, rows: usize) -> Self {
+            // SAFETY: the caller stays within the matrix.
+            F32Rows(unsafe { self.0.add(rows * self.1) }, self.1)
+        }
+        #[inline(always)]
+        unsafe fn load(self, r: usize, p: usize) -> __m512 {
+            // SAFETY: the caller guarantees row r has weights p..p + 16.
+            unsafe { _mm512_loadu_ps(self.0.add(r * self.1 + p)) }
+        }
+        #[inline(always)]
+        unsafe fn load_tail(self, mask: __mmask16, r: usize, p: usize) -> __m512 {
+            // SAFETY: masked-off lanes are not read.
+            unsafe { _mm512_maskz_loadu_ps(mask, self.0.add(r * self.1 + p)) }
+        }
+    }
+
+    impl Rows for Bf16Rows {
+        #[inline(always)]
+        unsafe fn skip(self, rows: usize) -> Self {
+            // SAFETY: the caller stays within the matrix.
+            Bf16Rows(unsafe { self.0.add(rows * self.1) }, self.1)
+        }
+        #[inline(always)]
+        unsafe fn load(self, r: usize, p: usize) -> __m512 {
+            // SAFETY: the caller guarantees row r has weights p..p + 16; bf16 -> f32 is a shift.
+            unsafe {
+                let raw = _mm256_loadu_si256(self.0.add(r * self.1 + p) as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_tail(self, mask: __mmask16, r: usize, p: usize) -> __m512 {
+            // SAFETY: masked-off lanes are not read (AVX-512BW/VL, enabled by the caller).
+            unsafe {
+                let raw = _mm256_maskz_loadu_epi16(mask, self.0.add(r * self.1 + p) as *const i16);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+            }
+        }
+    }
+
+    /// Accumulates a `R x C` tile: weight rows `0..R` of `w`, x rows `0..C` from `x`.
     #[inline(always)]
-    unsafe fn tile<const R: usize, const C: usize>(x: *const f32, w: *const f32, k: usize, out: &mut [[f32; C]; R]) {
+    unsafe fn tile<const R: usize, const C: usize, W: Rows>(x: *const f32, w: W, k: usize, out: &mut [[f32; C]; R]) {
         // SAFETY (whole body): callers guarantee R rows of w and C rows of x, each k long, and
         // the masked loads never touch memory past k.
         unsafe {
@@ -141,8 +199,8 @@ mod avx512 {
             let mut p = 0;
             while p < full {
                 let mut wv = [_mm512_setzero_ps(); R];
-                for r in 0..R {
-                    wv[r] = _mm512_loadu_ps(w.add(r * k + p));
+                for (r, v) in wv.iter_mut().enumerate() {
+                    *v = w.load(r, p);
                 }
                 for c in 0..C {
                     let xv = _mm512_loadu_ps(x.add(c * k + p));
@@ -155,8 +213,8 @@ mod avx512 {
             if p < k {
                 let mask: __mmask16 = (1u32 << (k - p)) as u16 - 1;
                 let mut wv = [_mm512_setzero_ps(); R];
-                for r in 0..R {
-                    wv[r] = _mm512_maskz_loadu_ps(mask, w.add(r * k + p));
+                for (r, v) in wv.iter_mut().enumerate() {
+                    *v = w.load_tail(mask, r, p);
                 }
                 for c in 0..C {
                     let xv = _mm512_maskz_loadu_ps(mask, x.add(c * k + p));
@@ -173,87 +231,12 @@ mod avx512 {
         }
     }
 
-    /// 4 bf16 weight rows x up to 4 rows of x, `k % 16 == 0`.
+    /// `out[(i) * ld + col0 + j] = x_i . w_j` for `n` rows of x and `mb` weight rows.
     #[inline(always)]
-    unsafe fn tile_bf16<const C: usize>(x: *const f32, w: *const u16, k: usize, out: &mut [[f32; C]; 4]) {
-        // SAFETY (whole body): 4 rows of w and C rows of x, each k long, k a multiple of 16.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); C]; 4];
-            let mut p = 0;
-            while p < k {
-                let mut wv = [_mm512_setzero_ps(); 4];
-                for r in 0..4 {
-                    let raw = _mm256_loadu_si256(w.add(r * k + p) as *const __m256i);
-                    wv[r] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
-                }
-                for c in 0..C {
-                    let xv = _mm512_loadu_ps(x.add(c * k + p));
-                    for r in 0..4 {
-                        acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
-                    }
-                }
-                p += 16;
-            }
-            for r in 0..4 {
-                for c in 0..C {
-                    out[r][c] = _mm512_reduce_add_ps(acc[r][c]);
-                }
-            }
-        }
-    }
-
-    /// bf16-weight version of `block`; `mb % 4 == 0` is not required (tail rows one by one).
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn block_bf16(x: &[f32], wb: &[u16], out: &mut [f32], n: usize, k: usize, mb: usize) {
-        let full = mb / 4 * 4;
-        let mut j = 0;
-        while j < full {
-            let mut i = 0;
-            while i < n {
-                let c = (n - i).min(4);
-                // SAFETY: rows j..j+4 of wb and i..i+c of x exist, each k long.
-                unsafe {
-                    let wp = wb.as_ptr().add(j * k);
-                    let xp = x.as_ptr().add(i * k);
-                    macro_rules! go {
-                        ($C:literal) => {{
-                            let mut t = [[0f32; $C]; 4];
-                            tile_bf16::<$C>(xp, wp, k, &mut t);
-                            for rr in 0..4 {
-                                for cc in 0..$C {
-                                    out[(i + cc) * mb + j + rr] = t[rr][cc];
-                                }
-                            }
-                        }};
-                    }
-                    match c {
-                        4 => go!(4),
-                        3 => go!(3),
-                        2 => go!(2),
-                        _ => go!(1),
-                    }
-                }
-                i += c;
-            }
-            j += 4;
-        }
-        for j in full..mb {
-            let wr: Vec<f32> = wb[j * k..(j + 1) * k]
-                .iter()
-                .map(|&b| f32::from_bits((b as u32) << 16))
-                .collect();
-            for i in 0..n {
-                out[i * mb + j] = crate::elementwise::dot(&x[i * k..(i + 1) * k], &wr);
-            }
-        }
-    }
-
-    /// See `super::block_at`. Requires AVX-512F.
-    #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn block(
+    unsafe fn block_generic<W: Rows>(
         x: &[f32],
-        wb: &[f32],
+        w: W,
         out: &mut [f32],
         n: usize,
         k: usize,
@@ -267,14 +250,14 @@ mod avx512 {
             let mut i = 0;
             while i < n {
                 let c = (n - i).min(4);
-                // SAFETY: j + r <= mb rows of wb and i + c <= n rows of x, each k long.
+                // SAFETY: j + r <= mb rows of w and i + c <= n rows of x, each k long.
                 unsafe {
-                    let wp = wb.as_ptr().add(j * k);
+                    let wp = w.skip(j);
                     let xp = x.as_ptr().add(i * k);
                     macro_rules! go {
                         ($R:literal, $C:literal) => {{
                             let mut t = [[0f32; $C]; $R];
-                            tile::<$R, $C>(xp, wp, k, &mut t);
+                            tile::<$R, $C, W>(xp, wp, k, &mut t);
                             for rr in 0..$R {
                                 for cc in 0..$C {
                                     out[(i + cc) * ld + col0 + j + rr] = t[rr][cc];
@@ -291,7 +274,7 @@ mod avx512 {
                             for rr in 0..r {
                                 for cc in 0..c {
                                     let mut t = [[0f32; 1]; 1];
-                                    tile::<1, 1>(xp.add(cc * k), wp.add(rr * k), k, &mut t);
+                                    tile::<1, 1, W>(xp.add(cc * k), wp.skip(rr), k, &mut t);
                                     out[(i + cc) * ld + col0 + j + rr] = t[0][0];
                                 }
                             }
@@ -304,6 +287,30 @@ mod avx512 {
             j += r;
         }
     }
+
+    /// See `super::block_at`. Requires AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn block(
+        x: &[f32],
+        wb: &[f32],
+        out: &mut [f32],
+        n: usize,
+        k: usize,
+        mb: usize,
+        ld: usize,
+        col0: usize,
+    ) {
+        // SAFETY: forwarded contract of `super::block_at`.
+        unsafe { block_generic(x, F32Rows(wb.as_ptr(), k), out, n, k, mb, ld, col0) }
+    }
+
+    /// bf16-weight version of `block`. Requires AVX-512F/BW/VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn block_bf16(x: &[f32], wb: &[u16], out: &mut [f32], n: usize, k: usize, mb: usize) {
+        // SAFETY: x holds n*k values, wb mb*k, out n*mb.
+        unsafe { block_generic(x, Bf16Rows(wb.as_ptr(), k), out, n, k, mb, mb, 0) }
+    }
 }
 
 #[cfg(test)]
@@ -314,7 +321,7 @@ mod tests {
     #[test]
     fn bf16_variant_matches_f32_on_bf16_representable_weights() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        for (n, k, m) in [(1, 64, 7), (5, 576, 70), (32, 128, 9)] {
+        for (n, k, m) in [(1, 64, 7), (5, 576, 70), (32, 128, 9), (3, 40, 5)] {
             let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let wb: Vec<u16> = (0..m * k)
                 .map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_bits())
