@@ -11,11 +11,12 @@ calibration (activation SVD and exits): the rest of the file. Needs `cargo build
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-rrt = os.path.join(root, "target", "release", "rrt")
+rrt = os.environ.get("RRT_BIN", os.path.join(root, "target", "release", "rrt"))
 ap = argparse.ArgumentParser()
 ap.add_argument("--loops", default="2,3")
 ap.add_argument("--init", default="stepwise,average,lower")
@@ -23,6 +24,7 @@ ap.add_argument("--ranks", default="0,16,64,128,256")
 ap.add_argument("--svd", default="plain,activation")
 ap.add_argument("--windows", default="8")
 ap.add_argument("--out", default=os.path.join(root, "bench-out", "quality"))
+ap.add_argument("--keep", action="store_true", help="keep the converted checkpoints (~0.3-0.6 GB each)")
 a = ap.parse_args()
 os.makedirs(a.out, exist_ok=True)
 text = open(os.path.join(root, "..", "shared", "data", "tinyshakespeare.txt"), encoding="utf-8").read()
@@ -49,7 +51,21 @@ def evaluate(model_args):
     return out
 
 
-orig = evaluate([])
+# Finished rows are cached in rows.json so an interrupted run resumes where it stopped.
+cache_path = os.path.join(a.out, "rows.json")
+cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
+
+
+def save_cache():
+    tmp = cache_path + ".tmp"
+    json.dump(cache, open(tmp, "w"), indent=1)
+    os.replace(tmp, cache_path)
+
+
+if "original" not in cache:
+    cache["original"] = evaluate([])["ppl"]
+    save_cache()
+orig = {"ppl": cache["original"]}
 print("| B | init | rank | SVD | non-emb. params | % | ppl | loop agreement (1..B-1) | mean loops @0.9 | @0.95 |")
 print("|---:|---|---:|---|---:|---:|---:|---|---:|---:|")
 print(f"| - | original | - | - | {ORIG / 1e6:.1f} M | 100 | {orig['ppl']:.2f} | - | - | - |")
@@ -60,20 +76,29 @@ for loops in map(int, a.loops.split(",")):
             for svd in a.svd.split(","):
                 if rank == 0 and svd == "activation":
                     continue
-                d = os.path.join(a.out, f"b{loops}-{init}-r{rank}-{svd}")
-                if not os.path.exists(os.path.join(d, "rrt_checkpoint.json")):
-                    extra = ["--svd", "activation", "--calibration", calf] if svd == "activation" else []
-                    # Ranks above a module's min(in, out) are refused by rrt convert; the table's
-                    # rank means "up to full rank" for the small k/v projections.
-                    ranks = ",".join(f"{m}={min(rank, min(o, i))}" for m, (o, i) in DIMS.items())
-                    run(["convert", "--out", d, "--loops", str(loops), "--init", init, "--lora-ranks", ranks, *extra])
+                key = f"b{loops}-{init}-r{rank}-{svd}"
+                d = os.path.join(a.out, key)
                 k = L // loops
                 params = k * LAYER + H + L * sum(min(rank, min(o, i)) * (o + i) for o, i in DIMS.values())
-                ev = evaluate(["--model", d])
-                agree = ", ".join(f"{x['agreement']:.3f}" for x in ev["loops"][:-1])
-                ml = []
-                for target in ("0.9", "0.95"):
-                    c = json.loads(run(["calibrate", "--model", d, "--text", calf, "--agreement", target, "--dry-run", "--json", "--tokens", "2048"]))
-                    ml.append(f"{c['mean_loops']:.2f}")
+                if key not in cache:
+                    if not os.path.exists(os.path.join(d, "rrt_checkpoint.json")):
+                        extra = ["--svd", "activation", "--calibration", calf] if svd == "activation" else []
+                        # Ranks above a module's min(in, out) are refused by rrt convert; the table's
+                        # rank means "up to full rank" for the small k/v projections.
+                        ranks = ",".join(f"{m}={min(rank, min(o, i))}" for m, (o, i) in DIMS.items())
+                        run(["convert", "--out", d, "--loops", str(loops), "--init", init, "--lora-ranks", ranks, *extra])
+                    ev = evaluate(["--model", d])
+                    ml = []
+                    for target in ("0.9", "0.95"):
+                        c = json.loads(run(["calibrate", "--model", d, "--text", calf, "--agreement", target, "--dry-run", "--json", "--tokens", "2048"]))
+                        ml.append(c["mean_loops"])
+                    cache[key] = {"ppl": ev["ppl"], "agreement": [x["agreement"] for x in ev["loops"][:-1]], "mean_loops": ml}
+                    save_cache()
+                    if not a.keep:
+                        shutil.rmtree(d, ignore_errors=True)
+                row = cache[key]
+                agree = ", ".join(f"{x:.3f}" for x in row["agreement"])
+                ml = [f"{x:.2f}" for x in row["mean_loops"]]
+                ev = {"ppl": row["ppl"]}
                 print(f"| {loops} | {init} | {rank} | {svd} | {params / 1e6:.1f} M | {100 * params / ORIG:.0f} | {ev['ppl']:.1f} | {agree} | {ml[0]} | {ml[1]} |")
                 sys.stdout.flush()

@@ -12,6 +12,7 @@
 //!   because the callers (the model crate) validate shapes once at load time.
 
 pub mod attention;
+pub mod backend;
 pub mod elementwise;
 pub mod matmul;
 pub mod qmatmul;
@@ -19,6 +20,7 @@ pub mod rope;
 pub mod skinny;
 
 pub use attention::{AttnRow, AttnShape, KvLayout, attention_paged};
+pub use backend::{Backend, CpuBackend, CpuMatrix, MatrixData};
 pub use elementwise::{add_inplace, axpy, dot, logsumexp, rmsnorm, silu_mul, softmax_inplace};
 pub use matmul::{MatmulMode, matmul_nt};
 pub use rope::{RopeScaling, RopeTable};

@@ -32,11 +32,10 @@ pub fn matmul_nt(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usi
         }
         return;
     }
-    if n <= crate::skinny::MAX_ROWS {
-        crate::skinny::matmul_skinny(x, w, y, n, k, m, mode == MatmulMode::Accumulate);
-        return;
-    }
-    matmul_gemm(x, w, y, n, k, m, mode);
+    // Always the skinny kernel: it reads W unpacked and computes every output element with
+    // the same accumulation order whatever n is, so a row's result never depends on which
+    // rows share its batch (the engine's determinism rests on this; ARCHITECTURE.md).
+    crate::skinny::matmul_skinny(x, w, y, n, k, m, mode == MatmulMode::Accumulate);
 }
 
 /// [`matmul_nt`] always through the `gemm` crate (packed GEMM), whatever the row count.

@@ -7,8 +7,8 @@
 //! scratch and fed to the skinny f32 kernel; for prefill-sized batches the matrix is
 //! dequantized once per call and multiplied with `gemm` (the dequantization is ~1 % of that).
 
-use crate::matmul::{MatmulMode, matmul_gemm};
-use crate::skinny::{MAX_ROWS, block_at, by_column_blocks};
+use crate::matmul::MatmulMode;
+use crate::skinny::{block_at, by_column_blocks};
 use half::f16;
 
 /// A quantized block format of weights kept in memory.
@@ -75,24 +75,15 @@ pub fn matmul_q(x: &[f32], fmt: QFormat, w: &[u8], y: &mut [f32], n: usize, k: u
     if n == 0 || m == 0 {
         return;
     }
-    if n > MAX_ROWS {
-        let mut wf = vec![0f32; m * k];
-        dequantize_rows(fmt, w, &mut wf);
-        matmul_gemm(x, &wf, y, n, k, m, mode);
-        return;
-    }
+    // Each task dequantizes its block of weight rows once (exactly) and runs the skinny
+    // kernel on it, for any n: the result is bit-identical to the f32 product and a row's
+    // result does not depend on the other rows.
     let rb = fmt.row_bytes(k);
     by_column_blocks(y, n, m, n * k * m, mode == MatmulMode::Accumulate, |j0, j1, out| {
         let mb = j1 - j0;
-        let mut scratch = vec![0f32; 4 * k];
-        let mut j = 0;
-        while j < mb {
-            let r = (mb - j).min(4);
-            let rows = &w[(j0 + j) * rb..(j0 + j + r) * rb];
-            dequantize_rows(fmt, rows, &mut scratch[..r * k]);
-            block_at(x, &scratch[..r * k], out, n, k, r, mb, j);
-            j += r;
-        }
+        let mut scratch = vec![0f32; mb * k];
+        dequantize_rows(fmt, &w[j0 * rb..j1 * rb], &mut scratch);
+        block_at(x, &scratch, out, n, k, mb, mb, 0);
     });
 }
 

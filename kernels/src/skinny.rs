@@ -130,6 +130,9 @@ pub fn matmul_skinny_bf16(x: &[f32], w: &[u16], y: &mut [f32], n: usize, k: usiz
 mod avx512 {
     use std::arch::x86_64::*;
 
+    /// Rows of x per outer chunk of `block_generic`.
+    const X_CHUNK: usize = 32;
+
     /// Weight rows in some storage format, loaded 16 at a time as f32.
     pub(super) trait Rows: Copy {
         /// The same rows starting `rows` rows further.
@@ -244,47 +247,55 @@ mod avx512 {
         ld: usize,
         col0: usize,
     ) {
-        let mut j = 0;
-        while j < mb {
-            let r = (mb - j).min(4);
-            let mut i = 0;
-            while i < n {
-                let c = (n - i).min(4);
-                // SAFETY: j + r <= mb rows of w and i + c <= n rows of x, each k long.
-                unsafe {
-                    let wp = w.skip(j);
-                    let xp = x.as_ptr().add(i * k);
-                    macro_rules! go {
-                        ($R:literal, $C:literal) => {{
-                            let mut t = [[0f32; $C]; $R];
-                            tile::<$R, $C, W>(xp, wp, k, &mut t);
-                            for rr in 0..$R {
-                                for cc in 0..$C {
-                                    out[(i + cc) * ld + col0 + j + rr] = t[rr][cc];
+        // x rows in chunks of X_CHUNK (outer) so that a chunk of x and the weight block both
+        // stay in L2 for large n; every output element is still one `tile` accumulation in
+        // the same order, so a row's result never depends on n (batch invariance).
+        let mut i0 = 0;
+        while i0 < n {
+            let i1 = (i0 + X_CHUNK).min(n);
+            let mut j = 0;
+            while j < mb {
+                let r = (mb - j).min(4);
+                let mut i = i0;
+                while i < i1 {
+                    let c = (i1 - i).min(4);
+                    // SAFETY: j + r <= mb rows of w and i + c <= n rows of x, each k long.
+                    unsafe {
+                        let wp = w.skip(j);
+                        let xp = x.as_ptr().add(i * k);
+                        macro_rules! go {
+                            ($R:literal, $C:literal) => {{
+                                let mut t = [[0f32; $C]; $R];
+                                tile::<$R, $C, W>(xp, wp, k, &mut t);
+                                for rr in 0..$R {
+                                    for cc in 0..$C {
+                                        out[(i + cc) * ld + col0 + j + rr] = t[rr][cc];
+                                    }
                                 }
-                            }
-                        }};
-                    }
-                    match (r, c) {
-                        (4, 4) => go!(4, 4),
-                        (4, 3) => go!(4, 3),
-                        (4, 2) => go!(4, 2),
-                        (4, 1) => go!(4, 1),
-                        (3, _) | (2, _) | (1, _) => {
-                            for rr in 0..r {
-                                for cc in 0..c {
-                                    let mut t = [[0f32; 1]; 1];
-                                    tile::<1, 1, W>(xp.add(cc * k), wp.skip(rr), k, &mut t);
-                                    out[(i + cc) * ld + col0 + j + rr] = t[0][0];
-                                }
-                            }
+                            }};
                         }
-                        _ => unreachable!("r and c are in 1..=4"),
+                        match (r, c) {
+                            (4, 4) => go!(4, 4),
+                            (4, 3) => go!(4, 3),
+                            (4, 2) => go!(4, 2),
+                            (4, 1) => go!(4, 1),
+                            (3, _) | (2, _) | (1, _) => {
+                                for rr in 0..r {
+                                    for cc in 0..c {
+                                        let mut t = [[0f32; 1]; 1];
+                                        tile::<1, 1, W>(xp.add(cc * k), wp.skip(rr), k, &mut t);
+                                        out[(i + cc) * ld + col0 + j + rr] = t[0][0];
+                                    }
+                                }
+                            }
+                            _ => unreachable!("r and c are in 1..=4"),
+                        }
                     }
+                    i += c;
                 }
-                i += c;
+                j += r;
             }
-            j += r;
+            i0 = i1;
         }
     }
 

@@ -85,6 +85,7 @@ pub fn generate(
     let model = &lm.model;
     check_request(model, prompt, max_tokens)?;
     let mut sampler = Sampler::new(sampling)?;
+    sampler.observe_prompt(prompt);
     let layout = model.kv_layout(DEFAULT_BLOCK_SIZE);
     let mut pool = KvPool::new(layout, (prompt.len() + max_tokens).div_ceil(DEFAULT_BLOCK_SIZE).max(1));
     let mut seq = SeqKv::default();
@@ -107,6 +108,7 @@ pub fn generate(
             });
         }
         ids.push(next);
+        sampler.accept(next);
         on_token(next)?;
         if ids.len() >= max_tokens {
             return Ok(Generation {

@@ -1,7 +1,12 @@
-//! Token sampling: greedy, temperature, top-k, top-p, min-p, with a per-request seed.
+//! Token sampling: repetition / presence / frequency penalties, greedy, temperature, top-k,
+//! top-p, min-p, with a per-request seed.
 //!
-//! Filters apply in this order: temperature scaling, top-k, top-p (nucleus), min-p; then one
-//! draw from the renormalised distribution. Temperature 0 is greedy (ties go to the lowest id).
+//! Order: penalties on the logits (repetition as in Hugging Face / CTRL over prompt and output
+//! tokens: positive logits divided, negative multiplied; presence and frequency as in OpenAI
+//! over output tokens: `logit -= presence * [count > 0] + frequency * count`), then temperature
+//! scaling, top-k, top-p (nucleus), min-p; then one draw from the renormalised distribution.
+//! Temperature 0 is greedy (ties go to the lowest id). The random stream belongs to the
+//! request, so the same seed gives the same tokens whatever else shares the batch.
 
 use crate::error::{ModelError, Result};
 use rand::{Rng, SeedableRng};
@@ -20,6 +25,12 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Seed for the request's random stream; `None` draws one from the OS.
     pub seed: Option<u64>,
+    /// 1 = off; > 1 discourages any token already in the prompt or output.
+    pub repetition_penalty: f32,
+    /// 0 = off; subtracted once from the logit of every token already in the output.
+    pub presence_penalty: f32,
+    /// 0 = off; subtracted from a token's logit once per time it is in the output.
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -30,6 +41,9 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             seed: None,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }
@@ -50,7 +64,25 @@ impl SamplingParams {
         if !(self.min_p >= 0.0 && self.min_p <= 1.0) {
             return bad("min_p", format!("must be in [0, 1], got {}", self.min_p));
         }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(
+                "repetition_penalty",
+                format!("must be a finite number > 0, got {}", self.repetition_penalty),
+            );
+        }
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(field, format!("must be in [-2, 2], got {v}"));
+            }
+        }
         Ok(())
+    }
+
+    fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }
 
@@ -73,6 +105,12 @@ pub struct Sampler {
     rng: ChaCha8Rng,
     /// Scratch for (logit, id) candidates, reused across steps.
     cand: Vec<(f32, u32)>,
+    /// Tokens of the prompt (for the repetition penalty).
+    in_prompt: std::collections::HashSet<u32>,
+    /// Output tokens and their counts.
+    in_output: std::collections::HashMap<u32, u32>,
+    /// Scratch for penalised logits.
+    penalised: Vec<f32>,
 }
 
 impl Sampler {
@@ -86,15 +124,66 @@ impl Sampler {
             params,
             rng,
             cand: Vec::new(),
+            in_prompt: Default::default(),
+            in_output: Default::default(),
+            penalised: Vec::new(),
         })
+    }
+
+    /// Records the prompt's tokens (the repetition penalty covers them).
+    pub fn observe_prompt(&mut self, prompt: &[u32]) {
+        if self.params.repetition_penalty != 1.0 {
+            self.in_prompt.extend(prompt.iter().copied());
+        }
+    }
+
+    /// Records a token added to the output (penalties of later steps count it).
+    pub fn accept(&mut self, token: u32) {
+        if self.params.has_penalties() {
+            *self.in_output.entry(token).or_insert(0) += 1;
+        }
+    }
+
+    /// Applies the penalties to `logits` in place.
+    pub fn penalise(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        let rep = p.repetition_penalty;
+        if rep != 1.0 {
+            let out_only = self.in_output.keys().filter(|t| !self.in_prompt.contains(t));
+            for &t in self.in_prompt.iter().chain(out_only) {
+                if let Some(v) = logits.get_mut(t as usize) {
+                    *v = if *v > 0.0 { *v / rep } else { *v * rep };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &self.in_output {
+                if let Some(v) = logits.get_mut(t as usize) {
+                    *v -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Picks the next token from one row of logits.
+    /// Picks the next token from one row of logits (penalties applied to a copy).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if !self.params.has_penalties() {
+            return self.sample_raw(logits);
+        }
+        let mut buf = std::mem::take(&mut self.penalised);
+        buf.clear();
+        buf.extend_from_slice(logits);
+        self.penalise(&mut buf);
+        let t = self.sample_raw(&buf);
+        self.penalised = buf;
+        t
+    }
+
+    fn sample_raw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature == 0.0 || p.top_k == 1 {
             return argmax(logits);
@@ -257,5 +346,37 @@ mod tests {
                 other => panic!("{field}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn penalties_follow_their_definitions() {
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            seed: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+        s.observe_prompt(&[0, 0]);
+        s.accept(1);
+        s.accept(2);
+        s.accept(2);
+        let mut l = [2.0f32, -2.0, 1.0, 3.0];
+        s.penalise(&mut l);
+        // token 0: prompt only -> 2 / 2; token 1: output once -> -2 * 2 - 0.5 - 0.25;
+        // token 2: output twice -> 1 / 2 - 0.5 - 0.5; token 3 untouched.
+        assert_eq!(l, [1.0, -4.75, -0.5, 3.0]);
+        // Greedy sampling sees the penalised logits: token 0 (2.0) beats 3 only without them.
+        let mut g = Sampler::new(SamplingParams {
+            repetition_penalty: 4.0,
+            ..Default::default()
+        })
+        .unwrap();
+        g.accept(0);
+        assert_eq!(g.sample(&[5.0, 2.0, 1.0]), 1);
+        let mut plain = Sampler::new(SamplingParams::default()).unwrap();
+        plain.accept(0);
+        assert_eq!(plain.sample(&[5.0, 2.0, 1.0]), 0);
     }
 }

@@ -16,14 +16,8 @@ use rrt_kernels::qmatmul::{QFormat, dequantize_rows, matmul_q};
 use std::borrow::Cow;
 use std::path::Path;
 
-/// The stored matrix of a linear map.
-#[derive(Clone, Debug)]
-pub enum Weight {
-    /// `out x in` values.
-    F32(Vec<f32>),
-    /// `out` rows of GGML blocks (rows are whole blocks), dequantized on the fly.
-    Quant(QFormat, Vec<u8>),
-}
+/// The stored matrix of a linear map (f32, or GGML blocks dequantized on the fly).
+pub use rrt_kernels::MatrixData as Weight;
 
 /// A linear map `in_dim -> out_dim`: `y = x W^T + b`.
 #[derive(Clone, Debug)]

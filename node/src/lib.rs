@@ -1,3 +1,10 @@
-//! The node process: keeps the model resident, runs the continuous depth-wise batching engine
-//! and serves the internal node gRPC service. Built in issues C (engine) and D (actors, gRPC);
-//! until then the single-process forward pass lives in `rrt-model`.
+//! The node process: keeps the model resident on its backend and runs the continuous
+//! depth-wise batching engine ([`engine`]). The actors and the internal node gRPC service
+//! come with issue D.
+
+pub mod engine;
+
+pub use engine::{
+    Batching, Engine, EngineConfig, EngineError, EngineStats, Event, ExitControl, ExitRule, FinishReason, GenParams,
+    KvFill, Request, RequestId, ResidentModel, TokenEvent, Usage,
+};

@@ -36,6 +36,15 @@ pub struct Args {
     /// Drop tokens below min_p times the top probability (0 = off).
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub min_p: f32,
+    /// Divide positive logits (multiply negative ones) of tokens already seen by this (1 = off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub repetition_penalty: f32,
+    /// Subtract this from the logits of tokens already generated (OpenAI semantics, 0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// Subtract this times the count of each token already generated (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
     /// Random seed (default: from the OS).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -59,6 +68,9 @@ pub fn run(a: Args) -> Result<()> {
         top_p: a.top_p,
         min_p: a.min_p,
         seed: a.seed,
+        repetition_penalty: a.repetition_penalty,
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
     };
     sampling.validate()?;
     let lm = a.model.load()?;

@@ -1,0 +1,532 @@
+//! The compute backend interface of the serving engine, and its CPU implementation.
+//!
+//! One engine step runs one pass of the shared block over a batch of rows at mixed loop depths.
+//! Everything that pass needs is an operation of [`Backend`]: the engine (node crate) drives
+//! the step, the backend owns the memory (activations, resident weights, the paged KV cache).
+//! [`CpuBackend`] is the embedded default and the oracle of the CUDA backend (issue G), which
+//! implements the same trait with device buffers.
+//!
+//! Row metadata (token ids, positions, block tables, loop-depth groups) is passed as host
+//! slices on every call; activations and weights stay in the backend's own types.
+//!
+//! **Batch invariance:** every CPU operation computes a row's result without looking at the
+//! other rows of the batch, in the same arithmetic order whatever the batch size. A request's
+//! output therefore never depends on which requests share its steps.
+
+use crate::attention::{AttnRow, AttnShape, KvLayout, attention_paged};
+use crate::elementwise::{rmsnorm, silu_mul};
+use crate::matmul::{MatmulMode, matmul_nt};
+use crate::qmatmul::{QFormat, dequantize_rows, matmul_q};
+use crate::rope::RopeTable;
+use rayon::prelude::*;
+
+/// A weight matrix in host memory, `out x in` row-major: f32, or GGML blocks of whole rows
+/// dequantized exactly inside the product.
+#[derive(Clone, Debug)]
+pub enum MatrixData {
+    F32(Vec<f32>),
+    Quant(QFormat, Vec<u8>),
+}
+
+/// One low-rank adapter of a linear map: `delta(x) = (x A^T) B^T`.
+#[derive(Clone, Debug)]
+pub struct LoraMats<M> {
+    pub rank: usize,
+    /// `rank x in`.
+    pub a: M,
+    /// `out x rank`.
+    pub b: M,
+}
+
+/// Adapters applied to the columns `col0 .. col0 + out` of a product: `per_adapter[d]` is the
+/// adapter of loop depth `d` (`None`: none at that depth).
+#[derive(Clone, Copy, Debug)]
+pub struct LoraColumns<'a, M> {
+    pub col0: usize,
+    pub per_adapter: &'a [Option<LoraMats<M>>],
+}
+
+/// Rows `start .. start + len` of a batch use adapter `adapter` (their loop depth).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowGroup {
+    pub start: usize,
+    pub len: usize,
+    pub adapter: usize,
+}
+
+/// Where one row's key and value go: unrolled layer, block, slot within the block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvSlot {
+    pub layer: usize,
+    pub block: u32,
+    pub slot: usize,
+}
+
+/// The operations of one engine step. All sizes are validated by the caller (the engine
+/// builds them from a model whose shapes were checked at load time).
+pub trait Backend: Send + Sync + 'static {
+    /// Activations (`rows x width`, row-major f32).
+    type Buf: Send;
+    /// A resident weight matrix (with its `out x in` shape).
+    type Mat: Send + Sync;
+    /// The paged KV cache storage.
+    type Kv: Send;
+
+    fn name(&self) -> &'static str;
+
+    /// Makes a host matrix resident.
+    fn matrix(&self, out_dim: usize, in_dim: usize, data: MatrixData) -> Self::Mat;
+    /// A resident vector or activation buffer with these values.
+    fn buffer(&self, values: Vec<f32>) -> Self::Buf;
+    /// A zeroed buffer of `len` floats.
+    fn zeros(&self, len: usize) -> Self::Buf;
+    /// Copies the whole buffer to the host.
+    fn to_host(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// A KV pool of `n_blocks` blocks of `layout`.
+    fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> Self::Kv;
+    /// Bytes of resident memory one matrix takes.
+    fn matrix_bytes(&self, m: &Self::Mat) -> usize;
+
+    /// `out[i] = table[tokens[i]]` (rows of an embedding matrix `vocab x width`).
+    fn embed(&self, table: &Self::Mat, tokens: &[u32], out: &mut Self::Buf);
+    /// `dst[dst_row0 + i] = src[src_rows[i]]` for rows of `width` floats.
+    fn copy_rows(&self, src: &Self::Buf, src_rows: &[u32], dst: &mut Self::Buf, dst_row0: usize, width: usize);
+    /// Row-wise RMSNorm of `x` (`n x w.len()`) scaled by `w`.
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, eps: f32, out: &mut Self::Buf);
+    /// The fused shared + per-depth LoRA product over `n` rows of `x`:
+    /// `y (+)= x W^T + bias`, then for every group `g` and every entry of `loras`,
+    /// `y[g rows, col0..] += (x_g A_{g.adapter}^T) B_{g.adapter}^T`. The shared product
+    /// runs once over all rows.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_lora(
+        &self,
+        x: &Self::Buf,
+        n: usize,
+        w: &Self::Mat,
+        bias: Option<&Self::Buf>,
+        loras: &[LoraColumns<'_, Self::Mat>],
+        groups: &[RowGroup],
+        y: &mut Self::Buf,
+        mode: MatmulMode,
+    );
+    /// Rotates the query heads (`q_cols` floats from column 0) and key heads (`k_cols` floats
+    /// from column `k_col0`) of every row of `qkv` (row stride `ld`) at `positions[i]`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        rope: &RopeTable,
+        qkv: &mut Self::Buf,
+        ld: usize,
+        positions: &[u32],
+        q_cols: usize,
+        k_col0: usize,
+        k_cols: usize,
+    );
+    /// Writes row `i`'s key (`kv_dim` floats at column `k_col0`) and value (at `v_col0`) of
+    /// `src` (row stride `ld`) into `slots[i]`.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_write(
+        &self,
+        kv: &mut Self::Kv,
+        layout: &KvLayout,
+        src: &Self::Buf,
+        ld: usize,
+        k_col0: usize,
+        v_col0: usize,
+        slots: &[KvSlot],
+    );
+    /// Causal attention of each row's query (the first `n_heads * head_dim` columns of `qkv`,
+    /// row stride `ld`) over its sequence's cached keys/values; `out` is `rows x q_dim`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        qkv: &Self::Buf,
+        ld: usize,
+        rows: &[AttnRow<'_>],
+        kv: &Self::Kv,
+        layout: &KvLayout,
+        shape: AttnShape,
+        out: &mut Self::Buf,
+    );
+    /// `out = silu(gate) * up` for `n` rows, each row of `gu` being `gate | up` (`inter` each).
+    fn silu_mul(&self, gu: &Self::Buf, n: usize, inter: usize, out: &mut Self::Buf);
+    /// Final norm and LM head of the rows `select` of `x`: `select.len() x vocab` logits on the
+    /// host (sampling and exit tests run there).
+    fn logits(
+        &self,
+        x: &Self::Buf,
+        width: usize,
+        select: &[u32],
+        norm: &Self::Buf,
+        eps: f32,
+        head: &Self::Mat,
+    ) -> Vec<f32>;
+    /// Cosine similarity of row `rows[i]` of `a` and of `b` (width `width`), per row: the
+    /// hidden-state saturation exit criterion, which needs no LM head.
+    fn cosine_rows(&self, a: &Self::Buf, b: &Self::Buf, width: usize, rows: &[u32]) -> Vec<f32>;
+}
+
+/// A resident matrix of the CPU backend.
+#[derive(Clone, Debug)]
+pub struct CpuMatrix {
+    pub out_dim: usize,
+    pub in_dim: usize,
+    pub data: MatrixData,
+}
+
+impl CpuMatrix {
+    /// `y (+)= x W^T` for `n` rows.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32], n: usize, mode: MatmulMode) {
+        match &self.data {
+            MatrixData::F32(v) => matmul_nt(x, v, y, n, self.in_dim, self.out_dim, mode),
+            MatrixData::Quant(f, b) => matmul_q(x, *f, b, y, n, self.in_dim, self.out_dim, mode),
+        }
+    }
+
+    /// Row `r` into `out`.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let k = self.in_dim;
+        match &self.data {
+            MatrixData::F32(v) => out.copy_from_slice(&v[r * k..(r + 1) * k]),
+            MatrixData::Quant(f, b) => {
+                let rb = f.row_bytes(k);
+                dequantize_rows(*f, &b[r * rb..(r + 1) * rb], out);
+            }
+        }
+    }
+}
+
+/// The CPU backend: rayon-parallel kernels of this crate on host memory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+/// `y[rows, col0..col0 + out] += (x_rows A^T) B^T` for the `n` rows of `x` (`y` row stride
+/// `ld`).
+pub fn lora_add(a: &CpuMatrix, b: &CpuMatrix, x: &[f32], n: usize, y: &mut [f32], ld: usize, col0: usize) {
+    let rank = a.out_dim;
+    let mut t = vec![0f32; n * rank];
+    a.matmul(x, &mut t, n, MatmulMode::Overwrite);
+    let mut d = vec![0f32; n * b.out_dim];
+    b.matmul(&t, &mut d, n, MatmulMode::Overwrite);
+    for (i, drow) in d.chunks_exact(b.out_dim).enumerate() {
+        let yrow = &mut y[i * ld + col0..i * ld + col0 + b.out_dim];
+        yrow.iter_mut().zip(drow).for_each(|(p, q)| *p += q);
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Mat = CpuMatrix;
+    type Kv = Vec<f32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn matrix(&self, out_dim: usize, in_dim: usize, data: MatrixData) -> CpuMatrix {
+        CpuMatrix { out_dim, in_dim, data }
+    }
+
+    fn buffer(&self, values: Vec<f32>) -> Vec<f32> {
+        values
+    }
+
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        vec![0f32; len]
+    }
+
+    fn to_host(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+
+    fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> Vec<f32> {
+        vec![0f32; n_blocks * layout.block_floats()]
+    }
+
+    fn matrix_bytes(&self, m: &CpuMatrix) -> usize {
+        match &m.data {
+            MatrixData::F32(v) => v.len() * 4,
+            MatrixData::Quant(_, b) => b.len(),
+        }
+    }
+
+    fn embed(&self, table: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) {
+        let w = table.in_dim;
+        for (i, &t) in tokens.iter().enumerate() {
+            table.row_into(t as usize, &mut out[i * w..(i + 1) * w]);
+        }
+    }
+
+    fn copy_rows(&self, src: &Vec<f32>, src_rows: &[u32], dst: &mut Vec<f32>, dst_row0: usize, width: usize) {
+        for (i, &r) in src_rows.iter().enumerate() {
+            let r = r as usize;
+            let d = (dst_row0 + i) * width;
+            dst[d..d + width].copy_from_slice(&src[r * width..(r + 1) * width]);
+        }
+    }
+
+    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) {
+        rmsnorm(x, w, eps, out);
+    }
+
+    fn linear_lora(
+        &self,
+        x: &Vec<f32>,
+        n: usize,
+        w: &CpuMatrix,
+        bias: Option<&Vec<f32>>,
+        loras: &[LoraColumns<'_, CpuMatrix>],
+        groups: &[RowGroup],
+        y: &mut Vec<f32>,
+        mode: MatmulMode,
+    ) {
+        let (k, m) = (w.in_dim, w.out_dim);
+        w.matmul(&x[..n * k], &mut y[..n * m], n, mode);
+        if let Some(b) = bias {
+            for row in y[..n * m].chunks_exact_mut(m) {
+                row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
+            }
+        }
+        for g in groups {
+            if g.len == 0 {
+                continue;
+            }
+            let xg = &x[g.start * k..(g.start + g.len) * k];
+            let yg = &mut y[g.start * m..(g.start + g.len) * m];
+            for lc in loras {
+                if let Some(Some(l)) = lc.per_adapter.get(g.adapter) {
+                    lora_add(&l.a, &l.b, xg, g.len, yg, m, lc.col0);
+                }
+            }
+        }
+    }
+
+    fn rope(
+        &self,
+        rope: &RopeTable,
+        qkv: &mut Vec<f32>,
+        ld: usize,
+        positions: &[u32],
+        q_cols: usize,
+        k_col0: usize,
+        k_cols: usize,
+    ) {
+        let half = rope.half();
+        qkv[..positions.len() * ld]
+            .par_chunks_mut(ld)
+            .zip(positions.par_iter())
+            .with_min_len(16)
+            .for_each(|(row, &p)| {
+                let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
+                rope.cos_sin(p as usize, &mut cos, &mut sin);
+                rope.apply(&mut row[..q_cols], &cos, &sin);
+                rope.apply(&mut row[k_col0..k_col0 + k_cols], &cos, &sin);
+            });
+    }
+
+    fn kv_write(
+        &self,
+        kv: &mut Vec<f32>,
+        layout: &KvLayout,
+        src: &Vec<f32>,
+        ld: usize,
+        k_col0: usize,
+        v_col0: usize,
+        slots: &[KvSlot],
+    ) {
+        let kd = layout.kv_dim();
+        for (i, s) in slots.iter().enumerate() {
+            let row = &src[i * ld..(i + 1) * ld];
+            let ko = layout.offset(s.block, s.layer, 0, s.slot);
+            kv[ko..ko + kd].copy_from_slice(&row[k_col0..k_col0 + kd]);
+            let vo = layout.offset(s.block, s.layer, 1, s.slot);
+            kv[vo..vo + kd].copy_from_slice(&row[v_col0..v_col0 + kd]);
+        }
+    }
+
+    fn attention(
+        &self,
+        qkv: &Vec<f32>,
+        ld: usize,
+        rows: &[AttnRow<'_>],
+        kv: &Vec<f32>,
+        layout: &KvLayout,
+        shape: AttnShape,
+        out: &mut Vec<f32>,
+    ) {
+        let qd = shape.n_heads * layout.head_dim;
+        let mut q = vec![0f32; rows.len() * qd];
+        for (i, qr) in q.chunks_exact_mut(qd).enumerate() {
+            qr.copy_from_slice(&qkv[i * ld..i * ld + qd]);
+        }
+        attention_paged(&q, rows, kv, layout, shape, &mut out[..rows.len() * qd]);
+    }
+
+    fn silu_mul(&self, gu: &Vec<f32>, n: usize, inter: usize, out: &mut Vec<f32>) {
+        silu_mul(&gu[..n * 2 * inter], inter, &mut out[..n * inter]);
+    }
+
+    fn logits(
+        &self,
+        x: &Vec<f32>,
+        width: usize,
+        select: &[u32],
+        norm: &Vec<f32>,
+        eps: f32,
+        head: &CpuMatrix,
+    ) -> Vec<f32> {
+        let mut picked = vec![0f32; select.len() * width];
+        for (i, &r) in select.iter().enumerate() {
+            let r = r as usize;
+            picked[i * width..(i + 1) * width].copy_from_slice(&x[r * width..(r + 1) * width]);
+        }
+        let mut normed = vec![0f32; picked.len()];
+        rmsnorm(&picked, norm, eps, &mut normed);
+        let mut out = vec![0f32; select.len() * head.out_dim];
+        head.matmul(&normed, &mut out, select.len(), MatmulMode::Overwrite);
+        out
+    }
+
+    fn cosine_rows(&self, a: &Vec<f32>, b: &Vec<f32>, width: usize, rows: &[u32]) -> Vec<f32> {
+        rows.iter()
+            .map(|&r| {
+                let r = r as usize;
+                cosine(&a[r * width..(r + 1) * width], &b[r * width..(r + 1) * width])
+            })
+            .collect()
+    }
+}
+
+/// Cosine similarity in f64 (0 for a zero vector).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        ab += (*x as f64) * (*y as f64);
+        aa += (*x as f64) * (*x as f64);
+        bb += (*y as f64) * (*y as f64);
+    }
+    (ab / (aa.sqrt() * bb.sqrt()).max(1e-30)) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// The fused product against a float64 reference that applies each row's own adapter
+    /// separately, with groups in any order and a depth without adapter.
+    #[test]
+    fn fused_lora_product_matches_per_row_reference() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (n, k, m, r) = (11, 40, 24, 5);
+        let be = CpuBackend;
+        let w = rand_vec(m * k, &mut rng);
+        let mat = be.matrix(m, k, MatrixData::F32(w.clone()));
+        let bias = rand_vec(m, &mut rng);
+        // Adapters on columns 8..20 (out 12): depth 0 and 2 have one, depth 1 has none.
+        let mk = |rng: &mut rand_chacha::ChaCha8Rng| {
+            let a = rand_vec(r * k, rng);
+            let b = rand_vec(12 * r, rng);
+            (a, b)
+        };
+        let (a0, b0) = mk(&mut rng);
+        let (a2, b2) = mk(&mut rng);
+        let per: Vec<Option<LoraMats<CpuMatrix>>> = vec![
+            Some(LoraMats {
+                rank: r,
+                a: be.matrix(r, k, MatrixData::F32(a0.clone())),
+                b: be.matrix(12, r, MatrixData::F32(b0.clone())),
+            }),
+            None,
+            Some(LoraMats {
+                rank: r,
+                a: be.matrix(r, k, MatrixData::F32(a2.clone())),
+                b: be.matrix(12, r, MatrixData::F32(b2.clone())),
+            }),
+        ];
+        let x = rand_vec(n * k, &mut rng);
+        let groups = [
+            RowGroup {
+                start: 0,
+                len: 3,
+                adapter: 2,
+            },
+            RowGroup {
+                start: 3,
+                len: 4,
+                adapter: 0,
+            },
+            RowGroup {
+                start: 7,
+                len: 4,
+                adapter: 1,
+            },
+        ];
+        let mut y = vec![0f32; n * m];
+        let cols = [LoraColumns {
+            col0: 8,
+            per_adapter: &per,
+        }];
+        be.linear_lora(&x, n, &mat, Some(&bias), &cols, &groups, &mut y, MatmulMode::Overwrite);
+        for i in 0..n {
+            let depth = groups
+                .iter()
+                .find(|g| i >= g.start && i < g.start + g.len)
+                .unwrap()
+                .adapter;
+            let xi = &x[i * k..(i + 1) * k];
+            for j in 0..m {
+                let mut want: f64 = (0..k).map(|p| xi[p] as f64 * w[j * k + p] as f64).sum::<f64>() + bias[j] as f64;
+                let ab = match depth {
+                    0 => Some((&a0, &b0)),
+                    2 => Some((&a2, &b2)),
+                    _ => None,
+                };
+                if let (Some((a, b)), true) = (ab, (8..20).contains(&j)) {
+                    for q in 0..r {
+                        let t: f64 = (0..k).map(|p| xi[p] as f64 * a[q * k + p] as f64).sum();
+                        want += t * b[(j - 8) * r + q] as f64;
+                    }
+                }
+                assert!(
+                    (y[i * m + j] as f64 - want).abs() < 1e-4,
+                    "row {i} col {j}: {} vs {want}",
+                    y[i * m + j]
+                );
+            }
+        }
+    }
+
+    /// A row's product does not depend on the batch around it (bit for bit).
+    #[test]
+    fn products_are_batch_invariant() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let (k, m) = (96, 70);
+        let w = rand_vec(m * k, &mut rng);
+        let x = rand_vec(130 * k, &mut rng);
+        let mut full = vec![0f32; 130 * m];
+        matmul_nt(&x, &w, &mut full, 130, k, m, MatmulMode::Overwrite);
+        for (start, len) in [(0, 1), (5, 3), (17, 48), (100, 30), (129, 1)] {
+            let mut part = vec![0f32; len * m];
+            matmul_nt(
+                &x[start * k..(start + len) * k],
+                &w,
+                &mut part,
+                len,
+                k,
+                m,
+                MatmulMode::Overwrite,
+            );
+            assert!(
+                part.iter()
+                    .zip(&full[start * m..])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rows {start}..+{len}"
+            );
+        }
+    }
+}

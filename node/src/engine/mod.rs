@@ -1,0 +1,863 @@
+//! The node engine: continuous depth-wise batching with early exit over a paged per-depth KV
+//! cache.
+//!
+//! Each [`Engine::step`] runs **one pass of the shared block** over a batch of rows at mixed
+//! loop depths: prompt chunks and decode tokens entering at loop 0 next to rows carried over
+//! from the previous step at loops 1..B-1. After the pass a row either continues (its hidden
+//! state is carried to the next step one loop deeper), or produces a token because it finished
+//! its last loop or passed the exit test; the slot it leaves is taken by waiting work in the
+//! next pass. A vanilla model runs as `B = 1` (continuous sequence-wise batching), and
+//! [`Batching::SequenceWise`] runs a recursive model the conventional way (all loops of a batch
+//! before admitting new work) for comparison.
+//!
+//! Invariants (checked by the property test in `tests/`):
+//! - every KV block is free or owned by exactly one live sequence; finishing, cancelling or
+//!   preempting a sequence frees its blocks and drops its rows within the same call;
+//! - a sequence has at most one row that will produce a token in flight; prompt chunks of one
+//!   sequence may be in flight together, each at most one loop behind the previous chunk, so
+//!   every row finds the keys/values it attends to already written;
+//! - a token that exits at loop b < B-1 gets the keys/values of its deeper unrolled layers
+//!   before any later token of its sequence reaches those layers (fill rows in the next pass,
+//!   or the token keeps running its remaining loops without output under `KvFill::Recompute`);
+//! - rows never exceed `max_step_rows` per pass, and rows already in flight always continue.
+
+pub mod request;
+pub mod resident;
+pub mod stop;
+
+use rrt_kernels::KvLayout;
+use rrt_kernels::backend::Backend;
+use rrt_model::ModelError;
+use rrt_model::exit::{Criterion, prob_scores};
+use rrt_model::kv::SeqKv;
+use rrt_model::sampling::Sampler;
+use rrt_model::tokenizer::Tokenizer;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub use request::{Event, ExitControl, FinishReason, GenParams, Request, TokenEvent, Usage};
+pub use resident::{PassRow, ResidentModel};
+use stop::TextStream;
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid request field `{field}`: {msg}")]
+    InvalidRequest { field: &'static str, msg: String },
+    #[error(
+        "request needs {needed} KV blocks ({positions} positions) but the whole cache has {capacity}; raise the KV budget or lower max_tokens"
+    )]
+    TooLarge {
+        needed: usize,
+        positions: usize,
+        capacity: usize,
+    },
+    #[error("invalid engine configuration `{field}`: {msg}")]
+    Config { field: &'static str, msg: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// How rows of different loop depths share passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Batching {
+    /// One pass per step over rows at mixed depths; freed slots are refilled every pass.
+    DepthWise,
+    /// A batch runs all its loops before new work is admitted (the conventional way).
+    SequenceWise,
+}
+
+/// How an early-exited token gets the keys/values of the loops it skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvFill {
+    /// Computed from the exit hidden state (K/V projections only), batched into the next pass.
+    Propagate,
+    /// The token keeps running its remaining loops (without output) in the following passes.
+    Recompute,
+}
+
+/// Early-exit rule of the engine (from the checkpoint's calibration).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExitRule {
+    pub criterion: Criterion,
+    /// Per loop before the last; `None` = never exit there.
+    pub thresholds: Vec<Option<f32>>,
+}
+
+impl ExitRule {
+    /// The checkpoint's calibrated rule, if it has one.
+    pub fn from_checkpoint(dir: &std::path::Path) -> Result<Option<Self>, EngineError> {
+        let cfg = rrt_model::checkpoint::read_config(dir)?;
+        Ok(cfg.exit.criterion.map(|criterion| ExitRule {
+            criterion,
+            thresholds: cfg.exit.thresholds.clone(),
+        }))
+    }
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// Bytes of KV cache (all unrolled layers); admission is bounded by it.
+    pub kv_bytes: usize,
+    /// Most rows (tokens x loops) per pass: the per-step token budget of chunked prefill.
+    pub max_step_rows: usize,
+    /// Most sequences holding KV at once.
+    pub max_running: usize,
+    pub batching: Batching,
+    pub kv_fill: KvFill,
+    /// Early exit (`None`: off).
+    pub exit: Option<ExitRule>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            kv_bytes: 1 << 30,
+            max_step_rows: 256,
+            max_running: 64,
+            batching: Batching::DepthWise,
+            kv_fill: KvFill::Propagate,
+            exit: None,
+        }
+    }
+}
+
+pub type RequestId = u64;
+
+/// Counters for benchmarks and metrics.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EngineStats {
+    pub passes: u64,
+    /// Rows run through the shared block (tokens x loops).
+    pub rows: u64,
+    /// KV-only fill rows (exited tokens x skipped loops).
+    pub fill_rows: u64,
+    /// Rows that went through the LM head (decoding + softmax exit tests).
+    pub head_rows: u64,
+    /// Rows that went through the LM head only for an exit test that did not exit.
+    pub head_rows_wasted: u64,
+    pub tokens: u64,
+    /// Output tokens by loops run (index = loops - 1).
+    pub exits: Vec<u64>,
+    pub preemptions: u64,
+}
+
+struct Seq {
+    prompt: Vec<u32>,
+    out: Vec<u32>,
+    params: GenParams,
+    sampler: Sampler,
+    text: TextStream,
+    kv: SeqKv,
+    /// Positions whose row has entered loop 0.
+    fed: usize,
+    /// A row that will produce a token is in flight.
+    emit_in_flight: bool,
+    /// Holds KV blocks.
+    running: bool,
+    loops: usize,
+    preemptions: usize,
+}
+
+impl Seq {
+    fn total(&self) -> usize {
+        self.prompt.len() + self.out.len()
+    }
+
+    fn token(&self, pos: usize) -> u32 {
+        if pos < self.prompt.len() {
+            self.prompt[pos]
+        } else {
+            self.out[pos - self.prompt.len()]
+        }
+    }
+}
+
+/// A row carried to the next pass.
+#[derive(Clone, Copy, Debug)]
+struct Flight {
+    seq: RequestId,
+    pos: usize,
+    /// Loop it runs next.
+    depth: usize,
+    emit: bool,
+    /// Its hidden state: row of the previous pass's output.
+    row: usize,
+}
+
+/// A token whose deeper unrolled layers need keys/values (propagated from its exit state).
+#[derive(Clone, Copy, Debug)]
+struct Fill {
+    seq: RequestId,
+    pos: usize,
+    from_depth: usize,
+    row: usize,
+}
+
+/// A row entering loop 0 this pass.
+#[derive(Clone, Copy, Debug)]
+struct NewRow {
+    seq: RequestId,
+    pos: usize,
+    token: u32,
+    emit: bool,
+}
+
+/// The engine of one node.
+pub struct Engine<B: Backend> {
+    model: ResidentModel<B>,
+    tokenizer: Arc<Tokenizer>,
+    cfg: EngineConfig,
+    layout: KvLayout,
+    kv: B::Kv,
+    free: Vec<u32>,
+    n_blocks: usize,
+    seqs: BTreeMap<RequestId, Seq>,
+    flights: Vec<Flight>,
+    fills: Vec<Fill>,
+    carry: Option<B::Buf>,
+    next_id: RequestId,
+    events: Vec<(RequestId, Event)>,
+    stats: EngineStats,
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(model: ResidentModel<B>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Result<Self, EngineError> {
+        let cerr = |field, msg: String| Err(EngineError::Config { field, msg });
+        if cfg.block_size == 0 {
+            return cerr("block_size", "must be at least 1".into());
+        }
+        if cfg.max_step_rows == 0 {
+            return cerr("max_step_rows", "must be at least 1".into());
+        }
+        if cfg.max_running == 0 {
+            return cerr("max_running", "must be at least 1".into());
+        }
+        if let Some(e) = &cfg.exit
+            && e.thresholds.len() + 1 != model.loops
+            && model.loops > 1
+        {
+            return cerr(
+                "exit.thresholds",
+                format!(
+                    "{} thresholds for a model of {} loops (expected {})",
+                    e.thresholds.len(),
+                    model.loops,
+                    model.loops - 1
+                ),
+            );
+        }
+        let layout = model.kv_layout(cfg.block_size);
+        let n_blocks = cfg.kv_bytes / (layout.block_floats() * 4);
+        if n_blocks == 0 {
+            return cerr(
+                "kv_bytes",
+                format!(
+                    "{} bytes hold no KV block (one block takes {} bytes)",
+                    cfg.kv_bytes,
+                    layout.block_floats() * 4
+                ),
+            );
+        }
+        let kv = model.backend.kv_pool(layout, n_blocks);
+        let loops = model.loops;
+        Ok(Self {
+            model,
+            tokenizer,
+            layout,
+            kv,
+            free: (0..n_blocks as u32).rev().collect(),
+            n_blocks,
+            seqs: BTreeMap::new(),
+            flights: Vec::new(),
+            fills: Vec::new(),
+            carry: None,
+            next_id: 1,
+            events: Vec::new(),
+            stats: EngineStats {
+                exits: vec![0; loops],
+                ..Default::default()
+            },
+            cfg,
+        })
+    }
+
+    pub fn model(&self) -> &ResidentModel<B> {
+        &self.model
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// KV blocks in the pool / free.
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        (self.n_blocks, self.free.len())
+    }
+
+    /// Requests not finished (running or waiting).
+    pub fn active(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Whether a step would do anything.
+    pub fn has_work(&self) -> bool {
+        !self.seqs.is_empty() || !self.events.is_empty()
+    }
+
+    /// Accepts a request (validated; it must fit the KV cache alone).
+    pub fn submit(&mut self, req: Request) -> Result<RequestId, EngineError> {
+        let c = &self.model.config;
+        req.validate(c.vocab, self.model.loops, c.max_positions)?;
+        let positions = req.prompt.len() + req.params.max_tokens;
+        let needed = positions.div_ceil(self.cfg.block_size);
+        if needed > self.n_blocks {
+            return Err(EngineError::TooLarge {
+                needed,
+                positions,
+                capacity: self.n_blocks,
+            });
+        }
+        let mut sampler = Sampler::new(req.params.sampling.clone())?;
+        sampler.observe_prompt(&req.prompt);
+        let text = TextStream::new(&req.prompt, req.params.stop.clone());
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(
+            id,
+            Seq {
+                prompt: req.prompt,
+                out: Vec::new(),
+                params: req.params,
+                sampler,
+                text,
+                kv: SeqKv::default(),
+                fed: 0,
+                emit_in_flight: false,
+                running: false,
+                loops: 0,
+                preemptions: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Cancels a request: its rows and KV blocks are freed now; a `Done { Cancelled }` event
+    /// is queued for the next step. Returns false for an unknown (or finished) id.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        if !self.seqs.contains_key(&id) {
+            return false;
+        }
+        self.finish(id, FinishReason::Cancelled, String::new());
+        true
+    }
+
+    fn release(&mut self, id: RequestId) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            self.free.extend(s.kv.blocks.drain(..).rev());
+            s.kv.len = 0;
+            s.fed = 0;
+            s.emit_in_flight = false;
+            s.running = false;
+        }
+        self.flights.retain(|f| f.seq != id);
+        self.fills.retain(|f| f.seq != id);
+    }
+
+    fn finish(&mut self, id: RequestId, reason: FinishReason, mut text: String) {
+        self.release(id);
+        if let Some(mut s) = self.seqs.remove(&id) {
+            if reason != FinishReason::Cancelled && reason != FinishReason::Stop {
+                text.push_str(&s.text.finish(&self.tokenizer).unwrap_or_default());
+            }
+            let usage = Usage {
+                prompt_tokens: s.prompt.len(),
+                completion_tokens: s.out.len(),
+                loops: s.loops,
+                preemptions: s.preemptions,
+            };
+            self.events.push((
+                id,
+                Event::Done {
+                    finish_reason: reason,
+                    text,
+                    usage,
+                },
+            ));
+        }
+    }
+
+    fn preempt(&mut self, id: RequestId) {
+        self.release(id);
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.preemptions += 1;
+            self.stats.preemptions += 1;
+        }
+    }
+
+    /// Reserves blocks so that `seq` holds positions `0..len`, preempting lower-priority
+    /// (later) sequences when the pool is short. Returns how many positions it could reserve
+    /// (`len`, or less when nothing more can be freed).
+    fn reserve(&mut self, id: RequestId, len: usize, new_rows: &mut Vec<NewRow>, budget: &mut usize) -> usize {
+        let bs = self.cfg.block_size;
+        loop {
+            let s = &self.seqs[&id];
+            let need = len.div_ceil(bs).saturating_sub(s.kv.blocks.len());
+            if need <= self.free.len() {
+                let s = self.seqs.get_mut(&id).expect("live sequence");
+                for _ in 0..need {
+                    s.kv.blocks.push(self.free.pop().expect("counted above"));
+                }
+                return len;
+            }
+            let victim = self
+                .seqs
+                .iter()
+                .rev()
+                .find(|(v, q)| **v > id && q.running)
+                .map(|(v, _)| *v);
+            match victim {
+                Some(v) => {
+                    let before = new_rows.len();
+                    new_rows.retain(|r| r.seq != v);
+                    *budget += before - new_rows.len();
+                    self.preempt(v);
+                }
+                None => {
+                    // Nothing to preempt: take what is free if it lets the sequence progress.
+                    let s = self.seqs.get_mut(&id).expect("live sequence");
+                    let possible = (s.kv.blocks.len() + self.free.len()) * bs;
+                    if possible <= s.fed {
+                        return s.fed;
+                    }
+                    while let Some(b) = self.free.pop() {
+                        s.kv.blocks.push(b);
+                    }
+                    return len.min(possible);
+                }
+            }
+        }
+    }
+
+    /// Picks the rows entering loop 0 this pass: decode tokens first, then prompt chunks, each
+    /// in arrival order, within the row budget left by the rows in flight.
+    fn admit(&mut self) -> Vec<NewRow> {
+        let mut budget = self.cfg.max_step_rows.saturating_sub(self.flights.len());
+        let mut rows = Vec::new();
+        let ready = |s: &Seq| s.fed < s.total() && !s.emit_in_flight;
+        let decode: Vec<RequestId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| ready(s) && s.running && s.fed + 1 == s.total())
+            .map(|(id, _)| *id)
+            .collect();
+        let prefill: Vec<RequestId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| ready(s) && !(s.running && s.fed + 1 == s.total()))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in decode.into_iter().chain(prefill) {
+            if budget == 0 {
+                break;
+            }
+            let Some(s) = self.seqs.get(&id) else { continue };
+            if !ready(s) {
+                continue;
+            }
+            if !s.running && self.seqs.values().filter(|q| q.running).count() >= self.cfg.max_running {
+                continue;
+            }
+            let (fed, total) = (s.fed, s.total());
+            let want = (total - fed).min(budget);
+            let got = self.reserve(id, fed + want, &mut rows, &mut budget);
+            let s = self.seqs.get_mut(&id).expect("live sequence");
+            let n = got.saturating_sub(fed).min(want);
+            if !s.kv.blocks.is_empty() {
+                s.running = true;
+            }
+            if n == 0 {
+                // Keep whatever it holds; it will continue when blocks free up.
+                continue;
+            }
+            s.running = true;
+            for pos in fed..fed + n {
+                let emit = pos + 1 == total;
+                rows.push(NewRow {
+                    seq: id,
+                    pos,
+                    token: s.token(pos),
+                    emit,
+                });
+                if emit {
+                    s.emit_in_flight = true;
+                }
+            }
+            s.fed += n;
+            budget -= n;
+        }
+        rows
+    }
+
+    /// Runs one pass and returns the events it produced (tokens, finished requests).
+    pub fn step(&mut self) -> Result<Vec<(RequestId, Event)>, EngineError> {
+        let admit = self.cfg.batching == Batching::DepthWise || self.flights.is_empty();
+        let new_rows = if admit { self.admit() } else { Vec::new() };
+        if new_rows.is_empty() && self.flights.is_empty() && self.fills.is_empty() {
+            return Ok(std::mem::take(&mut self.events));
+        }
+        self.run_pass(new_rows)?;
+        Ok(std::mem::take(&mut self.events))
+    }
+
+    fn run_pass(&mut self, new_rows: Vec<NewRow>) -> Result<(), EngineError> {
+        let loops = self.model.loops;
+        let h = self.model.config.hidden;
+        let be = &self.model.backend;
+        let mut flights = std::mem::take(&mut self.flights);
+        flights.sort_by_key(|f| f.depth);
+        let n_new = new_rows.len();
+        let n = n_new + flights.len();
+        // Row metadata: (seq, pos, depth, emit), new rows first (loop 0), then by depth.
+        let meta: Vec<(RequestId, usize, usize, bool)> = new_rows
+            .iter()
+            .map(|r| (r.seq, r.pos, 0, r.emit))
+            .chain(flights.iter().map(|f| (f.seq, f.pos, f.depth, f.emit)))
+            .collect();
+        let mut x = be.zeros(n * h);
+        let tokens: Vec<u32> = new_rows.iter().map(|r| r.token).collect();
+        self.model.embed(&tokens, &mut x);
+        if let Some(carry) = &self.carry {
+            let src: Vec<u32> = flights.iter().map(|f| f.row as u32).collect();
+            be.copy_rows(carry, &src, &mut x, n_new, h);
+        }
+        // Fill rows: one per (exited token, skipped loop), grouped by loop.
+        let mut fill_meta: Vec<(usize, RequestId, usize, usize)> = Vec::new();
+        for f in &self.fills {
+            for d in f.from_depth..loops {
+                fill_meta.push((d, f.seq, f.pos, f.row));
+            }
+        }
+        fill_meta.sort_by_key(|m| m.0);
+        let fill_x = match (&self.carry, fill_meta.is_empty()) {
+            (Some(carry), false) => {
+                let mut fx = be.zeros(fill_meta.len() * h);
+                let src: Vec<u32> = fill_meta.iter().map(|m| m.3 as u32).collect();
+                be.copy_rows(carry, &src, &mut fx, 0, h);
+                Some(fx)
+            }
+            _ => None,
+        };
+        self.fills.clear();
+        let saturation = self.uses_saturation();
+        let x_in = if saturation {
+            let mut c = be.zeros(n * h);
+            let all: Vec<u32> = (0..n as u32).collect();
+            be.copy_rows(&x, &all, &mut c, 0, h);
+            Some(c)
+        } else {
+            None
+        };
+        {
+            let seqs = &self.seqs;
+            let rows: Vec<PassRow<'_>> = meta
+                .iter()
+                .map(|&(id, pos, depth, _)| PassRow {
+                    pos,
+                    depth,
+                    blocks: &seqs[&id].kv.blocks,
+                })
+                .collect();
+            let frows: Vec<PassRow<'_>> = fill_meta
+                .iter()
+                .map(|&(depth, id, pos, _)| PassRow {
+                    pos,
+                    depth,
+                    blocks: &seqs[&id].kv.blocks,
+                })
+                .collect();
+            self.model
+                .pass(&mut self.kv, &self.layout, &mut x, &rows, fill_x.as_ref(), &frows);
+        }
+        self.stats.passes += 1;
+        self.stats.rows += n as u64;
+        self.stats.fill_rows += fill_meta.len() as u64;
+        for &(id, pos, _, _) in &meta {
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.kv.len = s.kv.len.max(pos + 1);
+            }
+        }
+        self.after_pass(&meta, &x, x_in.as_ref())?;
+        self.carry = Some(x);
+        Ok(())
+    }
+
+    fn uses_saturation(&self) -> bool {
+        matches!(&self.cfg.exit, Some(e) if e.criterion == Criterion::Saturation)
+    }
+
+    /// The most loops output token `i` of `s` may run.
+    fn loop_limit(&self, s: &Seq) -> usize {
+        let loops = self.model.loops;
+        let mut limit = s.params.exit.max_loops.unwrap_or(loops).min(loops);
+        if let Some(sched) = &s.params.exit.schedule
+            && let Some(&l) = sched.get(s.out.len())
+        {
+            limit = limit.min((l as usize).clamp(1, loops));
+        }
+        limit
+    }
+
+    /// The exit threshold of `s` after loop `depth` (`None`: no exit test).
+    fn threshold(&self, s: &Seq, depth: usize) -> Option<(Criterion, f32)> {
+        let rule = self.cfg.exit.as_ref()?;
+        if s.params.exit.full_depth || depth + 1 >= self.model.loops {
+            return None;
+        }
+        let t = s
+            .params
+            .exit
+            .threshold
+            .or_else(|| rule.thresholds.get(depth).copied().flatten())?;
+        Some((rule.criterion, t))
+    }
+
+    fn after_pass(
+        &mut self,
+        meta: &[(RequestId, usize, usize, bool)],
+        x: &B::Buf,
+        x_in: Option<&B::Buf>,
+    ) -> Result<(), EngineError> {
+        let loops = self.model.loops;
+        let vocab = self.model.config.vocab;
+        let mut next = Vec::new();
+        // Rows to decode now, and rows whose exit test needs the LM head.
+        let mut decode: Vec<usize> = Vec::new();
+        let mut test_head: Vec<(usize, Criterion, f32)> = Vec::new();
+        let mut test_sat: Vec<(usize, f32)> = Vec::new();
+        for (i, &(id, pos, depth, emit)) in meta.iter().enumerate() {
+            let Some(s) = self.seqs.get(&id) else { continue };
+            if !emit {
+                if depth + 1 < loops {
+                    next.push(Flight {
+                        seq: id,
+                        pos,
+                        depth: depth + 1,
+                        emit: false,
+                        row: i,
+                    });
+                }
+                continue;
+            }
+            if depth + 1 >= self.loop_limit(s) {
+                decode.push(i);
+                continue;
+            }
+            match self.threshold(s, depth) {
+                Some((Criterion::Saturation, t)) => test_sat.push((i, t)),
+                Some((c, t)) => test_head.push((i, c, t)),
+                None => {}
+            }
+        }
+        if let (Some(xi), false) = (x_in, test_sat.is_empty()) {
+            let rows: Vec<u32> = test_sat.iter().map(|t| t.0 as u32).collect();
+            let cos = self.model.backend.cosine_rows(x, xi, self.model.config.hidden, &rows);
+            for ((i, t), c) in test_sat.iter().zip(cos) {
+                if c >= *t {
+                    decode.push(*i);
+                }
+            }
+        }
+        // Logits for the softmax tests and the rows to decode, in one LM-head call.
+        let head_rows: Vec<u32> = test_head
+            .iter()
+            .map(|t| t.0 as u32)
+            .chain(decode.iter().map(|&i| i as u32))
+            .collect();
+        let logits = self.model.logits(x, &head_rows);
+        self.stats.head_rows += head_rows.len() as u64;
+        let mut produce: Vec<(usize, &[f32])> = Vec::new();
+        for (j, &(i, c, t)) in test_head.iter().enumerate() {
+            let row = &logits[j * vocab..(j + 1) * vocab];
+            let (p1, margin) = prob_scores(row);
+            let score = if c == Criterion::Margin { margin } else { p1 };
+            if score >= t {
+                produce.push((i, row));
+            } else {
+                self.stats.head_rows_wasted += 1;
+            }
+        }
+        for (j, &i) in decode.iter().enumerate() {
+            let k = test_head.len() + j;
+            produce.push((i, &logits[k * vocab..(k + 1) * vocab]));
+        }
+        // Rows that neither decoded nor exited continue one loop deeper.
+        let mut producing = vec![false; meta.len()];
+        for &(i, _) in &produce {
+            producing[i] = true;
+        }
+        for (i, &(id, pos, depth, emit)) in meta.iter().enumerate() {
+            if emit && !producing[i] && self.seqs.contains_key(&id) {
+                next.push(Flight {
+                    seq: id,
+                    pos,
+                    depth: depth + 1,
+                    emit: true,
+                    row: i,
+                });
+            }
+        }
+        produce.sort_by_key(|p| p.0);
+        let mut fills = Vec::new();
+        for (i, row) in produce {
+            let (id, pos, depth, _) = meta[i];
+            let finished = self.produce(id, row, depth + 1)?;
+            if !finished && depth + 1 < loops {
+                match self.cfg.kv_fill {
+                    KvFill::Propagate => fills.push(Fill {
+                        seq: id,
+                        pos,
+                        from_depth: depth + 1,
+                        row: i,
+                    }),
+                    KvFill::Recompute => next.push(Flight {
+                        seq: id,
+                        pos,
+                        depth: depth + 1,
+                        emit: false,
+                        row: i,
+                    }),
+                }
+            }
+        }
+        // Sequences finished or preempted during this call leave no rows behind.
+        next.retain(|f| self.seqs.get(&f.seq).is_some_and(|s| s.running));
+        fills.retain(|f| self.seqs.get(&f.seq).is_some_and(|s| s.running));
+        self.flights = next;
+        self.fills = fills;
+        Ok(())
+    }
+
+    /// Samples the next token of `id` from `logits` (decoded after `loops` loops), streams it
+    /// and finishes the request when it should. Returns whether it finished.
+    fn produce(&mut self, id: RequestId, logits: &[f32], loops: usize) -> Result<bool, EngineError> {
+        let tok = self.tokenizer.clone();
+        let s = self.seqs.get_mut(&id).expect("producing row of a live sequence");
+        let token = s.sampler.sample(logits);
+        let lse = rrt_kernels::logsumexp(logits);
+        let logprob = logits[token as usize] - lse;
+        let top_logprobs = top_n(logits, s.params.top_logprobs, lse);
+        s.loops += loops;
+        s.emit_in_flight = false;
+        self.stats.tokens += 1;
+        self.stats.exits[loops - 1] += 1;
+        if s.params.stop_ids.contains(&token) {
+            self.finish(id, FinishReason::Stop, String::new());
+            return Ok(true);
+        }
+        if !s.params.ignore_eos && tok.is_eog(token) {
+            self.finish(id, FinishReason::Eos, String::new());
+            return Ok(true);
+        }
+        s.out.push(token);
+        s.sampler.accept(token);
+        let (text, stopped) = s.text.push(&tok, token)?;
+        let done = s.out.len() >= s.params.max_tokens;
+        self.events.push((
+            id,
+            Event::Token(TokenEvent {
+                id: token,
+                text,
+                logprob,
+                top_logprobs,
+                loops,
+            }),
+        ));
+        if stopped {
+            self.finish(id, FinishReason::Stop, String::new());
+            return Ok(true);
+        }
+        if done {
+            self.finish(id, FinishReason::Length, String::new());
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Steps until every submitted request has finished; returns all events in order.
+    pub fn run_to_completion(&mut self) -> Result<Vec<(RequestId, Event)>, EngineError> {
+        let mut all = Vec::new();
+        while self.has_work() {
+            all.extend(self.step()?);
+        }
+        Ok(all)
+    }
+
+    /// Invariant check for tests: every block is free or owned by exactly one live sequence,
+    /// and every row in flight belongs to a running sequence.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut owned: Vec<u32> = self.seqs.values().flat_map(|s| s.kv.blocks.iter().copied()).collect();
+        owned.extend(self.free.iter().copied());
+        owned.sort_unstable();
+        if owned != (0..self.n_blocks as u32).collect::<Vec<_>>() {
+            return Err(format!("blocks leaked or shared: {owned:?}"));
+        }
+        for f in &self.flights {
+            match self.seqs.get(&f.seq) {
+                Some(s) if s.running => {}
+                _ => return Err(format!("row in flight for dead or preempted sequence {}", f.seq)),
+            }
+        }
+        for f in &self.fills {
+            if !self.seqs.get(&f.seq).is_some_and(|s| s.running) {
+                return Err(format!("fill row for dead or preempted sequence {}", f.seq));
+            }
+        }
+        if self.flights.len() > self.cfg.max_step_rows {
+            return Err(format!(
+                "{} rows in flight > budget {}",
+                self.flights.len(),
+                self.cfg.max_step_rows
+            ));
+        }
+        for (id, s) in &self.seqs {
+            if s.kv.blocks.len() * self.cfg.block_size < s.fed {
+                return Err(format!(
+                    "sequence {id} fed {} positions with {} blocks",
+                    s.fed,
+                    s.kv.blocks.len()
+                ));
+            }
+            let emitting = self.flights.iter().filter(|f| f.seq == *id && f.emit).count();
+            if emitting > 1 {
+                return Err(format!("sequence {id} has {emitting} token rows in flight"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `n` largest logits as (id, logprob), best first.
+fn top_n(logits: &[f32], n: usize, lse: f32) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(idx.len());
+    let cmp = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    idx.select_nth_unstable_by(n - 1, cmp);
+    idx.truncate(n);
+    idx.sort_by(cmp);
+    idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect()
+}

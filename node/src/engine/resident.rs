@@ -1,0 +1,326 @@
+//! The model as the engine runs it: the shared block resident on a [`Backend`], and one pass
+//! of that block over a batch of rows at mixed loop depths.
+//!
+//! Row `i` at loop depth `d(i)` runs shared layer `k` as unrolled layer `d(i) * K + k`: the
+//! shared products run once over all rows, each row adds the LoRA of its own unrolled layer
+//! (`Backend::linear_lora`), writes its keys/values into cache layer `d(i) * K + k` and attends
+//! there. A vanilla model is the case `B = 1`, `K = L`.
+
+use rrt_kernels::backend::{Backend, KvSlot, LoraColumns, LoraMats, MatrixData, RowGroup};
+use rrt_kernels::{AttnRow, AttnShape, KvLayout, MatmulMode, RopeTable};
+use rrt_model::config::ModelConfig;
+use rrt_model::forward::Model;
+use rrt_model::weights::Linear;
+
+/// Modules that carry a LoRA, in `rrt_model::recursive::MODULES` order.
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+struct Dense<B: Backend> {
+    w: B::Mat,
+    bias: Option<B::Buf>,
+}
+
+/// One shared layer and the LoRAs of every loop that runs it.
+struct SharedLayer<B: Backend> {
+    attn_norm: B::Buf,
+    qkv: Dense<B>,
+    o: Dense<B>,
+    ffn_norm: B::Buf,
+    gate_up: Dense<B>,
+    down: Dense<B>,
+    /// `lora[module][depth]`.
+    lora: [Vec<Option<LoraMats<B::Mat>>>; 7],
+}
+
+/// One row of a pass: its position, loop depth and its sequence's block table.
+#[derive(Clone, Copy, Debug)]
+pub struct PassRow<'a> {
+    pub pos: usize,
+    pub depth: usize,
+    pub blocks: &'a [u32],
+}
+
+/// The model resident on a backend.
+pub struct ResidentModel<B: Backend> {
+    pub backend: B,
+    pub config: ModelConfig,
+    /// B: loops of the shared block (1 for a vanilla model).
+    pub loops: usize,
+    /// K: shared layers per loop.
+    pub shared: usize,
+    embed: B::Mat,
+    norm: B::Buf,
+    head: Option<B::Mat>,
+    layers: Vec<SharedLayer<B>>,
+    rope: RopeTable,
+    /// Resident weight bytes (capacity planning).
+    pub weight_bytes: usize,
+}
+
+fn dense<B: Backend>(be: &B, l: Linear, bytes: &mut usize) -> Dense<B> {
+    let w = be.matrix(l.out_dim, l.in_dim, l.w);
+    *bytes += be.matrix_bytes(&w);
+    Dense {
+        w,
+        bias: l.bias.map(|b| be.buffer(b)),
+    }
+}
+
+/// Groups of consecutive rows with the same depth.
+fn depth_groups(depths: impl Iterator<Item = usize>) -> Vec<RowGroup> {
+    let mut out: Vec<RowGroup> = Vec::new();
+    for (i, d) in depths.enumerate() {
+        match out.last_mut() {
+            Some(g) if g.adapter == d => g.len += 1,
+            _ => out.push(RowGroup {
+                start: i,
+                len: 1,
+                adapter: d,
+            }),
+        }
+    }
+    out
+}
+
+impl<B: Backend> ResidentModel<B> {
+    /// Moves a loaded model onto the backend (the host copy is consumed).
+    pub fn new(backend: B, model: Model) -> Self {
+        let loops = model.loops();
+        let Model {
+            config,
+            weights,
+            recursion,
+            ..
+        } = model;
+        let shared = weights.layers.len();
+        let mut bytes = 0usize;
+        let mut unrolled_lora = recursion.map(|r| r.lora).unwrap_or_default();
+        let mut layers = Vec::with_capacity(shared);
+        for (k, layer) in weights.layers.into_iter().enumerate() {
+            let mut lora: [Vec<Option<LoraMats<B::Mat>>>; 7] = Default::default();
+            for d in 0..loops {
+                let li = d * shared + k;
+                for (m, slot) in lora.iter_mut().enumerate() {
+                    let l = unrolled_lora.get_mut(li).and_then(|mods| mods[m].take());
+                    slot.push(l.map(|l| {
+                        let a = backend.matrix(l.rank, l.in_dim, MatrixData::F32(l.a));
+                        let b = backend.matrix(l.out_dim, l.rank, MatrixData::F32(l.b));
+                        bytes += backend.matrix_bytes(&a) + backend.matrix_bytes(&b);
+                        LoraMats { rank: l.rank, a, b }
+                    }));
+                }
+            }
+            layers.push(SharedLayer {
+                attn_norm: backend.buffer(layer.attn_norm),
+                qkv: dense(&backend, layer.qkv, &mut bytes),
+                o: dense(&backend, layer.o, &mut bytes),
+                ffn_norm: backend.buffer(layer.ffn_norm),
+                gate_up: dense(&backend, layer.gate_up, &mut bytes),
+                down: dense(&backend, layer.down, &mut bytes),
+                lora,
+            });
+        }
+        let embed = backend.matrix(weights.embed.out_dim, weights.embed.in_dim, weights.embed.w);
+        bytes += backend.matrix_bytes(&embed);
+        let head = weights.lm_head.map(|h| backend.matrix(h.out_dim, h.in_dim, h.w));
+        if let Some(h) = &head {
+            bytes += backend.matrix_bytes(h);
+        }
+        let rope = RopeTable::new(
+            config.head_dim,
+            config.rope_dim,
+            config.rope_theta,
+            &config.rope_scaling,
+        );
+        Self {
+            norm: backend.buffer(weights.norm),
+            backend,
+            config,
+            loops,
+            shared,
+            embed,
+            head,
+            layers,
+            rope,
+            weight_bytes: bytes,
+        }
+    }
+
+    /// The KV geometry: one layer per unrolled layer.
+    pub fn kv_layout(&self, block_size: usize) -> KvLayout {
+        KvLayout {
+            n_layers: self.config.n_layers,
+            block_size,
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Embeddings of `tokens` into rows `0..tokens.len()` of `out`.
+    pub fn embed(&self, tokens: &[u32], out: &mut B::Buf) {
+        self.backend.embed(&self.embed, tokens, out);
+    }
+
+    /// Final norm + LM head of the rows `select` of `x` (host logits, `select.len() x vocab`).
+    pub fn logits(&self, x: &B::Buf, select: &[u32]) -> Vec<f32> {
+        if select.is_empty() {
+            return Vec::new();
+        }
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        self.backend
+            .logits(x, self.config.hidden, select, &self.norm, self.config.rms_eps, head)
+    }
+
+    fn lora_cols<'a>(&'a self, l: &'a SharedLayer<B>, mods: &[(usize, usize)]) -> Vec<LoraColumns<'a, B::Mat>> {
+        mods.iter()
+            .map(|&(m, col0)| LoraColumns {
+                col0,
+                per_adapter: &l.lora[m],
+            })
+            .collect()
+    }
+
+    /// One pass of the shared block over `rows` (hidden states `x`, `rows.len() x hidden`,
+    /// updated in place), writing each row's keys/values at its unrolled layers.
+    ///
+    /// `fills` (with their hidden states `fill_x`) are KV-only rows: the exit hidden state of a
+    /// token that left early, replicated once per deeper loop; for each shared layer they get
+    /// the keys/values of unrolled layer `depth * K + k` computed from that state (CALM's state
+    /// propagation) and run nothing else.
+    pub fn pass(
+        &self,
+        kv: &mut B::Kv,
+        layout: &KvLayout,
+        x: &mut B::Buf,
+        rows: &[PassRow<'_>],
+        fill_x: Option<&B::Buf>,
+        fills: &[PassRow<'_>],
+    ) {
+        let be = &self.backend;
+        let c = &self.config;
+        let (h, qd, kd, qkvd, inter) = (c.hidden, c.q_dim(), c.kv_dim(), c.qkv_dim(), c.intermediate);
+        let n = rows.len();
+        let shape = AttnShape {
+            n_heads: c.n_heads,
+            window: c.sliding_window,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        let groups = depth_groups(rows.iter().map(|r| r.depth));
+        let positions: Vec<u32> = rows.iter().map(|r| r.pos as u32).collect();
+        let fgroups = depth_groups(fills.iter().map(|r| r.depth));
+        let fpositions: Vec<u32> = fills.iter().map(|r| r.pos as u32).collect();
+        let bs = layout.block_size;
+        let slots = |rs: &[PassRow<'_>], k: usize| -> Vec<KvSlot> {
+            rs.iter()
+                .map(|r| KvSlot {
+                    layer: r.depth * self.shared + k,
+                    block: r.blocks[r.pos / bs],
+                    slot: r.pos % bs,
+                })
+                .collect()
+        };
+        let mut hb = be.zeros(n * h);
+        let mut qkv = be.zeros(n * qkvd);
+        let mut attn = be.zeros(n * qd);
+        let mut gu = be.zeros(n * 2 * inter);
+        let mut act = be.zeros(n * inter);
+        let (mut fh, mut fqkv) = (be.zeros(fills.len() * h), be.zeros(fills.len() * qkvd));
+        for (k, l) in self.layers.iter().enumerate() {
+            let qkv_loras = self.lora_cols(l, &[(Q, 0), (K, qd), (V, qd + kd)]);
+            if n > 0 {
+                be.rmsnorm(x, &l.attn_norm, c.rms_eps, &mut hb);
+                be.linear_lora(
+                    &hb,
+                    n,
+                    &l.qkv.w,
+                    l.qkv.bias.as_ref(),
+                    &qkv_loras,
+                    &groups,
+                    &mut qkv,
+                    MatmulMode::Overwrite,
+                );
+                be.rope(&self.rope, &mut qkv, qkvd, &positions, qd, qd, kd);
+                be.kv_write(kv, layout, &qkv, qkvd, qd, qd + kd, &slots(rows, k));
+                let arows: Vec<AttnRow<'_>> = rows
+                    .iter()
+                    .map(|r| AttnRow {
+                        blocks: r.blocks,
+                        pos: r.pos,
+                        layer: r.depth * self.shared + k,
+                    })
+                    .collect();
+                be.attention(&qkv, qkvd, &arows, kv, layout, shape, &mut attn);
+                let o_loras = self.lora_cols(l, &[(O, 0)]);
+                be.linear_lora(
+                    &attn,
+                    n,
+                    &l.o.w,
+                    l.o.bias.as_ref(),
+                    &o_loras,
+                    &groups,
+                    x,
+                    MatmulMode::Accumulate,
+                );
+                be.rmsnorm(x, &l.ffn_norm, c.rms_eps, &mut hb);
+                let gu_loras = self.lora_cols(l, &[(GATE, 0), (UP, inter)]);
+                be.linear_lora(
+                    &hb,
+                    n,
+                    &l.gate_up.w,
+                    l.gate_up.bias.as_ref(),
+                    &gu_loras,
+                    &groups,
+                    &mut gu,
+                    MatmulMode::Overwrite,
+                );
+                be.silu_mul(&gu, n, inter, &mut act);
+                let down_loras = self.lora_cols(l, &[(DOWN, 0)]);
+                be.linear_lora(
+                    &act,
+                    n,
+                    &l.down.w,
+                    l.down.bias.as_ref(),
+                    &down_loras,
+                    &groups,
+                    x,
+                    MatmulMode::Accumulate,
+                );
+            }
+            if let (Some(fx), false) = (fill_x, fills.is_empty()) {
+                be.rmsnorm(fx, &l.attn_norm, c.rms_eps, &mut fh);
+                be.linear_lora(
+                    &fh,
+                    fills.len(),
+                    &l.qkv.w,
+                    l.qkv.bias.as_ref(),
+                    &qkv_loras,
+                    &fgroups,
+                    &mut fqkv,
+                    MatmulMode::Overwrite,
+                );
+                be.rope(&self.rope, &mut fqkv, qkvd, &fpositions, qd, qd, kd);
+                be.kv_write(kv, layout, &fqkv, qkvd, qd, qd + kd, &slots(fills, k));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_groups_are_maximal_runs() {
+        let g = depth_groups([0, 0, 1, 1, 1, 0, 2].into_iter());
+        assert_eq!(
+            g.iter().map(|g| (g.start, g.len, g.adapter)).collect::<Vec<_>>(),
+            vec![(0, 2, 0), (2, 3, 1), (5, 1, 0), (6, 1, 2)]
+        );
+    }
+}

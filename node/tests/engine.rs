@@ -1,0 +1,192 @@
+//! The engine against the reference forward pass on the real model (SmolLM2-135M-Instruct):
+//! with exits off, greedy output of 32 concurrent requests equals each request run alone and
+//! equals `rrt_model::generate` (the issue A/B forward pass), token for token, for the vanilla
+//! model and for a relaxed recursive conversion, with depth-wise and sequence-wise batching.
+
+mod common;
+
+use common::*;
+use rrt_model::LoadedModel;
+use rrt_model::forward::Model;
+use rrt_model::recursive::{Init, RecursiveSpec, convert};
+use rrt_model::sampling::SamplingParams;
+use rrt_node::{Batching, EngineConfig, Event, FinishReason, GenParams, KvFill, Request};
+
+/// 32 prompts of 5..70 tokens cut from tinyshakespeare.
+fn prompts(lm: &LoadedModel, n: usize) -> Vec<Vec<u32>> {
+    let text = shakespeare();
+    let ids = lm.tokenizer.encode(&text[..200_000], false, false).unwrap();
+    (0..n)
+        .map(|i| {
+            let start = 997 * i % (ids.len() - 100);
+            let len = 5 + (i * 37) % 66;
+            ids[start..start + len].to_vec()
+        })
+        .collect()
+}
+
+fn greedy(max_tokens: usize) -> GenParams {
+    GenParams {
+        max_tokens,
+        sampling: SamplingParams::default(),
+        ..Default::default()
+    }
+}
+
+/// The recursive conversion of SmolLM2 (B loops, average init, plain SVD of `rank`), in memory.
+fn converted(loops: usize, rank: usize) -> LoadedModel {
+    let mut lm = rrt_model::load(&model_path()).unwrap();
+    let spec = RecursiveSpec {
+        loops,
+        init: Init::Average,
+        ranks: [rank; 7],
+    };
+    let m = &lm.model;
+    let (layers, rec) = convert(&m.weights, &m.config, &spec, None, |_| {}).unwrap();
+    let mut w = m.weights.clone();
+    w.layers = layers;
+    lm.model = Model::recursive(m.config.clone(), w, rec).unwrap();
+    lm
+}
+
+fn copy_model(lm: &LoadedModel) -> Model {
+    match &lm.model.recursion {
+        Some(r) => Model::recursive(lm.model.config.clone(), lm.model.weights.clone(), r.clone()).unwrap(),
+        None => Model::new(lm.model.config.clone(), lm.model.weights.clone()),
+    }
+}
+
+/// Runs `prompts` concurrently, then each alone, then through `rrt_model::generate`, and
+/// asserts identical token ids and finish reasons.
+fn check_all_agree(lm: &LoadedModel, prompts: &[Vec<u32>], max_tokens: usize, batching: Batching) {
+    let tok = std::sync::Arc::new(lm.tokenizer.clone());
+    let cfg = EngineConfig {
+        batching,
+        max_step_rows: 96,
+        ..Default::default()
+    };
+    let mut eng = engine(copy_model(lm), tok.clone(), cfg.clone());
+    let ids: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            eng.submit(Request {
+                prompt: p.clone(),
+                params: greedy(max_tokens),
+            })
+            .unwrap()
+        })
+        .collect();
+    let together = collect(&eng.run_to_completion().unwrap());
+    eng.check_invariants().unwrap();
+    assert_eq!(eng.kv_blocks().0, eng.kv_blocks().1, "all blocks free at the end");
+    assert!(eng.stats().passes > 0);
+    for (i, p) in prompts.iter().enumerate() {
+        let (got, done) = &together[&ids[i]];
+        let id = eng
+            .submit(Request {
+                prompt: p.clone(),
+                params: greedy(max_tokens),
+            })
+            .unwrap();
+        let alone = collect(&eng.run_to_completion().unwrap());
+        assert_eq!(got, &alone[&id].0, "prompt {i}: concurrent != alone");
+        let reference =
+            rrt_model::generate::generate(lm, p, max_tokens, SamplingParams::default(), |_| Ok(())).unwrap();
+        assert_eq!(got, &reference.ids, "prompt {i}: engine != rrt_model::generate");
+        let want = match reference.finish_reason {
+            rrt_model::generate::FinishReason::Eos => FinishReason::Eos,
+            rrt_model::generate::FinishReason::Length => FinishReason::Length,
+        };
+        match done {
+            Some(Event::Done {
+                finish_reason, usage, ..
+            }) => {
+                assert_eq!(*finish_reason, want, "prompt {i}");
+                assert_eq!(usage.completion_tokens, got.len());
+                assert_eq!(usage.prompt_tokens, p.len());
+                assert_eq!(
+                    usage.loops,
+                    got.len() * lm.model.loops() + usize::from(want == FinishReason::Eos) * lm.model.loops()
+                );
+            }
+            other => panic!("prompt {i}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn vanilla_concurrent_equals_alone_equals_reference() {
+    let lm = rrt_model::load(&model_path()).unwrap();
+    let ps = prompts(&lm, 32);
+    check_all_agree(&lm, &ps, 12, Batching::DepthWise);
+}
+
+#[test]
+fn recursive_depthwise_and_sequencewise_equal_reference() {
+    let lm = converted(2, 16);
+    let ps = prompts(&lm, 32);
+    check_all_agree(&lm, &ps, 8, Batching::DepthWise);
+    check_all_agree(&lm, &ps[..8], 8, Batching::SequenceWise);
+}
+
+/// Early exit on the real recursive model: a token decoded after loop 1 is that loop's argmax,
+/// and both KV fill policies run; the exit loop is reported per token.
+#[test]
+fn scheduled_exits_decode_the_exit_loop() {
+    let lm = converted(3, 16);
+    let tok = std::sync::Arc::new(lm.tokenizer.clone());
+    let p = prompts(&lm, 1).remove(0);
+    let schedule = vec![1u8, 3, 2, 1, 1, 3, 2, 2];
+    for fill in [KvFill::Propagate, KvFill::Recompute] {
+        let mut eng = engine(
+            copy_model(&lm),
+            tok.clone(),
+            EngineConfig {
+                kv_fill: fill,
+                ..Default::default()
+            },
+        );
+        let mut params = greedy(8);
+        params.ignore_eos = true;
+        params.exit.schedule = Some(schedule.clone());
+        let id = eng
+            .submit(Request {
+                prompt: p.clone(),
+                params,
+            })
+            .unwrap();
+        let events = eng.run_to_completion().unwrap();
+        let loops: Vec<usize> = events
+            .iter()
+            .filter_map(|(i, e)| match e {
+                Event::Token(t) if *i == id => Some(t.loops),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            loops,
+            schedule.iter().map(|&l| l as usize).collect::<Vec<_>>(),
+            "{fill:?}"
+        );
+        let stats = eng.stats();
+        assert_eq!(stats.exits, vec![3, 3, 2]);
+        if fill == KvFill::Propagate {
+            // Loops skipped by each token but the last (a finished request needs no fill).
+            assert_eq!(stats.fill_rows, 2 + 1 + 2 + 2 + 1);
+        }
+        // The first token exits after loop 1: it is loop 1's greedy prediction of the prompt.
+        let (rows, _) = {
+            let (mut pool, seq) = rrt_model::kv::single_sequence(lm.model.kv_layout(16), p.len()).unwrap();
+            let rows = rrt_model::forward::sequence_rows(&p, &seq.blocks);
+            (lm.model.forward_loops(&rows, &mut pool).unwrap(), ())
+        };
+        let h = lm.model.config.hidden;
+        let last = &rows[0][(p.len() - 1) * h..p.len() * h];
+        let want = rrt_model::sampling::argmax(&lm.model.logits(last, &[0]));
+        let first = events.iter().find_map(|(_, e)| match e {
+            Event::Token(t) => Some(t.id),
+            _ => None,
+        });
+        assert_eq!(first, Some(want), "{fill:?}");
+    }
+}

@@ -1,0 +1,561 @@
+//! Scheduler properties on tiny random models: blocks and rows are never leaked or lost under
+//! random arrivals, exits, cancellations and preemptions; cancellation frees everything at
+//! once; a request's seeded output does not depend on its batch; every rejection names its
+//! field.
+
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+use rrt_model::exit::Criterion;
+use rrt_model::sampling::SamplingParams;
+use rrt_node::{Batching, EngineConfig, EngineError, Event, ExitRule, FinishReason, GenParams, KvFill, Request};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+fn tok() -> Arc<rrt_model::tokenizer::Tokenizer> {
+    static T: OnceLock<Arc<rrt_model::tokenizer::Tokenizer>> = OnceLock::new();
+    T.get_or_init(tokenizer).clone()
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Submit {
+        len: usize,
+        max_tokens: usize,
+        sched: Vec<u8>,
+        seed: u64,
+    },
+    Cancel(usize),
+    Step(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (
+            1usize..36,
+            1usize..12,
+            proptest::collection::vec(1u8..4, 0..12),
+            any::<u64>()
+        )
+            .prop_map(|(len, max_tokens, sched, seed)| Op::Submit {
+                len,
+                max_tokens,
+                sched,
+                seed
+            }),
+        (0usize..16).prop_map(Op::Cancel),
+        (1usize..4).prop_map(Op::Step),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn blocks_and_rows_are_never_leaked_or_lost(
+        ops in proptest::collection::vec(op(), 1..40),
+        loops in 1usize..4,
+        step_rows in 4usize..48,
+        seqwise in any::<bool>(),
+        recompute in any::<bool>(),
+        rule in 0usize..3,
+    ) {
+        let layers = if loops == 3 { 3 } else { 4 };
+        let model = tiny_model(layers, loops, 2, 7);
+        let exit = match (rule, loops > 1) {
+            (1, true) => Some(ExitRule { criterion: Criterion::Saturation, thresholds: vec![Some(0.3); loops - 1] }),
+            (2, true) => Some(ExitRule { criterion: Criterion::MaxProb, thresholds: vec![Some(1e-4); loops - 1] }),
+            _ => None,
+        };
+        let cfg = EngineConfig {
+            block_size: 4,
+            // 12 blocks of 4 positions: 48 positions for everyone, so preemption is common.
+            kv_bytes: 12 * layers * 2 * 4 * 16 * 4,
+            max_step_rows: step_rows,
+            max_running: 6,
+            batching: if seqwise { Batching::SequenceWise } else { Batching::DepthWise },
+            kv_fill: if recompute { KvFill::Recompute } else { KvFill::Propagate },
+            exit,
+        };
+        let mut eng = engine(model, tok(), cfg);
+        prop_assert_eq!(eng.kv_blocks().0, 12);
+        let mut submitted = Vec::new();
+        let mut cancelled = Vec::new();
+        let mut events = Vec::new();
+        for o in ops {
+            match o {
+                Op::Submit { len, max_tokens, sched, seed } => {
+                    let prompt: Vec<u32> = (0..len as u32).map(|i| (i * 7919 + seed as u32) % 49152).collect();
+                    let mut params = GenParams { max_tokens, ignore_eos: true, ..Default::default() };
+                    params.sampling = SamplingParams { temperature: 0.8, seed: Some(seed), ..Default::default() };
+                    if !sched.is_empty() {
+                        params.exit.schedule = Some(sched);
+                    }
+                    submitted.push((eng.submit(Request { prompt, params }).unwrap(), max_tokens));
+                }
+                Op::Cancel(i) => {
+                    if let Some(&(id, _)) = submitted.get(i) {
+                        if eng.cancel(id) {
+                            cancelled.push(id);
+                        }
+                    }
+                }
+                Op::Step(n) => {
+                    for _ in 0..n {
+                        events.extend(eng.step().unwrap());
+                        eng.check_invariants().map_err(TestCaseError::fail)?;
+                    }
+                }
+            }
+            eng.check_invariants().map_err(TestCaseError::fail)?;
+        }
+        events.extend(eng.run_to_completion().unwrap());
+        eng.check_invariants().map_err(TestCaseError::fail)?;
+        prop_assert_eq!(eng.kv_blocks().1, 12, "every block is free at the end");
+        let got = collect(&events);
+        for (id, max_tokens) in &submitted {
+            let (toks, done) = got.get(id).cloned().unwrap_or_default();
+            match done {
+                Some(Event::Done { finish_reason, usage, .. }) => {
+                    prop_assert!(toks.len() <= *max_tokens);
+                    prop_assert_eq!(usage.completion_tokens, toks.len());
+                    if cancelled.contains(id) {
+                        prop_assert_eq!(finish_reason, FinishReason::Cancelled);
+                    } else {
+                        prop_assert_eq!(finish_reason, FinishReason::Length, "request {} lost", id);
+                        prop_assert_eq!(toks.len(), *max_tokens);
+                    }
+                }
+                other => prop_assert!(false, "request {} has no final event: {:?}", id, other),
+            }
+        }
+    }
+}
+
+#[test]
+fn cancellation_frees_blocks_and_rows_at_once() {
+    let mut eng = engine(
+        tiny_model(4, 2, 2, 3),
+        tok(),
+        EngineConfig {
+            max_step_rows: 16,
+            ..Default::default()
+        },
+    );
+    let ids: Vec<_> = (0..5)
+        .map(|i| {
+            eng.submit(Request {
+                prompt: vec![10 + i; 20],
+                params: GenParams {
+                    max_tokens: 50,
+                    ignore_eos: true,
+                    ..Default::default()
+                },
+            })
+            .unwrap()
+        })
+        .collect();
+    for _ in 0..4 {
+        eng.step().unwrap();
+    }
+    let (total, free) = eng.kv_blocks();
+    assert!(free < total, "requests hold blocks");
+    for id in &ids {
+        assert!(eng.cancel(*id));
+    }
+    assert!(!eng.cancel(ids[0]), "a finished id is unknown");
+    assert_eq!(eng.kv_blocks(), (total, total), "cancel frees every block immediately");
+    eng.check_invariants().unwrap();
+    assert_eq!(eng.active(), 0);
+    let events = eng.step().unwrap();
+    let done: Vec<_> = events
+        .iter()
+        .filter(|(_, e)| {
+            matches!(
+                e,
+                Event::Done {
+                    finish_reason: FinishReason::Cancelled,
+                    ..
+                }
+            )
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(done, ids);
+    assert!(!eng.has_work());
+}
+
+/// With a seed, a sampled request produces the same tokens alone and in any batch.
+#[test]
+fn seeded_sampling_is_batch_independent() {
+    let run = |others: usize| -> Vec<u32> {
+        let mut eng = engine(
+            tiny_model(4, 2, 2, 5),
+            tok(),
+            EngineConfig {
+                max_step_rows: 24,
+                ..Default::default()
+            },
+        );
+        let params = |seed| GenParams {
+            max_tokens: 20,
+            ignore_eos: true,
+            sampling: SamplingParams {
+                temperature: 1.0,
+                top_p: 0.9,
+                top_k: 50,
+                seed: Some(seed),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        for i in 0..others {
+            eng.submit(Request {
+                prompt: vec![100 + i as u32; 3 + i],
+                params: params(i as u64),
+            })
+            .unwrap();
+        }
+        let id = eng
+            .submit(Request {
+                prompt: vec![5, 6, 7, 8],
+                params: params(42),
+            })
+            .unwrap();
+        for i in 0..others {
+            eng.submit(Request {
+                prompt: vec![300 + i as u32; 9],
+                params: params(99 + i as u64),
+            })
+            .unwrap();
+        }
+        collect(&eng.run_to_completion().unwrap())[&id].0.clone()
+    };
+    let alone = run(0);
+    assert_eq!(alone.len(), 20);
+    assert_eq!(run(3), alone);
+    assert_eq!(run(7), alone);
+}
+
+/// Stop token ids end the request without emitting the token; top logprobs are the
+/// log-softmax of the decoding loop's logits, best first, and the greedy token is the best.
+#[test]
+fn stop_ids_and_logprobs() {
+    let mut eng = engine(tiny_model(2, 1, 0, 9), tok(), EngineConfig::default());
+    let params = GenParams {
+        max_tokens: 12,
+        ignore_eos: true,
+        top_logprobs: 5,
+        ..Default::default()
+    };
+    let id = eng
+        .submit(Request {
+            prompt: vec![1, 2, 3],
+            params: params.clone(),
+        })
+        .unwrap();
+    let events = eng.run_to_completion().unwrap();
+    let toks: Vec<_> = events
+        .iter()
+        .filter_map(|(i, e)| match e {
+            Event::Token(t) if *i == id => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(toks.len(), 12);
+    for t in &toks {
+        assert_eq!(t.top_logprobs.len(), 5);
+        assert_eq!(t.top_logprobs[0].0, t.id, "greedy picks the most likely token");
+        assert!((t.top_logprobs[0].1 - t.logprob).abs() < 1e-6);
+        assert!(t.top_logprobs.windows(2).all(|w| w[0].1 >= w[1].1));
+        let z: f32 = t.top_logprobs.iter().map(|x| x.1.exp()).sum();
+        assert!(t.logprob <= 0.0 && z <= 1.0 + 1e-4);
+    }
+    // Stop at the 4th token's id: the output is the first 3 tokens (if the id did not occur
+    // earlier), finish reason stop.
+    let stop = toks[3].id;
+    let first = toks.iter().position(|t| t.id == stop).unwrap();
+    let id2 = eng
+        .submit(Request {
+            prompt: vec![1, 2, 3],
+            params: GenParams {
+                stop_ids: vec![stop],
+                ..params
+            },
+        })
+        .unwrap();
+    let got = collect(&eng.run_to_completion().unwrap());
+    let (ids, done) = &got[&id2];
+    assert_eq!(ids, &toks[..first].iter().map(|t| t.id).collect::<Vec<_>>());
+    assert!(matches!(
+        done,
+        Some(Event::Done {
+            finish_reason: FinishReason::Stop,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn every_rejection_names_its_field() {
+    let mut eng = engine(
+        tiny_model(4, 2, 2, 1),
+        tok(),
+        EngineConfig {
+            kv_bytes: 64 * 4 * 2 * 16 * 16 * 4,
+            ..Default::default()
+        },
+    );
+    let ok = || Request {
+        prompt: vec![1, 2, 3],
+        params: GenParams::default(),
+    };
+    let cases: Vec<(Request, &str)> = vec![
+        (Request { prompt: vec![], ..ok() }, "prompt"),
+        (
+            Request {
+                prompt: vec![49152],
+                ..ok()
+            },
+            "prompt",
+        ),
+        (
+            Request {
+                params: GenParams {
+                    max_tokens: 0,
+                    ..Default::default()
+                },
+                ..ok()
+            },
+            "max_tokens",
+        ),
+        (
+            Request {
+                params: GenParams {
+                    max_tokens: 5000,
+                    ..Default::default()
+                },
+                ..ok()
+            },
+            "max_tokens",
+        ),
+        (
+            Request {
+                params: GenParams {
+                    stop_ids: vec![1 << 20],
+                    ..Default::default()
+                },
+                ..ok()
+            },
+            "stop_token_ids",
+        ),
+        (
+            Request {
+                params: GenParams {
+                    stop: vec![String::new()],
+                    ..Default::default()
+                },
+                ..ok()
+            },
+            "stop",
+        ),
+        (
+            Request {
+                params: GenParams {
+                    top_logprobs: 21,
+                    ..Default::default()
+                },
+                ..ok()
+            },
+            "top_logprobs",
+        ),
+    ];
+    let mut cases = cases;
+    let sp = |f: fn(&mut SamplingParams)| {
+        let mut p = GenParams::default();
+        f(&mut p.sampling);
+        Request { params: p, ..ok() }
+    };
+    cases.push((sp(|s| s.temperature = f32::NAN), "temperature"));
+    cases.push((sp(|s| s.temperature = -0.5), "temperature"));
+    cases.push((sp(|s| s.top_p = 0.0), "top_p"));
+    cases.push((sp(|s| s.top_p = 1.5), "top_p"));
+    cases.push((sp(|s| s.top_p = f32::NAN), "top_p"));
+    cases.push((sp(|s| s.min_p = -0.1), "min_p"));
+    cases.push((sp(|s| s.repetition_penalty = 0.0), "repetition_penalty"));
+    cases.push((sp(|s| s.repetition_penalty = f32::INFINITY), "repetition_penalty"));
+    cases.push((sp(|s| s.presence_penalty = 2.5), "presence_penalty"));
+    cases.push((sp(|s| s.frequency_penalty = f32::NAN), "frequency_penalty"));
+    let mut e = GenParams::default();
+    e.exit.max_loops = Some(3);
+    cases.push((Request { params: e, ..ok() }, "max_loops"));
+    let mut e = GenParams::default();
+    e.exit.max_loops = Some(0);
+    cases.push((Request { params: e, ..ok() }, "max_loops"));
+    let mut e = GenParams::default();
+    e.exit.threshold = Some(f32::NAN);
+    cases.push((Request { params: e, ..ok() }, "exit_threshold"));
+    for (req, field) in cases {
+        match eng.submit(req) {
+            Err(EngineError::InvalidRequest { field: f, msg }) => {
+                assert_eq!(f, field, "{msg}");
+                assert!(!msg.is_empty());
+            }
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    // Too large for the whole cache: 64 blocks of 16 positions.
+    let big = Request {
+        prompt: vec![1; 1000],
+        params: GenParams {
+            max_tokens: 100,
+            ..Default::default()
+        },
+    };
+    assert!(matches!(
+        eng.submit(big),
+        Err(EngineError::TooLarge {
+            needed: 69,
+            capacity: 64,
+            ..
+        })
+    ));
+    assert_eq!(eng.active(), 0, "nothing rejected was accepted");
+}
+
+/// Stop strings match across token boundaries and are not emitted (real tokenizer, tiny
+/// model: the text is whatever the random model says; the stop string is cut from it).
+#[test]
+fn stop_strings_match_across_tokens() {
+    let tk = tok();
+    let mut eng = engine(tiny_model(2, 1, 0, 11), tk.clone(), EngineConfig::default());
+    let params = GenParams {
+        max_tokens: 24,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let id = eng
+        .submit(Request {
+            prompt: vec![400, 500, 600],
+            params: params.clone(),
+        })
+        .unwrap();
+    let events = eng.run_to_completion().unwrap();
+    let mut pieces: Vec<String> = Vec::new();
+    let mut tail = String::new();
+    for (i, e) in &events {
+        match e {
+            Event::Token(t) if *i == id => pieces.push(t.text.clone()),
+            Event::Done { text, .. } if *i == id => tail = text.clone(),
+            _ => {}
+        }
+    }
+    let full: String = pieces.concat() + &tail;
+    let ids = collect(&events)[&id].0.clone();
+    assert_eq!(full, tk.decode(&ids, true).unwrap(), "streamed text = decoded ids");
+    // A stop string made of the end of token 5's text and the start of token 6's.
+    let cut: usize = pieces[..5].iter().map(|p| p.len()).sum();
+    let (a, b) = (&pieces[4], &pieces[5]);
+    assert!(!a.is_empty() && !b.is_empty(), "pieces {pieces:?}");
+    let stop = format!(
+        "{}{}",
+        &a[a.len() - a.chars().last().unwrap().len_utf8()..],
+        &b[..b.chars().next().unwrap().len_utf8()]
+    );
+    let first = full.find(&stop).unwrap();
+    assert!(first <= cut);
+    let id2 = eng
+        .submit(Request {
+            prompt: vec![400, 500, 600],
+            params: GenParams {
+                stop: vec![stop.clone()],
+                ..params
+            },
+        })
+        .unwrap();
+    let events = eng.run_to_completion().unwrap();
+    let mut text = String::new();
+    let mut reason = None;
+    for (i, e) in &events {
+        match e {
+            Event::Token(t) if *i == id2 => text.push_str(&t.text),
+            Event::Done {
+                text: t, finish_reason, ..
+            } if *i == id2 => {
+                text.push_str(t);
+                reason = Some(*finish_reason);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(reason, Some(FinishReason::Stop));
+    assert_eq!(text, full[..first], "text up to the stop string, without it");
+    let _ = HashMap::<u8, u8>::new();
+}
+
+/// Under KV pressure later requests are preempted (KV freed, recomputed later) instead of
+/// failing, and the recomputation gives the same greedy tokens as an uncontended run.
+#[test]
+fn preemption_recomputes_and_loses_nothing() {
+    let run = |kv_blocks: usize| {
+        let cfg = EngineConfig {
+            block_size: 4,
+            kv_bytes: kv_blocks * 4 * 2 * 4 * 16 * 4,
+            max_step_rows: 64,
+            ..Default::default()
+        };
+        let mut eng = engine(tiny_model(4, 2, 2, 13), tok(), cfg);
+        let ids: Vec<_> = (0..3u32)
+            .map(|i| {
+                let params = GenParams {
+                    max_tokens: 12,
+                    ignore_eos: true,
+                    ..Default::default()
+                };
+                eng.submit(Request {
+                    prompt: (0..20).map(|p| 50 + p * 3 + i).collect(),
+                    params,
+                })
+                .unwrap()
+            })
+            .collect();
+        let mut events = Vec::new();
+        while eng.has_work() {
+            events.extend(eng.step().unwrap());
+            eng.check_invariants().unwrap();
+        }
+        let got = collect(&events);
+        (
+            ids.iter().map(|id| got[id].clone()).collect::<Vec<_>>(),
+            eng.stats().preemptions,
+        )
+    };
+    // 3 requests x 32 positions = 24 blocks of 4; 12 blocks force preemption.
+    let (roomy, p0) = run(64);
+    let (tight, p1) = run(12);
+    assert_eq!(p0, 0);
+    assert!(p1 > 0, "the tight cache must preempt");
+    for (a, b) in roomy.iter().zip(&tight) {
+        assert_eq!(a.0, b.0, "same tokens after preemption");
+        assert_eq!(a.0.len(), 12);
+        match &b.1 {
+            Some(Event::Done {
+                finish_reason: FinishReason::Length,
+                usage,
+                ..
+            }) => {
+                assert_eq!(usage.completion_tokens, 12);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let total: usize = tight
+        .iter()
+        .map(|(_, d)| match d {
+            Some(Event::Done { usage, .. }) => usage.preemptions,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(total as u64, p1);
+}
