@@ -88,10 +88,8 @@ for loops in map(int, a.loops.split(",")):
                         ranks = ",".join(f"{m}={min(rank, min(o, i))}" for m, (o, i) in DIMS.items())
                         run(["convert", "--out", d, "--loops", str(loops), "--init", init, "--lora-ranks", ranks, *extra])
                     ev = evaluate(["--model", d])
-                    ml = []
-                    for target in ("0.9", "0.95"):
-                        c = json.loads(run(["calibrate", "--model", d, "--text", calf, "--agreement", target, "--dry-run", "--json", "--tokens", "2048"]))
-                        ml.append(c["mean_loops"])
+                    out = run(["calibrate", "--model", d, "--text", calf, "--agreement", "0.9", "--also-agreement", "0.95", "--dry-run", "--json", "--tokens", "2048"])
+                    ml = [json.loads(line)["mean_loops"] for line in out.splitlines() if line.strip()]
                     cache[key] = {"ppl": ev["ppl"], "agreement": [x["agreement"] for x in ev["loops"][:-1]], "mean_loops": ml}
                     save_cache()
                     if not a.keep:

@@ -265,6 +265,7 @@ mod tests {
             top_p: 0.9,
             min_p: 0.0,
             seed: Some(42),
+            ..Default::default()
         };
         let mut a = Sampler::new(params.clone()).unwrap();
         let mut b = Sampler::new(params).unwrap();
@@ -287,6 +288,7 @@ mod tests {
             top_p: 1.0,
             min_p: 0.5,
             seed: Some(1),
+            ..Default::default()
         })
         .unwrap();
         for _ in 0..100 {
@@ -301,6 +303,7 @@ mod tests {
             top_p: 0.5,
             min_p: 0.0,
             seed: Some(1),
+            ..Default::default()
         })
         .unwrap();
         for _ in 0..100 {

@@ -20,6 +20,9 @@ pub struct Args {
 pub enum What {
     /// Prefill and decode tokens/s of the forward pass.
     Forward(ForwardArgs),
+    /// Throughput of the node engine: vanilla vs recursive, sequence-wise vs depth-wise
+    /// batching, calibrated and oracle early exit (issue C).
+    Engine(super::bench_engine::EngineArgs),
     /// The weight-format measurement: all matrix products of one SmolLM2 decode step with
     /// f32 weights (gemm, skinny kernel), bf16 weights and Q4_1 blocks dequantized on the fly.
     Matmul(MatmulArgs),
@@ -71,6 +74,7 @@ pub fn run(a: Args) -> Result<()> {
     match a.what {
         What::Forward(f) => forward(f),
         What::Matmul(m) => matmul(m),
+        What::Engine(e) => super::bench_engine::run(e),
     }
 }
 

@@ -22,6 +22,10 @@ pub struct Args {
     /// Target rate at which exited tokens agree with the full-depth prediction.
     #[arg(long, default_value_t = 0.95)]
     pub agreement: f64,
+    /// Also report (never write) the calibration for these targets, from the same samples
+    /// (with --json: one line per target, --agreement first).
+    #[arg(long, value_delimiter = ',')]
+    pub also_agreement: Vec<f64>,
     /// Exit criterion.
     #[arg(long, value_enum, default_value = "max-prob")]
     pub criterion: CriterionArg,
@@ -37,8 +41,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if !(a.agreement > 0.0 && a.agreement <= 1.0) {
-        bail!("--agreement must be in (0, 1], got {}", a.agreement);
+    for &t in std::iter::once(&a.agreement).chain(&a.also_agreement) {
+        if !(t > 0.0 && t <= 1.0) {
+            bail!("--agreement must be in (0, 1], got {t}");
+        }
     }
     let dir = a.model.path()?;
     let mut cfg = rrt_model::checkpoint::read_config(&dir)
@@ -54,10 +60,13 @@ pub fn run(a: Args) -> Result<()> {
     let ids = &ids[..ids.len().min(a.tokens)];
     let samples = collect_samples(&lm, ids, 256, criterion)?;
     let c = calibrate(&samples, a.agreement);
-    if a.json {
-        println!("{}", serde_json::to_string(&c)?);
-    } else {
-        print_table(&c, criterion, a.agreement);
+    for (i, &t) in std::iter::once(&a.agreement).chain(&a.also_agreement).enumerate() {
+        let ci = if i == 0 { c.clone() } else { calibrate(&samples, t) };
+        if a.json {
+            println!("{}", serde_json::to_string(&ci)?);
+        } else {
+            print_table(&ci, criterion, t);
+        }
     }
     if !a.dry_run {
         cfg.exit = rrt_model::checkpoint::ExitConfig {

@@ -1,0 +1,366 @@
+//! `rrt bench engine`: throughput and time per output token of the node engine on the same
+//! requests under five settings (issue C):
+//!
+//! - (a) the vanilla model, continuous sequence-wise batching;
+//! - (b) the recursive checkpoint, sequence-wise batching (all loops before new work);
+//! - (c) the checkpoint with continuous depth-wise batching;
+//! - (d) (c) with early exit at the checkpoint's calibrated thresholds;
+//! - (e) (c) with oracle exit: each token leaves at the first loop whose argmax equals the
+//!   final one (measured beforehand on (c)'s outputs, replayed as a per-request schedule).
+//!
+//! Requests are closed-loop at each concurrency: `c` in flight, a new one submitted as soon as
+//! one finishes. Prompts are cut from tinyshakespeare; greedy, `ignore_eos`, so every setting
+//! generates the same number of tokens.
+
+use super::ModelArg;
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use rrt_kernels::CpuBackend;
+use rrt_model::LoadedModel;
+use rrt_model::forward::sequence_rows;
+use rrt_model::kv::single_sequence;
+use rrt_model::sampling::argmax;
+use rrt_node::{Batching, Engine, EngineConfig, Event, ExitRule, GenParams, KvFill, Request, ResidentModel};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct EngineArgs {
+    /// The vanilla model (setting a).
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// The relaxed recursive checkpoint (settings b-e; d needs calibrated thresholds).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Settings to run, from a, b, c, d, e.
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e")]
+    pub settings: Vec<String>,
+    /// Concurrency levels (requests in flight).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub concurrency: Vec<usize>,
+    /// Requests per concurrency level (default: max(8, 2 x concurrency)).
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Prompt lengths in tokens, cycled over the requests.
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
+    pub prompt_tokens: Vec<usize>,
+    /// Output lengths in tokens, cycled over the requests (coprime with the prompt mix).
+    #[arg(long, value_delimiter = ',', default_value = "32,64")]
+    pub max_tokens: Vec<usize>,
+    /// Rows per pass (the per-step token budget).
+    #[arg(long, default_value_t = 256)]
+    pub max_step_rows: usize,
+    /// How exited tokens get their deeper keys/values.
+    #[arg(long, value_enum, default_value = "propagate")]
+    pub kv_fill: FillArg,
+    /// Text the prompts are cut from (default: ../shared/data/tinyshakespeare.txt).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum FillArg {
+    Propagate,
+    Recompute,
+}
+
+#[derive(serde::Serialize, Clone)]
+struct Line {
+    setting: String,
+    concurrency: usize,
+    requests: usize,
+    output_tokens: usize,
+    wall_s: f64,
+    tok_s: f64,
+    /// Mean over requests of (finish - first token) / (tokens - 1), ms.
+    tpot_ms: f64,
+    /// Mean time to first token, ms.
+    ttft_ms: f64,
+    mean_loops: f64,
+    /// LM-head rows per output token (decoding + softmax exit tests).
+    head_rows_per_token: f64,
+    passes: u64,
+    preemptions: u64,
+}
+
+fn default_text() -> PathBuf {
+    let here = PathBuf::from("../shared/data/tinyshakespeare.txt");
+    if here.exists() {
+        return here;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt")
+}
+
+/// The benchmark's requests: prompt ids and output lengths.
+fn requests(
+    lm: &LoadedModel,
+    text: &str,
+    n: usize,
+    prompts: &[usize],
+    outs: &[usize],
+) -> Result<Vec<(Vec<u32>, usize)>> {
+    let ids = lm.tokenizer.encode(&text[..text.len().min(400_000)], false, false)?;
+    let longest = prompts.iter().copied().max().unwrap_or(1);
+    if ids.len() < longest + n {
+        bail!("the text is too short for {n} prompts of {longest} tokens");
+    }
+    Ok((0..n)
+        .map(|i| {
+            let len = prompts[i % prompts.len()];
+            let start = (i * 7919) % (ids.len() - len);
+            (ids[start..start + len].to_vec(), outs[i % outs.len()])
+        })
+        .collect())
+}
+
+fn load_model(path: &std::path::Path) -> Result<LoadedModel> {
+    rrt_model::load(path).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Runs `reqs` through a fresh engine at concurrency `c`; returns the measurement and every
+/// request's output ids.
+fn run_setting(
+    name: &str,
+    lm: LoadedModel,
+    cfg: EngineConfig,
+    reqs: &[(Vec<u32>, usize)],
+    schedules: Option<&[Vec<u8>]>,
+    c: usize,
+) -> Result<(Line, Vec<Vec<u32>>)> {
+    let tok = Arc::new(lm.tokenizer.clone());
+    let mut eng: Engine<CpuBackend> = Engine::new(ResidentModel::new(CpuBackend, lm.model), tok, cfg)?;
+    let bar = ProgressBar::new(reqs.len() as u64).with_style(
+        ProgressStyle::with_template("{prefix:>12} c={msg} [{bar:30}] {pos}/{len} requests")?.progress_chars("=> "),
+    );
+    bar.set_prefix(name.to_string());
+    bar.set_message(c.to_string());
+    let mut next = 0usize;
+    let mut ids: HashMap<u64, usize> = HashMap::new();
+    let mut first: HashMap<usize, Instant> = HashMap::new();
+    let mut submitted: HashMap<usize, Instant> = HashMap::new();
+    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); reqs.len()];
+    let mut tpot = Vec::new();
+    let mut ttft = Vec::new();
+    let mut loops = 0usize;
+    let t0 = Instant::now();
+    let mut done = 0usize;
+    while done < reqs.len() {
+        while ids.len() < c && next < reqs.len() {
+            let (prompt, max_tokens) = &reqs[next];
+            let mut params = GenParams {
+                max_tokens: *max_tokens,
+                ignore_eos: true,
+                ..Default::default()
+            };
+            params.exit.schedule = schedules.map(|s| s[next].clone());
+            let id = eng.submit(Request {
+                prompt: prompt.clone(),
+                params,
+            })?;
+            ids.insert(id, next);
+            submitted.insert(next, Instant::now());
+            next += 1;
+        }
+        for (id, e) in eng.step()? {
+            let i = ids[&id];
+            match e {
+                Event::Token(t) => {
+                    first.entry(i).or_insert_with(Instant::now);
+                    outputs[i].push(t.id);
+                }
+                Event::Done { usage, .. } => {
+                    let now = Instant::now();
+                    let f = first[&i];
+                    ttft.push((f - submitted[&i]).as_secs_f64());
+                    if usage.completion_tokens > 1 {
+                        tpot.push((now - f).as_secs_f64() / (usage.completion_tokens - 1) as f64);
+                    }
+                    loops += usage.loops;
+                    ids.remove(&id);
+                    done += 1;
+                    bar.inc(1);
+                }
+            }
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let toks: usize = outputs.iter().map(Vec::len).sum();
+    let st = eng.stats();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    Ok((
+        Line {
+            setting: name.to_string(),
+            concurrency: c,
+            requests: reqs.len(),
+            output_tokens: toks,
+            wall_s: wall,
+            tok_s: toks as f64 / wall,
+            tpot_ms: 1e3 * mean(&tpot),
+            ttft_ms: 1e3 * mean(&ttft),
+            mean_loops: loops as f64 / toks.max(1) as f64,
+            head_rows_per_token: st.head_rows as f64 / st.tokens.max(1) as f64,
+            passes: st.passes,
+            preemptions: st.preemptions,
+        },
+        outputs,
+    ))
+}
+
+/// Oracle exit loops of each output token: the first loop whose argmax equals the last
+/// loop's, on the full-depth outputs (teacher-forced through the host forward pass).
+fn oracle_schedules(lm: &LoadedModel, reqs: &[(Vec<u32>, usize)], outputs: &[Vec<u32>]) -> Result<Vec<Vec<u8>>> {
+    let m = &lm.model;
+    let bar = ProgressBar::new(reqs.len() as u64);
+    bar.set_message("oracle exits");
+    let mut out = Vec::with_capacity(reqs.len());
+    for ((prompt, _), outs) in reqs.iter().zip(outputs) {
+        let mut seq = prompt.clone();
+        seq.extend_from_slice(&outs[..outs.len().saturating_sub(1)]);
+        let (mut pool, kv) = single_sequence(m.kv_layout(16), seq.len())?;
+        let per_loop = m.forward_loops(&sequence_rows(&seq, &kv.blocks), &mut pool)?;
+        let select: Vec<usize> = (prompt.len() - 1..seq.len()).collect();
+        let logits: Vec<Vec<f32>> = per_loop.iter().map(|x| m.logits(x, &select)).collect();
+        let vocab = m.config.vocab;
+        let sched = (0..select.len())
+            .map(|j| {
+                let last = argmax(&logits[logits.len() - 1][j * vocab..(j + 1) * vocab]);
+                let l = logits
+                    .iter()
+                    .position(|lg| argmax(&lg[j * vocab..(j + 1) * vocab]) == last)
+                    .unwrap_or(logits.len() - 1);
+                (l + 1) as u8
+            })
+            .collect();
+        out.push(sched);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+pub fn run(a: EngineArgs) -> Result<()> {
+    let want = |s: &str| a.settings.iter().any(|x| x == s);
+    let needs_ckpt = ["b", "c", "d", "e"].iter().any(|s| want(s));
+    if needs_ckpt && a.checkpoint.is_none() {
+        bail!("settings b-e need --checkpoint DIR (a relaxed recursive checkpoint from `rrt convert`)");
+    }
+    let vanilla_path = a.model.path()?;
+    let text_path = a.text.clone().unwrap_or_else(default_text);
+    let text = std::fs::read_to_string(&text_path).with_context(|| format!("reading {}", text_path.display()))?;
+    let probe = load_model(&vanilla_path)?;
+    let exit_rule = match &a.checkpoint {
+        Some(d) if want("d") => {
+            let r = ExitRule::from_checkpoint(d)?;
+            if r.is_none() {
+                bail!(
+                    "{} has no calibrated exit thresholds (run `rrt calibrate --model {0}` first) or drop setting d",
+                    d.display()
+                );
+            }
+            r
+        }
+        _ => None,
+    };
+    let fill = match a.kv_fill {
+        FillArg::Propagate => KvFill::Propagate,
+        FillArg::Recompute => KvFill::Recompute,
+    };
+    let base = EngineConfig {
+        max_step_rows: a.max_step_rows,
+        max_running: a.concurrency.iter().copied().max().unwrap_or(1).max(1),
+        kv_fill: fill,
+        ..Default::default()
+    };
+    let mut lines: Vec<Line> = Vec::new();
+    for &c in &a.concurrency {
+        let n = a.requests.unwrap_or((2 * c).max(8));
+        let reqs = requests(&probe, &text, n, &a.prompt_tokens, &a.max_tokens)?;
+        let mut c_outputs: Option<Vec<Vec<u32>>> = None;
+        for s in ["a", "b", "c", "d", "e"] {
+            if !want(s) && !(s == "c" && want("e")) {
+                continue;
+            }
+            let (path, cfg) = match s {
+                "a" => (&vanilla_path, base.clone()),
+                "b" => (
+                    a.checkpoint.as_ref().unwrap(),
+                    EngineConfig {
+                        batching: Batching::SequenceWise,
+                        ..base.clone()
+                    },
+                ),
+                "d" => (
+                    a.checkpoint.as_ref().unwrap(),
+                    EngineConfig {
+                        exit: exit_rule.clone(),
+                        ..base.clone()
+                    },
+                ),
+                _ => (a.checkpoint.as_ref().unwrap(), base.clone()),
+            };
+            let lm = load_model(path)?;
+            let schedules = if s == "e" {
+                let host = load_model(path)?;
+                Some(oracle_schedules(
+                    &host,
+                    &reqs,
+                    c_outputs.as_ref().expect("c runs before e"),
+                )?)
+            } else {
+                None
+            };
+            let (line, outs) = run_setting(s, lm, cfg, &reqs, schedules.as_deref(), c)?;
+            if s == "c" {
+                c_outputs = Some(outs);
+            }
+            if want(s) {
+                if a.json {
+                    println!("{}", serde_json::to_string(&line)?);
+                } else {
+                    eprintln!(
+                        "{} c={} {:.1} tok/s, {:.1} ms/token, mean loops {:.2}",
+                        s, c, line.tok_s, line.tpot_ms, line.mean_loops
+                    );
+                }
+                lines.push(line);
+            }
+        }
+    }
+    if !a.json {
+        print_table(&lines);
+    }
+    Ok(())
+}
+
+fn print_table(lines: &[Line]) {
+    println!(
+        "| setting | concurrency | requests | out tokens | tok/s | TPOT ms | TTFT ms | mean loops | head rows/token | vs (a) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for l in lines {
+        let base = lines
+            .iter()
+            .find(|b| b.setting == "a" && b.concurrency == l.concurrency)
+            .map(|b| format!("{:.2}x", l.tok_s / b.tok_s))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "| ({}) | {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {} |",
+            l.setting,
+            l.concurrency,
+            l.requests,
+            l.output_tokens,
+            l.tok_s,
+            l.tpot_ms,
+            l.ttft_ms,
+            l.mean_loops,
+            l.head_rows_per_token,
+            base
+        );
+    }
+}
