@@ -29,6 +29,8 @@ enum Command {
     Tokenize(cmd::tokenize::Args),
     /// Perplexity over non-overlapping windows of a text file.
     Eval(cmd::eval::Args),
+    /// Perplexity and agreement of early exit through the engine, propagate vs recompute KV fill.
+    EvalExit(cmd::eval_exit::Args),
     /// Benchmarks (not tests): `rrt bench forward`.
     Bench(cmd::bench::Args),
 }
@@ -45,6 +47,7 @@ fn main() -> std::process::ExitCode {
         Command::Calibrate(a) => cmd::calibrate::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::EvalExit(a) => cmd::eval_exit::run(a),
         Command::Bench(a) => cmd::bench::run(a),
     };
     match result {

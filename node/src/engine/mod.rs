@@ -147,6 +147,21 @@ pub struct EngineStats {
     /// Output tokens by loops run (index = loops - 1).
     pub exits: Vec<u64>,
     pub preemptions: u64,
+    /// Wall time in passes of the shared block (all rows, all layers of one loop).
+    pub pass_seconds: f64,
+    /// Wall time in the final norm + LM head (decoding and softmax exit tests).
+    pub head_seconds: f64,
+}
+
+impl EngineStats {
+    /// Seconds per row for one loop of the shared block, and per row of the LM head: their
+    /// ratio is what a softmax exit test costs, in loops.
+    pub fn per_row_costs(&self) -> (f64, f64) {
+        (
+            self.pass_seconds / self.rows.max(1) as f64,
+            self.head_seconds / self.head_rows.max(1) as f64,
+        )
+    }
 }
 
 struct Seq {
@@ -587,8 +602,10 @@ impl<B: Backend> Engine<B> {
                     blocks: &seqs[&id].kv.blocks,
                 })
                 .collect();
+            let t = std::time::Instant::now();
             self.model
                 .pass(&mut self.kv, &self.layout, &mut x, &rows, fill_x.as_ref(), &frows);
+            self.stats.pass_seconds += t.elapsed().as_secs_f64();
         }
         self.stats.passes += 1;
         self.stats.rows += n as u64;
@@ -685,7 +702,9 @@ impl<B: Backend> Engine<B> {
             .map(|t| t.0 as u32)
             .chain(decode.iter().map(|&i| i as u32))
             .collect();
+        let t = std::time::Instant::now();
         let logits = self.model.logits(x, &head_rows);
+        self.stats.head_seconds += t.elapsed().as_secs_f64();
         self.stats.head_rows += head_rows.len() as u64;
         let mut produce: Vec<(usize, &[f32])> = Vec::new();
         for (j, &(i, c, t)) in test_head.iter().enumerate() {
@@ -754,7 +773,10 @@ impl<B: Backend> Engine<B> {
     fn produce(&mut self, id: RequestId, logits: &[f32], loops: usize) -> Result<bool, EngineError> {
         let tok = self.tokenizer.clone();
         let s = self.seqs.get_mut(&id).expect("producing row of a live sequence");
-        let token = s.sampler.sample(logits);
+        let token = match s.params.forced.as_ref().and_then(|f| f.get(s.out.len())) {
+            Some(&t) => t,
+            None => s.sampler.sample(logits),
+        };
         let lse = rrt_kernels::logsumexp(logits);
         let logprob = logits[token as usize] - lse;
         let top_logprobs = top_n(logits, s.params.top_logprobs, lse);

@@ -40,6 +40,10 @@ pub struct GenParams {
     /// Return this many most likely alternatives (with logprobs) per token (0..=20).
     pub top_logprobs: usize,
     pub exit: ExitControl,
+    /// Teacher forcing: output token `i` is `forced[i]` instead of a sampled one (its logprob
+    /// is still reported). Scores a given continuation, e.g. to measure perplexity through the
+    /// engine with early exit; sampling resumes after the last forced token.
+    pub forced: Option<Vec<u32>>,
 }
 
 impl Default for GenParams {
@@ -52,6 +56,7 @@ impl Default for GenParams {
             ignore_eos: false,
             top_logprobs: 0,
             exit: ExitControl::default(),
+            forced: None,
         }
     }
 }
@@ -163,6 +168,12 @@ impl Request {
         if let Some(t) = p.stop_ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(bad(
                 "stop_token_ids",
+                format!("token id {t} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        if let Some(t) = p.forced.iter().flatten().find(|&&t| t as usize >= vocab) {
+            return Err(bad(
+                "forced",
                 format!("token id {t} is outside the vocabulary of {vocab}"),
             ));
         }

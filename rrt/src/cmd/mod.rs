@@ -5,6 +5,7 @@ pub mod bench_engine;
 pub mod calibrate;
 pub mod convert;
 pub mod eval;
+pub mod eval_exit;
 pub mod generate;
 pub mod tokenize;
 
