@@ -38,15 +38,23 @@ pub(crate) fn by_column_blocks(
     f: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     debug_assert_eq!(y.len(), n * m);
+    let parallel = work >= 1 << 17;
+    // Narrow products (LoRA shrinks: m = rank) still get one task per thread.
+    let threads = rayon::current_num_threads().max(1);
+    let per = if parallel && m < threads * ROWS_PER_TASK {
+        m.div_ceil(threads).next_multiple_of(4).clamp(4, ROWS_PER_TASK)
+    } else {
+        ROWS_PER_TASK
+    };
     let run = |t: usize| -> (usize, Vec<f32>) {
-        let j0 = t * ROWS_PER_TASK;
-        let j1 = (j0 + ROWS_PER_TASK).min(m);
+        let j0 = t * per;
+        let j1 = (j0 + per).min(m);
         let mut out = vec![0f32; n * (j1 - j0)];
         f(j0, j1, &mut out);
         (j0, out)
     };
-    let tasks = m.div_ceil(ROWS_PER_TASK);
-    let parts: Vec<(usize, Vec<f32>)> = if work >= 1 << 17 {
+    let tasks = m.div_ceil(per);
+    let parts: Vec<(usize, Vec<f32>)> = if parallel {
         (0..tasks).into_par_iter().map(run).collect()
     } else {
         (0..tasks).map(run).collect()

@@ -559,3 +559,72 @@ fn preemption_recomputes_and_loses_nothing() {
         .sum();
     assert_eq!(total as u64, p1);
 }
+
+/// Per-request exit controls over the engine's rule: the rule exits everything after loop 1;
+/// `full_depth`, a request threshold that never passes, and `max_loops` override it.
+#[test]
+fn per_request_exit_controls() {
+    let rule = ExitRule {
+        criterion: Criterion::MaxProb,
+        thresholds: vec![Some(0.0)],
+    };
+    let mut eng = engine(
+        tiny_model(4, 2, 2, 17),
+        tok(),
+        EngineConfig {
+            exit: Some(rule),
+            ..Default::default()
+        },
+    );
+    let loops_of = |eng: &mut rrt_node::Engine<rrt_kernels::CpuBackend>, f: fn(&mut GenParams)| -> Vec<usize> {
+        let mut p = GenParams {
+            max_tokens: 6,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        f(&mut p);
+        let id = eng
+            .submit(Request {
+                prompt: vec![9, 8, 7],
+                params: p,
+            })
+            .unwrap();
+        eng.run_to_completion()
+            .unwrap()
+            .into_iter()
+            .filter_map(|(i, e)| match e {
+                Event::Token(t) if i == id => Some(t.loops),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(loops_of(&mut eng, |_| {}), vec![1; 6], "threshold 0 exits after loop 1");
+    assert_eq!(loops_of(&mut eng, |p| p.exit.full_depth = true), vec![2; 6]);
+    assert_eq!(
+        loops_of(&mut eng, |p| p.exit.threshold = Some(1.5)),
+        vec![2; 6],
+        "p <= 1 never passes 1.5"
+    );
+    let st = eng.stats().clone();
+    assert_eq!(st.exits, vec![6, 12]);
+    // Saturation needs no LM head for the test: only decoded rows go through it.
+    let rule = ExitRule {
+        criterion: Criterion::Saturation,
+        thresholds: vec![Some(2.0)],
+    };
+    let mut eng = engine(
+        tiny_model(4, 2, 2, 17),
+        tok(),
+        EngineConfig {
+            exit: Some(rule),
+            ..Default::default()
+        },
+    );
+    assert_eq!(loops_of(&mut eng, |_| {}), vec![2; 6], "cosine <= 1 never passes 2.0");
+    assert_eq!(loops_of(&mut eng, |p| p.exit.max_loops = Some(1)), vec![1; 6]);
+    assert_eq!(
+        eng.stats().head_rows,
+        12,
+        "one LM-head row per token, none for the tests"
+    );
+}
