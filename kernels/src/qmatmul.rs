@@ -65,6 +65,9 @@ pub fn dequantize_rows(fmt: QFormat, data: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Rows of x up to which `matmul_q` dequantizes 4 weight rows at a time.
+const FEW_ROWS: usize = 48;
+
 /// `y (n x m) (+)= x (n x k) W^T` with `W` (`m x k`) in quantized blocks.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_q(x: &[f32], fmt: QFormat, w: &[u8], y: &mut [f32], n: usize, k: usize, m: usize, mode: MatmulMode) {
@@ -75,15 +78,29 @@ pub fn matmul_q(x: &[f32], fmt: QFormat, w: &[u8], y: &mut [f32], n: usize, k: u
     if n == 0 || m == 0 {
         return;
     }
-    // Each task dequantizes its block of weight rows once (exactly) and runs the skinny
-    // kernel on it, for any n: the result is bit-identical to the f32 product and a row's
-    // result does not depend on the other rows.
+    // Each task dequantizes its weight rows exactly and runs the skinny kernel on them: for a
+    // few rows of x, 4 weight rows at a time (the f32 copy stays in L1); for more, the task's
+    // whole block at once (the dequantization is amortised over more rows). Both compute every
+    // output element with the same tile, so the result is bit-identical to the f32 product
+    // and a row's result does not depend on the other rows.
     let rb = fmt.row_bytes(k);
     by_column_blocks(y, n, m, n * k * m, mode == MatmulMode::Accumulate, |j0, j1, out| {
         let mb = j1 - j0;
-        let mut scratch = vec![0f32; mb * k];
-        dequantize_rows(fmt, &w[j0 * rb..j1 * rb], &mut scratch);
-        block_at(x, &scratch, out, n, k, mb, mb, 0);
+        if n <= FEW_ROWS {
+            let mut scratch = vec![0f32; 4 * k];
+            let mut j = 0;
+            while j < mb {
+                let r = (mb - j).min(4);
+                let rows = &w[(j0 + j) * rb..(j0 + j + r) * rb];
+                dequantize_rows(fmt, rows, &mut scratch[..r * k]);
+                block_at(x, &scratch[..r * k], out, n, k, r, mb, j);
+                j += r;
+            }
+        } else {
+            let mut scratch = vec![0f32; mb * k];
+            dequantize_rows(fmt, &w[j0 * rb..j1 * rb], &mut scratch);
+            block_at(x, &scratch, out, n, k, mb, mb, 0);
+        }
     });
 }
 
@@ -143,7 +160,7 @@ mod tests {
     fn equals_f32_product_on_dequantized_weights_bit_for_bit() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         for fmt in [QFormat::Q4_1, QFormat::Q8_0] {
-            for (n, k, m) in [(1, 64, 7), (4, 576, 70), (9, 96, 131), (48, 64, 5), (60, 128, 33)] {
+            for (n, k, m) in [(1, 64, 7), (4, 576, 70), (9, 96, 131), (49, 576, 70), (48, 64, 5), (60, 128, 33)] {
                 let w = random_blocks(fmt, m, k, &mut rng);
                 let mut wf = vec![0f32; m * k];
                 dequantize_rows(fmt, &w, &mut wf);
