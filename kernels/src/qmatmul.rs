@@ -160,7 +160,14 @@ mod tests {
     fn equals_f32_product_on_dequantized_weights_bit_for_bit() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         for fmt in [QFormat::Q4_1, QFormat::Q8_0] {
-            for (n, k, m) in [(1, 64, 7), (4, 576, 70), (9, 96, 131), (49, 576, 70), (48, 64, 5), (60, 128, 33)] {
+            for (n, k, m) in [
+                (1, 64, 7),
+                (4, 576, 70),
+                (9, 96, 131),
+                (49, 576, 70),
+                (48, 64, 5),
+                (60, 128, 33),
+            ] {
                 let w = random_blocks(fmt, m, k, &mut rng);
                 let mut wf = vec![0f32; m * k];
                 dequantize_rows(fmt, &w, &mut wf);

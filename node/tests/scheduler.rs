@@ -95,10 +95,10 @@ proptest! {
                     submitted.push((eng.submit(Request { prompt, params }).unwrap(), max_tokens));
                 }
                 Op::Cancel(i) => {
-                    if let Some(&(id, _)) = submitted.get(i) {
-                        if eng.cancel(id) {
-                            cancelled.push(id);
-                        }
+                    if let Some(&(id, _)) = submitted.get(i)
+                        && eng.cancel(id)
+                    {
+                        cancelled.push(id);
                     }
                 }
                 Op::Step(n) => {

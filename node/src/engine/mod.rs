@@ -164,6 +164,22 @@ impl EngineStats {
     }
 }
 
+/// What a node reports to the coordinator for routing and capacity planning.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LoadReport {
+    /// Requests accepted but holding no KV yet (never admitted, or preempted).
+    pub waiting_requests: usize,
+    /// Requests holding KV.
+    pub running_requests: usize,
+    /// Rows in flight per loop depth (what the next pass continues).
+    pub rows_per_depth: Vec<usize>,
+    /// Prompt and decode tokens waiting to enter loop 0.
+    pub waiting_tokens: usize,
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+    pub block_size: usize,
+}
+
 struct Seq {
     prompt: Vec<u32>,
     out: Vec<u32>,
@@ -319,6 +335,24 @@ impl<B: Backend> Engine<B> {
     /// KV blocks in the pool / free.
     pub fn kv_blocks(&self) -> (usize, usize) {
         (self.n_blocks, self.free.len())
+    }
+
+    /// The node's load: requests, rows per loop depth, free KV.
+    pub fn load_report(&self) -> LoadReport {
+        let mut rows_per_depth = vec![0; self.model.loops];
+        for f in &self.flights {
+            rows_per_depth[f.depth.min(self.model.loops - 1)] += 1;
+        }
+        let running = self.seqs.values().filter(|s| s.running).count();
+        LoadReport {
+            waiting_requests: self.seqs.len() - running,
+            running_requests: running,
+            rows_per_depth,
+            waiting_tokens: self.seqs.values().map(|s| s.total() - s.fed).sum(),
+            free_blocks: self.free.len(),
+            total_blocks: self.n_blocks,
+            block_size: self.cfg.block_size,
+        }
     }
 
     /// Requests not finished (running or waiting).

@@ -1,0 +1,229 @@
+//! The engine actor: owns an [`Engine`] on a dedicated OS thread (its passes are CPU- or
+//! GPU-bound and must not block the async runtime) and serves it through a cloneable
+//! [`EngineHandle`] over a bounded command channel.
+//!
+//! Between two passes the task drains every pending command, so a submission or cancellation
+//! waits at most one pass. Each request's events go to its own unbounded channel (events are
+//! small and a slow client must never stall the engine); when a client drops its
+//! [`RequestStream`], the request is cancelled on the next loop iteration.
+
+use crate::engine::{Engine, EngineError, Event, LoadReport, Request, RequestId};
+use rrt_kernels::Backend;
+use std::collections::HashMap;
+use tokio::sync::{mpsc, oneshot};
+
+/// Commands the engine task accepts.
+pub enum EngineCommand {
+    Submit {
+        request: Box<Request>,
+        events: mpsc::UnboundedSender<Event>,
+        reply: oneshot::Sender<Result<RequestId, EngineError>>,
+    },
+    Cancel {
+        id: RequestId,
+    },
+    Load {
+        reply: oneshot::Sender<LoadReport>,
+    },
+    /// Stop taking work; with `drain`, finish what is in flight first.
+    Shutdown {
+        drain: bool,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Errors of the handle.
+#[derive(Debug, thiserror::Error)]
+pub enum ActorError {
+    #[error("the engine has shut down")]
+    Closed,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// A cloneable handle to the engine task.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<EngineCommand>,
+}
+
+/// The events of one request; dropping it cancels the request.
+pub struct RequestStream {
+    pub id: RequestId,
+    rx: mpsc::UnboundedReceiver<Event>,
+    handle: EngineHandle,
+    done: bool,
+}
+
+impl RequestStream {
+    /// The next event; `None` after the final `Done` (or if the engine went away).
+    pub async fn next(&mut self) -> Option<Event> {
+        let e = self.rx.recv().await;
+        if matches!(e, Some(Event::Done { .. }) | None) {
+            self.done = true;
+        }
+        e
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.handle.tx.try_send(EngineCommand::Cancel { id: self.id });
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine task on its own thread. `capacity` bounds the command channel.
+    pub fn spawn<B: Backend>(engine: Engine<B>, capacity: usize) -> (Self, std::thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let join = std::thread::Builder::new()
+            .name("rrt-engine".into())
+            .spawn(move || run(engine, rx))
+            .expect("spawning the engine thread");
+        (Self { tx }, join)
+    }
+
+    /// Submits a request; its events arrive on the returned stream.
+    pub async fn submit(&self, request: Request) -> Result<RequestStream, ActorError> {
+        let (etx, erx) = mpsc::unbounded_channel();
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(EngineCommand::Submit {
+                request: Box::new(request),
+                events: etx,
+                reply,
+            })
+            .await
+            .map_err(|_| ActorError::Closed)?;
+        let id = wait.await.map_err(|_| ActorError::Closed)??;
+        Ok(RequestStream {
+            id,
+            rx: erx,
+            handle: self.clone(),
+            done: false,
+        })
+    }
+
+    pub async fn cancel(&self, id: RequestId) -> Result<(), ActorError> {
+        self.tx
+            .send(EngineCommand::Cancel { id })
+            .await
+            .map_err(|_| ActorError::Closed)
+    }
+
+    pub async fn load(&self) -> Result<LoadReport, ActorError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(EngineCommand::Load { reply })
+            .await
+            .map_err(|_| ActorError::Closed)?;
+        wait.await.map_err(|_| ActorError::Closed)
+    }
+
+    /// Stops the task (after finishing in-flight requests when `drain`).
+    pub async fn shutdown(&self, drain: bool) -> Result<(), ActorError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(EngineCommand::Shutdown { drain, reply })
+            .await
+            .map_err(|_| ActorError::Closed)?;
+        wait.await.map_err(|_| ActorError::Closed)
+    }
+}
+
+/// The task: apply commands, run a pass when there is work, route events.
+fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>) {
+    let mut streams: HashMap<RequestId, mpsc::UnboundedSender<Event>> = HashMap::new();
+    let mut closing: Option<(bool, oneshot::Sender<()>)> = None;
+    loop {
+        // Block for a command only when there is nothing to compute.
+        let mut first = if engine.has_work() || closing.is_some() {
+            None
+        } else {
+            match rx.blocking_recv() {
+                Some(c) => Some(c),
+                None => return,
+            }
+        };
+        loop {
+            let cmd = match first.take() {
+                Some(c) => c,
+                None => match rx.try_recv() {
+                    Ok(c) => c,
+                    Err(_) => break,
+                },
+            };
+            match cmd {
+                EngineCommand::Submit { request, events, reply } => {
+                    if closing.is_some() {
+                        let _ = reply.send(Err(EngineError::Config {
+                            field: "shutdown",
+                            msg: "the node is shutting down and takes no new requests".into(),
+                        }));
+                        continue;
+                    }
+                    let r = engine.submit(*request);
+                    if let Ok(id) = &r {
+                        streams.insert(*id, events);
+                    }
+                    let _ = reply.send(r);
+                }
+                EngineCommand::Cancel { id } => {
+                    engine.cancel(id);
+                }
+                EngineCommand::Load { reply } => {
+                    let _ = reply.send(engine.load_report());
+                }
+                EngineCommand::Shutdown { drain, reply } => closing = Some((drain, reply)),
+            }
+        }
+        // Clients that went away cancel their requests.
+        let gone: Vec<RequestId> = streams
+            .iter()
+            .filter(|(_, tx)| tx.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            engine.cancel(id);
+        }
+        if let Some((drain, _)) = &closing
+            && (!drain || engine.active() == 0)
+        {
+            let ids: Vec<RequestId> = streams.keys().copied().collect();
+            for id in ids {
+                engine.cancel(id);
+            }
+            route(&mut streams, engine.step().unwrap_or_default());
+            if let Some((_, reply)) = closing.take() {
+                let _ = reply.send(());
+            }
+            return;
+        }
+        match engine.step() {
+            Ok(events) => route(&mut streams, events),
+            Err(e) => {
+                // A pass failed (a backend error): fail every request rather than lose them silently.
+                tracing::error!(error = %e, "engine pass failed; cancelling all requests");
+                let ids: Vec<RequestId> = streams.keys().copied().collect();
+                for id in ids {
+                    engine.cancel(id);
+                }
+                route(&mut streams, engine.step().unwrap_or_default());
+            }
+        }
+    }
+}
+
+fn route(streams: &mut HashMap<RequestId, mpsc::UnboundedSender<Event>>, events: Vec<(RequestId, Event)>) {
+    for (id, e) in events {
+        let last = matches!(e, Event::Done { .. });
+        if let Some(tx) = streams.get(&id) {
+            let _ = tx.send(e);
+        }
+        if last {
+            streams.remove(&id);
+        }
+    }
+}
