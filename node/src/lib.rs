@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod engine_actor;
+pub mod grpc;
 
 pub use engine::{
     Batching, Engine, EngineConfig, EngineError, EngineStats, Event, ExitControl, ExitRule, FinishReason, GenParams,

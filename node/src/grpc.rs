@@ -1,0 +1,247 @@
+//! The gRPC ingress of a node: the internal `rrt.v1.node.Node` service over the engine actor.
+//! Prost types stop here: requests become [`Request`]s, engine events become `RunEvent`s.
+
+use crate::engine::{Event, GenParams, LoadReport, Request};
+use crate::engine_actor::{ActorError, EngineHandle};
+use rrt_model::sampling::SamplingParams;
+use rrt_proto::v1::node as pb;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request as GrpcRequest, Response, Status};
+
+/// The Node service.
+#[derive(Clone)]
+pub struct NodeService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node_id: String,
+    loops: usize,
+    engine: EngineHandle,
+    draining: AtomicBool,
+    /// Coordinator request id -> engine request id, for `Cancel`.
+    ids: Mutex<HashMap<String, u64>>,
+    /// Output tokens since start, for the recent rate.
+    tokens: AtomicU64,
+    rate: Mutex<(Instant, u64, f32)>,
+}
+
+fn status(e: ActorError) -> Status {
+    match e {
+        ActorError::Closed => Status::unavailable("the node's engine has shut down"),
+        ActorError::Engine(crate::engine::EngineError::InvalidRequest { field, msg }) => {
+            Status::invalid_argument(format!("{field}: {msg}"))
+        }
+        ActorError::Engine(e @ crate::engine::EngineError::TooLarge { .. }) => {
+            Status::resource_exhausted(e.to_string())
+        }
+        ActorError::Engine(e) => Status::internal(e.to_string()),
+    }
+}
+
+/// Converts a wire request into an engine request (a moved request's generated tokens extend
+/// the prompt; they count against `max_new_tokens`).
+pub fn to_request(r: &pb::RunRequest) -> Result<Request, Status> {
+    let s = r.sampling.unwrap_or_default();
+    let generated = r.generated.len() as u32;
+    if r.max_new_tokens <= generated {
+        return Err(Status::invalid_argument(format!(
+            "max_new_tokens: {} is not above the {} tokens already generated",
+            r.max_new_tokens, generated
+        )));
+    }
+    let mut prompt = r.prompt.clone();
+    prompt.extend_from_slice(&r.generated);
+    let mut params = GenParams {
+        sampling: SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k as usize,
+            top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
+            min_p: s.min_p,
+            seed: s.seed,
+            repetition_penalty: if s.repetition_penalty == 0.0 {
+                1.0
+            } else {
+                s.repetition_penalty
+            },
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+        },
+        max_tokens: (r.max_new_tokens - generated) as usize,
+        stop_ids: r.stop_token_ids.clone(),
+        stop: r.stop.clone(),
+        ignore_eos: r.ignore_eos,
+        top_logprobs: r.top_logprobs as usize,
+        ..Default::default()
+    };
+    params.exit.full_depth = r.full_depth;
+    params.exit.threshold = r.exit_threshold;
+    params.exit.max_loops = r.max_loops.map(|m| m as usize);
+    Ok(Request { prompt, params })
+}
+
+fn to_event(e: Event) -> pb::RunEvent {
+    let event = match e {
+        Event::Token(t) => pb::run_event::Event::Token(pb::Token {
+            token_id: t.id,
+            text: t.text,
+            logprob: t.logprob,
+            exit_loop: t.loops as u32,
+            top_logprobs: t
+                .top_logprobs
+                .into_iter()
+                .map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob })
+                .collect(),
+        }),
+        Event::Done {
+            finish_reason,
+            text,
+            usage,
+        } => pb::run_event::Event::Finished(pb::Finished {
+            finish_reason: finish_reason.as_str().into(),
+            text,
+            prompt_tokens: usage.prompt_tokens as u32,
+            completion_tokens: usage.completion_tokens as u32,
+            loops: usage.loops as u64,
+            preemptions: usage.preemptions as u32,
+        }),
+    };
+    pb::RunEvent { event: Some(event) }
+}
+
+fn to_load(node_id: &str, loops: usize, l: LoadReport, rate: f32, draining: bool) -> pb::LoadReport {
+    pb::LoadReport {
+        node_id: node_id.into(),
+        waiting_requests: l.waiting_requests as u32,
+        running_requests: l.running_requests as u32,
+        rows_per_depth: l.rows_per_depth.iter().map(|&r| r as u32).collect(),
+        waiting_tokens: l.waiting_tokens as u64,
+        free_kv_blocks: l.free_blocks as u64,
+        total_kv_blocks: l.total_blocks as u64,
+        kv_block_size: l.block_size as u32,
+        recent_tokens_per_second: rate,
+        loops: loops as u32,
+        draining,
+    }
+}
+
+impl NodeService {
+    pub fn new(node_id: impl Into<String>, loops: usize, engine: EngineHandle) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                node_id: node_id.into(),
+                loops,
+                engine,
+                draining: AtomicBool::new(false),
+                ids: Mutex::new(HashMap::new()),
+                tokens: AtomicU64::new(0),
+                rate: Mutex::new((Instant::now(), 0, 0.0)),
+            }),
+        }
+    }
+
+    /// Output tokens per second since the previous call that was at least a second ago.
+    fn recent_rate(&self) -> f32 {
+        let mut r = self.inner.rate.lock().expect("rate lock");
+        let now = Instant::now();
+        let dt = now.duration_since(r.0).as_secs_f32();
+        if dt >= 1.0 {
+            let total = self.inner.tokens.load(Ordering::Relaxed);
+            r.2 = (total - r.1) as f32 / dt;
+            *r = (now, total, r.2);
+        }
+        r.2
+    }
+}
+
+type RunStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeService {
+    type RunStream = RunStream;
+
+    async fn run(&self, req: GrpcRequest<pb::RunRequest>) -> Result<Response<RunStream>, Status> {
+        if self.inner.draining.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("the node is draining"));
+        }
+        let r = req.into_inner();
+        let request = to_request(&r)?;
+        let mut stream = self.inner.engine.submit(request).await.map_err(status)?;
+        let rid = if r.request_id.is_empty() {
+            format!("{}-{}", self.inner.node_id, stream.id)
+        } else {
+            r.request_id.clone()
+        };
+        self.inner.ids.lock().expect("ids lock").insert(rid.clone(), stream.id);
+        let (tx, rx) = mpsc::channel(64);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            while let Some(e) = stream.next().await {
+                let done = matches!(e, Event::Done { .. });
+                if matches!(e, Event::Token(_)) {
+                    inner.tokens.fetch_add(1, Ordering::Relaxed);
+                }
+                if tx.send(Ok(to_event(e))).await.is_err() {
+                    // The client went away: dropping `stream` cancels the request.
+                    break;
+                }
+                if done {
+                    break;
+                }
+            }
+            inner.ids.lock().expect("ids lock").remove(&rid);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel(&self, req: GrpcRequest<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
+        let id = self
+            .inner
+            .ids
+            .lock()
+            .expect("ids lock")
+            .get(&req.get_ref().request_id)
+            .copied();
+        if let Some(id) = id {
+            self.inner.engine.cancel(id).await.map_err(status)?;
+        }
+        Ok(Response::new(pb::CancelResponse { found: id.is_some() }))
+    }
+
+    async fn load(&self, _req: GrpcRequest<pb::LoadRequest>) -> Result<Response<pb::LoadReport>, Status> {
+        let l = self.inner.engine.load().await.map_err(status)?;
+        let draining = self.inner.draining.load(Ordering::Relaxed);
+        Ok(Response::new(to_load(
+            &self.inner.node_id,
+            self.inner.loops,
+            l,
+            self.recent_rate(),
+            draining,
+        )))
+    }
+
+    async fn drain(&self, req: GrpcRequest<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        self.inner.draining.store(true, Ordering::Relaxed);
+        let r = req.into_inner();
+        if r.wait {
+            let deadline =
+                (r.deadline_ms > 0).then(|| Instant::now() + std::time::Duration::from_millis(r.deadline_ms));
+            loop {
+                let l = self.inner.engine.load().await.map_err(status)?;
+                if l.running_requests + l.waiting_requests == 0 || deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        let unfinished = self.inner.ids.lock().expect("ids lock").keys().cloned().collect();
+        Ok(Response::new(pb::DrainResponse { unfinished }))
+    }
+}

@@ -1,0 +1,119 @@
+//! The node's gRPC ingress on loopback: Run streams the same tokens as the engine driven
+//! directly; Load reports the engine; a client that drops its stream cancels its request;
+//! invalid requests get INVALID_ARGUMENT naming the field.
+
+mod common;
+
+use common::*;
+use rrt_node::engine_actor::EngineHandle;
+use rrt_node::grpc::NodeService;
+use rrt_node::{EngineConfig, GenParams, Request};
+use rrt_proto::v1::node as pb;
+use rrt_proto::v1::node::node_client::NodeClient;
+use rrt_proto::v1::node::node_server::NodeServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_load_cancel_over_loopback() {
+    let tok = tokenizer();
+    let prompt: Vec<u32> = (0..12).map(|p| 200 + 7 * p).collect();
+    let mut direct = engine(tiny_model(4, 2, 2, 31), tok.clone(), EngineConfig::default());
+    let id = direct
+        .submit(Request {
+            prompt: prompt.clone(),
+            params: GenParams {
+                max_tokens: 9,
+                ignore_eos: true,
+                ..Default::default()
+            },
+        })
+        .unwrap();
+    let want = collect(&direct.run_to_completion().unwrap())[&id].0.clone();
+
+    let (handle, _join) = EngineHandle::spawn(engine(tiny_model(4, 2, 2, 31), tok, EngineConfig::default()), 16);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = NodeService::new("node-a", 2, handle.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(NodeServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    let mut client = NodeClient::connect(format!("http://{addr}")).await.unwrap();
+    let run = |max_new_tokens: u32| pb::RunRequest {
+        request_id: format!("r{max_new_tokens}"),
+        prompt: prompt.clone(),
+        max_new_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut s = client.run(run(9)).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    let mut fin = None;
+    while let Some(e) = s.message().await.unwrap() {
+        match e.event.unwrap() {
+            pb::run_event::Event::Token(t) => {
+                assert!((1..=2).contains(&t.exit_loop));
+                got.push(t.token_id)
+            }
+            pb::run_event::Event::Finished(f) => fin = Some(f),
+        }
+    }
+    assert_eq!(got, want);
+    let fin = fin.unwrap();
+    assert_eq!(
+        (fin.finish_reason.as_str(), fin.completion_tokens, fin.loops),
+        ("length", 9, 18)
+    );
+
+    // A moved request: 4 tokens generated elsewhere continue to the same output.
+    let mut moved = run(9);
+    moved.generated = want[..4].to_vec();
+    let mut s = client.run(moved).await.unwrap().into_inner();
+    let mut rest = Vec::new();
+    while let Some(e) = s.message().await.unwrap() {
+        if let Some(pb::run_event::Event::Token(t)) = e.event {
+            rest.push(t.token_id);
+        }
+    }
+    assert_eq!(rest, want[4..], "greedy continuation after moving");
+
+    let bad = client
+        .run(pb::RunRequest {
+            max_new_tokens: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("prompt"), "{}", bad.message());
+
+    // Dropping the stream cancels the request on the node.
+    let mut s = client.run(run(3000)).await.unwrap().into_inner();
+    assert!(s.message().await.unwrap().is_some());
+    let load = client.load(pb::LoadRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (load.node_id.as_str(), load.running_requests, load.loops),
+        ("node-a", 1, 2)
+    );
+    drop(s);
+    let mut freed = false;
+    for _ in 0..200 {
+        let l = client.load(pb::LoadRequest {}).await.unwrap().into_inner();
+        if l.running_requests + l.waiting_requests == 0 && l.free_kv_blocks == l.total_kv_blocks {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(freed, "a dropped client stream cancels its request");
+    let c = client
+        .cancel(pb::CancelRequest {
+            request_id: "nope".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!c.found);
+}
