@@ -147,6 +147,11 @@ impl NodeService {
         }
     }
 
+    /// Refuses new requests from now on (in-flight ones continue).
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::Relaxed);
+    }
+
     /// Output tokens per second since the previous call that was at least a second ago.
     fn recent_rate(&self) -> f32 {
         let mut r = self.inner.rate.lock().expect("rate lock");

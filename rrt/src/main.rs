@@ -31,6 +31,8 @@ enum Command {
     Eval(cmd::eval::Args),
     /// Perplexity and agreement of early exit through the engine, propagate vs recompute KV fill.
     EvalExit(cmd::eval_exit::Args),
+    /// Run a node: the engine behind the internal Node gRPC service.
+    Node(cmd::node::Args),
     /// Benchmarks (not tests): `rrt bench forward`.
     Bench(cmd::bench::Args),
 }
@@ -48,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::EvalExit(a) => cmd::eval_exit::run(a),
+        Command::Node(a) => cmd::node::run(a),
         Command::Bench(a) => cmd::bench::run(a),
     };
     match result {

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod eval;
 pub mod eval_exit;
 pub mod generate;
+pub mod node;
 pub mod tokenize;
 
 use anyhow::{Context, Result};
