@@ -2,4 +2,5 @@
 //! per-request state for migration (issue D; in progress: routing policy so far). It never
 //! depends on `rrt-kernels`.
 
+pub mod registry;
 pub mod routing;
