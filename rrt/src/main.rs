@@ -1,6 +1,7 @@
 //! `rrt`: the command-line entry point (generate, tokenize, eval, bench).
 
 mod cmd;
+mod config;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -33,6 +34,8 @@ enum Command {
     EvalExit(cmd::eval_exit::Args),
     /// Run a node: the engine behind the internal Node gRPC service.
     Node(cmd::node::Args),
+    /// Print the effective configuration of `rrt node` (defaults < rrt.toml < RRT_* < flags).
+    Config(cmd::node::Args),
     /// Benchmarks (not tests): `rrt bench forward`.
     Bench(cmd::bench::Args),
 }
@@ -51,6 +54,10 @@ fn main() -> std::process::ExitCode {
         Command::Eval(a) => cmd::eval::run(a),
         Command::EvalExit(a) => cmd::eval_exit::run(a),
         Command::Node(a) => cmd::node::run(a),
+        Command::Config(a) => config::extract(&a.figment()).and_then(|c| {
+            print!("{}", toml::to_string_pretty(&c)?);
+            Ok(())
+        }),
         Command::Bench(a) => cmd::bench::run(a),
     };
     match result {

@@ -5,72 +5,105 @@
 
 use super::ModelArg;
 use anyhow::{Context, Result};
+use figment::Figment;
+use figment::providers::Serialized;
 use rrt_kernels::CpuBackend;
 use rrt_node::engine_actor::EngineHandle;
 use rrt_node::grpc::NodeService;
-use rrt_node::{Engine, EngineConfig, ExitRule, KvFill, ResidentModel};
+use rrt_node::{Engine, EngineConfig, ExitRule, ResidentModel};
 use rrt_proto::v1::node::node_server::NodeServer;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[command(flatten)]
-    pub model: ModelArg,
-    /// Address to listen on (port 0: any free port; the chosen address is printed).
-    #[arg(long, default_value = "127.0.0.1:7301", env = "RRT_NODE_LISTEN")]
-    pub listen: SocketAddr,
-    /// This node's id in load reports (default: the listen address).
-    #[arg(long, env = "RRT_NODE_ID")]
+    /// Configuration file (default: ./rrt.toml when it exists). Flags override it and the
+    /// `RRT_*` environment (`rrt config` prints the result; keys: `rrt/src/config.rs`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// GGUF file, Hugging Face directory or recursive checkpoint (key `model`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Address to listen on; port 0 picks a free port, printed at start (`node.listen`).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// This node's id in load reports (`node.id`).
+    #[arg(long)]
     pub node_id: Option<String>,
-    /// KV cache budget in MiB.
-    #[arg(long, default_value_t = 1024)]
-    pub kv_mib: usize,
-    /// Most rows (tokens x loops) per pass.
-    #[arg(long, default_value_t = 256)]
-    pub max_step_rows: usize,
-    /// Most sequences holding KV at once.
-    #[arg(long, default_value_t = 64)]
-    pub max_running: usize,
-    /// Early exit with the checkpoint's calibrated thresholds (off: always full depth).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub early_exit: bool,
-    /// How exited tokens get their deeper keys/values: propagate or recompute.
-    #[arg(long, default_value = "propagate")]
-    pub kv_fill: String,
-    /// Seconds to finish in-flight requests after SIGTERM.
-    #[arg(long, default_value_t = 30)]
-    pub drain_seconds: u64,
+    /// KV cache budget in MiB (`node.kv_mib`).
+    #[arg(long)]
+    pub kv_mib: Option<usize>,
+    /// Most rows (tokens x loops) per pass (`node.max_step_rows`).
+    #[arg(long)]
+    pub max_step_rows: Option<usize>,
+    /// Most sequences holding KV at once (`node.max_running`).
+    #[arg(long)]
+    pub max_running: Option<usize>,
+    /// Early exit at the checkpoint's calibrated thresholds (`node.early_exit`).
+    #[arg(long)]
+    pub early_exit: Option<bool>,
+    /// `propagate` or `recompute` (`node.kv_fill`).
+    #[arg(long)]
+    pub kv_fill: Option<String>,
+    /// Seconds to finish in-flight requests after SIGTERM (`node.drain_seconds`).
+    #[arg(long)]
+    pub drain_seconds: Option<u64>,
+}
+
+impl Args {
+    /// The configuration with these flags on top.
+    pub fn figment(&self) -> Figment {
+        let mut f = crate::config::figment(self.config.as_deref());
+        macro_rules! flag {
+            ($field:ident, $key:literal) => {
+                if let Some(v) = &self.$field {
+                    f = f.merge(Serialized::default($key, v));
+                }
+            };
+        }
+        flag!(model, "model");
+        flag!(listen, "node.listen");
+        flag!(node_id, "node.id");
+        flag!(kv_mib, "node.kv_mib");
+        flag!(max_step_rows, "node.max_step_rows");
+        flag!(max_running, "node.max_running");
+        flag!(early_exit, "node.early_exit");
+        flag!(kv_fill, "node.kv_fill");
+        flag!(drain_seconds, "node.drain_seconds");
+        f
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let lm = a.model.load()?;
-    let exit = if a.early_exit && lm.kind == rrt_model::loader::SourceKind::Recursive {
+    let cfg = crate::config::extract(&a.figment())?;
+    let model = ModelArg {
+        model: cfg.model.clone(),
+    };
+    let lm = model.load()?;
+    let n = &cfg.node;
+    let exit = if n.early_exit && lm.kind == rrt_model::loader::SourceKind::Recursive {
         ExitRule::from_checkpoint(&lm.path)?
     } else {
         None
     };
-    let kv_fill = match a.kv_fill.as_str() {
-        "propagate" => KvFill::Propagate,
-        "recompute" => KvFill::Recompute,
-        other => anyhow::bail!("--kv-fill must be propagate or recompute, got {other}"),
-    };
-    let cfg = EngineConfig {
-        kv_bytes: a.kv_mib << 20,
-        max_step_rows: a.max_step_rows,
-        max_running: a.max_running,
-        kv_fill,
+    let ecfg = EngineConfig {
+        block_size: n.block_size,
+        kv_bytes: n.kv_mib << 20,
+        max_step_rows: n.max_step_rows,
+        max_running: n.max_running,
+        kv_fill: n.kv_fill,
         exit,
         ..Default::default()
     };
     let loops = lm.model.loops();
-    let engine = Engine::new(ResidentModel::new(CpuBackend, lm.model), Arc::new(lm.tokenizer), cfg)?;
+    let engine = Engine::new(ResidentModel::new(CpuBackend, lm.model), Arc::new(lm.tokenizer), ecfg)?;
     let (handle, join) = EngineHandle::spawn(engine, 1024);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(serve(a.listen, a.node_id, loops, handle, a.drain_seconds))?;
+    rt.block_on(serve(n.listen, n.id.clone(), loops, handle, n.drain_seconds))?;
     join.join().map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
     Ok(())
 }
