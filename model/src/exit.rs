@@ -62,6 +62,35 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     (ab / (aa.sqrt() * bb.sqrt()).max(1e-30)) as f32
 }
 
+/// Oracle exit loops (1-based) of the rows `rows` of one sequence of `tokens` (positions
+/// 0..): for each, the first loop whose argmax equals the last loop's (the paper's oracle
+/// exit). One forward pass over the whole sequence; the LM head runs only on `rows`.
+pub fn oracle_loops(model: &crate::forward::Model, tokens: &[u32], rows: std::ops::Range<usize>) -> Result<Vec<u8>> {
+    let (mut pool, kv) = single_sequence(model.kv_layout(DEFAULT_BLOCK_SIZE), tokens.len())?;
+    let per_loop = model.forward_loops(&sequence_rows(tokens, &kv.blocks), &mut pool)?;
+    let select: Vec<usize> = rows.collect();
+    let vocab = model.config.vocab;
+    let argmaxes: Vec<Vec<u32>> = per_loop
+        .iter()
+        .map(|x| {
+            model
+                .logits(x, &select)
+                .chunks_exact(vocab)
+                .map(crate::sampling::argmax)
+                .collect()
+        })
+        .collect();
+    let last = argmaxes.len() - 1;
+    Ok((0..select.len())
+        .map(|j| {
+            let l = (0..=last)
+                .find(|&l| argmaxes[l][j] == argmaxes[last][j])
+                .unwrap_or(last);
+            (l + 1) as u8
+        })
+        .collect())
+}
+
 /// Per token: for each loop before the last, (score, prediction agrees with the last loop).
 pub type LoopSamples = Vec<Vec<(f32, bool)>>;
 

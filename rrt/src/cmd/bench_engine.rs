@@ -17,9 +17,6 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use rrt_kernels::CpuBackend;
 use rrt_model::LoadedModel;
-use rrt_model::forward::sequence_rows;
-use rrt_model::kv::single_sequence;
-use rrt_model::sampling::argmax;
 use rrt_node::{Batching, Engine, EngineConfig, Event, ExitRule, GenParams, KvFill, Request, ResidentModel};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -238,22 +235,7 @@ fn oracle_schedules(lm: &LoadedModel, reqs: &[(Vec<u32>, usize)], outputs: &[Vec
     for ((prompt, _), outs) in reqs.iter().zip(outputs) {
         let mut seq = prompt.clone();
         seq.extend_from_slice(&outs[..outs.len().saturating_sub(1)]);
-        let (mut pool, kv) = single_sequence(m.kv_layout(16), seq.len())?;
-        let per_loop = m.forward_loops(&sequence_rows(&seq, &kv.blocks), &mut pool)?;
-        let select: Vec<usize> = (prompt.len() - 1..seq.len()).collect();
-        let logits: Vec<Vec<f32>> = per_loop.iter().map(|x| m.logits(x, &select)).collect();
-        let vocab = m.config.vocab;
-        let sched = (0..select.len())
-            .map(|j| {
-                let last = argmax(&logits[logits.len() - 1][j * vocab..(j + 1) * vocab]);
-                let l = logits
-                    .iter()
-                    .position(|lg| argmax(&lg[j * vocab..(j + 1) * vocab]) == last)
-                    .unwrap_or(logits.len() - 1);
-                (l + 1) as u8
-            })
-            .collect();
-        out.push(sched);
+        out.push(rrt_model::exit::oracle_loops(m, &seq, prompt.len() - 1..seq.len())?);
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -10,9 +10,6 @@
 use super::ModelArg;
 use anyhow::{Context, Result, bail};
 use rrt_kernels::CpuBackend;
-use rrt_model::forward::sequence_rows;
-use rrt_model::kv::single_sequence;
-use rrt_model::sampling::argmax;
 use rrt_node::{Engine, EngineConfig, Event, ExitRule, GenParams, KvFill, Request, ResidentModel};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -76,25 +73,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     // Oracle schedules from the host forward pass over each window.
     let m = &host.model;
-    let vocab = m.config.vocab;
-    let mut oracle = Vec::new();
-    for w in &wins {
-        let (mut pool, kv) = single_sequence(m.kv_layout(16), w.len())?;
-        let per_loop = m.forward_loops(&sequence_rows(w, &kv.blocks), &mut pool)?;
-        let select: Vec<usize> = (a.prompt - 1..w.len() - 1).collect();
-        let lg: Vec<Vec<f32>> = per_loop.iter().map(|x| m.logits(x, &select)).collect();
-        oracle.push(
-            (0..select.len())
-                .map(|j| {
-                    let last = argmax(&lg[lg.len() - 1][j * vocab..(j + 1) * vocab]);
-                    (lg.iter()
-                        .position(|l| argmax(&l[j * vocab..(j + 1) * vocab]) == last)
-                        .unwrap_or(lg.len() - 1)
-                        + 1) as u8
-                })
-                .collect::<Vec<u8>>(),
-        );
-    }
+    let oracle = wins
+        .iter()
+        .map(|w| rrt_model::exit::oracle_loops(m, w, a.prompt - 1..w.len() - 1))
+        .collect::<rrt_model::Result<Vec<Vec<u8>>>>()?;
     let rule = match a.exit.as_str() {
         "oracle" => None,
         "calibrated" => Some(
