@@ -628,3 +628,58 @@ fn per_request_exit_controls() {
         "one LM-head row per token, none for the tests"
     );
 }
+
+/// Engine settings that cannot work are refused with the setting named.
+#[test]
+fn bad_engine_settings_name_the_field() {
+    let cases: Vec<(EngineConfig, &str)> = vec![
+        (
+            EngineConfig {
+                block_size: 0,
+                ..Default::default()
+            },
+            "block_size",
+        ),
+        (
+            EngineConfig {
+                max_step_rows: 0,
+                ..Default::default()
+            },
+            "max_step_rows",
+        ),
+        (
+            EngineConfig {
+                max_running: 0,
+                ..Default::default()
+            },
+            "max_running",
+        ),
+        (
+            EngineConfig {
+                kv_bytes: 100,
+                ..Default::default()
+            },
+            "kv_bytes",
+        ),
+        (
+            EngineConfig {
+                exit: Some(ExitRule {
+                    criterion: Criterion::MaxProb,
+                    thresholds: vec![Some(0.5); 3],
+                }),
+                ..Default::default()
+            },
+            "exit.thresholds",
+        ),
+    ];
+    for (cfg, field) in cases {
+        let m = rrt_node::ResidentModel::new(rrt_kernels::CpuBackend, tiny_model(4, 2, 2, 1));
+        match rrt_node::Engine::new(m, tok(), cfg) {
+            Err(EngineError::Config { field: f, msg }) => {
+                assert_eq!(f, field, "{msg}");
+            }
+            Err(e) => panic!("{field}: {e}"),
+            Ok(_) => panic!("{field}: accepted"),
+        }
+    }
+}
