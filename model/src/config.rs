@@ -42,6 +42,11 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The RoPE table of this model.
+    pub fn rope_table(&self) -> rrt_kernels::RopeTable {
+        rrt_kernels::RopeTable::new(self.head_dim, self.rope_dim, self.rope_theta, &self.rope_scaling)
+    }
+
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
     }

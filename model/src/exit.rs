@@ -9,6 +9,7 @@ use crate::error::{ModelError, Result};
 use crate::forward::sequence_rows;
 use crate::kv::{DEFAULT_BLOCK_SIZE, single_sequence};
 use crate::loader::LoadedModel;
+use rrt_kernels::backend::cosine;
 use serde::{Deserialize, Serialize};
 
 /// How confident a loop's prediction is.
@@ -50,16 +51,6 @@ pub fn prob_scores(logits: &[f32]) -> (f32, f32) {
     let p1 = (1.0 / z) as f32;
     let p2 = (((b - max) as f64).exp() / z) as f32;
     (p1, p1 - p2)
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        ab += (*x as f64) * (*y as f64);
-        aa += (*x as f64) * (*x as f64);
-        bb += (*y as f64) * (*y as f64);
-    }
-    (ab / (aa.sqrt() * bb.sqrt()).max(1e-30)) as f32
 }
 
 /// Oracle exit loops (1-based) of the rows `rows` of one sequence of `tokens` (positions

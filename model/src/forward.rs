@@ -98,12 +98,7 @@ struct Buffers {
 
 impl Model {
     pub fn new(config: ModelConfig, weights: Weights) -> Self {
-        let rope = RopeTable::new(
-            config.head_dim,
-            config.rope_dim,
-            config.rope_theta,
-            &config.rope_scaling,
-        );
+        let rope = config.rope_table();
         Self {
             config,
             weights,

@@ -517,6 +517,7 @@ impl<B: Backend> Engine<B> {
             .filter(|(_, s)| ready(s) && !(s.running && s.fed + 1 == s.total()))
             .map(|(id, _)| *id)
             .collect();
+        let mut running = self.seqs.values().filter(|q| q.running).count();
         for id in decode.into_iter().chain(prefill) {
             if budget == 0 {
                 break;
@@ -525,16 +526,24 @@ impl<B: Backend> Engine<B> {
             if !ready(s) {
                 continue;
             }
-            if !s.running && self.seqs.values().filter(|q| q.running).count() >= self.cfg.max_running {
+            if !s.running && running >= self.cfg.max_running {
                 continue;
             }
+            let was_running = s.running;
             let (fed, total) = (s.fed, s.total());
             let want = (total - fed).min(budget);
+            let preempted = self.stats.preemptions;
             let got = self.reserve(id, fed + want, &mut rows, &mut budget);
+            if self.stats.preemptions != preempted {
+                running = self.seqs.values().filter(|q| q.running).count();
+            }
             let s = self.seqs.get_mut(&id).expect("live sequence");
             let n = got.saturating_sub(fed).min(want);
             if !s.kv.blocks.is_empty() {
                 s.running = true;
+            }
+            if s.running && !was_running {
+                running += 1;
             }
             if n == 0 {
                 // Keep whatever it holds; it will continue when blocks free up.

@@ -132,12 +132,7 @@ impl<B: Backend> ResidentModel<B> {
         if let Some(h) = &head {
             bytes += backend.matrix_bytes(h);
         }
-        let rope = RopeTable::new(
-            config.head_dim,
-            config.rope_dim,
-            config.rope_theta,
-            &config.rope_scaling,
-        );
+        let rope = config.rope_table();
         Self {
             norm: backend.buffer(weights.norm),
             backend,
