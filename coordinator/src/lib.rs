@@ -1,6 +1,18 @@
-//! The coordinator: gRPC front door, OpenAI-compatible HTTP API, routing across nodes and
-//! per-request state for migration (issue D; in progress: routing policy so far). It never
-//! depends on `rrt-kernels`.
+//! The coordinator: the client front doors (gRPC `rrt.v1.Generation` in [`grpc`], the
+//! OpenAI-compatible HTTP API in [`http`]), the request core ([`core`]: tokenization on a
+//! node, routing, the per-request token table, cancellation), the node registry
+//! ([`registry`]) and routing ([`routing`]). [`server`] runs it all.
 
+pub mod core;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
 pub mod registry;
+pub mod request;
 pub mod routing;
+pub mod server;
+
+pub use crate::core::{Coordinator, CoordinatorConfig, Generation, ModelInfo};
+pub use error::CoordError;
+pub use request::{Finish, GenEvent, GenRequest, GenToken, GenUsage, Input};

@@ -3,12 +3,8 @@
 
 use rrt_coordinator::registry::{NodeSource, Registry};
 use rrt_coordinator::routing::route;
-use rrt_kernels::CpuBackend;
-use rrt_node::engine_actor::EngineHandle;
-use rrt_node::grpc::NodeService;
-use rrt_node::{Engine, EngineConfig, ResidentModel};
+use rrt_node::EngineConfig;
 use rrt_proto::v1::node::node_server::NodeServer;
-use std::sync::Arc;
 use std::time::Duration;
 
 async fn start_node(name: &str) -> std::net::SocketAddr {
@@ -17,11 +13,10 @@ async fn start_node(name: &str) -> std::net::SocketAddr {
         kv_bytes: 64 << 20,
         ..Default::default()
     };
-    let engine = Engine::new(ResidentModel::new(CpuBackend, lm.model), Arc::new(lm.tokenizer), cfg).unwrap();
-    let (handle, _join) = EngineHandle::spawn(engine, 16);
+    let node = rrt_node::server::start(lm, cfg, false, name).unwrap();
+    let svc = node.service;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = NodeService::new(name, 1, handle);
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(NodeServer::new(svc))

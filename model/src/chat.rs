@@ -106,6 +106,50 @@ impl ChatTemplate {
     }
 }
 
+/// Turns client input into prompt token ids: the tokenizer plus the chat template (ChatML when
+/// the model ships none). Cheap to clone and shareable across threads; nodes use it to serve
+/// tokenization so the coordinator needs no model files.
+#[derive(Clone)]
+pub struct Prompter {
+    tokenizer: std::sync::Arc<crate::tokenizer::Tokenizer>,
+    template: std::sync::Arc<ChatTemplate>,
+}
+
+impl Prompter {
+    pub fn new(tokenizer: std::sync::Arc<crate::tokenizer::Tokenizer>, template: Option<ChatTemplate>) -> Result<Self> {
+        let template = match template {
+            Some(t) => t,
+            None => ChatTemplate::new(CHATML)?,
+        };
+        Ok(Self {
+            tokenizer,
+            template: std::sync::Arc::new(template),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &std::sync::Arc<crate::tokenizer::Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// Raw text: `add_special` adds the model's BOS, `parse_special` reads special-token text
+    /// as those tokens.
+    pub fn text(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, add_special, parse_special)
+    }
+
+    /// A conversation rendered with the assistant header appended (what `rrt generate --chat`
+    /// feeds the model).
+    pub fn chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(
+            messages,
+            true,
+            self.tokenizer.bos_text.as_deref(),
+            self.tokenizer.eos_text.as_deref(),
+        )?;
+        self.tokenizer.encode(&text, false, true)
+    }
+}
+
 /// The ChatML template, used when a model ships none.
 pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 

@@ -3,6 +3,7 @@
 
 use crate::engine::{Event, GenParams, LoadReport, Request};
 use crate::engine_actor::{ActorError, EngineHandle};
+use rrt_model::chat::{Message, Prompter};
 use rrt_model::sampling::SamplingParams;
 use rrt_proto::v1::node as pb;
 use std::collections::HashMap;
@@ -21,9 +22,60 @@ pub struct NodeService {
     inner: Arc<Inner>,
 }
 
+/// What a node serves besides the engine: tokenization and the model's description.
+#[derive(Clone)]
+pub struct ServedModel {
+    pub prompter: Prompter,
+    pub info: rrt_proto::v1::ModelInfoResponse,
+}
+
+impl ServedModel {
+    /// `name`: the model's file or directory name; `source`: "gguf", "huggingface" or
+    /// "recursive"; `exit_criterion`: the calibrated criterion the engine uses, if any.
+    pub fn new(
+        name: &str,
+        source: &str,
+        model: &rrt_model::Model,
+        prompter: Prompter,
+        exit_criterion: Option<rrt_model::exit::Criterion>,
+    ) -> Self {
+        let c = &model.config;
+        let loops = model.loops();
+        let lora_ranks = model
+            .recursion
+            .as_ref()
+            .map(|r| r.ranks.iter().map(|&r| r as u32).collect())
+            .unwrap_or_default();
+        let exit_criterion = exit_criterion
+            .map(|c| {
+                serde_json::to_value(c)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_else(|| format!("{c:?}"))
+            })
+            .unwrap_or_default();
+        Self {
+            prompter,
+            info: rrt_proto::v1::ModelInfoResponse {
+                model: name.into(),
+                source: source.into(),
+                vocab_size: c.vocab as u32,
+                context_length: c.max_positions as u32,
+                layers: c.n_layers as u32,
+                shared_layers: (c.n_layers / loops.max(1)) as u32,
+                loops: loops as u32,
+                lora_ranks,
+                exit_criterion,
+                nodes: 0,
+            },
+        }
+    }
+}
+
 struct Inner {
     node_id: String,
     loops: usize,
+    served: ServedModel,
     engine: EngineHandle,
     draining: AtomicBool,
     /// Coordinator request id -> engine request id, for `Cancel`.
@@ -87,9 +139,10 @@ pub fn to_request(r: &pb::RunRequest) -> Result<Request, Status> {
     Ok(Request { prompt, params })
 }
 
-fn to_event(e: Event) -> pb::RunEvent {
+fn to_event(e: Event, prompter: &Prompter) -> pb::RunEvent {
     let event = match e {
         Event::Token(t) => pb::run_event::Event::Token(pb::Token {
+            token: prompter.tokenizer().decode(&[t.id], false).unwrap_or_default(),
             token_id: t.id,
             text: t.text,
             logprob: t.logprob,
@@ -97,7 +150,11 @@ fn to_event(e: Event) -> pb::RunEvent {
             top_logprobs: t
                 .top_logprobs
                 .into_iter()
-                .map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob })
+                .map(|(token_id, logprob)| pb::TopLogprob {
+                    token_id,
+                    logprob,
+                    token: prompter.tokenizer().decode(&[token_id], false).unwrap_or_default(),
+                })
                 .collect(),
         }),
         Event::Done {
@@ -133,11 +190,12 @@ fn to_load(node_id: &str, loops: usize, l: LoadReport, rate: f32, draining: bool
 }
 
 impl NodeService {
-    pub fn new(node_id: impl Into<String>, loops: usize, engine: EngineHandle) -> Self {
+    pub fn new(node_id: impl Into<String>, served: ServedModel, engine: EngineHandle) -> Self {
         Self {
             inner: Arc::new(Inner {
                 node_id: node_id.into(),
-                loops,
+                loops: served.info.loops as usize,
+                served,
                 engine,
                 draining: AtomicBool::new(false),
                 ids: Mutex::new(HashMap::new()),
@@ -193,7 +251,7 @@ impl pb::node_server::Node for NodeService {
                 if matches!(e, Event::Token(_)) {
                     inner.tokens.fetch_add(1, Ordering::Relaxed);
                 }
-                if tx.send(Ok(to_event(e))).await.is_err() {
+                if tx.send(Ok(to_event(e, &inner.served.prompter))).await.is_err() {
                     // The client went away: dropping `stream` cancels the request.
                     break;
                 }
@@ -248,5 +306,31 @@ impl pb::node_server::Node for NodeService {
         }
         let unfinished = self.inner.ids.lock().expect("ids lock").keys().cloned().collect();
         Ok(Response::new(pb::DrainResponse { unfinished }))
+    }
+
+    async fn tokenize(&self, req: GrpcRequest<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let r = req.into_inner();
+        let p = &self.inner.served.prompter;
+        let ids = match r.input {
+            Some(pb::tokenize_request::Input::Text(t)) => p.text(&t, r.add_special, r.parse_special),
+            Some(pb::tokenize_request::Input::Chat(c)) => {
+                let msgs: Vec<Message> = c
+                    .messages
+                    .into_iter()
+                    .map(|m| Message::new(m.role, m.content))
+                    .collect();
+                p.chat(&msgs)
+            }
+            None => return Err(Status::invalid_argument("input: give text or a chat")),
+        }
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::TokenizeResponse { token_ids: ids }))
+    }
+
+    async fn info(
+        &self,
+        _req: GrpcRequest<pb::InfoRequest>,
+    ) -> Result<Response<rrt_proto::v1::ModelInfoResponse>, Status> {
+        Ok(Response::new(self.inner.served.info.clone()))
     }
 }

@@ -1,10 +1,11 @@
 //! The node process: keeps the model resident on its backend and runs the continuous
 //! depth-wise batching engine ([`engine`]), served to the async world by the engine actor
-//! ([`engine_actor`]). The gRPC ingress and the internal node service come with issue D.
+//! ([`engine_actor`]). [`grpc`] is the ingress (the internal node service) and [`server`] starts a node.
 
 pub mod engine;
 pub mod engine_actor;
 pub mod grpc;
+pub mod server;
 
 pub use engine::{
     Batching, Engine, EngineConfig, EngineError, EngineStats, Event, ExitControl, ExitRule, FinishReason, GenParams,

@@ -32,7 +32,7 @@ async fn run_load_cancel_over_loopback() {
     let (handle, _join) = EngineHandle::spawn(engine(tiny_model(4, 2, 2, 31), tok, EngineConfig::default()), 16);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = NodeService::new("node-a", 2, handle.clone());
+    let svc = NodeService::new("node-a", served(&tiny_model(4, 2, 2, 31), tokenizer()), handle.clone());
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(NodeServer::new(svc))

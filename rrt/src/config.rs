@@ -17,6 +17,24 @@
 //! | `node.early_exit` | true | exit at the checkpoint's calibrated thresholds |
 //! | `node.kv_fill` | `propagate` | `propagate` or `recompute`: K/V of skipped loops |
 //! | `node.drain_seconds` | 30 | time to finish in-flight requests after SIGTERM |
+//! | `coordinator.grpc_listen` | `127.0.0.1:7300` | client gRPC (`rrt.v1.Generation`) address |
+//! | `coordinator.http_listen` | `127.0.0.1:8080` | OpenAI-compatible HTTP address |
+//! | `coordinator.nodes` | `[]` | static node addresses (`host:port`) |
+//! | `coordinator.dns` | `[]` | DNS names (`name:port`, e.g. a headless service) re-resolved for nodes |
+//! | `coordinator.poll_ms` | 1000 | load-poll and DNS re-resolution interval |
+//! | `coordinator.node_timeout_ms` | 5000 | deadline of polls and small calls to nodes |
+//! | `coordinator.served_model_name` | none | extra model name clients may send |
+//! | `coordinator.shutdown_seconds` | 30 | time open streams get after SIGTERM |
+//! | `serve.nodes` | 1 | in-process nodes of `rrt serve` |
+//! | `serve.loops` | 2 | B of the default model's conversion (first run, cached) |
+//! | `serve.init` | `average` | `stepwise`, `average` or `lower` |
+//! | `serve.lora_rank` | 256 | LoRA rank of every module |
+//! | `serve.svd` | `activation` | `plain` or `activation` |
+//! | `serve.calibration` | `data/calibration.txt` | text for the activation SVD and exit calibration |
+//! | `serve.cache` | the model cache | where converted checkpoints are kept |
+//!
+//! `rrt serve` serves `model` as given when it is set; otherwise it converts the default
+//! SmolLM2 with the `serve.*` recipe on first run (minutes) and reuses the checkpoint after.
 
 use anyhow::{Result, bail};
 use figment::Figment;
@@ -30,6 +48,62 @@ use std::path::{Path, PathBuf};
 pub struct Config {
     pub model: Option<PathBuf>,
     pub node: NodeConfig,
+    pub coordinator: CoordinatorConfig,
+    pub serve: ServeConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub nodes: Vec<String>,
+    pub dns: Vec<String>,
+    pub poll_ms: u64,
+    pub node_timeout_ms: u64,
+    pub served_model_name: Option<String>,
+    pub shutdown_seconds: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            grpc_listen: "127.0.0.1:7300".parse().expect("valid default address"),
+            http_listen: "127.0.0.1:8080".parse().expect("valid default address"),
+            nodes: Vec::new(),
+            dns: Vec::new(),
+            poll_ms: 1000,
+            node_timeout_ms: 5000,
+            served_model_name: None,
+            shutdown_seconds: 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    pub nodes: usize,
+    pub loops: usize,
+    pub init: String,
+    pub lora_rank: usize,
+    pub svd: String,
+    pub calibration: Option<PathBuf>,
+    pub cache: Option<PathBuf>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            nodes: 1,
+            loops: 2,
+            init: "average".into(),
+            lora_rank: 256,
+            svd: "activation".into(),
+            calibration: None,
+            cache: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,6 +136,20 @@ impl Default for NodeConfig {
     }
 }
 
+impl NodeConfig {
+    /// The engine settings these keys give (the exit rule comes from the checkpoint).
+    pub fn engine_config(&self) -> rrt_node::EngineConfig {
+        rrt_node::EngineConfig {
+            block_size: self.block_size,
+            kv_bytes: self.kv_mib << 20,
+            max_step_rows: self.max_step_rows,
+            max_running: self.max_running,
+            kv_fill: self.kv_fill,
+            ..Default::default()
+        }
+    }
+}
+
 /// Defaults, then the file, then the environment (flags are merged by the caller).
 pub fn figment(file: Option<&Path>) -> Figment {
     let file = file.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("rrt.toml"));
@@ -71,7 +159,7 @@ pub fn figment(file: Option<&Path>) -> Figment {
             Env::prefixed("RRT_")
                 .filter(|k| {
                     let k = k.as_str().to_ascii_lowercase();
-                    k == "model" || k.starts_with("node__")
+                    k == "model" || ["node__", "coordinator__", "serve__"].iter().any(|p| k.starts_with(p))
                 })
                 .split("__"),
         )
@@ -90,6 +178,48 @@ pub fn extract(f: &Figment) -> Result<Config> {
         if v == 0 {
             bail!("configuration: `{key}` must be at least 1");
         }
+    }
+    let co = &c.coordinator;
+    for (key, v) in [
+        ("coordinator.poll_ms", co.poll_ms),
+        ("coordinator.node_timeout_ms", co.node_timeout_ms),
+    ] {
+        if v == 0 {
+            bail!("configuration: `{key}` must be at least 1");
+        }
+    }
+    for (i, a) in co.nodes.iter().chain(&co.dns).enumerate() {
+        let bare = a.trim_start_matches("http://").trim_start_matches("https://");
+        if bare
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            let key = if i < co.nodes.len() {
+                "coordinator.nodes"
+            } else {
+                "coordinator.dns"
+            };
+            bail!("configuration: `{key}`: `{a}` is not host:port");
+        }
+    }
+    let sv = &c.serve;
+    if sv.nodes == 0 || sv.nodes > 64 {
+        bail!("configuration: `serve.nodes` must be in 1..=64, got {}", sv.nodes);
+    }
+    if sv.loops < 1 {
+        bail!("configuration: `serve.loops` must be at least 1");
+    }
+    if !["stepwise", "average", "lower"].contains(&sv.init.as_str()) {
+        bail!(
+            "configuration: `serve.init` must be stepwise, average or lower, got `{}`",
+            sv.init
+        );
+    }
+    if !["plain", "activation"].contains(&sv.svd.as_str()) {
+        bail!(
+            "configuration: `serve.svd` must be plain or activation, got `{}`",
+            sv.svd
+        );
     }
     Ok(c)
 }
@@ -132,6 +262,17 @@ mod tests {
             jail.set_env("RRT_NODE__KV_FILL", "sideways");
             let e = extract(&figment(None)).unwrap_err().to_string();
             assert!(e.contains("kv_fill") || e.contains("sideways"), "{e}");
+            jail.set_env("RRT_NODE__KV_FILL", "recompute");
+            jail.create_file("rrt.toml", "[coordinator]\nnodes = [\"10.0.0.1\"]\n")?;
+            let e = extract(&figment(None)).unwrap_err().to_string();
+            assert!(e.contains("coordinator.nodes") && e.contains("10.0.0.1"), "{e}");
+            jail.create_file("rrt.toml", "[serve]\ninit = \"sideways\"\n")?;
+            let e = extract(&figment(None)).unwrap_err().to_string();
+            assert!(e.contains("serve.init"), "{e}");
+            jail.create_file("rrt.toml", "")?;
+            jail.set_env("RRT_COORDINATOR__HTTP_LISTEN", "not-an-address");
+            let e = extract(&figment(None)).unwrap_err().to_string();
+            assert!(e.contains("http_listen"), "{e}");
             Ok(())
         });
     }

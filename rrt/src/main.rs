@@ -1,4 +1,4 @@
-//! `rrt`: the command-line entry point (generate, tokenize, eval, bench).
+//! `rrt`: the command-line entry point (serve, coordinator, node, generate, convert, eval, bench...).
 
 mod cmd;
 mod config;
@@ -34,8 +34,12 @@ enum Command {
     EvalExit(cmd::eval_exit::Args),
     /// Run a node: the engine behind the internal Node gRPC service.
     Node(cmd::node::Args),
-    /// Print the effective configuration of `rrt node` (defaults < rrt.toml < RRT_* < flags).
-    Config(cmd::node::Args),
+    /// Run a coordinator: client gRPC and OpenAI HTTP in front of nodes.
+    Coordinator(cmd::coordinator::Args),
+    /// The embedded cluster: a coordinator and in-process nodes on the default model.
+    Serve(cmd::serve::Args),
+    /// Print the effective configuration (defaults < rrt.toml < RRT_* < these flags).
+    Config(cmd::serve::Args),
     /// Benchmarks (not tests): `rrt bench forward`.
     Bench(cmd::bench::Args),
 }
@@ -54,6 +58,8 @@ fn main() -> std::process::ExitCode {
         Command::Eval(a) => cmd::eval::run(a),
         Command::EvalExit(a) => cmd::eval_exit::run(a),
         Command::Node(a) => cmd::node::run(a),
+        Command::Coordinator(a) => cmd::coordinator::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Config(a) => config::extract(&a.figment()).and_then(|c| {
             print!("{}", toml::to_string_pretty(&c)?);
             Ok(())

@@ -117,3 +117,10 @@ pub fn collect(events: &[(RequestId, Event)]) -> HashMap<RequestId, (Vec<u32>, O
     }
     out
 }
+
+/// The gRPC service's view of a model (ChatML template, no exit rule).
+#[allow(dead_code)]
+pub fn served(model: &Model, tok: Arc<Tokenizer>) -> rrt_node::grpc::ServedModel {
+    let p = rrt_model::chat::Prompter::new(tok, None).unwrap();
+    rrt_node::grpc::ServedModel::new("tiny", "recursive", model, p, None)
+}

@@ -4,10 +4,12 @@ pub mod bench;
 pub mod bench_engine;
 pub mod calibrate;
 pub mod convert;
+pub mod coordinator;
 pub mod eval;
 pub mod eval_exit;
 pub mod generate;
 pub mod node;
+pub mod serve;
 pub mod tokenize;
 
 use anyhow::{Context, Result};

@@ -7,14 +7,10 @@ use super::ModelArg;
 use anyhow::{Context, Result};
 use figment::Figment;
 use figment::providers::Serialized;
-use rrt_kernels::CpuBackend;
-use rrt_node::engine_actor::EngineHandle;
-use rrt_node::grpc::NodeService;
-use rrt_node::{Engine, EngineConfig, ExitRule, ResidentModel};
-use rrt_proto::v1::node::node_server::NodeServer;
+use rrt_node::server;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -77,84 +73,39 @@ impl Args {
 
 pub fn run(a: Args) -> Result<()> {
     let cfg = crate::config::extract(&a.figment())?;
-    let model = ModelArg {
+    let lm = ModelArg {
         model: cfg.model.clone(),
-    };
-    let lm = model.load()?;
+    }
+    .load()?;
     let n = &cfg.node;
-    let exit = if n.early_exit && lm.kind == rrt_model::loader::SourceKind::Recursive {
-        ExitRule::from_checkpoint(&lm.path)?
-    } else {
-        None
-    };
-    let ecfg = EngineConfig {
-        block_size: n.block_size,
-        kv_bytes: n.kv_mib << 20,
-        max_step_rows: n.max_step_rows,
-        max_running: n.max_running,
-        kv_fill: n.kv_fill,
-        exit,
-        ..Default::default()
-    };
-    let loops = lm.model.loops();
-    let engine = Engine::new(ResidentModel::new(CpuBackend, lm.model), Arc::new(lm.tokenizer), ecfg)?;
-    let (handle, join) = EngineHandle::spawn(engine, 1024);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(serve(n.listen, n.id.clone(), loops, handle, n.drain_seconds))?;
-    join.join().map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
-    Ok(())
-}
-
-async fn serve(
-    listen: SocketAddr,
-    node_id: Option<String>,
-    loops: usize,
-    handle: EngineHandle,
-    drain_seconds: u64,
-) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    let addr = listener.local_addr()?;
-    let id = node_id.unwrap_or_else(|| addr.to_string());
-    let svc = NodeService::new(id.clone(), loops, handle.clone());
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<NodeServer<NodeService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(rrt_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    println!("rrt node {id} listening on {addr} ({loops} loops)");
-    let shutdown = {
-        let handle = handle.clone();
-        let svc = svc.clone();
-        async move {
-            wait_for_signal().await;
-            tracing::info!("shutdown requested: draining");
-            health_reporter.set_not_serving::<NodeServer<NodeService>>().await;
-            svc.start_draining();
-            let drain = handle.shutdown(true);
-            if tokio::time::timeout(std::time::Duration::from_secs(drain_seconds), drain)
-                .await
-                .is_err()
-            {
-                tracing::warn!("drain deadline passed; cancelling what is left");
-                let _ = handle.shutdown(false).await;
-            }
-        }
-    };
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(NodeServer::new(svc))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(n.listen)
+            .await
+            .with_context(|| format!("binding {}", n.listen))?;
+        let addr = listener.local_addr()?;
+        let id = n.id.clone().unwrap_or_else(|| addr.to_string());
+        let node = server::start(lm, n.engine_config(), n.early_exit, &id)?;
+        println!("rrt node {id} listening on {addr} ({} loops)", node.loops);
+        server::serve(
+            listener,
+            node.service,
+            node.engine,
+            Duration::from_secs(n.drain_seconds),
+            wait_for_signal(),
+        )
         .await?;
-    Ok(())
+        node.engine_thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the engine thread panicked"))
+    })
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
         let mut term =

@@ -1,0 +1,505 @@
+//! The coordinator's core, shared by both front doors: tokenization (on a node: the
+//! coordinator holds no model files), routing, and one pump task per request that relays the
+//! node's token stream to the client while recording every token in the request table (a
+//! dashmap: request id -> node, prompt, tokens so far), so that a request can be moved to
+//! another node with its tokens (issue E). A client that goes away (its [`Generation`]
+//! dropped) cancels the request on its node at once.
+
+use crate::error::CoordError;
+use crate::metrics::{ExitLoop, Metrics};
+use crate::registry::Registry;
+use crate::request::{Alt, Finish, GenEvent, GenRequest, GenToken, GenUsage, Input};
+use crate::routing::route;
+use dashmap::DashMap;
+use rrt_proto::v1 as api;
+use rrt_proto::v1::node as pb;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How often a request is re-routed when its node refuses the connection.
+const START_ATTEMPTS: usize = 3;
+
+/// The served model, as nodes describe it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelInfo {
+    pub model: String,
+    pub source: String,
+    pub vocab_size: u32,
+    pub context_length: u32,
+    pub layers: u32,
+    pub shared_layers: u32,
+    pub loops: u32,
+    pub lora_ranks: Vec<u32>,
+    pub exit_criterion: String,
+    pub nodes: u32,
+}
+
+/// What the request table keeps per request.
+#[derive(Clone, Debug)]
+pub struct Tracked {
+    pub node: String,
+    pub prompt: Arc<Vec<u32>>,
+    pub generated: Vec<u32>,
+    pub arrived: Instant,
+}
+
+/// Coordinator settings.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// Extra model name clients may use (besides the model's own name).
+    pub served_model_name: Option<String>,
+    /// Deadline of the coordinator's small calls to nodes (tokenize, info, cancel).
+    pub node_timeout: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            served_model_name: None,
+            node_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+pub struct Coordinator {
+    pub registry: Registry,
+    pub metrics: Metrics,
+    requests: DashMap<String, Tracked>,
+    info: tokio::sync::RwLock<Option<ModelInfo>>,
+    cfg: CoordinatorConfig,
+    next_id: AtomicU64,
+    id_prefix: String,
+}
+
+/// A running generation: its events in order, the last one `Done` (or an error). Dropping it
+/// cancels the request on its node.
+pub struct Generation {
+    pub id: String,
+    pub node: String,
+    pub prompt_tokens: usize,
+    rx: mpsc::Receiver<Result<GenEvent, CoordError>>,
+}
+
+impl Generation {
+    pub async fn next(&mut self) -> Option<Result<GenEvent, CoordError>> {
+        self.rx.recv().await
+    }
+}
+
+fn node_error(node: &str, status: tonic::Status) -> CoordError {
+    CoordError::Node {
+        node: node.to_string(),
+        status,
+    }
+}
+
+/// A node error that means the node itself is gone (not the request's fault).
+fn node_is_down(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) && !status.message().contains("draining")
+}
+
+impl Coordinator {
+    pub fn new(registry: Registry, cfg: CoordinatorConfig) -> Arc<Self> {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Arc::new(Self {
+            registry,
+            metrics: Metrics::default(),
+            requests: DashMap::new(),
+            info: tokio::sync::RwLock::new(None),
+            cfg,
+            next_id: AtomicU64::new(0),
+            id_prefix: format!("{:08x}", (t ^ (t >> 29)) as u32),
+        })
+    }
+
+    fn new_id(&self) -> String {
+        format!("{}-{}", self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// A snapshot of one request's state (node, prompt, tokens so far).
+    pub fn tracked(&self, id: &str) -> Option<Tracked> {
+        self.requests.get(id).map(|t| t.clone())
+    }
+
+    /// Healthy, non-draining nodes.
+    pub fn healthy_nodes(&self) -> usize {
+        self.registry
+            .snapshot()
+            .iter()
+            .filter(|n| n.healthy && !n.draining)
+            .count()
+    }
+
+    /// Refreshes the node gauges (before a scrape).
+    pub fn update_gauges(&self) {
+        let s = self.registry.snapshot();
+        self.metrics.nodes.set(s.len() as i64);
+        self.metrics
+            .healthy_nodes
+            .set(s.iter().filter(|n| n.healthy && !n.draining).count() as i64);
+    }
+
+    /// The least loaded healthy node for a call that is not a generation.
+    fn any_node(
+        &self,
+    ) -> Result<
+        (
+            String,
+            rrt_proto::v1::node::node_client::NodeClient<tonic::transport::Channel>,
+        ),
+        CoordError,
+    > {
+        let snap = self.registry.snapshot();
+        let n = route(&snap, &[], 1).ok_or_else(|| CoordError::Unavailable(String::new()))?;
+        let c = self
+            .registry
+            .client(&n.id)
+            .ok_or_else(|| CoordError::Unavailable(String::new()))?;
+        Ok((n.id.clone(), c))
+    }
+
+    /// Tokenizes on a node (the least loaded), retrying on another when one is down.
+    pub async fn tokenize(&self, req: pb::TokenizeRequest) -> Result<Vec<u32>, CoordError> {
+        let mut last = CoordError::Unavailable(String::new());
+        for _ in 0..START_ATTEMPTS {
+            let (node, mut c) = self.any_node()?;
+            match tokio::time::timeout(self.cfg.node_timeout, c.tokenize(req.clone())).await {
+                Ok(Ok(r)) => return Ok(r.into_inner().token_ids),
+                Ok(Err(s)) if node_is_down(&s) => {
+                    self.registry.mark_failed(&node);
+                    last = node_error(&node, s);
+                }
+                Ok(Err(s)) => return Err(node_error(&node, s)),
+                Err(_) => {
+                    self.registry.mark_failed(&node);
+                    last = CoordError::Unavailable(format!(" (node {node} did not answer in time)"));
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn prompt_ids(&self, input: &Input) -> Result<Vec<u32>, CoordError> {
+        let req = match input {
+            Input::Prompt(p) => pb::TokenizeRequest {
+                input: Some(pb::tokenize_request::Input::Text(p.clone())),
+                add_special: true,
+                parse_special: false,
+            },
+            Input::Chat(m) => pb::TokenizeRequest {
+                input: Some(pb::tokenize_request::Input::Chat(api::Chat {
+                    messages: m
+                        .iter()
+                        .map(|(role, content)| api::ChatMessage {
+                            role: role.clone(),
+                            content: content.clone(),
+                        })
+                        .collect(),
+                })),
+                ..Default::default()
+            },
+        };
+        self.tokenize(req).await
+    }
+
+    /// The served model (asked of a node once, then cached; `nodes` is current).
+    pub async fn model_info(&self) -> Result<ModelInfo, CoordError> {
+        let cached = self.info.read().await.clone();
+        let mut info = match cached {
+            Some(i) => i,
+            None => {
+                let (node, mut c) = self.any_node()?;
+                let r = tokio::time::timeout(self.cfg.node_timeout, c.info(pb::InfoRequest {}))
+                    .await
+                    .map_err(|_| CoordError::Unavailable(format!(" (node {node} did not answer in time)")))?
+                    .map_err(|s| node_error(&node, s))?
+                    .into_inner();
+                let i = ModelInfo {
+                    model: r.model,
+                    source: r.source,
+                    vocab_size: r.vocab_size,
+                    context_length: r.context_length,
+                    layers: r.layers,
+                    shared_layers: r.shared_layers,
+                    loops: r.loops,
+                    lora_ranks: r.lora_ranks,
+                    exit_criterion: r.exit_criterion,
+                    nodes: 0,
+                };
+                *self.info.write().await = Some(i.clone());
+                i
+            }
+        };
+        info.nodes = self.healthy_nodes() as u32;
+        Ok(info)
+    }
+
+    /// The names clients may use for the model.
+    pub async fn model_names(&self) -> Result<Vec<String>, CoordError> {
+        let mut v = vec![self.model_info().await?.model];
+        if let Some(n) = &self.cfg.served_model_name {
+            v.insert(0, n.clone());
+        }
+        Ok(v)
+    }
+
+    /// Checks a client's `model` field (empty is accepted).
+    pub async fn check_model(&self, asked: &str) -> Result<(), CoordError> {
+        if asked.is_empty() {
+            return Ok(());
+        }
+        let names = self.model_names().await?;
+        if names.iter().any(|n| n == asked) {
+            Ok(())
+        } else {
+            Err(CoordError::ModelNotFound {
+                asked: asked.into(),
+                served: names.join("`, `"),
+            })
+        }
+    }
+
+    /// Validates, tokenizes, routes and starts a generation.
+    pub async fn generate(self: &Arc<Self>, mut req: GenRequest) -> Result<Generation, CoordError> {
+        let arrived = Instant::now();
+        let r = self.start(&mut req, arrived).await;
+        if r.is_err() {
+            self.metrics.outcome("rejected");
+        }
+        r
+    }
+
+    async fn start(self: &Arc<Self>, req: &mut GenRequest, arrived: Instant) -> Result<Generation, CoordError> {
+        req.validate()?;
+        if req.id.is_empty() {
+            req.id = self.new_id();
+        } else if self.requests.contains_key(&req.id) {
+            return Err(CoordError::invalid(
+                "request_id",
+                format!("`{}` is already in flight", req.id),
+            ));
+        }
+        let prompt = self.prompt_ids(&req.input).await?;
+        if prompt.is_empty() {
+            return Err(CoordError::invalid("prompt", "tokenizes to no tokens"));
+        }
+        let info = self.model_info().await?;
+        let ctx = info.context_length as usize;
+        if ctx > 0 && prompt.len() >= ctx {
+            return Err(CoordError::invalid(
+                "prompt",
+                format!("{} tokens do not fit the model's context of {ctx}", prompt.len()),
+            ));
+        }
+        let max_new_tokens = req
+            .max_new_tokens
+            .unwrap_or_else(|| if ctx > 0 { (ctx - prompt.len()) as u32 } else { 256 });
+        if ctx > 0 && prompt.len() + max_new_tokens as usize > ctx {
+            return Err(CoordError::invalid(
+                "max_new_tokens",
+                format!(
+                    "the prompt's {} tokens plus max_new_tokens {} exceed the model's context of {ctx}",
+                    prompt.len(),
+                    max_new_tokens
+                ),
+            ));
+        }
+        let run = pb::RunRequest {
+            request_id: req.id.clone(),
+            prompt: prompt.clone(),
+            generated: Vec::new(),
+            max_new_tokens,
+            sampling: Some(pb::Sampling {
+                temperature: req.temperature,
+                top_k: req.top_k,
+                top_p: req.top_p,
+                min_p: req.min_p,
+                repetition_penalty: req.repetition_penalty,
+                presence_penalty: req.presence_penalty,
+                frequency_penalty: req.frequency_penalty,
+                seed: req.seed,
+            }),
+            stop: req.stop.clone(),
+            stop_token_ids: req.stop_token_ids.clone(),
+            ignore_eos: req.ignore_eos,
+            top_logprobs: req.top_logprobs,
+            full_depth: req.full_depth,
+            exit_threshold: req.exit_threshold,
+            max_loops: req.max_loops,
+            rng_draws: 0,
+        };
+        let mut last = CoordError::Unavailable(String::new());
+        for _ in 0..START_ATTEMPTS {
+            let snap = self.registry.snapshot();
+            let Some(node) = route(&snap, &prompt, max_new_tokens as usize).map(|n| n.id.clone()) else {
+                break;
+            };
+            let Some(mut client) = self.registry.client(&node) else {
+                continue;
+            };
+            self.registry.add_pending(&node, 1);
+            match client.run(run.clone()).await {
+                Ok(stream) => {
+                    let prompt = Arc::new(prompt);
+                    self.requests.insert(
+                        req.id.clone(),
+                        Tracked {
+                            node: node.clone(),
+                            prompt: prompt.clone(),
+                            generated: Vec::new(),
+                            arrived,
+                        },
+                    );
+                    self.metrics.prompt_tokens.inc_by(prompt.len() as u64);
+                    self.metrics.running.inc();
+                    let (tx, rx) = mpsc::channel(64);
+                    let me = self.clone();
+                    let (id, n) = (req.id.clone(), node.clone());
+                    tokio::spawn(async move { me.pump(id, n, client, stream.into_inner(), tx, arrived).await });
+                    return Ok(Generation {
+                        id: req.id.clone(),
+                        node,
+                        prompt_tokens: prompt.len(),
+                        rx,
+                    });
+                }
+                Err(s) => {
+                    self.registry.add_pending(&node, -1);
+                    if node_is_down(&s) {
+                        tracing::warn!(node, error = %s, "node refused a request; routing again");
+                        self.registry.mark_failed(&node);
+                        last = node_error(&node, s);
+                    } else {
+                        return Err(node_error(&node, s));
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Relays one request's node stream to its client; cancels on the node when the client
+    /// goes away.
+    async fn pump(
+        self: Arc<Self>,
+        id: String,
+        node: String,
+        mut client: pb::node_client::NodeClient<tonic::transport::Channel>,
+        mut stream: tonic::Streaming<pb::RunEvent>,
+        tx: mpsc::Sender<Result<GenEvent, CoordError>>,
+        arrived: Instant,
+    ) {
+        let mut last_token: Option<Instant> = None;
+        let (mut loops, mut tokens) = (0u64, 0u64);
+        let outcome: String = loop {
+            let msg = tokio::select! {
+                _ = tx.closed() => break "cancelled".into(),
+                m = stream.message() => m,
+            };
+            let ev = match msg {
+                Ok(Some(pb::RunEvent { event: Some(e) })) => e,
+                Ok(Some(pb::RunEvent { event: None })) => continue,
+                Ok(None) => {
+                    let _ = tx
+                        .send(Err(CoordError::Unavailable(format!(
+                            " (node {node} ended the stream before the request finished)"
+                        ))))
+                        .await;
+                    break "error".into();
+                }
+                Err(s) => {
+                    if node_is_down(&s) {
+                        self.registry.mark_failed(&node);
+                    }
+                    let _ = tx.send(Err(node_error(&node, s))).await;
+                    break "error".into();
+                }
+            };
+            match ev {
+                pb::run_event::Event::Token(t) => {
+                    let now = Instant::now();
+                    match last_token {
+                        None => self
+                            .metrics
+                            .time_to_first_token
+                            .observe(now.duration_since(arrived).as_secs_f64()),
+                        Some(p) => self
+                            .metrics
+                            .time_per_output_token
+                            .observe(now.duration_since(p).as_secs_f64()),
+                    }
+                    last_token = Some(now);
+                    self.metrics.generation_tokens.inc();
+                    loops += t.exit_loop as u64;
+                    tokens += 1;
+                    self.metrics
+                        .token_exits
+                        .get_or_create(&ExitLoop { exit_loop: t.exit_loop })
+                        .inc();
+                    if let Some(mut e) = self.requests.get_mut(&id) {
+                        e.generated.push(t.token_id);
+                    }
+                    let token_text = t.token;
+                    let g = GenToken {
+                        id: t.token_id,
+                        text: t.text,
+                        token_text,
+                        logprob: t.logprob,
+                        exit_loop: t.exit_loop,
+                        top: t
+                            .top_logprobs
+                            .into_iter()
+                            .map(|a| Alt {
+                                id: a.token_id,
+                                text: a.token,
+                                logprob: a.logprob,
+                            })
+                            .collect(),
+                    };
+                    if tx.send(Ok(GenEvent::Token(g))).await.is_err() {
+                        break "cancelled".into();
+                    }
+                }
+                pb::run_event::Event::Finished(f) => {
+                    let finish = Finish::parse(&f.finish_reason);
+                    let usage = GenUsage {
+                        prompt_tokens: f.prompt_tokens,
+                        completion_tokens: f.completion_tokens,
+                        // Over the tokens streamed (the node's count also has the end token's).
+                        mean_loops: if tokens > 0 { loops as f32 / tokens as f32 } else { 0.0 },
+                    };
+                    self.metrics.e2e_latency.observe(arrived.elapsed().as_secs_f64());
+                    let _ = tx
+                        .send(Ok(GenEvent::Done {
+                            finish,
+                            text: f.text,
+                            usage,
+                        }))
+                        .await;
+                    break f.finish_reason;
+                }
+            }
+        };
+        // Dropping the node stream resets it (the node cancels when it next sends); the
+        // explicit Cancel frees the request's rows and KV at once.
+        drop(stream);
+        if outcome == "cancelled" {
+            let req = pb::CancelRequest { request_id: id.clone() };
+            let _ = tokio::time::timeout(self.cfg.node_timeout, client.cancel(req)).await;
+        }
+        self.requests.remove(&id);
+        self.registry.add_pending(&node, -1);
+        self.metrics.running.dec();
+        self.metrics.outcome(&outcome);
+    }
+}

@@ -1,0 +1,89 @@
+//! Errors of the coordinator, with their gRPC status and HTTP status / OpenAI error type.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    /// The request is invalid; `field` names what is wrong.
+    #[error("{field}: {msg}")]
+    InvalidArgument { field: String, msg: String },
+    /// The request asks for a model this cluster does not serve.
+    #[error("the model `{asked}` is not served here (served: `{served}`)")]
+    ModelNotFound { asked: String, served: String },
+    /// No healthy node can take the request.
+    #[error("no healthy node is available{0}")]
+    Unavailable(String),
+    /// A node answered with an error status.
+    #[error("node {node}: {status}")]
+    Node { node: String, status: Status },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CoordError {
+    pub fn invalid(field: impl Into<String>, msg: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// The gRPC code clients see.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::ModelNotFound { .. } => Code::NotFound,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Node { status, .. } => match status.code() {
+                // A node's own failure is the cluster's unavailability, not the caller's fault.
+                c @ (Code::InvalidArgument | Code::ResourceExhausted | Code::Cancelled) => c,
+                _ => Code::Unavailable,
+            },
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The HTTP status of the same error.
+    pub fn http_status(&self) -> u16 {
+        match self.code() {
+            Code::InvalidArgument => 400,
+            Code::NotFound => 404,
+            Code::ResourceExhausted => 429,
+            Code::Unavailable => 503,
+            Code::Cancelled => 499,
+            _ => 500,
+        }
+    }
+
+    /// The OpenAI error `type`.
+    pub fn openai_type(&self) -> &'static str {
+        match self.code() {
+            Code::InvalidArgument | Code::NotFound => "invalid_request_error",
+            Code::ResourceExhausted => "rate_limit_error",
+            _ => "server_error",
+        }
+    }
+
+    /// The OpenAI error `param`: the offending field, when known.
+    pub fn param(&self) -> Option<String> {
+        match self {
+            Self::InvalidArgument { field, .. } => Some(field.clone()),
+            Self::ModelNotFound { .. } => Some("model".into()),
+            _ => None,
+        }
+    }
+
+    /// The message clients see (a node's INVALID_ARGUMENT passes its own message through).
+    pub fn client_message(&self) -> String {
+        match self {
+            Self::Node { status, .. } if status.code() == Code::InvalidArgument => status.message().to_string(),
+            e => e.to_string(),
+        }
+    }
+}
+
+impl From<CoordError> for Status {
+    fn from(e: CoordError) -> Self {
+        Status::new(e.code(), e.client_message())
+    }
+}

@@ -1,0 +1,98 @@
+//! Running a coordinator: the node registry's poller, the `rrt.v1.Generation` gRPC service
+//! (with `grpc.health.v1`, whose status follows readiness, and server reflection) and the
+//! OpenAI HTTP API, until a shutdown signal.
+
+use crate::core::{Coordinator, CoordinatorConfig};
+use crate::grpc::GenerationService;
+use crate::registry::{NodeSource, Registry};
+use rrt_proto::v1::generation_server::GenerationServer;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Where the nodes are and how often to poll them.
+#[derive(Clone, Debug)]
+pub struct Discovery {
+    pub sources: Vec<NodeSource>,
+    pub poll_interval: Duration,
+}
+
+/// Builds the coordinator and polls the nodes once (so a request arriving at once finds them).
+pub async fn start(discovery: &Discovery, cfg: CoordinatorConfig) -> Arc<Coordinator> {
+    let registry = Registry::new();
+    registry
+        .refresh(
+            &discovery.sources,
+            discovery.poll_interval.max(Duration::from_millis(500)),
+        )
+        .await;
+    Coordinator::new(registry, cfg)
+}
+
+/// Serves gRPC on `grpc` and HTTP on `http` until `shutdown` resolves; then both stop taking
+/// connections and let open streams finish.
+pub async fn serve(
+    coord: Arc<Coordinator>,
+    discovery: Discovery,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let poller = coord
+        .registry
+        .spawn_poller(discovery.sources.clone(), discovery.poll_interval);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let readiness = {
+        let coord = coord.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut serving = None;
+            loop {
+                let now = coord.healthy_nodes() > 0 && !*stop.borrow();
+                if serving != Some(now) {
+                    if now {
+                        health_reporter
+                            .set_serving::<GenerationServer<GenerationService>>()
+                            .await;
+                    } else {
+                        health_reporter
+                            .set_not_serving::<GenerationServer<GenerationService>>()
+                            .await;
+                    }
+                    serving = Some(now);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        })
+    };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rrt_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(GenerationServer::new(GenerationService::new(coord.clone())))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            wait(stop_rx.clone()),
+        );
+    let http_server = axum::serve(http, crate::http::router(coord.clone())).with_graceful_shutdown(wait(stop_rx));
+    let (g, h) = tokio::join!(grpc_server, http_server);
+    poller.abort();
+    readiness.abort();
+    g.map_err(std::io::Error::other)?;
+    h
+}

@@ -1,0 +1,100 @@
+//! Starting a node: the model loaded onto the CPU backend, the engine actor on its own thread,
+//! and the `rrt.v1.node.Node` gRPC service with `grpc.health.v1` and server reflection. Shared
+//! by `rrt node` (one per process) and `rrt serve` (several in one process).
+//!
+//! Shutdown: when the given signal fires, health turns NOT_SERVING at once, new runs are
+//! refused, in-flight requests finish (up to the drain deadline, then are cancelled), and the
+//! server stops.
+
+use crate::engine_actor::EngineHandle;
+use crate::grpc::{NodeService, ServedModel};
+use crate::{Engine, EngineConfig, EngineError, ExitRule, ResidentModel};
+use rrt_kernels::CpuBackend;
+use rrt_model::LoadedModel;
+use rrt_model::chat::Prompter;
+use rrt_model::loader::SourceKind;
+use rrt_proto::v1::node::node_server::NodeServer;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A node whose engine runs, not yet listening.
+pub struct Node {
+    pub service: NodeService,
+    pub engine: EngineHandle,
+    pub engine_thread: std::thread::JoinHandle<()>,
+    pub loops: usize,
+}
+
+/// Moves the model onto the CPU backend and starts the engine actor. With `early_exit`, a
+/// recursive checkpoint's calibrated exit rule is used (vanilla models always run B = 1).
+pub fn start(lm: LoadedModel, mut cfg: EngineConfig, early_exit: bool, node_id: &str) -> Result<Node, EngineError> {
+    if early_exit && lm.kind == SourceKind::Recursive {
+        cfg.exit = ExitRule::from_checkpoint(&lm.path)?;
+    } else {
+        cfg.exit = None;
+    }
+    let name = lm
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| lm.path.display().to_string());
+    let source = match lm.kind {
+        SourceKind::Gguf => "gguf",
+        SourceKind::HuggingFace => "huggingface",
+        SourceKind::Recursive => "recursive",
+    };
+    let tokenizer = Arc::new(lm.tokenizer);
+    let prompter = Prompter::new(tokenizer.clone(), lm.chat_template)?;
+    let served = ServedModel::new(
+        &name,
+        source,
+        &lm.model,
+        prompter,
+        cfg.exit.as_ref().map(|e| e.criterion),
+    );
+    let loops = lm.model.loops();
+    let engine = Engine::new(ResidentModel::new(CpuBackend, lm.model), tokenizer, cfg)?;
+    let (handle, engine_thread) = EngineHandle::spawn(engine, 1024);
+    Ok(Node {
+        service: NodeService::new(node_id, served, handle.clone()),
+        engine: handle,
+        engine_thread,
+        loops,
+    })
+}
+
+/// Serves the node on `listener` until `shutdown` fires, then drains (see the module docs).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: NodeService,
+    engine: EngineHandle,
+    drain: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<NodeServer<NodeService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rrt_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    let stop = {
+        let service = service.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: draining");
+            health_reporter.set_not_serving::<NodeServer<NodeService>>().await;
+            service.start_draining();
+            if tokio::time::timeout(drain, engine.shutdown(true)).await.is_err() {
+                tracing::warn!("drain deadline passed; cancelling what is left");
+                let _ = engine.shutdown(false).await;
+            }
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(NodeServer::new(service))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop)
+        .await
+}

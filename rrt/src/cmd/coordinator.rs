@@ -1,0 +1,122 @@
+//! `rrt coordinator`: the front door of a cluster. Finds nodes from a static list and/or DNS
+//! names (re-resolved every poll), polls their load, and serves the client gRPC API
+//! (`rrt.v1.Generation`, with health and reflection) and the OpenAI-compatible HTTP API.
+
+use anyhow::{Context, Result};
+use figment::Figment;
+use figment::providers::Serialized;
+use rrt_coordinator::registry::NodeSource;
+use rrt_coordinator::server::{self, Discovery};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Configuration file (default: ./rrt.toml when it exists).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Client gRPC address (`coordinator.grpc_listen`).
+    #[arg(long)]
+    pub grpc_listen: Option<SocketAddr>,
+    /// OpenAI HTTP address (`coordinator.http_listen`).
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+    /// Node addresses, comma-separated (`coordinator.nodes`).
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Option<Vec<String>>,
+    /// DNS names of nodes, `name:port`, comma-separated (`coordinator.dns`).
+    #[arg(long, value_delimiter = ',')]
+    pub dns: Option<Vec<String>>,
+    /// Extra model name clients may use (`coordinator.served_model_name`).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+}
+
+impl Args {
+    pub fn figment(&self) -> Figment {
+        let mut f = crate::config::figment(self.config.as_deref());
+        if let Some(v) = &self.grpc_listen {
+            f = f.merge(Serialized::default("coordinator.grpc_listen", v));
+        }
+        if let Some(v) = &self.http_listen {
+            f = f.merge(Serialized::default("coordinator.http_listen", v));
+        }
+        if let Some(v) = &self.nodes {
+            f = f.merge(Serialized::default("coordinator.nodes", v));
+        }
+        if let Some(v) = &self.dns {
+            f = f.merge(Serialized::default("coordinator.dns", v));
+        }
+        if let Some(v) = &self.served_model_name {
+            f = f.merge(Serialized::default("coordinator.served_model_name", v));
+        }
+        f
+    }
+}
+
+/// The coordinator settings of a configuration.
+pub fn settings(c: &crate::config::CoordinatorConfig) -> rrt_coordinator::CoordinatorConfig {
+    rrt_coordinator::CoordinatorConfig {
+        served_model_name: c.served_model_name.clone(),
+        node_timeout: Duration::from_millis(c.node_timeout_ms),
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let cfg = crate::config::extract(&a.figment())?;
+    let c = cfg.coordinator;
+    if c.nodes.is_empty() && c.dns.is_empty() {
+        anyhow::bail!("no nodes: set `coordinator.nodes` (--nodes) or `coordinator.dns` (--dns)");
+    }
+    let sources: Vec<NodeSource> = c
+        .nodes
+        .iter()
+        .cloned()
+        .map(NodeSource::Static)
+        .chain(c.dns.iter().cloned().map(NodeSource::Dns))
+        .collect();
+    let discovery = Discovery {
+        sources,
+        poll_interval: Duration::from_millis(c.poll_ms),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let grpc = tokio::net::TcpListener::bind(c.grpc_listen)
+            .await
+            .with_context(|| format!("binding {}", c.grpc_listen))?;
+        let http = tokio::net::TcpListener::bind(c.http_listen)
+            .await
+            .with_context(|| format!("binding {}", c.http_listen))?;
+        let coord = server::start(&discovery, settings(&c)).await;
+        println!(
+            "rrt coordinator: gRPC on {}, OpenAI HTTP on http://{} ({} of {} nodes healthy)",
+            grpc.local_addr()?,
+            http.local_addr()?,
+            coord.healthy_nodes(),
+            coord.registry.snapshot().len()
+        );
+        serve_bounded(coord, discovery, grpc, http, c.shutdown_seconds).await
+    })
+}
+
+/// Serves until SIGTERM / Ctrl-C, then gives open streams `shutdown_seconds` to finish.
+pub async fn serve_bounded(
+    coord: std::sync::Arc<rrt_coordinator::Coordinator>,
+    discovery: Discovery,
+    grpc: tokio::net::TcpListener,
+    http: tokio::net::TcpListener,
+    shutdown_seconds: u64,
+) -> Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server::serve(coord, discovery, grpc, http, async move {
+        let _ = rx.await;
+    }));
+    super::node::wait_for_signal().await;
+    let _ = tx.send(());
+    match tokio::time::timeout(Duration::from_secs(shutdown_seconds), serving).await {
+        Ok(r) => r??,
+        Err(_) => tracing::warn!("open streams did not finish within {shutdown_seconds} s; exiting"),
+    }
+    Ok(())
+}
