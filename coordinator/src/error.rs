@@ -14,7 +14,7 @@ pub enum CoordError {
     #[error("no healthy node is available{0}")]
     Unavailable(String),
     /// A node answered with an error status.
-    #[error("node {node}: {status}")]
+    #[error("node {node}: {}", status.message())]
     Node { node: String, status: Status },
     #[error("internal error: {0}")]
     Internal(String),
@@ -69,6 +69,13 @@ impl CoordError {
         match self {
             Self::InvalidArgument { field, .. } => Some(field.clone()),
             Self::ModelNotFound { .. } => Some("model".into()),
+            // Nodes name the field the same way: "field: message".
+            Self::Node { status, .. } if status.code() == Code::InvalidArgument => status
+                .message()
+                .split_once(':')
+                .map(|(f, _)| f)
+                .filter(|f| f.chars().all(|c| c.is_ascii_alphanumeric() || "_.[]".contains(c)))
+                .map(str::to_string),
             _ => None,
         }
     }

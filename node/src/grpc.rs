@@ -80,8 +80,10 @@ struct Inner {
     draining: AtomicBool,
     /// Coordinator request id -> engine request id, for `Cancel`.
     ids: Mutex<HashMap<String, u64>>,
-    /// Output tokens since start, for the recent rate.
+    /// Output tokens since start (also for the recent rate), requests accepted and cancelled.
     tokens: AtomicU64,
+    requests: AtomicU64,
+    cancelled: AtomicU64,
     rate: Mutex<(Instant, u64, f32)>,
 }
 
@@ -91,8 +93,9 @@ fn status(e: ActorError) -> Status {
         ActorError::Engine(crate::engine::EngineError::InvalidRequest { field, msg }) => {
             Status::invalid_argument(format!("{field}: {msg}"))
         }
+        // A request that can never fit this node's cache is the request's fault, not load.
         ActorError::Engine(e @ crate::engine::EngineError::TooLarge { .. }) => {
-            Status::resource_exhausted(e.to_string())
+            Status::invalid_argument(format!("max_new_tokens: {e}"))
         }
         ActorError::Engine(e) => Status::internal(e.to_string()),
     }
@@ -186,6 +189,7 @@ fn to_load(node_id: &str, loops: usize, l: LoadReport, rate: f32, draining: bool
         recent_tokens_per_second: rate,
         loops: loops as u32,
         draining,
+        ..Default::default()
     }
 }
 
@@ -200,6 +204,8 @@ impl NodeService {
                 draining: AtomicBool::new(false),
                 ids: Mutex::new(HashMap::new()),
                 tokens: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+                cancelled: AtomicU64::new(0),
                 rate: Mutex::new((Instant::now(), 0, 0.0)),
             }),
         }
@@ -243,6 +249,7 @@ impl pb::node_server::Node for NodeService {
             r.request_id.clone()
         };
         self.inner.ids.lock().expect("ids lock").insert(rid.clone(), stream.id);
+        self.inner.requests.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(64);
         let inner = self.inner.clone();
         tokio::spawn(async move {
@@ -253,6 +260,7 @@ impl pb::node_server::Node for NodeService {
                 }
                 if tx.send(Ok(to_event(e, &inner.served.prompter))).await.is_err() {
                     // The client went away: dropping `stream` cancels the request.
+                    inner.cancelled.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
                 if done {
@@ -274,6 +282,7 @@ impl pb::node_server::Node for NodeService {
             .copied();
         if let Some(id) = id {
             self.inner.engine.cancel(id).await.map_err(status)?;
+            self.inner.cancelled.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Response::new(pb::CancelResponse { found: id.is_some() }))
     }
@@ -281,13 +290,11 @@ impl pb::node_server::Node for NodeService {
     async fn load(&self, _req: GrpcRequest<pb::LoadRequest>) -> Result<Response<pb::LoadReport>, Status> {
         let l = self.inner.engine.load().await.map_err(status)?;
         let draining = self.inner.draining.load(Ordering::Relaxed);
-        Ok(Response::new(to_load(
-            &self.inner.node_id,
-            self.inner.loops,
-            l,
-            self.recent_rate(),
-            draining,
-        )))
+        let mut r = to_load(&self.inner.node_id, self.inner.loops, l, self.recent_rate(), draining);
+        r.requests_total = self.inner.requests.load(Ordering::Relaxed);
+        r.cancelled_total = self.inner.cancelled.load(Ordering::Relaxed);
+        r.tokens_total = self.inner.tokens.load(Ordering::Relaxed);
+        Ok(Response::new(r))
     }
 
     async fn drain(&self, req: GrpcRequest<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {

@@ -1,0 +1,444 @@
+//! The cluster as processes: a coordinator and two `rrt node` processes on loopback (port 0),
+//! serving the default model. 16 concurrent streaming requests through gRPC and 16 through the
+//! OpenAI HTTP API all equal `rrt generate` for the same prompt (greedy); requests land on
+//! both nodes; a client that disconnects has its request cancelled on its node; bad requests
+//! get the right error; and clients that are not ours (Python `grpcio` with stubs generated
+//! from our .proto files, the official `openai` package) get the same answers.
+//!
+//! Needs the `rrt` binary of the same profile (`cargo test --workspace` builds it) and, for
+//! the Python part, `.venv-test` from `scripts/setup-test-python.sh` (or `RRT_TEST_PYTHON`);
+//! `RRT_SKIP_PYTHON_CLIENTS=1` skips only that part, loudly.
+
+use rrt_proto::v1 as api;
+use rrt_proto::v1::node as pb;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MAX_TOKENS: u32 = 16;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `rrt` binary next to this test's profile directory (target/<profile>/rrt).
+fn rrt_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("rrt");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the tests with `cargo test --release --workspace` (it builds the rrt binary)",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `rrt ARGS` and returns it with its first stdout line.
+fn spawn(args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(rrt_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("rrt starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(!line.is_empty(), "rrt {args:?} printed nothing");
+    (Proc(child), line)
+}
+
+fn word_after<'a>(line: &'a str, marker: &str) -> &'a str {
+    line.split(marker)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no `{marker}` in {line:?}"))
+        .split([' ', ','])
+        .next()
+        .unwrap()
+}
+
+#[derive(Clone, Debug)]
+enum Prompt {
+    Raw(&'static str),
+    Chat(&'static str),
+}
+
+const PROMPTS: [Prompt; 4] = [
+    Prompt::Raw("The quick brown fox"),
+    Prompt::Chat("What is the capital of France?"),
+    Prompt::Raw("To be, or not to be"),
+    Prompt::Chat("Write a haiku about the sea."),
+];
+
+/// `rrt generate --json` for a prompt: (token ids, text).
+fn reference(p: &Prompt) -> (Vec<u32>, String) {
+    let (flag, text) = match p {
+        Prompt::Raw(t) => ("--prompt", *t),
+        Prompt::Chat(t) => ("--chat", *t),
+    };
+    let out = Command::new(rrt_bin())
+        .args(["generate", flag, text, "--max-tokens", &MAX_TOKENS.to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    (ids, v["text"].as_str().unwrap().to_string())
+}
+
+fn grpc_request(p: &Prompt, max_new_tokens: u32, ignore_eos: bool) -> api::GenerateRequest {
+    api::GenerateRequest {
+        input: Some(match p {
+            Prompt::Raw(t) => api::generate_request::Input::Prompt(t.to_string()),
+            Prompt::Chat(t) => api::generate_request::Input::Chat(api::Chat {
+                messages: vec![api::ChatMessage {
+                    role: "user".into(),
+                    content: t.to_string(),
+                }],
+            }),
+        }),
+        max_new_tokens: Some(max_new_tokens),
+        temperature: Some(0.0),
+        ignore_eos,
+        ..Default::default()
+    }
+}
+
+fn http_request(p: &Prompt, max_tokens: u32, stream: bool) -> (&'static str, Value) {
+    match p {
+        Prompt::Raw(t) => (
+            "/v1/completions",
+            json!({"prompt": t, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+                   "stream_options": {"include_usage": true}}),
+        ),
+        Prompt::Chat(t) => (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": t}], "max_tokens": max_tokens, "temperature": 0,
+                   "stream": stream, "stream_options": {"include_usage": true}}),
+        ),
+    }
+}
+
+/// Reads server-sent events until `[DONE]`: the concatenated text, the finish reason and the
+/// usage chunk.
+async fn read_sse(mut resp: reqwest::Response) -> (String, String, Value) {
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"),
+        "{:?}",
+        resp.headers()
+    );
+    let mut buf = String::new();
+    let (mut text, mut finish, mut usage) = (String::new(), String::new(), Value::Null);
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            for line in event.lines() {
+                let Some(data) = line.strip_prefix("data: ") else { continue };
+                if data == "[DONE]" {
+                    return (text, finish, usage);
+                }
+                let v: Value = serde_json::from_str(data).unwrap();
+                assert!(v.get("error").is_none(), "{v}");
+                if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                    usage = u.clone();
+                }
+                for c in v["choices"].as_array().unwrap() {
+                    if let Some(t) = c.get("text").and_then(Value::as_str) {
+                        text.push_str(t);
+                    }
+                    if let Some(t) = c["delta"].get("content").and_then(Value::as_str) {
+                        text.push_str(t);
+                    }
+                    if let Some(f) = c["finish_reason"].as_str() {
+                        finish = f.to_string();
+                    }
+                }
+            }
+        }
+    }
+    panic!("the stream ended without [DONE]; got {text:?}");
+}
+
+async fn loads(nodes: &[String]) -> Vec<pb::LoadReport> {
+    let mut out = Vec::new();
+    for n in nodes {
+        let mut c = pb::node_client::NodeClient::connect(format!("http://{n}")).await.unwrap();
+        out.push(c.load(pb::LoadRequest {}).await.unwrap().into_inner());
+    }
+    out
+}
+
+/// Waits until no node runs anything and `cancelled` requests were cancelled in all.
+async fn wait_cancelled(nodes: &[String], cancelled: u64, what: &str) {
+    let t = Instant::now();
+    loop {
+        let l = loads(nodes).await;
+        let busy: u32 = l.iter().map(|r| r.running_requests + r.waiting_requests).sum();
+        let c: u64 = l.iter().map(|r| r.cancelled_total).sum();
+        if busy == 0 && c >= cancelled {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{what}: the request still runs 10 s after the client left ({l:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_of_processes_matches_rrt_generate() {
+    let refs: Vec<(Vec<u32>, String)> = PROMPTS.iter().map(reference).collect();
+    for (p, (ids, text)) in PROMPTS.iter().zip(&refs) {
+        assert!(!ids.is_empty() && !text.is_empty(), "{p:?}");
+    }
+
+    let node_args = ["node", "--listen", "127.0.0.1:0", "--kv-mib", "128"];
+    let (_n1, l1) = spawn(&node_args);
+    let (_n2, l2) = spawn(&node_args);
+    let nodes = vec![
+        word_after(&l1, " listening on ").to_string(),
+        word_after(&l2, " listening on ").to_string(),
+    ];
+    let (_coord, lc) = spawn(&[
+        "coordinator",
+        "--nodes",
+        &nodes.join(","),
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    let grpc_addr = format!("http://{}", word_after(&lc, "gRPC on "));
+    let http = word_after(&lc, "OpenAI HTTP on ").to_string();
+    assert!(lc.contains("(2 of 2 nodes healthy)"), "{lc}");
+
+    // Health and model info.
+    let channel = tonic::transport::Endpoint::from_shared(grpc_addr.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let h = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "rrt.v1.Generation".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    let mut client = api::generation_client::GenerationClient::new(channel);
+    let info = client.model_info(api::ModelInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.model, "SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert_eq!((info.loops, info.nodes, info.vocab_size), (1, 2, 49152));
+
+    // 16 concurrent gRPC streams.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let mut c = client.clone();
+        let p = PROMPTS[i % 4].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = c.generate_stream(grpc_request(&p, MAX_TOKENS, false)).await.unwrap().into_inner();
+            let (mut ids, mut text, mut last) = (Vec::new(), String::new(), None);
+            while let Some(m) = s.message().await.unwrap() {
+                text.push_str(&m.text);
+                if let Some(id) = m.token_id {
+                    assert_eq!(m.exit_loop, 1);
+                    ids.push(id);
+                }
+                if m.finish_reason != 0 {
+                    last = Some(m);
+                }
+            }
+            (i, ids, text, last.expect("a final message"))
+        }));
+    }
+    for t in tasks {
+        let (i, ids, text, last) = t.await.unwrap();
+        let (want_ids, want_text) = &refs[i % 4];
+        assert_eq!(&ids, want_ids, "gRPC request {i} ({:?})", PROMPTS[i % 4]);
+        assert_eq!(&text, want_text, "gRPC request {i}");
+        let u = last.usage.unwrap();
+        assert_eq!(u.completion_tokens as usize, ids.len());
+        assert_eq!(u.mean_loops, 1.0);
+    }
+
+    // Unary Generate and Tokenize.
+    let r = client
+        .generate(grpc_request(&PROMPTS[0], MAX_TOKENS, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((&r.token_ids, &r.text), (&refs[0].0, &refs[0].1));
+    let t = client
+        .tokenize(api::TokenizeRequest {
+            text: "Hello world".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.token_ids, vec![19556, 905]);
+
+    // 16 concurrent HTTP streams.
+    let http_client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let c = http_client.clone();
+        let p = PROMPTS[i % 4].clone();
+        let base = http.clone();
+        tasks.push(tokio::spawn(async move {
+            let (path, body) = http_request(&p, MAX_TOKENS, true);
+            let resp = c.post(format!("{base}{path}")).json(&body).send().await.unwrap();
+            (i, read_sse(resp).await)
+        }));
+    }
+    for t in tasks {
+        let (i, (text, finish, usage)) = t.await.unwrap();
+        let (want_ids, want_text) = &refs[i % 4];
+        assert_eq!(&text, want_text, "HTTP request {i} ({:?})", PROMPTS[i % 4]);
+        let want_finish = if want_ids.len() == MAX_TOKENS as usize { "length" } else { "stop" };
+        assert_eq!(finish, want_finish, "HTTP request {i}");
+        assert_eq!(usage["completion_tokens"].as_u64().unwrap() as usize, want_ids.len(), "{usage}");
+    }
+    // Non-streaming HTTP.
+    for (p, (_, want)) in PROMPTS.iter().zip(&refs).take(2) {
+        let (path, body) = http_request(p, MAX_TOKENS, false);
+        let v: Value = http_client
+            .post(format!("{http}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let c = &v["choices"][0];
+        let got = c["text"].as_str().or(c["message"]["content"].as_str()).unwrap();
+        assert_eq!(got, want, "{v}");
+    }
+
+    // Both nodes served requests.
+    let l = loads(&nodes).await;
+    assert!(l.iter().all(|r| r.requests_total > 0), "a node got no request: {l:?}");
+    assert_eq!(l.iter().map(|r| r.requests_total).sum::<u64>(), 16 + 1 + 16 + 2);
+
+    // A gRPC client that disconnects mid-stream cancels its request on its node.
+    let mut s = client
+        .generate_stream(grpc_request(&PROMPTS[0], 2000, true))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        s.message().await.unwrap().unwrap();
+    }
+    drop(s);
+    wait_cancelled(&nodes, 1, "gRPC").await;
+    // The same over HTTP.
+    let (path, body) = http_request(&PROMPTS[1], 2000, true);
+    let mut body = body;
+    body["ignore_eos"] = json!(true);
+    let mut resp = http_client.post(format!("{http}{path}")).json(&body).send().await.unwrap();
+    resp.chunk().await.unwrap().unwrap();
+    resp.chunk().await.unwrap().unwrap();
+    drop(resp);
+    wait_cancelled(&nodes, 2, "HTTP").await;
+
+    // Errors: OpenAI's shape and status, gRPC codes, each naming the field.
+    for (path, body, status, param) in [
+        ("/v1/completions", json!({"prompt": "x", "n": 2}), 400, "n"),
+        ("/v1/completions", json!({"prompt": "x", "temperature": -1}), 400, "temperature"),
+        ("/v1/completions", json!({"prompt": "x", "model": "gpt-4"}), 404, "model"),
+        ("/v1/completions", json!({"prompt": 5}), 400, "prompt"),
+        ("/v1/chat/completions", json!({"messages": []}), 400, "messages"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "robot", "content": "x"}]}), 400, "messages[0].role"),
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 9000}), 400, "max_new_tokens"),
+    ] {
+        let r = http_client.post(format!("{http}{path}")).json(&body).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(param.split('[').next().unwrap()), "{v}");
+    }
+    let r = http_client
+        .post(format!("{http}/v1/completions"))
+        .header("content-type", "application/json")
+        .body("{\"prompt\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let mut bad = grpc_request(&PROMPTS[0], MAX_TOKENS, false);
+    bad.top_p = Some(1.5);
+    let e = client.generate(bad).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("top_p"), "{e}");
+    for (path, want) in [("/health", 200), ("/ready", 200), ("/v1/models", 200), ("/nope", 404)] {
+        let r = http_client.get(format!("{http}{path}")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), want, "{path}");
+    }
+    let m = http_client.get(format!("{http}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(m.contains("rrt_requests_total{outcome=\"cancelled\"} 2"), "{m}");
+    assert!(m.contains("rrt_nodes_healthy 2"), "{m}");
+
+    python_clients(&grpc_addr, &http, &refs);
+}
+
+/// Python's grpcio (stubs generated from our .proto files) and the openai client.
+fn python_clients(grpc_addr: &str, http: &str, refs: &[(Vec<u32>, String)]) {
+    if std::env::var_os("RRT_SKIP_PYTHON_CLIENTS").is_some() {
+        eprintln!("SKIPPED: the Python grpcio / openai client checks (RRT_SKIP_PYTHON_CLIENTS is set)");
+        return;
+    }
+    let python = std::env::var_os("RRT_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv-test/bin/python"));
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/setup-test-python.sh (or set RRT_TEST_PYTHON, or RRT_SKIP_PYTHON_CLIENTS=1)",
+        python.display()
+    );
+    let mut expected = HashMap::new();
+    for (p, (ids, text)) in PROMPTS.iter().zip(refs) {
+        let (kind, t) = match p {
+            Prompt::Raw(t) => ("raw", t),
+            Prompt::Chat(t) => ("chat", t),
+        };
+        expected.insert(format!("{kind}:{t}"), json!({"ids": ids, "text": text}));
+    }
+    let dir = std::env::temp_dir().join(format!("rrt-python-clients-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let refs_path = dir.join("refs.json");
+    std::fs::write(&refs_path, serde_json::to_string(&expected).unwrap()).unwrap();
+    let out = Command::new(python)
+        .arg(root().join("tests/python/clients.py"))
+        .args(["--grpc", grpc_addr.trim_start_matches("http://"), "--http", http])
+        .args(["--proto", root().join("proto").to_str().unwrap()])
+        .args(["--refs", refs_path.to_str().unwrap(), "--max-tokens", &MAX_TOKENS.to_string()])
+        .args(["--work", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "python clients failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all client checks passed"), "{stdout}");
+}
