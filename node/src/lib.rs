@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod engine_actor;
+pub mod fake;
 pub mod grpc;
 pub mod server;
 

@@ -55,7 +55,9 @@ fn spawn(args: &[&str]) -> (Proc, String) {
         .spawn()
         .expect("rrt starts");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert!(!line.is_empty(), "rrt {args:?} printed nothing");
     (Proc(child), line)
 }
@@ -89,12 +91,24 @@ fn reference(p: &Prompt) -> (Vec<u32>, String) {
         Prompt::Chat(t) => ("--chat", *t),
     };
     let out = Command::new(rrt_bin())
-        .args(["generate", flag, text, "--max-tokens", &MAX_TOKENS.to_string(), "--json"])
+        .args([
+            "generate",
+            flag,
+            text,
+            "--max-tokens",
+            &MAX_TOKENS.to_string(),
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let ids = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
     (ids, v["text"].as_str().unwrap().to_string())
 }
 
@@ -136,7 +150,10 @@ fn http_request(p: &Prompt, max_tokens: u32, stream: bool) -> (&'static str, Val
 async fn read_sse(mut resp: reqwest::Response) -> (String, String, Value) {
     assert_eq!(resp.status(), 200);
     assert!(
-        resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"),
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"),
         "{:?}",
         resp.headers()
     );
@@ -147,7 +164,9 @@ async fn read_sse(mut resp: reqwest::Response) -> (String, String, Value) {
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
             for line in event.lines() {
-                let Some(data) = line.strip_prefix("data: ") else { continue };
+                let Some(data) = line.strip_prefix("data: ") else {
+                    continue;
+                };
                 if data == "[DONE]" {
                     return (text, finish, usage);
                 }
@@ -176,7 +195,9 @@ async fn read_sse(mut resp: reqwest::Response) -> (String, String, Value) {
 async fn loads(nodes: &[String]) -> Vec<pb::LoadReport> {
     let mut out = Vec::new();
     for n in nodes {
-        let mut c = pb::node_client::NodeClient::connect(format!("http://{n}")).await.unwrap();
+        let mut c = pb::node_client::NodeClient::connect(format!("http://{n}"))
+            .await
+            .unwrap();
         out.push(c.load(pb::LoadRequest {}).await.unwrap().into_inner());
     }
     out
@@ -240,7 +261,10 @@ async fn cluster_of_processes_matches_rrt_generate() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(h.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    assert_eq!(
+        h.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
     let mut client = api::generation_client::GenerationClient::new(channel);
     let info = client.model_info(api::ModelInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.model, "SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -252,7 +276,11 @@ async fn cluster_of_processes_matches_rrt_generate() {
         let mut c = client.clone();
         let p = PROMPTS[i % 4].clone();
         tasks.push(tokio::spawn(async move {
-            let mut s = c.generate_stream(grpc_request(&p, MAX_TOKENS, false)).await.unwrap().into_inner();
+            let mut s = c
+                .generate_stream(grpc_request(&p, MAX_TOKENS, false))
+                .await
+                .unwrap()
+                .into_inner();
             let (mut ids, mut text, mut last) = (Vec::new(), String::new(), None);
             while let Some(m) = s.message().await.unwrap() {
                 text.push_str(&m.text);
@@ -311,9 +339,17 @@ async fn cluster_of_processes_matches_rrt_generate() {
         let (i, (text, finish, usage)) = t.await.unwrap();
         let (want_ids, want_text) = &refs[i % 4];
         assert_eq!(&text, want_text, "HTTP request {i} ({:?})", PROMPTS[i % 4]);
-        let want_finish = if want_ids.len() == MAX_TOKENS as usize { "length" } else { "stop" };
+        let want_finish = if want_ids.len() == MAX_TOKENS as usize {
+            "length"
+        } else {
+            "stop"
+        };
         assert_eq!(finish, want_finish, "HTTP request {i}");
-        assert_eq!(usage["completion_tokens"].as_u64().unwrap() as usize, want_ids.len(), "{usage}");
+        assert_eq!(
+            usage["completion_tokens"].as_u64().unwrap() as usize,
+            want_ids.len(),
+            "{usage}"
+        );
     }
     // Non-streaming HTTP.
     for (p, (_, want)) in PROMPTS.iter().zip(&refs).take(2) {
@@ -352,7 +388,12 @@ async fn cluster_of_processes_matches_rrt_generate() {
     let (path, body) = http_request(&PROMPTS[1], 2000, true);
     let mut body = body;
     body["ignore_eos"] = json!(true);
-    let mut resp = http_client.post(format!("{http}{path}")).json(&body).send().await.unwrap();
+    let mut resp = http_client
+        .post(format!("{http}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     resp.chunk().await.unwrap().unwrap();
     resp.chunk().await.unwrap().unwrap();
     drop(resp);
@@ -361,18 +402,49 @@ async fn cluster_of_processes_matches_rrt_generate() {
     // Errors: OpenAI's shape and status, gRPC codes, each naming the field.
     for (path, body, status, param) in [
         ("/v1/completions", json!({"prompt": "x", "n": 2}), 400, "n"),
-        ("/v1/completions", json!({"prompt": "x", "temperature": -1}), 400, "temperature"),
-        ("/v1/completions", json!({"prompt": "x", "model": "gpt-4"}), 404, "model"),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": -1}),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "model": "gpt-4"}),
+            404,
+            "model",
+        ),
         ("/v1/completions", json!({"prompt": 5}), 400, "prompt"),
         ("/v1/chat/completions", json!({"messages": []}), 400, "messages"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "robot", "content": "x"}]}), 400, "messages[0].role"),
-        ("/v1/completions", json!({"prompt": "x", "max_tokens": 9000}), 400, "max_new_tokens"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+            400,
+            "messages[0].role",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 9000}),
+            400,
+            "max_new_tokens",
+        ),
     ] {
-        let r = http_client.post(format!("{http}{path}")).json(&body).send().await.unwrap();
+        let r = http_client
+            .post(format!("{http}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), status, "{body}");
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["error"]["param"], param, "{v}");
-        assert!(v["error"]["message"].as_str().unwrap().contains(param.split('[').next().unwrap()), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(param.split('[').next().unwrap()),
+            "{v}"
+        );
     }
     let r = http_client
         .post(format!("{http}/v1/completions"))
@@ -391,7 +463,14 @@ async fn cluster_of_processes_matches_rrt_generate() {
         let r = http_client.get(format!("{http}{path}")).send().await.unwrap();
         assert_eq!(r.status().as_u16(), want, "{path}");
     }
-    let m = http_client.get(format!("{http}/metrics")).send().await.unwrap().text().await.unwrap();
+    let m = http_client
+        .get(format!("{http}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(m.contains("rrt_requests_total{outcome=\"cancelled\"} 2"), "{m}");
     assert!(m.contains("rrt_nodes_healthy 2"), "{m}");
 
@@ -428,7 +507,12 @@ fn python_clients(grpc_addr: &str, http: &str, refs: &[(Vec<u32>, String)]) {
         .arg(root().join("tests/python/clients.py"))
         .args(["--grpc", grpc_addr.trim_start_matches("http://"), "--http", http])
         .args(["--proto", root().join("proto").to_str().unwrap()])
-        .args(["--refs", refs_path.to_str().unwrap(), "--max-tokens", &MAX_TOKENS.to_string()])
+        .args([
+            "--refs",
+            refs_path.to_str().unwrap(),
+            "--max-tokens",
+            &MAX_TOKENS.to_string(),
+        ])
         .args(["--work", dir.to_str().unwrap()])
         .output()
         .unwrap();

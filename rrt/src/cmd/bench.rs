@@ -23,6 +23,9 @@ pub enum What {
     /// Throughput of the node engine: vanilla vs recursive, sequence-wise vs depth-wise
     /// batching, calibrated and oracle early exit (issue C).
     Engine(super::bench_engine::EngineArgs),
+    /// The coordinator's overhead against fake nodes: added latency per streamed token and
+    /// tokens/s per coordinator core (issue D).
+    Coordinator(super::bench_coordinator::CoordArgs),
     /// The weight-format measurement: all matrix products of one SmolLM2 decode step with
     /// f32 weights (gemm, skinny kernel), bf16 weights and Q4_1 blocks dequantized on the fly.
     Matmul(MatmulArgs),
@@ -75,6 +78,7 @@ pub fn run(a: Args) -> Result<()> {
         What::Forward(f) => forward(f),
         What::Matmul(m) => matmul(m),
         What::Engine(e) => super::bench_engine::run(e),
+        What::Coordinator(c) => super::bench_coordinator::run(c),
     }
 }
 

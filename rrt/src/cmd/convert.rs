@@ -51,6 +51,9 @@ pub struct Args {
     /// Tokens of calibration text, run in windows of 256.
     #[arg(long, default_value_t = 4096)]
     pub calibration_tokens: usize,
+    /// Lower ranks above a module's min(in, out) to it instead of refusing them.
+    #[arg(long)]
+    pub clamp_ranks: bool,
 }
 
 fn parse_ranks(base: usize, spec: Option<&str>) -> Result<[usize; 7]> {
@@ -84,7 +87,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         (SvdArg::Plain, _) => None,
     };
-    let ranks = parse_ranks(a.lora_rank, a.lora_ranks.as_deref())?;
+    let mut ranks = parse_ranks(a.lora_rank, a.lora_ranks.as_deref())?;
     let init = match a.init {
         InitArg::Stepwise => Init::Stepwise,
         InitArg::Average => Init::Average,
@@ -94,6 +97,21 @@ pub fn run(a: Args) -> Result<()> {
     let lm = a.model.load()?;
     if lm.model.recursion.is_some() {
         bail!("{} is already a recursive checkpoint", src.display());
+    }
+    if a.clamp_ranks {
+        let c = &lm.model.config;
+        let dims = [
+            (c.q_dim(), c.hidden),
+            (c.kv_dim(), c.hidden),
+            (c.kv_dim(), c.hidden),
+            (c.hidden, c.q_dim()),
+            (c.intermediate, c.hidden),
+            (c.intermediate, c.hidden),
+            (c.hidden, c.intermediate),
+        ];
+        for (r, (o, i)) in ranks.iter_mut().zip(dims) {
+            *r = (*r).min(o.min(i));
+        }
     }
     let spec = RecursiveSpec {
         loops: a.loops,

@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the model-path handling they share.
 
 pub mod bench;
+pub mod bench_coordinator;
 pub mod bench_engine;
 pub mod calibrate;
 pub mod convert;

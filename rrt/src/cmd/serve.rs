@@ -122,6 +122,7 @@ pub fn default_checkpoint(cfg: &crate::config::ServeConfig) -> Result<PathBuf> {
         },
         calibration: calibration.clone(),
         calibration_tokens: 4096,
+        clamp_ranks: true,
     })?;
     if let Some(text) = &calibration
         && cfg.loops > 1
