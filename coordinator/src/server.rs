@@ -86,9 +86,14 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(GenerationServer::new(GenerationService::new(coord.clone())))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             wait(stop_rx.clone()),
         );
+    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them
+    // back up to a delayed-ACK period (40 ms on Linux).
+    let http = axum::serve::ListenerExt::tap_io(http, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     let http_server = axum::serve(http, crate::http::router(coord.clone())).with_graceful_shutdown(wait(stop_rx));
     let (g, h) = tokio::join!(grpc_server, http_server);
     poller.abort();

@@ -95,6 +95,10 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(NodeServer::new(service))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop)
+        // TCP_NODELAY: tokens are small writes that Nagle's algorithm would hold back.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop,
+        )
         .await
 }

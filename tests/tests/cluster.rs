@@ -526,3 +526,55 @@ fn python_clients(grpc_addr: &str, http: &str, refs: &[(Vec<u32>, String)]) {
     );
     assert!(stdout.contains("all client checks passed"), "{stdout}");
 }
+
+/// `rrt serve`: one process with two in-process nodes and the coordinator; prints where it
+/// listens and an example request; answers like `rrt generate`; exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rrt_serve_is_one_process_cluster() {
+    let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gguf = std::env::var_os("RRT_MODEL_CACHE")
+        .map(|d| PathBuf::from(d).join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .filter(|p| p.is_file())
+        .unwrap_or(gguf);
+    let (mut serve, line) = spawn(&[
+        "serve",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--nodes",
+        "2",
+        "--kv-mib",
+        "64",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(line.contains("on 2 node(s)"), "{line}");
+    let http = word_after(&line, "OpenAI HTTP on ").to_string();
+    let want = reference(&PROMPTS[1]);
+    let (path, body) = http_request(&PROMPTS[1], MAX_TOKENS, false);
+    let v: Value = reqwest::Client::new()
+        .post(format!("{http}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], want.1.as_str(), "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], want.0.len(), "{v}");
+    let ready = reqwest::get(format!("{http}/ready")).await.unwrap().text().await.unwrap();
+    assert!(ready.contains("2 healthy nodes"), "{ready}");
+    let st = Command::new("kill").args(["-TERM", &serve.0.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let t = Instant::now();
+    loop {
+        if let Some(code) = serve.0.try_wait().unwrap() {
+            assert!(code.success(), "rrt serve exits 0 after SIGTERM: {code:?}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "rrt serve still runs 20 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -107,7 +107,7 @@ pub fn run(a: CoordArgs) -> Result<()> {
             nodes_rt.spawn(
                 tonic::transport::Server::builder()
                     .add_service(pb::node_server::NodeServer::new(svc))
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
             );
         }
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -188,17 +188,18 @@ pub fn run(a: CoordArgs) -> Result<()> {
     }
     if !a.json {
         println!(
-            "| step ms | streams | direct tok/s | via coord. tok/s | direct p50 us | via p50 us | via p99 us | added p50 us | added mean us | coord. CPU us/token | tok/s per coord. core |"
+            "| step ms | streams | direct tok/s | via coord. tok/s | direct p50 us | direct p99 us | via p50 us | via p99 us | added p50 us | added mean us | coord. CPU us/token | tok/s per coord. core |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
             println!(
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} |",
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} |",
                 r.step_ms,
                 r.concurrency,
                 r.direct.tokens_per_s,
                 r.coordinator.tokens_per_s,
                 r.direct.latency_p50_us,
+                r.direct.latency_p99_us,
                 r.coordinator.latency_p50_us,
                 r.coordinator.latency_p99_us,
                 r.added_p50_us,
