@@ -66,6 +66,7 @@ mod tests {
                 logprob: -0.5,
                 exit_loop: 1,
                 top_logprobs: vec![],
+                token: "a".into(),
             })),
         };
         assert_eq!(v1::node::RunEvent::decode(ev.encode_to_vec().as_slice()).unwrap(), ev);

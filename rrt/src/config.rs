@@ -272,7 +272,7 @@ mod tests {
             jail.create_file("rrt.toml", "")?;
             jail.set_env("RRT_COORDINATOR__HTTP_LISTEN", "not-an-address");
             let e = extract(&figment(None)).unwrap_err().to_string();
-            assert!(e.contains("http_listen"), "{e}");
+            assert!(e.to_lowercase().contains("coordinator.http_listen"), "{e}");
             Ok(())
         });
     }

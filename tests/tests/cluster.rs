@@ -54,11 +54,12 @@ fn spawn(args: &[&str]) -> (Proc, String) {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("rrt starts");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    out.read_line(&mut line).unwrap();
     assert!(!line.is_empty(), "rrt {args:?} printed nothing");
+    // Keep reading so that later prints never meet a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     (Proc(child), line)
 }
 
@@ -564,9 +565,17 @@ async fn rrt_serve_is_one_process_cluster() {
         .unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], want.1.as_str(), "{v}");
     assert_eq!(v["usage"]["completion_tokens"], want.0.len(), "{v}");
-    let ready = reqwest::get(format!("{http}/ready")).await.unwrap().text().await.unwrap();
+    let ready = reqwest::get(format!("{http}/ready"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(ready.contains("2 healthy nodes"), "{ready}");
-    let st = Command::new("kill").args(["-TERM", &serve.0.id().to_string()]).status().unwrap();
+    let st = Command::new("kill")
+        .args(["-TERM", &serve.0.id().to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
     let t = Instant::now();
     loop {
@@ -574,7 +583,10 @@ async fn rrt_serve_is_one_process_cluster() {
             assert!(code.success(), "rrt serve exits 0 after SIGTERM: {code:?}");
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "rrt serve still runs 20 s after SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "rrt serve still runs 20 s after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

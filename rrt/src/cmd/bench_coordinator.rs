@@ -107,7 +107,9 @@ pub fn run(a: CoordArgs) -> Result<()> {
             nodes_rt.spawn(
                 tonic::transport::Server::builder()
                     .add_service(pb::node_server::NodeServer::new(svc))
-                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
+                    .serve_with_incoming(
+                        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    ),
             );
         }
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();

@@ -89,7 +89,7 @@ pub fn run(a: Args) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", c.http_listen))?;
         let coord = server::start(&discovery, settings(&c)).await;
-        println!(
+        say!(
             "rrt coordinator: gRPC on {}, OpenAI HTTP on http://{} ({} of {} nodes healthy)",
             grpc.local_addr()?,
             http.local_addr()?,

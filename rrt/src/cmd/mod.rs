@@ -1,5 +1,14 @@
 //! One module per subcommand, plus the model-path handling they share.
 
+/// `println!` that ignores a closed stdout (a supervisor that stopped reading must not kill a
+/// serving process).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 pub mod bench;
 pub mod bench_coordinator;
 pub mod bench_engine;

@@ -89,7 +89,7 @@ pub fn run(a: Args) -> Result<()> {
         let addr = listener.local_addr()?;
         let id = n.id.clone().unwrap_or_else(|| addr.to_string());
         let node = server::start(lm, n.engine_config(), n.early_exit, &id)?;
-        println!("rrt node {id} listening on {addr} ({} loops)", node.loops);
+        say!("rrt node {id} listening on {addr} ({} loops)", node.loops);
         server::serve(
             listener,
             node.service,

@@ -200,11 +200,11 @@ pub fn run(a: Args) -> Result<()> {
         let coord = server::start(&discovery, super::coordinator::settings(c)).await;
         let http_addr = http.local_addr()?;
         let name = coord.model_info().await.map(|i| i.model).unwrap_or_default();
-        println!(
+        say!(
             "rrt serve: {name} ({loops} loops) on {n} node(s); OpenAI HTTP on http://{http_addr}, gRPC on {}",
             grpc.local_addr()?
         );
-        println!(
+        say!(
             "try: curl http://{http_addr}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}],\"max_tokens\":32}}'"
         );
         super::coordinator::serve_bounded(coord, discovery, grpc, http, c.shutdown_seconds).await?;
