@@ -227,7 +227,8 @@ mod tests {
     fn validation_names_the_field() {
         let ok = GenRequest::new(Input::Prompt("hi".into()));
         ok.validate().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut GenRequest)>)> = vec![
+        type Edit = Box<dyn Fn(&mut GenRequest)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("prompt", Box::new(|r| r.input = Input::Prompt(String::new()))),
             ("messages", Box::new(|r| r.input = Input::Chat(vec![]))),
             (

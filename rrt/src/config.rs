@@ -150,6 +150,14 @@ impl NodeConfig {
     }
 }
 
+/// Merges a command-line flag (when given) over `key`: flags beat everything else.
+pub fn flag<T: Serialize>(f: Figment, key: &str, value: &Option<T>) -> Figment {
+    match value {
+        Some(v) => f.merge(Serialized::default(key, v)),
+        None => f,
+    }
+}
+
 /// Defaults, then the file, then the environment (flags are merged by the caller).
 pub fn figment(file: Option<&Path>) -> Figment {
     let file = file.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("rrt.toml"));

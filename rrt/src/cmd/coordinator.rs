@@ -4,7 +4,6 @@
 
 use anyhow::{Context, Result};
 use figment::Figment;
-use figment::providers::Serialized;
 use rrt_coordinator::registry::NodeSource;
 use rrt_coordinator::server::{self, Discovery};
 use std::net::SocketAddr;
@@ -35,23 +34,13 @@ pub struct Args {
 
 impl Args {
     pub fn figment(&self) -> Figment {
-        let mut f = crate::config::figment(self.config.as_deref());
-        if let Some(v) = &self.grpc_listen {
-            f = f.merge(Serialized::default("coordinator.grpc_listen", v));
-        }
-        if let Some(v) = &self.http_listen {
-            f = f.merge(Serialized::default("coordinator.http_listen", v));
-        }
-        if let Some(v) = &self.nodes {
-            f = f.merge(Serialized::default("coordinator.nodes", v));
-        }
-        if let Some(v) = &self.dns {
-            f = f.merge(Serialized::default("coordinator.dns", v));
-        }
-        if let Some(v) = &self.served_model_name {
-            f = f.merge(Serialized::default("coordinator.served_model_name", v));
-        }
-        f
+        use crate::config::flag;
+        let f = crate::config::figment(self.config.as_deref());
+        let f = flag(f, "coordinator.grpc_listen", &self.grpc_listen);
+        let f = flag(f, "coordinator.http_listen", &self.http_listen);
+        let f = flag(f, "coordinator.nodes", &self.nodes);
+        let f = flag(f, "coordinator.dns", &self.dns);
+        flag(f, "coordinator.served_model_name", &self.served_model_name)
     }
 }
 

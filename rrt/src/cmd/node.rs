@@ -6,7 +6,6 @@
 use super::ModelArg;
 use anyhow::{Context, Result};
 use figment::Figment;
-use figment::providers::Serialized;
 use rrt_node::server;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,9 +52,7 @@ impl Args {
         let mut f = crate::config::figment(self.config.as_deref());
         macro_rules! flag {
             ($field:ident, $key:literal) => {
-                if let Some(v) = &self.$field {
-                    f = f.merge(Serialized::default($key, v));
-                }
+                f = crate::config::flag(f, $key, &self.$field);
             };
         }
         flag!(model, "model");

@@ -8,7 +8,6 @@ use super::ModelArg;
 use super::convert::{InitArg, SvdArg};
 use anyhow::{Context, Result, bail};
 use figment::Figment;
-use figment::providers::Serialized;
 use rrt_coordinator::registry::NodeSource;
 use rrt_coordinator::server::{self, Discovery};
 use std::net::SocketAddr;
@@ -39,23 +38,13 @@ pub struct Args {
 
 impl Args {
     pub fn figment(&self) -> Figment {
-        let mut f = crate::config::figment(self.config.as_deref());
-        if let Some(v) = &self.model {
-            f = f.merge(Serialized::default("model", v));
-        }
-        if let Some(v) = &self.nodes {
-            f = f.merge(Serialized::default("serve.nodes", v));
-        }
-        if let Some(v) = &self.http_listen {
-            f = f.merge(Serialized::default("coordinator.http_listen", v));
-        }
-        if let Some(v) = &self.grpc_listen {
-            f = f.merge(Serialized::default("coordinator.grpc_listen", v));
-        }
-        if let Some(v) = &self.kv_mib {
-            f = f.merge(Serialized::default("node.kv_mib", v));
-        }
-        f
+        use crate::config::flag;
+        let f = crate::config::figment(self.config.as_deref());
+        let f = flag(f, "model", &self.model);
+        let f = flag(f, "serve.nodes", &self.nodes);
+        let f = flag(f, "coordinator.http_listen", &self.http_listen);
+        let f = flag(f, "coordinator.grpc_listen", &self.grpc_listen);
+        flag(f, "node.kv_mib", &self.kv_mib)
     }
 }
 
