@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+type NodeClient = pb::node_client::NodeClient<tonic::transport::Channel>;
+
 /// How often a request is re-routed when its node refuses the connection.
 const START_ATTEMPTS: usize = 3;
 
@@ -43,6 +45,8 @@ pub struct Tracked {
     pub prompt: Arc<Vec<u32>>,
     pub generated: Vec<u32>,
     pub arrived: Instant,
+    /// Times the request moved to another node.
+    pub migrations: u32,
 }
 
 /// Coordinator settings.
@@ -52,6 +56,8 @@ pub struct CoordinatorConfig {
     pub served_model_name: Option<String>,
     /// Deadline of the coordinator's small calls to nodes (tokenize, info, cancel).
     pub node_timeout: Duration,
+    /// Most times one request moves to another node after its node failed.
+    pub max_migrations: u32,
 }
 
 impl Default for CoordinatorConfig {
@@ -59,6 +65,7 @@ impl Default for CoordinatorConfig {
         Self {
             served_model_name: None,
             node_timeout: Duration::from_secs(5),
+            max_migrations: 3,
         }
     }
 }
@@ -338,10 +345,42 @@ impl Coordinator {
             max_loops: req.max_loops,
             rng_draws: 0,
         };
+        let (node, client, stream) = self.open_run(&run).await?;
+        let prompt = Arc::new(prompt);
+        self.requests.insert(
+            req.id.clone(),
+            Tracked {
+                node: node.clone(),
+                prompt: prompt.clone(),
+                generated: Vec::new(),
+                arrived,
+                migrations: 0,
+            },
+        );
+        self.metrics.prompt_tokens.inc_by(prompt.len() as u64);
+        self.metrics.running.inc();
+        let (tx, rx) = mpsc::channel(64);
+        let me = self.clone();
+        let (id, n) = (req.id.clone(), node.clone());
+        tokio::spawn(async move { me.pump(id, run, n, client, stream, tx, arrived).await });
+        Ok(Generation {
+            id: req.id.clone(),
+            node,
+            prompt_tokens: prompt.len(),
+            rx,
+        })
+    }
+
+    /// Routes `run` (by its prompt plus generated tokens) and opens its stream, trying another
+    /// node when one refuses the connection.
+    async fn open_run(&self, run: &pb::RunRequest) -> Result<(String, NodeClient, tonic::Streaming<pb::RunEvent>), CoordError> {
         let mut last = CoordError::Unavailable(String::new());
+        let mut tokens = run.prompt.clone();
+        tokens.extend_from_slice(&run.generated);
+        let remaining = run.max_new_tokens.saturating_sub(run.generated.len() as u32) as usize;
         for _ in 0..START_ATTEMPTS {
             let snap = self.registry.snapshot();
-            let Some(node) = route(&snap, &prompt, max_new_tokens as usize).map(|n| n.id.clone()) else {
+            let Some(node) = route(&snap, &tokens, remaining).map(|n| n.id.clone()) else {
                 break;
             };
             let Some(mut client) = self.registry.client(&node) else {
@@ -349,30 +388,7 @@ impl Coordinator {
             };
             self.registry.add_pending(&node, 1);
             match client.run(run.clone()).await {
-                Ok(stream) => {
-                    let prompt = Arc::new(prompt);
-                    self.requests.insert(
-                        req.id.clone(),
-                        Tracked {
-                            node: node.clone(),
-                            prompt: prompt.clone(),
-                            generated: Vec::new(),
-                            arrived,
-                        },
-                    );
-                    self.metrics.prompt_tokens.inc_by(prompt.len() as u64);
-                    self.metrics.running.inc();
-                    let (tx, rx) = mpsc::channel(64);
-                    let me = self.clone();
-                    let (id, n) = (req.id.clone(), node.clone());
-                    tokio::spawn(async move { me.pump(id, n, client, stream.into_inner(), tx, arrived).await });
-                    return Ok(Generation {
-                        id: req.id.clone(),
-                        node,
-                        prompt_tokens: prompt.len(),
-                        rx,
-                    });
-                }
+                Ok(stream) => return Ok((node, client, stream.into_inner())),
                 Err(s) => {
                     self.registry.add_pending(&node, -1);
                     if node_is_down(&s) {
@@ -390,39 +406,69 @@ impl Coordinator {
 
     /// Relays one request's node stream to its client; cancels on the node when the client
     /// goes away.
+    #[allow(clippy::too_many_arguments)]
     async fn pump(
         self: Arc<Self>,
         id: String,
-        node: String,
-        mut client: pb::node_client::NodeClient<tonic::transport::Channel>,
+        mut run: pb::RunRequest,
+        mut node: String,
+        mut client: NodeClient,
         mut stream: tonic::Streaming<pb::RunEvent>,
         tx: mpsc::Sender<Result<GenEvent, CoordError>>,
         arrived: Instant,
     ) {
         let mut last_token: Option<Instant> = None;
         let (mut loops, mut tokens) = (0u64, 0u64);
+        let mut migrations = 0u32;
         let outcome: String = loop {
             let msg = tokio::select! {
                 _ = tx.closed() => break "cancelled".into(),
                 m = stream.message() => m,
             };
-            let ev = match msg {
-                Ok(Some(pb::RunEvent { event: Some(e) })) => e,
+            let failure = match msg {
+                Ok(Some(pb::RunEvent { event: Some(e) })) => Ok(e),
                 Ok(Some(pb::RunEvent { event: None })) => continue,
-                Ok(None) => {
-                    let _ = tx
-                        .send(Err(CoordError::Unavailable(format!(
-                            " (node {node} ended the stream before the request finished)"
-                        ))))
-                        .await;
-                    break "error".into();
-                }
-                Err(s) => {
-                    if node_is_down(&s) {
-                        self.registry.mark_failed(&node);
+                Ok(None) => Err(CoordError::Unavailable(format!(
+                    " (node {node} ended the stream before the request finished)"
+                ))),
+                Err(s) => Err(node_error(&node, s)),
+            };
+            let ev = match failure {
+                Ok(e) => e,
+                Err(e) => {
+                    // The node failed the request (died, froze past the keepalive, or broke
+                    // the stream): resume it elsewhere from its prompt and the tokens already
+                    // streamed, unless the error is the request's own fault.
+                    let own_fault = matches!(&e, CoordError::Node { status, .. } if matches!(
+                        status.code(),
+                        tonic::Code::InvalidArgument | tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+                    ));
+                    if own_fault || migrations >= self.cfg.max_migrations {
+                        let _ = tx.send(Err(e)).await;
+                        break "error".into();
                     }
-                    let _ = tx.send(Err(node_error(&node, s))).await;
-                    break "error".into();
+                    self.registry.mark_failed(&node);
+                    self.registry.add_pending(&node, -1);
+                    tracing::warn!(request = id, node, error = %e, "node failed mid-request; migrating");
+                    run.generated = self.requests.get(&id).map(|t| t.generated.clone()).unwrap_or_default();
+                    match self.open_run(&run).await {
+                        Ok((n, c, s)) => {
+                            migrations += 1;
+                            self.metrics.migrations.inc();
+                            if let Some(mut t) = self.requests.get_mut(&id) {
+                                t.node = n.clone();
+                                t.migrations = migrations;
+                            }
+                            (node, client, stream) = (n, c, s);
+                            continue;
+                        }
+                        Err(e2) => {
+                            // Nothing left to move to: the client hears it now, not later.
+                            self.registry.add_pending(&node, 1);
+                            let _ = tx.send(Err(e2)).await;
+                            break "error".into();
+                        }
+                    }
                 }
             };
             match ev {
@@ -472,9 +518,11 @@ impl Coordinator {
                 }
                 pb::run_event::Event::Finished(f) => {
                     let finish = Finish::parse(&f.finish_reason);
+                    // After a migration the node saw the earlier output as prompt.
+                    let moved = run.generated.len() as u32;
                     let usage = GenUsage {
-                        prompt_tokens: f.prompt_tokens,
-                        completion_tokens: f.completion_tokens,
+                        prompt_tokens: f.prompt_tokens - moved.min(f.prompt_tokens),
+                        completion_tokens: f.completion_tokens + moved,
                         // Over the tokens streamed (the node's count also has the end token's).
                         mean_loops: if tokens > 0 { loops as f32 / tokens as f32 } else { 0.0 },
                     };

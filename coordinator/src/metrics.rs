@@ -31,6 +31,7 @@ pub struct Metrics {
     pub e2e_latency: Histogram,
     pub healthy_nodes: Gauge,
     pub nodes: Gauge,
+    pub migrations: Counter,
 }
 
 impl Default for Metrics {
@@ -46,6 +47,12 @@ impl Default for Metrics {
         let e2e_latency = Histogram::new(exponential_buckets(0.01, 2.0, 16));
         let healthy_nodes = Gauge::default();
         let nodes = Gauge::default();
+        let migrations = Counter::default();
+        registry.register(
+            "rrt_migrations",
+            "Requests moved to another node after theirs failed",
+            migrations.clone(),
+        );
         registry.register("rrt_requests", "Requests finished, by outcome", requests.clone());
         registry.register("rrt_requests_running", "Requests streaming now", running.clone());
         registry.register(
@@ -88,6 +95,7 @@ impl Default for Metrics {
             e2e_latency,
             healthy_nodes,
             nodes,
+            migrations,
         }
     }
 }

@@ -19,6 +19,10 @@ pub enum NodeSource {
     Dns(String),
 }
 
+/// HTTP/2 keepalive ping interval and the time a ping may go unanswered.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Consecutive failed polls after which a node is marked unhealthy.
 pub const FAILURES_UNHEALTHY: u32 = 2;
 
@@ -108,10 +112,14 @@ impl Registry {
                     tracing::warn!(url = u, "invalid node address");
                     continue;
                 };
+                // HTTP/2 pings find a frozen node (SIGSTOP, a hung host: the TCP connection
+                // stays open) within KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT; its streams then
+                // fail and their requests move.
                 let ep = ep
                     .connect_timeout(timeout)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5));
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true);
                 nodes.insert(
                     u.clone(),
                     Entry {

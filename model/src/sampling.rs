@@ -144,6 +144,19 @@ impl Sampler {
         }
     }
 
+    /// Replays output tokens produced elsewhere (a request moved from another node): counts
+    /// them for the penalties and consumes the random draws their sampling took (one per
+    /// token unless decoding is greedy), so the stream continues exactly where it was.
+    pub fn resume(&mut self, output: &[u32]) {
+        let stochastic = !(self.params.temperature == 0.0 || self.params.top_k == 1);
+        for &t in output {
+            self.accept(t);
+            if stochastic {
+                let _ = self.rng.random::<f32>();
+            }
+        }
+    }
+
     /// Applies the penalties to `logits` in place.
     pub fn penalise(&self, logits: &mut [f32]) {
         let p = &self.params;

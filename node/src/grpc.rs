@@ -134,6 +134,7 @@ pub fn to_request(r: &pb::RunRequest) -> Result<Request, Status> {
         stop: r.stop.clone(),
         ignore_eos: r.ignore_eos,
         top_logprobs: r.top_logprobs as usize,
+        resumed: r.generated.len(),
         ..Default::default()
     };
     params.exit.full_depth = r.full_depth;

@@ -683,3 +683,95 @@ fn bad_engine_settings_name_the_field() {
         }
     }
 }
+
+/// A request resumed on another engine from its prompt plus the first k tokens it produced
+/// (what the coordinator sends when a node dies) continues exactly: same later tokens under
+/// seeded sampling with penalties, and the streamed text pieces join into the same text, with
+/// a stop string that spans the cut still found.
+#[test]
+fn resumed_requests_continue_exactly() {
+    let tk = tok();
+    let params = GenParams {
+        max_tokens: 24,
+        ignore_eos: true,
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_k: 40,
+            seed: Some(7),
+            repetition_penalty: 1.2,
+            presence_penalty: 0.3,
+            frequency_penalty: 0.2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let prompt = vec![400u32, 500, 600, 700];
+    let run = |prompt: Vec<u32>, params: GenParams| -> (Vec<u32>, Vec<String>, String, FinishReason) {
+        let mut eng = engine(tiny_model(2, 1, 0, 11), tok(), EngineConfig::default());
+        let id = eng.submit(Request { prompt, params }).unwrap();
+        let events = eng.run_to_completion().unwrap();
+        let (mut ids, mut pieces, mut tail, mut reason) = (Vec::new(), Vec::new(), String::new(), None);
+        for (i, e) in &events {
+            match e {
+                Event::Token(t) if *i == id => {
+                    ids.push(t.id);
+                    pieces.push(t.text.clone());
+                }
+                Event::Done {
+                    text, finish_reason, ..
+                } if *i == id => {
+                    tail = text.clone();
+                    reason = Some(*finish_reason);
+                }
+                _ => {}
+            }
+        }
+        (ids, pieces, tail, reason.unwrap())
+    };
+    let (ids, pieces, tail, _) = run(prompt.clone(), params.clone());
+    assert_eq!(ids.len(), 24);
+    let full = pieces.concat() + &tail;
+    assert_eq!(full, tk.decode(&ids, true).unwrap());
+    for k in [1, 5, 11, 23] {
+        let mut p = prompt.clone();
+        p.extend_from_slice(&ids[..k]);
+        let (rest, rest_pieces, rest_tail, _) = run(
+            p,
+            GenParams {
+                max_tokens: 24 - k,
+                resumed: k,
+                ..params.clone()
+            },
+        );
+        assert_eq!(rest, ids[k..], "tokens after a resume at {k}");
+        let joined = pieces[..k].concat() + &rest_pieces.concat() + &rest_tail;
+        assert_eq!(joined, full, "text after a resume at {k}");
+    }
+    // A stop string spanning the cut: the resumed run stops where the whole run stops.
+    let cut: usize = pieces[..6].iter().map(|p| p.len()).sum();
+    let stop = {
+        let last = full[..cut].chars().last().unwrap();
+        let next = full[cut..].chars().next().unwrap();
+        format!("{last}{next}")
+    };
+    let with_stop = GenParams {
+        stop: vec![stop.clone()],
+        ..params.clone()
+    };
+    let (whole_ids, whole_pieces, whole_tail, whole_reason) = run(prompt.clone(), with_stop.clone());
+    let mut p = prompt.clone();
+    p.extend_from_slice(&whole_ids[..6]);
+    let (_, rest_pieces, rest_tail, reason) = run(
+        p,
+        GenParams {
+            max_tokens: 18,
+            resumed: 6,
+            ..with_stop
+        },
+    );
+    assert_eq!((reason, whole_reason), (FinishReason::Stop, FinishReason::Stop));
+    assert_eq!(
+        whole_pieces[..6].concat() + &rest_pieces.concat() + &rest_tail,
+        whole_pieces.concat() + &whole_tail
+    );
+}

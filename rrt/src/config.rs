@@ -25,6 +25,7 @@
 //! | `coordinator.node_timeout_ms` | 5000 | deadline of polls and small calls to nodes |
 //! | `coordinator.served_model_name` | none | extra model name clients may send |
 //! | `coordinator.shutdown_seconds` | 30 | time open streams get after SIGTERM |
+//! | `coordinator.max_migrations` | 3 | times a request may move after its node fails |
 //! | `serve.nodes` | 1 | in-process nodes of `rrt serve` |
 //! | `serve.loops` | 2 | B of the default model's conversion (first run, cached) |
 //! | `serve.init` | `average` | `stepwise`, `average` or `lower` |
@@ -63,6 +64,7 @@ pub struct CoordinatorConfig {
     pub node_timeout_ms: u64,
     pub served_model_name: Option<String>,
     pub shutdown_seconds: u64,
+    pub max_migrations: u32,
 }
 
 impl Default for CoordinatorConfig {
@@ -76,6 +78,7 @@ impl Default for CoordinatorConfig {
             node_timeout_ms: 5000,
             served_model_name: None,
             shutdown_seconds: 30,
+            max_migrations: 3,
         }
     }
 }

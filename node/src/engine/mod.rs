@@ -378,9 +378,16 @@ impl<B: Backend> Engine<B> {
                 capacity: self.n_blocks,
             });
         }
+        let resumed = req.params.resumed.min(req.prompt.len().saturating_sub(1));
+        let (prompt, output) = req.prompt.split_at(req.prompt.len() - resumed);
         let mut sampler = Sampler::new(req.params.sampling.clone())?;
-        sampler.observe_prompt(&req.prompt);
-        let text = TextStream::new(&req.prompt, req.params.stop.clone());
+        sampler.observe_prompt(prompt);
+        sampler.resume(output);
+        let mut text = TextStream::new(prompt, req.params.stop.clone());
+        for &t in output {
+            // What these tokens released was streamed by the node they come from.
+            text.push(&self.tokenizer, t)?;
+        }
         let id = self.next_id;
         self.next_id += 1;
         self.seqs.insert(

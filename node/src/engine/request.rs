@@ -44,6 +44,11 @@ pub struct GenParams {
     /// is still reported). Scores a given continuation, e.g. to measure perplexity through the
     /// engine with early exit; sampling resumes after the last forced token.
     pub forced: Option<Vec<u32>>,
+    /// The last `resumed` prompt tokens are output already produced (and streamed) by another
+    /// node: penalties count them as output, the random stream skips their draws, and stop
+    /// strings / held-back text continue across them, so the request goes on exactly as if
+    /// it had never moved. `max_tokens` counts only new tokens.
+    pub resumed: usize,
 }
 
 impl Default for GenParams {
@@ -57,6 +62,7 @@ impl Default for GenParams {
             top_logprobs: 0,
             exit: ExitControl::default(),
             forced: None,
+            resumed: 0,
         }
     }
 }

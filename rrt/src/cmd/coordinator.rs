@@ -49,6 +49,7 @@ pub fn settings(c: &crate::config::CoordinatorConfig) -> rrt_coordinator::Coordi
     rrt_coordinator::CoordinatorConfig {
         served_model_name: c.served_model_name.clone(),
         node_timeout: Duration::from_millis(c.node_timeout_ms),
+        max_migrations: c.max_migrations,
     }
 }
 
