@@ -373,7 +373,10 @@ impl Coordinator {
 
     /// Routes `run` (by its prompt plus generated tokens) and opens its stream, trying another
     /// node when one refuses the connection.
-    async fn open_run(&self, run: &pb::RunRequest) -> Result<(String, NodeClient, tonic::Streaming<pb::RunEvent>), CoordError> {
+    async fn open_run(
+        &self,
+        run: &pb::RunRequest,
+    ) -> Result<(String, NodeClient, tonic::Streaming<pb::RunEvent>), CoordError> {
         let mut last = CoordError::Unavailable(String::new());
         let mut tokens = run.prompt.clone();
         tokens.extend_from_slice(&run.generated);

@@ -5,6 +5,10 @@
 //! get the right error; and clients that are not ours (Python `grpcio` with stubs generated
 //! from our .proto files, the official `openai` package) get the same answers.
 //!
+//! Node loss: `kill -9` or SIGSTOP of the busiest of three nodes mid-stream loses no request
+//! and changes no token (the coordinator resumes each request elsewhere from its prompt and
+//! streamed tokens).
+//!
 //! Needs the `rrt` binary of the same profile (`cargo test --workspace` builds it) and, for
 //! the Python part, `.venv-test` from `scripts/setup-test-python.sh` (or `RRT_TEST_PYTHON`);
 //! `RRT_SKIP_PYTHON_CLIENTS=1` skips only that part, loudly.
@@ -224,6 +228,7 @@ async fn wait_cancelled(nodes: &[String], cancelled: u64, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_of_processes_matches_rrt_generate() {
+    let _serial = SERIAL.lock().await;
     let refs: Vec<(Vec<u32>, String)> = PROMPTS.iter().map(reference).collect();
     for (p, (ids, text)) in PROMPTS.iter().zip(&refs) {
         assert!(!ids.is_empty() && !text.is_empty(), "{p:?}");
@@ -532,6 +537,7 @@ fn python_clients(grpc_addr: &str, http: &str, refs: &[(Vec<u32>, String)]) {
 /// listens and an example request; answers like `rrt generate`; exits 0 on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rrt_serve_is_one_process_cluster() {
+    let _serial = SERIAL.lock().await;
     let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let gguf = std::env::var_os("RRT_MODEL_CACHE")
         .map(|d| PathBuf::from(d).join("SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -588,5 +594,147 @@ async fn rrt_serve_is_one_process_cluster() {
             "rrt serve still runs 20 s after SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Tests in this file start several processes each; on small machines they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Starts `n` nodes and a coordinator in front of them: (processes, node addresses, gRPC URL).
+fn cluster(n: usize, kv_mib: &str) -> (Vec<Proc>, Vec<String>, String, String) {
+    let mut procs = Vec::new();
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        let (p, l) = spawn(&["node", "--listen", "127.0.0.1:0", "--kv-mib", kv_mib]);
+        nodes.push(word_after(&l, " listening on ").to_string());
+        procs.push(p);
+    }
+    let (c, lc) = spawn(&[
+        "coordinator",
+        "--nodes",
+        &nodes.join(","),
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    procs.push(c);
+    let grpc = format!("http://{}", word_after(&lc, "gRPC on "));
+    let http = word_after(&lc, "OpenAI HTTP on ").to_string();
+    (procs, nodes, grpc, http)
+}
+
+const FAILOVER_PROMPTS: [&str; 6] = [
+    "The quick brown fox",
+    "To be, or not to be",
+    "Once upon a time",
+    "The capital of France is",
+    "In the beginning",
+    "My favourite food is",
+];
+
+/// Runs 30 concurrent greedy streams of 32 tokens; once every stream has 4 tokens, sends
+/// `disturb = (signal, node addresses, node pids)` to the busiest node. Returns each stream's
+/// tokens and its longest wait between two messages, and the node signalled.
+async fn thirty_streams(grpc: &str, disturb: Option<(&str, &[String], &[u32])>) -> (Vec<(Vec<u32>, Duration)>, usize) {
+    let client = api::generation_client::GenerationClient::connect(grpc.to_string())
+        .await
+        .unwrap();
+    let started = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let mut c = client.clone();
+        let started = started.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut req = grpc_request(&Prompt::Raw(FAILOVER_PROMPTS[i % 6]), 32, true);
+            req.request_id = format!("s{i}");
+            let mut s = c.generate_stream(req).await.unwrap().into_inner();
+            let (mut ids, mut gap, mut last) = (Vec::new(), Duration::ZERO, Instant::now());
+            let mut done = false;
+            while let Some(m) = s.message().await.unwrap_or_else(|e| panic!("stream {i}: {e}")) {
+                gap = gap.max(last.elapsed());
+                last = Instant::now();
+                if let Some(id) = m.token_id {
+                    ids.push(id);
+                    if ids.len() == 4 {
+                        started.add_permits(1);
+                    }
+                }
+                if m.finish_reason != 0 {
+                    assert_eq!(m.finish_reason, api::FinishReason::Length as i32, "stream {i}");
+                    assert_eq!(m.usage.unwrap().completion_tokens, 32, "stream {i}");
+                    done = true;
+                }
+            }
+            assert!(done, "stream {i} ended without its final message");
+            (ids, gap)
+        }));
+    }
+    let _ = started.acquire_many(30).await.unwrap();
+    let mut victim = usize::MAX;
+    if let Some((sig, nodes, pids)) = disturb {
+        victim = busiest(nodes).await;
+        let st = Command::new("kill")
+            .args([sig, &pids[victim].to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    (out, victim)
+}
+
+/// The node with the most running requests.
+async fn busiest(nodes: &[String]) -> usize {
+    let l = loads(nodes).await;
+    (0..nodes.len()).max_by_key(|&i| l[i].running_requests).unwrap()
+}
+
+fn signal(p: &Proc, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &p.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// `kill -9` of the busiest of three nodes mid-stream: all 30 streams complete, each equal to
+/// its undisturbed output; then the same with SIGSTOP (a frozen node whose connection stays
+/// open): found by HTTP/2 keepalive, its requests move, none waits 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_loss_mid_stream_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    for how in ["-KILL", "-STOP"] {
+        let (procs, nodes, grpc, http) = cluster(3, "128");
+        let (undisturbed, _) = thirty_streams(&grpc, None).await;
+        let l = loads(&nodes).await;
+        assert!(l.iter().all(|r| r.requests_total > 0), "all three nodes serve: {l:?}");
+        let pids: Vec<u32> = procs[..3].iter().map(|p| p.0.id()).collect();
+        let (disturbed, victim) = thirty_streams(&grpc, Some((how, &nodes, &pids))).await;
+        for (i, ((want, _), (got, gap))) in undisturbed.iter().zip(&disturbed).enumerate() {
+            assert_eq!(got, want, "{how}: stream {i} differs from its undisturbed output");
+            assert!(*gap < Duration::from_secs(10), "{how}: stream {i} waited {gap:?}");
+        }
+        let m = reqwest::get(format!("{http}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let migrations: f64 = m
+            .lines()
+            .find(|l| l.starts_with("rrt_migrations_total "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(migrations >= 1.0, "{how}: no request moved?\n{m}");
+        if how == "-STOP" {
+            signal(&procs[victim], "-CONT");
+        }
+        drop(procs);
     }
 }
