@@ -58,6 +58,9 @@ pub struct CoordinatorConfig {
     pub node_timeout: Duration,
     /// Most times one request moves to another node after its node failed.
     pub max_migrations: u32,
+    /// Admission limit: requests in flight (running or queued on nodes) at once; more are
+    /// refused at once with RESOURCE_EXHAUSTED / 429.
+    pub max_in_flight: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -66,6 +69,7 @@ impl Default for CoordinatorConfig {
             served_model_name: None,
             node_timeout: Duration::from_secs(5),
             max_migrations: 3,
+            max_in_flight: 256,
         }
     }
 }
@@ -76,6 +80,8 @@ pub struct Coordinator {
     requests: DashMap<String, Tracked>,
     info: tokio::sync::RwLock<Option<ModelInfo>>,
     cfg: CoordinatorConfig,
+    /// One permit per admitted request, held by its pump until the request is over.
+    admission: Arc<tokio::sync::Semaphore>,
     next_id: AtomicU64,
     id_prefix: String,
 }
@@ -118,6 +124,7 @@ impl Coordinator {
             metrics: Metrics::default(),
             requests: DashMap::new(),
             info: tokio::sync::RwLock::new(None),
+            admission: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight.max(1))),
             cfg,
             next_id: AtomicU64::new(0),
             id_prefix: format!("{:08x}", (t ^ (t >> 29)) as u32),
@@ -288,6 +295,32 @@ impl Coordinator {
 
     async fn start(self: &Arc<Self>, req: &mut GenRequest, arrived: Instant) -> Result<Generation, CoordError> {
         req.validate()?;
+        let permit = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| CoordError::Overloaded {
+                limit: self.cfg.max_in_flight,
+            })?;
+        let deadline = req.deadline;
+        let before_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = self.admit(req, arrived, permit) => r,
+            _ = before_deadline => Err(CoordError::DeadlineExceeded(arrived.elapsed())),
+        }
+    }
+
+    async fn admit(
+        self: &Arc<Self>,
+        req: &mut GenRequest,
+        arrived: Instant,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Generation, CoordError> {
         if req.id.is_empty() {
             req.id = self.new_id();
         } else if self.requests.contains_key(&req.id) {
@@ -361,8 +394,11 @@ impl Coordinator {
         self.metrics.running.inc();
         let (tx, rx) = mpsc::channel(64);
         let me = self.clone();
-        let (id, n) = (req.id.clone(), node.clone());
-        tokio::spawn(async move { me.pump(id, run, n, client, stream, tx, arrived).await });
+        let (id, n, deadline) = (req.id.clone(), node.clone(), req.deadline);
+        tokio::spawn(async move {
+            me.pump(id, run, n, client, stream, tx, arrived, deadline).await;
+            drop(permit);
+        });
         Ok(Generation {
             id: req.id.clone(),
             node,
@@ -419,13 +455,26 @@ impl Coordinator {
         mut stream: tonic::Streaming<pb::RunEvent>,
         tx: mpsc::Sender<Result<GenEvent, CoordError>>,
         arrived: Instant,
+        deadline: Option<Instant>,
     ) {
         let mut last_token: Option<Instant> = None;
+        let deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
         let (mut loops, mut tokens) = (0u64, 0u64);
         let mut migrations = 0u32;
         let outcome: String = loop {
             let msg = tokio::select! {
                 _ = tx.closed() => break "cancelled".into(),
+                _ = &mut deadline => {
+                    let e = CoordError::DeadlineExceeded(arrived.elapsed());
+                    let _ = tokio::time::timeout(Duration::from_millis(100), tx.send(Err(e))).await;
+                    break "deadline".into();
+                }
                 m = stream.message() => m,
             };
             let failure = match msg {
@@ -544,7 +593,7 @@ impl Coordinator {
         // Dropping the node stream resets it (the node cancels when it next sends); the
         // explicit Cancel frees the request's rows and KV at once.
         drop(stream);
-        if outcome == "cancelled" {
+        if outcome == "cancelled" || outcome == "deadline" {
             let req = pb::CancelRequest { request_id: id.clone() };
             let _ = tokio::time::timeout(self.cfg.node_timeout, client.cancel(req)).await;
         }

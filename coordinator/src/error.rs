@@ -16,6 +16,12 @@ pub enum CoordError {
     /// A node answered with an error status.
     #[error("node {node}: {}", status.message())]
     Node { node: String, status: Status },
+    /// The admission limit (requests in flight) is reached; retry later.
+    #[error("the cluster is at its limit of {limit} requests in flight; retry in a moment")]
+    Overloaded { limit: usize },
+    /// The request's deadline passed.
+    #[error("the request's deadline passed after {0:?}")]
+    DeadlineExceeded(std::time::Duration),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -39,6 +45,8 @@ impl CoordError {
                 c @ (Code::InvalidArgument | Code::ResourceExhausted | Code::Cancelled) => c,
                 _ => Code::Unavailable,
             },
+            Self::Overloaded { .. } => Code::ResourceExhausted,
+            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -51,6 +59,7 @@ impl CoordError {
             Code::ResourceExhausted => 429,
             Code::Unavailable => 503,
             Code::Cancelled => 499,
+            Code::DeadlineExceeded => 504,
             _ => 500,
         }
     }
@@ -60,6 +69,7 @@ impl CoordError {
         match self.code() {
             Code::InvalidArgument | Code::NotFound => "invalid_request_error",
             Code::ResourceExhausted => "rate_limit_error",
+            Code::DeadlineExceeded => "timeout_error",
             _ => "server_error",
         }
     }
@@ -91,6 +101,11 @@ impl CoordError {
 
 impl From<CoordError> for Status {
     fn from(e: CoordError) -> Self {
-        Status::new(e.code(), e.client_message())
+        let mut s = Status::new(e.code(), e.client_message());
+        if matches!(e, CoordError::Overloaded { .. }) {
+            // A retry hint, as HTTP's Retry-After.
+            s.metadata_mut().insert("retry-after", tonic::metadata::MetadataValue::from_static("1"));
+        }
+        s
     }
 }

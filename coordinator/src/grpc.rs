@@ -22,6 +22,36 @@ impl GenerationService {
     }
 }
 
+/// The `grpc-timeout` header (`<digits><H|M|S|m|u|n>`) as a duration.
+pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Result<Option<std::time::Duration>, CoordError> {
+    let Some(v) = meta.get("grpc-timeout") else { return Ok(None) };
+    let bad = || CoordError::invalid("grpc-timeout", format!("{v:?} is not <digits><H|M|S|m|u|n>"));
+    let s = v.to_str().map_err(|_| bad())?;
+    if s.len() < 2 || s.len() > 9 {
+        return Err(bad());
+    }
+    let (n, unit) = s.split_at(s.len() - 1);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    use std::time::Duration as D;
+    Ok(Some(match unit {
+        "H" => D::from_secs(n * 3600),
+        "M" => D::from_secs(n * 60),
+        "S" => D::from_secs(n),
+        "m" => D::from_millis(n),
+        "u" => D::from_micros(n),
+        "n" => D::from_nanos(n),
+        _ => return Err(bad()),
+    }))
+}
+
+/// The call as the coordinator's request: the message plus its deadline.
+fn from_call(req: Request<api::GenerateRequest>) -> Result<GenRequest, CoordError> {
+    let timeout = grpc_timeout(req.metadata())?;
+    let mut g = to_gen_request(req.into_inner())?;
+    g.deadline = timeout.map(|t| std::time::Instant::now() + t);
+    Ok(g)
+}
+
 /// The wire request as the coordinator's own.
 pub fn to_gen_request(r: api::GenerateRequest) -> Result<GenRequest, CoordError> {
     let input = match r.input {
@@ -119,7 +149,7 @@ impl api::generation_server::Generation for GenerationService {
     type GenerateStreamStream = GenStream;
 
     async fn generate(&self, req: Request<api::GenerateRequest>) -> Result<Response<api::GenerateResponse>, Status> {
-        let g = to_gen_request(req.into_inner())?;
+        let g = from_call(req)?;
         let mut gen_ = self.coord.generate(g).await?;
         let mut out = api::GenerateResponse {
             request_id: gen_.id.clone(),
@@ -149,7 +179,7 @@ impl api::generation_server::Generation for GenerationService {
     }
 
     async fn generate_stream(&self, req: Request<api::GenerateRequest>) -> Result<Response<GenStream>, Status> {
-        let g = to_gen_request(req.into_inner())?;
+        let g = from_call(req)?;
         let mut gen_ = self.coord.generate(g).await?;
         let id = gen_.id.clone();
         // The stream owns the generation: when tonic drops it (client gone), the request is

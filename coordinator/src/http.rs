@@ -63,7 +63,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let s = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        self.with_status(s)
+        let overloaded = matches!(self.0, CoordError::Overloaded { .. });
+        let mut r = self.with_status(s);
+        if overloaded {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        r
     }
 }
 
@@ -130,6 +136,8 @@ struct Common {
     full_depth: bool,
     exit_threshold: Option<f32>,
     max_loops: Option<u32>,
+    /// Seconds the whole request may take (504 past it).
+    timeout: Option<f64>,
 }
 
 impl Common {
@@ -158,6 +166,12 @@ impl Common {
         g.full_depth = self.full_depth;
         g.exit_threshold = self.exit_threshold;
         g.max_loops = self.max_loops;
+        if let Some(t) = self.timeout {
+            if !(t.is_finite() && t > 0.0 && t <= 86_400.0) {
+                return Err(CoordError::invalid("timeout", format!("{t} is not in (0, 86400] seconds")));
+            }
+            g.deadline = Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(t));
+        }
         Ok(())
     }
 }

@@ -43,6 +43,9 @@ pub struct GenRequest {
     pub full_depth: bool,
     pub exit_threshold: Option<f32>,
     pub max_loops: Option<u32>,
+    /// When the request must be over (gRPC `grpc-timeout`, HTTP `timeout`): past it the
+    /// client gets DEADLINE_EXCEEDED / 504 and the node frees the request.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl GenRequest {
@@ -67,6 +70,7 @@ impl GenRequest {
             full_depth: false,
             exit_threshold: None,
             max_loops: None,
+            deadline: None,
         }
     }
 

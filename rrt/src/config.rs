@@ -26,6 +26,7 @@
 //! | `coordinator.served_model_name` | none | extra model name clients may send |
 //! | `coordinator.shutdown_seconds` | 30 | time open streams get after SIGTERM |
 //! | `coordinator.max_migrations` | 3 | times a request may move after its node fails |
+//! | `coordinator.max_in_flight` | 256 | admission limit: requests running or queued at once (429 past it) |
 //! | `serve.nodes` | 1 | in-process nodes of `rrt serve` |
 //! | `serve.loops` | 2 | B of the default model's conversion (first run, cached) |
 //! | `serve.init` | `average` | `stepwise`, `average` or `lower` |
@@ -65,6 +66,7 @@ pub struct CoordinatorConfig {
     pub served_model_name: Option<String>,
     pub shutdown_seconds: u64,
     pub max_migrations: u32,
+    pub max_in_flight: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -79,6 +81,7 @@ impl Default for CoordinatorConfig {
             served_model_name: None,
             shutdown_seconds: 30,
             max_migrations: 3,
+            max_in_flight: 256,
         }
     }
 }
@@ -194,6 +197,7 @@ pub fn extract(f: &Figment) -> Result<Config> {
     for (key, v) in [
         ("coordinator.poll_ms", co.poll_ms),
         ("coordinator.node_timeout_ms", co.node_timeout_ms),
+        ("coordinator.max_in_flight", co.max_in_flight as u64),
     ] {
         if v == 0 {
             bail!("configuration: `{key}` must be at least 1");

@@ -601,7 +601,7 @@ async fn rrt_serve_is_one_process_cluster() {
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Starts `n` nodes and a coordinator in front of them: (processes, node addresses, gRPC URL).
-fn cluster(n: usize, kv_mib: &str) -> (Vec<Proc>, Vec<String>, String, String) {
+fn cluster(n: usize, kv_mib: &str, extra: &[&str]) -> (Vec<Proc>, Vec<String>, String, String) {
     let mut procs = Vec::new();
     let mut nodes = Vec::new();
     for _ in 0..n {
@@ -609,15 +609,18 @@ fn cluster(n: usize, kv_mib: &str) -> (Vec<Proc>, Vec<String>, String, String) {
         nodes.push(word_after(&l, " listening on ").to_string());
         procs.push(p);
     }
-    let (c, lc) = spawn(&[
+    let joined = nodes.join(",");
+    let mut args = vec![
         "coordinator",
         "--nodes",
-        &nodes.join(","),
+        &joined,
         "--grpc-listen",
         "127.0.0.1:0",
         "--http-listen",
         "127.0.0.1:0",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (c, lc) = spawn(&args);
     procs.push(c);
     let grpc = format!("http://{}", word_after(&lc, "gRPC on "));
     let http = word_after(&lc, "OpenAI HTTP on ").to_string();
@@ -708,7 +711,7 @@ fn signal(p: &Proc, sig: &str) {
 async fn node_loss_mid_stream_loses_nothing() {
     let _serial = SERIAL.lock().await;
     for how in ["-KILL", "-STOP"] {
-        let (procs, nodes, grpc, http) = cluster(3, "128");
+        let (procs, nodes, grpc, http) = cluster(3, "128", &[]);
         let (undisturbed, _) = thirty_streams(&grpc, None).await;
         let l = loads(&nodes).await;
         assert!(l.iter().all(|r| r.requests_total > 0), "all three nodes serve: {l:?}");
@@ -737,4 +740,107 @@ async fn node_loss_mid_stream_loses_nothing() {
         }
         drop(procs);
     }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Backpressure and deadlines: a burst of 10x the admission limit gets the excess refused at
+/// once (429 with Retry-After) while every admitted request completes, the coordinator's
+/// memory returns to its baseline; a gRPC deadline and an HTTP `timeout` end long requests
+/// with DEADLINE_EXCEEDED / 504 and free them on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_fast_and_deadlines_end_requests() {
+    let _serial = SERIAL.lock().await;
+    let (procs, nodes, grpc, http) = cluster(1, "128", &["--max-in-flight", "4"]);
+    let coord_pid = procs.last().unwrap().0.id();
+    let c = reqwest::Client::new();
+    let body = json!({"prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0});
+    let want: Value = c.post(format!("{http}/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+    let want = want["choices"][0]["text"].as_str().unwrap().to_string();
+    for _ in 0..3 {
+        c.post(format!("{http}/v1/completions")).json(&body).send().await.unwrap();
+    }
+    let baseline = rss_kib(coord_pid);
+    for round in 0..3 {
+        let mut tasks = Vec::new();
+        for _ in 0..40 {
+            let (c, url, body) = (c.clone(), format!("{http}/v1/completions"), body.clone());
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let r = c.post(url).json(&body).send().await.unwrap();
+                let status = r.status().as_u16();
+                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                let v: Value = r.json().await.unwrap();
+                (status, t.elapsed(), retry, v)
+            }));
+        }
+        let (mut ok, mut refused) = (0, 0);
+        for t in tasks {
+            let (status, took, retry, v) = t.await.unwrap();
+            match status {
+                200 => {
+                    ok += 1;
+                    assert_eq!(v["choices"][0]["text"], want.as_str());
+                }
+                429 => {
+                    refused += 1;
+                    assert!(took < Duration::from_millis(500), "a refusal took {took:?}");
+                    assert_eq!(retry.as_deref(), Some("1"));
+                    assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+                }
+                s => panic!("status {s}: {v}"),
+            }
+        }
+        assert!(ok >= 4 && refused >= 20, "round {round}: {ok} admitted, {refused} refused");
+    }
+    let m = c.get(format!("{http}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(m.contains("rrt_requests_running 0"), "{m}");
+    let after = rss_kib(coord_pid);
+    assert!(
+        after <= baseline + 8 * 1024,
+        "coordinator memory grew from {baseline} KiB to {after} KiB over three bursts"
+    );
+
+    // gRPC deadline on a stream that would run for minutes.
+    let mut client = api::generation_client::GenerationClient::connect(grpc.clone()).await.unwrap();
+    let mut req = tonic::Request::new(grpc_request(&PROMPTS[0], 2000, true));
+    req.set_timeout(Duration::from_millis(1500));
+    let t = Instant::now();
+    let mut s = client.generate_stream(req).await.unwrap().into_inner();
+    let err = loop {
+        match s.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without the deadline error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(4), "deadline error after {:?}", t.elapsed());
+    wait_cancelled(&nodes, 1, "gRPC deadline").await;
+    // HTTP `timeout`: 504 without streaming.
+    let r = c
+        .post(format!("{http}/v1/completions"))
+        .json(&json!({"prompt": "Once", "max_tokens": 2000, "ignore_eos": true, "timeout": 1.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "timeout_error", "{v}");
+    wait_cancelled(&nodes, 2, "HTTP deadline").await;
+    let r = c
+        .post(format!("{http}/v1/completions"))
+        .json(&json!({"prompt": "Once", "timeout": -1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
 }

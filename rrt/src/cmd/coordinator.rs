@@ -30,6 +30,9 @@ pub struct Args {
     /// Extra model name clients may use (`coordinator.served_model_name`).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Admission limit: requests in flight at once (`coordinator.max_in_flight`).
+    #[arg(long)]
+    pub max_in_flight: Option<usize>,
 }
 
 impl Args {
@@ -40,7 +43,8 @@ impl Args {
         let f = flag(f, "coordinator.http_listen", &self.http_listen);
         let f = flag(f, "coordinator.nodes", &self.nodes);
         let f = flag(f, "coordinator.dns", &self.dns);
-        flag(f, "coordinator.served_model_name", &self.served_model_name)
+        let f = flag(f, "coordinator.served_model_name", &self.served_model_name);
+        flag(f, "coordinator.max_in_flight", &self.max_in_flight)
     }
 }
 
@@ -50,6 +54,7 @@ pub fn settings(c: &crate::config::CoordinatorConfig) -> rrt_coordinator::Coordi
         served_model_name: c.served_model_name.clone(),
         node_timeout: Duration::from_millis(c.node_timeout_ms),
         max_migrations: c.max_migrations,
+        max_in_flight: c.max_in_flight,
     }
 }
 
