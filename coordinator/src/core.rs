@@ -334,6 +334,17 @@ impl Coordinator {
             return Err(CoordError::invalid("prompt", "tokenizes to no tokens"));
         }
         let info = self.model_info().await?;
+        if let Some((i, &t)) = req
+            .stop_token_ids
+            .iter()
+            .enumerate()
+            .find(|(_, t)| info.vocab_size > 0 && **t >= info.vocab_size)
+        {
+            return Err(CoordError::invalid(
+                format!("stop_token_ids[{i}]"),
+                format!("{t} is outside the vocabulary of {} tokens", info.vocab_size),
+            ));
+        }
         let ctx = info.context_length as usize;
         if ctx > 0 && prompt.len() >= ctx {
             return Err(CoordError::invalid(

@@ -434,6 +434,14 @@ async fn cluster_of_processes_matches_rrt_generate() {
             400,
             "max_new_tokens",
         ),
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 0}), 400, "max_new_tokens"),
+        ("/v1/completions", json!({"prompt": "x", "stop_token_ids": [5, 999999]}), 400, "stop_token_ids[1]"),
+        ("/v1/completions", json!({"prompt": "x", "stop": vec!["a"; 17]}), 400, "stop"),
+        ("/v1/completions", json!({"prompt": "x", "stop": ["a".repeat(300)]}), 400, "stop[0]"),
+        ("/v1/completions", json!({"prompt": "x", "top_p": 0}), 400, "top_p"),
+        ("/v1/completions", json!({"prompt": "x", "logprobs": 21}), 400, "logprobs"),
+        ("/v1/completions", json!({"prompt": "x", "temperature": "hot"}), 400, "body"),
+        ("/v1/completions", json!({"prompt": "x ".repeat(9000)}), 400, "prompt"),
     ] {
         let r = http_client
             .post(format!("{http}{path}"))
@@ -460,11 +468,22 @@ async fn cluster_of_processes_matches_rrt_generate() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    let mut bad = grpc_request(&PROMPTS[0], MAX_TOKENS, false);
-    bad.top_p = Some(1.5);
-    let e = client.generate(bad).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("top_p"), "{e}");
+    type Edit = Box<dyn Fn(&mut api::GenerateRequest)>;
+    let edits: Vec<(&str, Edit)> = vec![
+        ("top_p", Box::new(|r| r.top_p = Some(1.5))),
+        ("temperature", Box::new(|r| r.temperature = Some(f32::NAN))),
+        ("max_new_tokens", Box::new(|r| r.max_new_tokens = Some(0))),
+        ("prompt", Box::new(|r| r.input = Some(api::generate_request::Input::Prompt(String::new())))),
+        ("input", Box::new(|r| r.input = None)),
+        ("stop_token_ids[0]", Box::new(|r| r.stop_token_ids = vec![49152])),
+    ];
+    for (field, edit) in edits {
+        let mut bad = grpc_request(&PROMPTS[0], MAX_TOKENS, false);
+        edit(&mut bad);
+        let e = client.generate(bad).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{field}: {e}");
+        assert!(e.message().contains(field), "{field}: {e}");
+    }
     for (path, want) in [("/health", 200), ("/ready", 200), ("/v1/models", 200), ("/nope", 404)] {
         let r = http_client.get(format!("{http}{path}")).send().await.unwrap();
         assert_eq!(r.status().as_u16(), want, "{path}");
