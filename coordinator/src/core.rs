@@ -61,6 +61,10 @@ pub struct CoordinatorConfig {
     /// Admission limit: requests in flight (running or queued on nodes) at once; more are
     /// refused at once with RESOURCE_EXHAUSTED / 429.
     pub max_in_flight: usize,
+    /// API keys (`None`: no authentication).
+    pub api_keys: Option<crate::auth::ApiKeys>,
+    /// Largest HTTP body and gRPC message accepted.
+    pub max_body_bytes: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -70,6 +74,8 @@ impl Default for CoordinatorConfig {
             node_timeout: Duration::from_secs(5),
             max_migrations: 3,
             max_in_flight: 256,
+            api_keys: None,
+            max_body_bytes: 4 << 20,
         }
     }
 }
@@ -133,6 +139,10 @@ impl Coordinator {
 
     fn new_id(&self) -> String {
         format!("{}-{}", self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.cfg
     }
 
     /// Requests in flight.

@@ -22,6 +22,9 @@ pub enum CoordError {
     /// The request's deadline passed.
     #[error("the request's deadline passed after {0:?}")]
     DeadlineExceeded(std::time::Duration),
+    /// No valid API key.
+    #[error("a valid API key is required: `Authorization: Bearer KEY`")]
+    Unauthenticated,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -47,6 +50,7 @@ impl CoordError {
             },
             Self::Overloaded { .. } => Code::ResourceExhausted,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::Unauthenticated => Code::Unauthenticated,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -60,6 +64,7 @@ impl CoordError {
             Code::Unavailable => 503,
             Code::Cancelled => 499,
             Code::DeadlineExceeded => 504,
+            Code::Unauthenticated => 401,
             _ => 500,
         }
     }
@@ -67,7 +72,7 @@ impl CoordError {
     /// The OpenAI error `type`.
     pub fn openai_type(&self) -> &'static str {
         match self.code() {
-            Code::InvalidArgument | Code::NotFound => "invalid_request_error",
+            Code::InvalidArgument | Code::NotFound | Code::Unauthenticated => "invalid_request_error",
             Code::ResourceExhausted => "rate_limit_error",
             Code::DeadlineExceeded => "timeout_error",
             _ => "server_error",
@@ -104,7 +109,8 @@ impl From<CoordError> for Status {
         let mut s = Status::new(e.code(), e.client_message());
         if matches!(e, CoordError::Overloaded { .. }) {
             // A retry hint, as HTTP's Retry-After.
-            s.metadata_mut().insert("retry-after", tonic::metadata::MetadataValue::from_static("1"));
+            s.metadata_mut()
+                .insert("retry-after", tonic::metadata::MetadataValue::from_static("1"));
         }
         s
     }

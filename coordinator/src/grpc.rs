@@ -24,7 +24,9 @@ impl GenerationService {
 
 /// The `grpc-timeout` header (`<digits><H|M|S|m|u|n>`) as a duration.
 pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Result<Option<std::time::Duration>, CoordError> {
-    let Some(v) = meta.get("grpc-timeout") else { return Ok(None) };
+    let Some(v) = meta.get("grpc-timeout") else {
+        return Ok(None);
+    };
     let bad = || CoordError::invalid("grpc-timeout", format!("{v:?} is not <digits><H|M|S|m|u|n>"));
     let s = v.to_str().map_err(|_| bad())?;
     if s.len() < 2 || s.len() > 9 {

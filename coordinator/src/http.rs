@@ -25,18 +25,39 @@ use std::sync::Arc;
 
 /// The router over a coordinator.
 pub fn router(coord: Arc<Coordinator>) -> Router {
-    Router::new()
+    let protected = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError(CoordError::invalid("path", "no such endpoint")).with_status(StatusCode::NOT_FOUND)
         })
-        .layer(axum::extract::DefaultBodyLimit::max(4 << 20))
+        .layer(axum::middleware::from_fn_with_state(coord.clone(), require_key));
+    Router::new()
+        // Liveness needs no key.
+        .route("/health", get(|| async { "ok" }))
+        .merge(protected)
+        .layer(axum::extract::DefaultBodyLimit::max(coord.config().max_body_bytes))
         .with_state(coord)
+}
+
+/// Refuses requests without a valid API key (when keys are configured).
+async fn require_key(
+    State(coord): State<Arc<Coordinator>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(keys) = &coord.config().api_keys {
+        let h = req.headers();
+        let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+        let x = h.get("x-api-key").and_then(|v| v.to_str().ok());
+        if !keys.check(auth, x) {
+            return ApiError(CoordError::Unauthenticated).into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// An error as OpenAI shapes it.
@@ -50,6 +71,7 @@ impl ApiError {
             "param": self.0.param(),
             "code": match &self.0 {
                 CoordError::ModelNotFound { .. } => Value::from("model_not_found"),
+                CoordError::Unauthenticated => Value::from("invalid_api_key"),
                 _ => Value::Null,
             },
         }})
@@ -66,8 +88,10 @@ impl IntoResponse for ApiError {
         let overloaded = matches!(self.0, CoordError::Overloaded { .. });
         let mut r = self.with_status(s);
         if overloaded {
-            r.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
         }
         r
     }
@@ -168,7 +192,10 @@ impl Common {
         g.max_loops = self.max_loops;
         if let Some(t) = self.timeout {
             if !(t.is_finite() && t > 0.0 && t <= 86_400.0) {
-                return Err(CoordError::invalid("timeout", format!("{t} is not in (0, 86400] seconds")));
+                return Err(CoordError::invalid(
+                    "timeout",
+                    format!("{t} is not in (0, 86400] seconds"),
+                ));
             }
             g.deadline = Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(t));
         }

@@ -3,6 +3,7 @@
 //! node, routing, the per-request token table, cancellation), the node registry
 //! ([`registry`]) and routing ([`routing`]). [`server`] runs it all.
 
+pub mod auth;
 pub mod core;
 pub mod error;
 pub mod grpc;

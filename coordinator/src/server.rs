@@ -81,10 +81,23 @@ pub async fn serve(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let max = coord.config().max_body_bytes;
+    let generation = GenerationServer::new(GenerationService::new(coord.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    // Every service but health (liveness) needs a key when keys are configured.
+    let auth = coord.config().api_keys.clone();
+    let check = move |req: tonic::Request<()>| match &auth {
+        Some(k) => k.interceptor()(req),
+        None => Ok(req),
+    };
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(reflection)
-        .add_service(GenerationServer::new(GenerationService::new(coord.clone())))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection,
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(generation, check))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             wait(stop_rx.clone()),

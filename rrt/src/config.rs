@@ -27,6 +27,9 @@
 //! | `coordinator.shutdown_seconds` | 30 | time open streams get after SIGTERM |
 //! | `coordinator.max_migrations` | 3 | times a request may move after its node fails |
 //! | `coordinator.max_in_flight` | 256 | admission limit: requests running or queued at once (429 past it) |
+//! | `coordinator.api_keys` | `[]` | API keys (e.g. `RRT_COORDINATOR__API_KEYS='[k1,k2]'`); none: no authentication |
+//! | `coordinator.api_keys_file` | none | file of API keys, one per line (`#` comments), added to `api_keys` |
+//! | `coordinator.max_body_bytes` | 4194304 | largest HTTP body / gRPC message accepted |
 //! | `serve.nodes` | 1 | in-process nodes of `rrt serve` |
 //! | `serve.loops` | 2 | B of the default model's conversion (first run, cached) |
 //! | `serve.init` | `average` | `stepwise`, `average` or `lower` |
@@ -67,6 +70,9 @@ pub struct CoordinatorConfig {
     pub shutdown_seconds: u64,
     pub max_migrations: u32,
     pub max_in_flight: usize,
+    pub api_keys: Vec<String>,
+    pub api_keys_file: Option<PathBuf>,
+    pub max_body_bytes: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -82,6 +88,9 @@ impl Default for CoordinatorConfig {
             shutdown_seconds: 30,
             max_migrations: 3,
             max_in_flight: 256,
+            api_keys: Vec::new(),
+            api_keys_file: None,
+            max_body_bytes: 4 << 20,
         }
     }
 }
@@ -179,6 +188,17 @@ pub fn figment(file: Option<&Path>) -> Figment {
         )
 }
 
+impl Config {
+    /// The configuration with secrets replaced, for printing.
+    pub fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        for k in &mut c.coordinator.api_keys {
+            *k = "<redacted>".into();
+        }
+        c
+    }
+}
+
 /// Extracts and validates.
 pub fn extract(f: &Figment) -> Result<Config> {
     let c: Config = f.extract().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
@@ -198,6 +218,7 @@ pub fn extract(f: &Figment) -> Result<Config> {
         ("coordinator.poll_ms", co.poll_ms),
         ("coordinator.node_timeout_ms", co.node_timeout_ms),
         ("coordinator.max_in_flight", co.max_in_flight as u64),
+        ("coordinator.max_body_bytes", co.max_body_bytes as u64),
     ] {
         if v == 0 {
             bail!("configuration: `{key}` must be at least 1");
@@ -216,6 +237,14 @@ pub fn extract(f: &Figment) -> Result<Config> {
             };
             bail!("configuration: `{key}`: `{a}` is not host:port");
         }
+    }
+    if let Some(p) = &co.api_keys_file
+        && !p.is_file()
+    {
+        bail!(
+            "configuration: `coordinator.api_keys_file`: {} is not a file",
+            p.display()
+        );
     }
     let sv = &c.serve;
     if sv.nodes == 0 || sv.nodes > 64 {

@@ -61,7 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(a) => cmd::coordinator::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Config(a) => config::extract(&a.figment()).and_then(|c| {
-            print!("{}", toml::to_string_pretty(&c)?);
+            print!("{}", toml::to_string_pretty(&c.redacted())?);
             Ok(())
         }),
         Command::Bench(a) => cmd::bench::run(a),

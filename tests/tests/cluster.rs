@@ -434,13 +434,43 @@ async fn cluster_of_processes_matches_rrt_generate() {
             400,
             "max_new_tokens",
         ),
-        ("/v1/completions", json!({"prompt": "x", "max_tokens": 0}), 400, "max_new_tokens"),
-        ("/v1/completions", json!({"prompt": "x", "stop_token_ids": [5, 999999]}), 400, "stop_token_ids[1]"),
-        ("/v1/completions", json!({"prompt": "x", "stop": vec!["a"; 17]}), 400, "stop"),
-        ("/v1/completions", json!({"prompt": "x", "stop": ["a".repeat(300)]}), 400, "stop[0]"),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 0}),
+            400,
+            "max_new_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "stop_token_ids": [5, 999999]}),
+            400,
+            "stop_token_ids[1]",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "stop": vec!["a"; 17]}),
+            400,
+            "stop",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "stop": ["a".repeat(300)]}),
+            400,
+            "stop[0]",
+        ),
         ("/v1/completions", json!({"prompt": "x", "top_p": 0}), 400, "top_p"),
-        ("/v1/completions", json!({"prompt": "x", "logprobs": 21}), 400, "logprobs"),
-        ("/v1/completions", json!({"prompt": "x", "temperature": "hot"}), 400, "body"),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "logprobs": 21}),
+            400,
+            "logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": "hot"}),
+            400,
+            "body",
+        ),
         ("/v1/completions", json!({"prompt": "x ".repeat(9000)}), 400, "prompt"),
     ] {
         let r = http_client
@@ -473,7 +503,10 @@ async fn cluster_of_processes_matches_rrt_generate() {
         ("top_p", Box::new(|r| r.top_p = Some(1.5))),
         ("temperature", Box::new(|r| r.temperature = Some(f32::NAN))),
         ("max_new_tokens", Box::new(|r| r.max_new_tokens = Some(0))),
-        ("prompt", Box::new(|r| r.input = Some(api::generate_request::Input::Prompt(String::new())))),
+        (
+            "prompt",
+            Box::new(|r| r.input = Some(api::generate_request::Input::Prompt(String::new()))),
+        ),
         ("input", Box::new(|r| r.input = None)),
         ("stop_token_ids[0]", Box::new(|r| r.stop_token_ids = vec![49152])),
     ];
@@ -782,10 +815,22 @@ async fn overload_is_refused_fast_and_deadlines_end_requests() {
     let coord_pid = procs.last().unwrap().0.id();
     let c = reqwest::Client::new();
     let body = json!({"prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0});
-    let want: Value = c.post(format!("{http}/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+    let want: Value = c
+        .post(format!("{http}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let want = want["choices"][0]["text"].as_str().unwrap().to_string();
     for _ in 0..3 {
-        c.post(format!("{http}/v1/completions")).json(&body).send().await.unwrap();
+        c.post(format!("{http}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
     }
     let baseline = rss_kib(coord_pid);
     for round in 0..3 {
@@ -818,9 +863,19 @@ async fn overload_is_refused_fast_and_deadlines_end_requests() {
                 s => panic!("status {s}: {v}"),
             }
         }
-        assert!(ok >= 4 && refused >= 20, "round {round}: {ok} admitted, {refused} refused");
+        assert!(
+            ok >= 4 && refused >= 20,
+            "round {round}: {ok} admitted, {refused} refused"
+        );
     }
-    let m = c.get(format!("{http}/metrics")).send().await.unwrap().text().await.unwrap();
+    let m = c
+        .get(format!("{http}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(m.contains("rrt_requests_running 0"), "{m}");
     let after = rss_kib(coord_pid);
     assert!(
@@ -829,7 +884,9 @@ async fn overload_is_refused_fast_and_deadlines_end_requests() {
     );
 
     // gRPC deadline on a stream that would run for minutes.
-    let mut client = api::generation_client::GenerationClient::connect(grpc.clone()).await.unwrap();
+    let mut client = api::generation_client::GenerationClient::connect(grpc.clone())
+        .await
+        .unwrap();
     let mut req = tonic::Request::new(grpc_request(&PROMPTS[0], 2000, true));
     req.set_timeout(Duration::from_millis(1500));
     let t = Instant::now();
@@ -842,7 +899,11 @@ async fn overload_is_refused_fast_and_deadlines_end_requests() {
         }
     };
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
-    assert!(t.elapsed() < Duration::from_secs(4), "deadline error after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "deadline error after {:?}",
+        t.elapsed()
+    );
     wait_cancelled(&nodes, 1, "gRPC deadline").await;
     // HTTP `timeout`: 504 without streaming.
     let r = c
@@ -862,4 +923,114 @@ async fn overload_is_refused_fast_and_deadlines_end_requests() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
+}
+
+/// API keys from a file: every endpoint but liveness needs one, on HTTP and gRPC; either of
+/// two keys works; a wrong or missing key gets 401 / UNAUTHENTICATED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_cover_every_endpoint_but_liveness() {
+    let _serial = SERIAL.lock().await;
+    let dir = std::env::temp_dir().join(format!("rrt-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.txt");
+    std::fs::write(&keys, "# two keys\nkey-one-4f9a\n\nkey-two-77c1\n").unwrap();
+    let (_procs, _nodes, grpc, http) = cluster(1, "64", &["--api-keys-file", keys.to_str().unwrap()]);
+    let c = reqwest::Client::new();
+    let body = json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0});
+    for (method, path) in [
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/ready"),
+        ("GET", "/metrics"),
+    ] {
+        for key in [
+            None,
+            Some("wrong"),
+            Some("key-one-4f9"),
+            Some("key-one-4f9a"),
+            Some("key-two-77c1"),
+        ] {
+            let mut r = if method == "POST" {
+                let b = if path.contains("chat") {
+                    json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+                } else {
+                    body.clone()
+                };
+                c.post(format!("{http}{path}")).json(&b)
+            } else {
+                c.get(format!("{http}{path}"))
+            };
+            if let Some(k) = key {
+                r = r.bearer_auth(k);
+            }
+            let r = r.send().await.unwrap();
+            let good = matches!(key, Some("key-one-4f9a") | Some("key-two-77c1"));
+            let want = if good { 200 } else { 401 };
+            assert_eq!(r.status().as_u16(), want, "{path} with {key:?}");
+            if !good {
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+            }
+        }
+    }
+    let r = c.get(format!("{http}/health")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "liveness needs no key");
+    let r = c
+        .get(format!("{http}/v1/models"))
+        .header("x-api-key", "key-two-77c1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "x-api-key works too");
+
+    let channel = tonic::transport::Endpoint::from_shared(grpc)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = api::generation_client::GenerationClient::new(channel.clone());
+    let call = |key: Option<&str>| {
+        let mut r = tonic::Request::new(api::ModelInfoRequest {});
+        if let Some(k) = key {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {k}").parse().unwrap());
+        }
+        r
+    };
+    for key in [None, Some("wrong")] {
+        let e = client.model_info(call(key)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{key:?}");
+    }
+    let info = client
+        .model_info(call(Some("key-two-77c1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.nodes, 1);
+    let h = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "rrt.v1.Generation".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    // Reflection is covered too.
+    let mut refl = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let e = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -33,6 +33,9 @@ pub struct Args {
     /// Admission limit: requests in flight at once (`coordinator.max_in_flight`).
     #[arg(long)]
     pub max_in_flight: Option<usize>,
+    /// File of API keys, one per line (`coordinator.api_keys_file`).
+    #[arg(long)]
+    pub api_keys_file: Option<PathBuf>,
 }
 
 impl Args {
@@ -44,18 +47,28 @@ impl Args {
         let f = flag(f, "coordinator.nodes", &self.nodes);
         let f = flag(f, "coordinator.dns", &self.dns);
         let f = flag(f, "coordinator.served_model_name", &self.served_model_name);
-        flag(f, "coordinator.max_in_flight", &self.max_in_flight)
+        let f = flag(f, "coordinator.max_in_flight", &self.max_in_flight);
+        flag(f, "coordinator.api_keys_file", &self.api_keys_file)
     }
 }
 
-/// The coordinator settings of a configuration.
-pub fn settings(c: &crate::config::CoordinatorConfig) -> rrt_coordinator::CoordinatorConfig {
-    rrt_coordinator::CoordinatorConfig {
+/// The coordinator settings of a configuration (reads the API key file).
+pub fn settings(c: &crate::config::CoordinatorConfig) -> Result<rrt_coordinator::CoordinatorConfig> {
+    let mut keys = c.api_keys.clone();
+    if let Some(p) = &c.api_keys_file {
+        keys.extend(
+            rrt_coordinator::auth::ApiKeys::read_file(p)
+                .with_context(|| format!("reading `coordinator.api_keys_file` {}", p.display()))?,
+        );
+    }
+    Ok(rrt_coordinator::CoordinatorConfig {
+        api_keys: rrt_coordinator::auth::ApiKeys::new(keys),
+        max_body_bytes: c.max_body_bytes,
         served_model_name: c.served_model_name.clone(),
         node_timeout: Duration::from_millis(c.node_timeout_ms),
         max_migrations: c.max_migrations,
         max_in_flight: c.max_in_flight,
-    }
+    })
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -83,7 +96,7 @@ pub fn run(a: Args) -> Result<()> {
         let http = tokio::net::TcpListener::bind(c.http_listen)
             .await
             .with_context(|| format!("binding {}", c.http_listen))?;
-        let coord = server::start(&discovery, settings(&c)).await;
+        let coord = server::start(&discovery, settings(&c)?).await;
         say!(
             "rrt coordinator: gRPC on {}, OpenAI HTTP on http://{} ({} of {} nodes healthy)",
             grpc.local_addr()?,

@@ -186,7 +186,7 @@ pub fn run(a: Args) -> Result<()> {
         let http = tokio::net::TcpListener::bind(c.http_listen)
             .await
             .with_context(|| format!("binding {}", c.http_listen))?;
-        let coord = server::start(&discovery, super::coordinator::settings(c)).await;
+        let coord = server::start(&discovery, super::coordinator::settings(c)?).await;
         let http_addr = http.local_addr()?;
         let name = coord.model_info().await.map(|i| i.model).unwrap_or_default();
         say!(
