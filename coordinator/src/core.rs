@@ -47,6 +47,8 @@ pub struct Tracked {
     pub arrived: Instant,
     /// Times the request moved to another node.
     pub migrations: u32,
+    /// Asks the request's pump to move it to another node (its node is draining).
+    pub move_now: Arc<tokio::sync::Notify>,
 }
 
 /// Coordinator settings.
@@ -162,6 +164,29 @@ impl Coordinator {
             .iter()
             .filter(|n| n.healthy && !n.draining)
             .count()
+    }
+
+    /// Asks every request on a draining node to move to a peer (called after each registry
+    /// refresh). Returns how many were asked.
+    pub fn move_off_draining(&self) -> usize {
+        let draining: Vec<String> = self
+            .registry
+            .snapshot()
+            .into_iter()
+            .filter(|n| n.draining)
+            .map(|n| n.id)
+            .collect();
+        if draining.is_empty() {
+            return 0;
+        }
+        let mut asked = 0;
+        for t in self.requests.iter() {
+            if draining.contains(&t.node) {
+                t.move_now.notify_one();
+                asked += 1;
+            }
+        }
+        asked
     }
 
     /// Refreshes the node gauges (before a scrape).
@@ -401,6 +426,7 @@ impl Coordinator {
         };
         let (node, client, stream) = self.open_run(&run).await?;
         let prompt = Arc::new(prompt);
+        let move_now = Arc::new(tokio::sync::Notify::new());
         self.requests.insert(
             req.id.clone(),
             Tracked {
@@ -409,6 +435,7 @@ impl Coordinator {
                 generated: Vec::new(),
                 arrived,
                 migrations: 0,
+                move_now: move_now.clone(),
             },
         );
         self.metrics.prompt_tokens.inc_by(prompt.len() as u64);
@@ -417,7 +444,7 @@ impl Coordinator {
         let me = self.clone();
         let (id, n, deadline) = (req.id.clone(), node.clone(), req.deadline);
         tokio::spawn(async move {
-            me.pump(id, run, n, client, stream, tx, arrived, deadline).await;
+            me.pump(id, run, n, client, stream, tx, arrived, deadline, move_now).await;
             drop(permit);
         });
         Ok(Generation {
@@ -477,6 +504,7 @@ impl Coordinator {
         tx: mpsc::Sender<Result<GenEvent, CoordError>>,
         arrived: Instant,
         deadline: Option<Instant>,
+        move_now: Arc<tokio::sync::Notify>,
     ) {
         let mut last_token: Option<Instant> = None;
         let deadline = async {
@@ -491,6 +519,38 @@ impl Coordinator {
         let outcome: String = loop {
             let msg = tokio::select! {
                 _ = tx.closed() => break "cancelled".into(),
+                _ = move_now.notified() => {
+                    // The node is draining: replay the request on a peer, if there is one
+                    // (otherwise it finishes where it is).
+                    let snap = self.registry.snapshot();
+                    if !snap.iter().any(|n| n.id != node && n.healthy && !n.draining) {
+                        continue;
+                    }
+                    run.generated = self.requests.get(&id).map(|t| t.generated.clone()).unwrap_or_default();
+                    match self.open_run(&run).await {
+                        Ok((n, c, s)) => {
+                            let old = std::mem::replace(&mut client, c);
+                            drop(std::mem::replace(&mut stream, s));
+                            self.registry.add_pending(&node, -1);
+                            let req = pb::CancelRequest { request_id: id.clone() };
+                            let timeout = self.cfg.node_timeout;
+                            tokio::spawn(async move {
+                                let mut old = old;
+                                let _ = tokio::time::timeout(timeout, old.cancel(req)).await;
+                            });
+                            tracing::info!(request = id, from = node, to = n, "moved off a draining node");
+                            node = n;
+                            migrations += 1;
+                            self.metrics.migrations.inc();
+                            if let Some(mut t) = self.requests.get_mut(&id) {
+                                t.node = node.clone();
+                                t.migrations = migrations;
+                            }
+                        }
+                        Err(e) => tracing::warn!(request = id, error = %e, "could not move off a draining node"),
+                    }
+                    continue;
+                }
                 _ = &mut deadline => {
                     let e = CoordError::DeadlineExceeded(arrived.elapsed());
                     let _ = tokio::time::timeout(Duration::from_millis(100), tx.send(Err(e))).await;

@@ -39,9 +39,26 @@ pub async fn serve(
     http: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let poller = coord
-        .registry
-        .spawn_poller(discovery.sources.clone(), discovery.poll_interval);
+    let poller = {
+        // Poll the nodes; after each poll, move requests off nodes that started draining.
+        let coord = coord.clone();
+        let discovery = discovery.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(discovery.poll_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                coord
+                    .registry
+                    .refresh(
+                        &discovery.sources,
+                        discovery.poll_interval.max(Duration::from_millis(200)),
+                    )
+                    .await;
+                coord.move_off_draining();
+            }
+        })
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

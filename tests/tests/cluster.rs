@@ -758,11 +758,12 @@ fn signal(p: &Proc, sig: &str) {
 
 /// `kill -9` of the busiest of three nodes mid-stream: all 30 streams complete, each equal to
 /// its undisturbed output; then the same with SIGSTOP (a frozen node whose connection stays
-/// open): found by HTTP/2 keepalive, its requests move, none waits 10 s.
+/// open): found by HTTP/2 keepalive, its requests move, none waits 10 s; then SIGTERM (drain):
+/// the coordinator moves its requests to peers and the node exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_loss_mid_stream_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    for how in ["-KILL", "-STOP"] {
+    for how in ["-KILL", "-STOP", "-TERM"] {
         let (procs, nodes, grpc, http) = cluster(3, "128", &[]);
         let (undisturbed, _) = thirty_streams(&grpc, None).await;
         let l = loads(&nodes).await;
@@ -790,7 +791,22 @@ async fn node_loss_mid_stream_loses_nothing() {
         if how == "-STOP" {
             signal(&procs[victim], "-CONT");
         }
-        drop(procs);
+        if how == "-TERM" {
+            // Drained: its requests moved to peers, and it exits 0 on its own.
+            let mut procs = procs;
+            let t = Instant::now();
+            loop {
+                if let Some(code) = procs[victim].0.try_wait().unwrap() {
+                    assert!(code.success(), "the drained node exits 0: {code:?}");
+                    break;
+                }
+                assert!(t.elapsed() < Duration::from_secs(15), "the drained node still runs");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            drop(procs);
+        } else {
+            drop(procs);
+        }
     }
 }
 
