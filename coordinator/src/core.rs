@@ -88,6 +88,8 @@ pub struct Coordinator {
     requests: DashMap<String, Tracked>,
     info: tokio::sync::RwLock<Option<ModelInfo>>,
     cfg: CoordinatorConfig,
+    /// Set when the coordinator is shutting down: readiness fails, new requests are refused.
+    shutting_down: std::sync::atomic::AtomicBool,
     /// One permit per admitted request, held by its pump until the request is over.
     admission: Arc<tokio::sync::Semaphore>,
     next_id: AtomicU64,
@@ -132,6 +134,7 @@ impl Coordinator {
             metrics: Metrics::default(),
             requests: DashMap::new(),
             info: tokio::sync::RwLock::new(None),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             admission: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight.max(1))),
             cfg,
             next_id: AtomicU64::new(0),
@@ -155,6 +158,16 @@ impl Coordinator {
     /// A snapshot of one request's state (node, prompt, tokens so far).
     pub fn tracked(&self, id: &str) -> Option<Tracked> {
         self.requests.get(id).map(|t| t.clone())
+    }
+
+    /// Starts shutting down: readiness turns 503 / NOT_SERVING and new requests are refused
+    /// (UNAVAILABLE / 503); open streams continue.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
     }
 
     /// Healthy, non-draining nodes.
@@ -330,6 +343,9 @@ impl Coordinator {
 
     async fn start(self: &Arc<Self>, req: &mut GenRequest, arrived: Instant) -> Result<Generation, CoordError> {
         req.validate()?;
+        if self.is_shutting_down() {
+            return Err(CoordError::Unavailable(" (the coordinator is shutting down)".into()));
+        }
         let permit = self
             .admission
             .clone()
@@ -444,7 +460,8 @@ impl Coordinator {
         let me = self.clone();
         let (id, n, deadline) = (req.id.clone(), node.clone(), req.deadline);
         tokio::spawn(async move {
-            me.pump(id, run, n, client, stream, tx, arrived, deadline, move_now).await;
+            me.pump(id, run, n, client, stream, tx, arrived, deadline, move_now)
+                .await;
             drop(permit);
         });
         Ok(Generation {

@@ -562,7 +562,9 @@ async fn models(State(coord): State<Arc<Coordinator>>) -> Result<Response, ApiEr
 
 async fn ready(State(coord): State<Arc<Coordinator>>) -> Response {
     let n = coord.healthy_nodes();
-    if n > 0 {
+    if coord.is_shutting_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: shutting down\n").into_response()
+    } else if n > 0 {
         (StatusCode::OK, format!("ready: {n} healthy nodes\n")).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: no healthy node\n").into_response()

@@ -71,7 +71,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let mut serving = None;
             loop {
-                let now = coord.healthy_nodes() > 0 && !*stop.borrow();
+                let now = coord.healthy_nodes() > 0 && !*stop.borrow() && !coord.is_shutting_down();
                 if serving != Some(now) {
                     if now {
                         health_reporter

@@ -1050,3 +1050,71 @@ async fn api_keys_cover_every_endpoint_but_liveness() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGTERM on the coordinator: readiness turns 503 at once, new requests are refused, an open
+/// stream that can finish within the shutdown time finishes, one that cannot is cut at the
+/// deadline, and the process exits 0 (bounded, unlike a bare graceful shutdown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_sigterm_is_bounded() {
+    let _serial = SERIAL.lock().await;
+    let (mut procs, _nodes, grpc, http) = cluster(1, "128", &["--shutdown-seconds", "8"]);
+    let client = api::generation_client::GenerationClient::connect(grpc.clone())
+        .await
+        .unwrap();
+    let start = |n: u32| {
+        let mut c = client.clone();
+        tokio::spawn(async move {
+            let mut s = c
+                .generate_stream(grpc_request(&PROMPTS[0], n, true))
+                .await
+                .unwrap()
+                .into_inner();
+            let (mut tokens, mut finished) = (0, false);
+            loop {
+                match s.message().await {
+                    Ok(Some(m)) => {
+                        tokens += m.token_id.is_some() as u32;
+                        finished |= m.finish_reason != 0;
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            (tokens, finished)
+        })
+    };
+    let short = start(60);
+    let long = start(2500);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let coord = procs.pop().unwrap();
+    let t = Instant::now();
+    signal(&coord, "-TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = reqwest::get(format!("{http}/ready")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 503, "readiness fails at once");
+    let r = reqwest::Client::new()
+        .post(format!("{http}/v1/completions"))
+        .json(&json!({"prompt": "Hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503, "new requests are refused");
+    assert_eq!(short.await.unwrap(), (60, true), "the short stream finishes");
+    let (n, finished) = long.await.unwrap();
+    assert!(
+        !finished && n < 2500,
+        "the long stream is cut at the deadline ({n} tokens)"
+    );
+    let mut coord = coord;
+    loop {
+        if let Some(code) = coord.0.try_wait().unwrap() {
+            assert!(code.success(), "exit 0 after SIGTERM: {code:?}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(14),
+            "still running {:?} after SIGTERM",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -36,6 +36,9 @@ pub struct Args {
     /// File of API keys, one per line (`coordinator.api_keys_file`).
     #[arg(long)]
     pub api_keys_file: Option<PathBuf>,
+    /// Seconds open streams get after SIGTERM (`coordinator.shutdown_seconds`).
+    #[arg(long)]
+    pub shutdown_seconds: Option<u64>,
 }
 
 impl Args {
@@ -48,7 +51,8 @@ impl Args {
         let f = flag(f, "coordinator.dns", &self.dns);
         let f = flag(f, "coordinator.served_model_name", &self.served_model_name);
         let f = flag(f, "coordinator.max_in_flight", &self.max_in_flight);
-        flag(f, "coordinator.api_keys_file", &self.api_keys_file)
+        let f = flag(f, "coordinator.api_keys_file", &self.api_keys_file);
+        flag(f, "coordinator.shutdown_seconds", &self.shutdown_seconds)
     }
 }
 
@@ -117,10 +121,13 @@ pub async fn serve_bounded(
     shutdown_seconds: u64,
 ) -> Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server::serve(coord, discovery, grpc, http, async move {
+    let serving = tokio::spawn(server::serve(coord.clone(), discovery, grpc, http, async move {
         let _ = rx.await;
     }));
     super::node::wait_for_signal().await;
+    // Readiness fails first, so load balancers stop sending before the listeners close.
+    coord.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis((shutdown_seconds * 1000 / 4).min(2000))).await;
     let _ = tx.send(());
     match tokio::time::timeout(Duration::from_secs(shutdown_seconds), serving).await {
         Ok(r) => r??,
