@@ -67,6 +67,10 @@ pub struct CoordinatorConfig {
     pub api_keys: Option<crate::auth::ApiKeys>,
     /// Largest HTTP body and gRPC message accepted.
     pub max_body_bytes: usize,
+    /// TLS for clients (gRPC and HTTP); `None`: plaintext.
+    pub client_tls: Option<crate::tls::PemIdentity>,
+    /// Mutual TLS to the nodes; `None`: plaintext.
+    pub node_tls: Option<crate::tls::NodeTls>,
 }
 
 impl Default for CoordinatorConfig {
@@ -78,6 +82,8 @@ impl Default for CoordinatorConfig {
             max_in_flight: 256,
             api_keys: None,
             max_body_bytes: 4 << 20,
+            client_tls: None,
+            node_tls: None,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod registry;
 pub mod request;
 pub mod routing;
 pub mod server;
+pub mod tls;
 
 pub use crate::core::{Coordinator, CoordinatorConfig, Generation, ModelInfo};
 pub use error::CoordError;

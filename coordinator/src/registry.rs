@@ -36,11 +36,15 @@ struct Entry {
 #[derive(Clone, Default)]
 pub struct Registry {
     nodes: Arc<RwLock<BTreeMap<String, Entry>>>,
+    /// Mutual TLS to the nodes (their URLs are then `https://`).
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
-fn url_of(addr: &str) -> String {
+fn url_of(addr: &str, tls: bool) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
+    } else if tls {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     }
@@ -49,6 +53,14 @@ fn url_of(addr: &str) -> String {
 impl Registry {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A registry that reaches its nodes over (mutual) TLS.
+    pub fn with_tls(tls: tonic::transport::ClientTlsConfig) -> Self {
+        Self {
+            tls: Some(tls),
+            ..Self::default()
+        }
     }
 
     /// The current view of every known node (healthy or not).
@@ -92,9 +104,9 @@ impl Registry {
         let mut urls = Vec::new();
         for s in sources {
             match s {
-                NodeSource::Static(a) => urls.push(url_of(a)),
+                NodeSource::Static(a) => urls.push(url_of(a, self.tls.is_some())),
                 NodeSource::Dns(name) => match tokio::net::lookup_host(name.as_str()).await {
-                    Ok(addrs) => urls.extend(addrs.map(|a| format!("http://{a}"))),
+                    Ok(addrs) => urls.extend(addrs.map(|a| url_of(&a.to_string(), self.tls.is_some()))),
                     Err(e) => tracing::warn!(name, error = %e, "DNS resolution of nodes failed"),
                 },
             }
@@ -115,11 +127,20 @@ impl Registry {
                 // HTTP/2 pings find a frozen node (SIGSTOP, a hung host: the TCP connection
                 // stays open) within KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT; its streams then
                 // fail and their requests move.
-                let ep = ep
+                let mut ep = ep
                     .connect_timeout(timeout)
                     .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
                     .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                     .keep_alive_while_idle(true);
+                if let Some(tls) = &self.tls {
+                    ep = match ep.tls_config(tls.clone()) {
+                        Ok(ep) => ep,
+                        Err(e) => {
+                            tracing::warn!(url = u, error = %e, "TLS configuration refused");
+                            continue;
+                        }
+                    };
+                }
                 nodes.insert(
                     u.clone(),
                     Entry {

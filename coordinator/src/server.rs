@@ -20,7 +20,10 @@ pub struct Discovery {
 
 /// Builds the coordinator and polls the nodes once (so a request arriving at once finds them).
 pub async fn start(discovery: &Discovery, cfg: CoordinatorConfig) -> Arc<Coordinator> {
-    let registry = Registry::new();
+    let registry = match &cfg.node_tls {
+        Some(t) => Registry::with_tls(t.client_config()),
+        None => Registry::new(),
+    };
     registry
         .refresh(
             &discovery.sources,
@@ -108,7 +111,13 @@ pub async fn serve(
         Some(k) => k.interceptor()(req),
         None => Ok(req),
     };
-    let grpc_server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(id) = &coord.config().client_tls {
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(id.tonic()))
+            .map_err(std::io::Error::other)?;
+    }
+    let grpc_server = builder
         .add_service(health)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             reflection,
@@ -119,12 +128,26 @@ pub async fn serve(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             wait(stop_rx.clone()),
         );
-    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them
-    // back up to a delayed-ACK period (40 ms on Linux).
-    let http = axum::serve::ListenerExt::tap_io(http, |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let http_server = axum::serve(http, crate::http::router(coord.clone())).with_graceful_shutdown(wait(stop_rx));
+    let router = crate::http::router(coord.clone());
+    let http_server = async {
+        match &coord.config().client_tls {
+            Some(id) => {
+                let acceptor = crate::tls::http_acceptor(id).map_err(std::io::Error::other)?;
+                let listener = crate::tls::TlsListener::new(http, acceptor)?;
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(wait(stop_rx))
+                    .await
+            }
+            None => {
+                // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm
+                // holds them back up to a delayed-ACK period (40 ms on Linux).
+                let http = axum::serve::ListenerExt::tap_io(http, |tcp: &mut tokio::net::TcpStream| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                axum::serve(http, router).with_graceful_shutdown(wait(stop_rx)).await
+            }
+        }
+    };
     let (g, h) = tokio::join!(grpc_server, http_server);
     poller.abort();
     readiness.abort();

@@ -65,11 +65,14 @@ pub fn start(lm: LoadedModel, mut cfg: EngineConfig, early_exit: bool, node_id: 
 }
 
 /// Serves the node on `listener` until `shutdown` fires, then drains (see the module docs).
+/// With `tls`, only TLS clients (and, when it names a client CA, only those with a
+/// certificate that CA signed) get through.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: NodeService,
     engine: EngineHandle,
     drain: Duration,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -91,7 +94,11 @@ pub async fn serve(
             }
         }
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(health)
         .add_service(reflection)
         .add_service(NodeServer::new(service))

@@ -17,6 +17,8 @@
 //! | `node.early_exit` | true | exit at the checkpoint's calibrated thresholds |
 //! | `node.kv_fill` | `propagate` | `propagate` or `recompute`: K/V of skipped loops |
 //! | `node.drain_seconds` | 30 | time to finish in-flight requests after SIGTERM |
+//! | `node.tls_cert`, `node.tls_key` | none | PEM certificate and key: the node serves TLS only |
+//! | `node.tls_client_ca` | none | PEM CA: callers need a client certificate it signed (mutual TLS) |
 //! | `coordinator.grpc_listen` | `127.0.0.1:7300` | client gRPC (`rrt.v1.Generation`) address |
 //! | `coordinator.http_listen` | `127.0.0.1:8080` | OpenAI-compatible HTTP address |
 //! | `coordinator.nodes` | `[]` | static node addresses (`host:port`) |
@@ -30,6 +32,9 @@
 //! | `coordinator.api_keys` | `[]` | API keys (e.g. `RRT_COORDINATOR__API_KEYS='[k1,k2]'`); none: no authentication |
 //! | `coordinator.api_keys_file` | none | file of API keys, one per line (`#` comments), added to `api_keys` |
 //! | `coordinator.max_body_bytes` | 4194304 | largest HTTP body / gRPC message accepted |
+//! | `coordinator.tls_cert`, `coordinator.tls_key` | none | PEM certificate and key: clients (gRPC and HTTP) use TLS |
+//! | `coordinator.node_ca` | none | PEM CA of the nodes' certificates: nodes are reached over TLS (`https://`) |
+//! | `coordinator.node_client_cert`, `coordinator.node_client_key` | none | the coordinator's client certificate for mutual TLS |
 //! | `serve.nodes` | 1 | in-process nodes of `rrt serve` |
 //! | `serve.loops` | 2 | B of the default model's conversion (first run, cached) |
 //! | `serve.init` | `average` | `stepwise`, `average` or `lower` |
@@ -73,6 +78,11 @@ pub struct CoordinatorConfig {
     pub api_keys: Vec<String>,
     pub api_keys_file: Option<PathBuf>,
     pub max_body_bytes: usize,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub node_ca: Option<PathBuf>,
+    pub node_client_cert: Option<PathBuf>,
+    pub node_client_key: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -91,6 +101,11 @@ impl Default for CoordinatorConfig {
             api_keys: Vec::new(),
             api_keys_file: None,
             max_body_bytes: 4 << 20,
+            tls_cert: None,
+            tls_key: None,
+            node_ca: None,
+            node_client_cert: None,
+            node_client_key: None,
         }
     }
 }
@@ -133,6 +148,9 @@ pub struct NodeConfig {
     pub early_exit: bool,
     pub kv_fill: rrt_node::KvFill,
     pub drain_seconds: u64,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -147,6 +165,9 @@ impl Default for NodeConfig {
             early_exit: true,
             kv_fill: rrt_node::KvFill::Propagate,
             drain_seconds: 30,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -245,6 +266,42 @@ pub fn extract(f: &Figment) -> Result<Config> {
             "configuration: `coordinator.api_keys_file`: {} is not a file",
             p.display()
         );
+    }
+    for (a, b, an, bn) in [
+        (&n.tls_cert, &n.tls_key, "node.tls_cert", "node.tls_key"),
+        (&co.tls_cert, &co.tls_key, "coordinator.tls_cert", "coordinator.tls_key"),
+        (
+            &co.node_client_cert,
+            &co.node_client_key,
+            "coordinator.node_client_cert",
+            "coordinator.node_client_key",
+        ),
+    ] {
+        if a.is_some() != b.is_some() {
+            bail!("configuration: `{an}` and `{bn}` go together");
+        }
+    }
+    if n.tls_client_ca.is_some() && n.tls_cert.is_none() {
+        bail!("configuration: `node.tls_client_ca` needs `node.tls_cert` and `node.tls_key`");
+    }
+    if co.node_client_cert.is_some() && co.node_ca.is_none() {
+        bail!("configuration: `coordinator.node_client_cert` needs `coordinator.node_ca`");
+    }
+    for (key, p) in [
+        ("node.tls_cert", &n.tls_cert),
+        ("node.tls_key", &n.tls_key),
+        ("node.tls_client_ca", &n.tls_client_ca),
+        ("coordinator.tls_cert", &co.tls_cert),
+        ("coordinator.tls_key", &co.tls_key),
+        ("coordinator.node_ca", &co.node_ca),
+        ("coordinator.node_client_cert", &co.node_client_cert),
+        ("coordinator.node_client_key", &co.node_client_key),
+    ] {
+        if let Some(p) = p
+            && !p.is_file()
+        {
+            bail!("configuration: `{key}`: {} is not a file", p.display());
+        }
     }
     let sv = &c.serve;
     if sv.nodes == 0 || sv.nodes > 64 {

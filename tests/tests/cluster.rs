@@ -1118,3 +1118,207 @@ async fn coordinator_sigterm_is_bounded() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().unwrap().to_string()
+    }
+}
+
+/// A test PKI: a CA and a wrong CA; node, coordinator-server and coordinator-client
+/// certificates from the CA; a client certificate from the wrong CA; expired client and server
+/// certificates from the CA.
+fn make_pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let dir = std::env::temp_dir().join(format!("rrt-pki-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+    };
+    let good = ca("rrt test CA");
+    let wrong = ca("some other CA");
+    std::fs::write(dir.join("ca.pem"), good.pem()).unwrap();
+    std::fs::write(dir.join("wrong-ca.pem"), wrong.pem()).unwrap();
+    let leaf = |name: &str, issuer: &CertifiedIssuer<'_, KeyPair>, expired: bool| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        if expired {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = p.signed_by(&key, issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    };
+    leaf("node", &good, false);
+    leaf("server", &good, false);
+    leaf("coord-client", &good, false);
+    leaf("wrong-client", &wrong, false);
+    leaf("expired-client", &good, true);
+    leaf("expired-server", &good, true);
+    Pki { dir }
+}
+
+/// An HTTPS GET trusting `ca`: the status line, or the TLS error.
+async fn https_get(addr: &str, path: &str, ca: &str) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
+    Ok(out.lines().next().unwrap_or_default().to_string())
+}
+
+/// TLS for clients and mutual TLS between coordinator and nodes: the happy path works over
+/// both APIs; a plaintext client, a client trusting another CA and a server with an expired
+/// certificate fail; a node refuses a coordinator with no client certificate, one from the
+/// wrong CA and an expired one (the coordinator then sees no healthy node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls() {
+    let _serial = SERIAL.lock().await;
+    let pki = make_pki();
+    let p = |n: &str| pki.path(n);
+    let (_node, l) = spawn(&[
+        "node",
+        "--listen",
+        "127.0.0.1:0",
+        "--kv-mib",
+        "64",
+        "--tls-cert",
+        &p("node.pem"),
+        "--tls-key",
+        &p("node.key"),
+        "--tls-client-ca",
+        &p("ca.pem"),
+    ]);
+    let node = word_after(&l, " listening on ").to_string();
+    let coordinator = |client: Option<&str>, server: &str| {
+        let mut args = vec![
+            "coordinator".to_string(),
+            "--nodes".into(),
+            node.clone(),
+            "--grpc-listen".into(),
+            "127.0.0.1:0".into(),
+            "--http-listen".into(),
+            "127.0.0.1:0".into(),
+            "--node-ca".into(),
+            p("ca.pem"),
+            "--tls-cert".into(),
+            p(&format!("{server}.pem")),
+            "--tls-key".into(),
+            p(&format!("{server}.key")),
+        ];
+        if let Some(c) = client {
+            args.extend([
+                "--node-client-cert".into(),
+                p(&format!("{c}.pem")),
+                "--node-client-key".into(),
+                p(&format!("{c}.key")),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        spawn(&args)
+    };
+    // Mutual TLS refused: no client certificate, the wrong CA's, an expired one.
+    for client in [None, Some("wrong-client"), Some("expired-client")] {
+        let (_c, line) = coordinator(client, "server");
+        assert!(line.contains("(0 of 1 nodes healthy)"), "{client:?}: {line}");
+    }
+    // The happy path.
+    let (_c, line) = coordinator(Some("coord-client"), "server");
+    assert!(line.contains("(1 of 1 nodes healthy)"), "{line}");
+    let grpc = word_after(&line, "gRPC on ").to_string();
+    let http = word_after(&line, "OpenAI HTTP on ")
+        .trim_start_matches("http://")
+        .to_string();
+    let tls = |ca: &str| {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(ca).unwrap()))
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))
+        .unwrap()
+        .tls_config(tls(&p("ca.pem")))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let r = api::generation_client::GenerationClient::new(channel)
+        .generate(grpc_request(&PROMPTS[0], 4, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.token_ids.len(), 4);
+    assert_eq!(
+        https_get(&http, "/health", &p("ca.pem")).await.unwrap(),
+        "HTTP/1.1 200 OK"
+    );
+    assert_eq!(
+        https_get(&http, "/ready", &p("ca.pem")).await.unwrap(),
+        "HTTP/1.1 200 OK"
+    );
+    // A plaintext client, and clients trusting another CA, get nowhere.
+    let plain = api::generation_client::GenerationClient::connect(format!("http://{grpc}")).await;
+    let plain_failed = match plain {
+        Err(_) => true,
+        Ok(mut c) => c.model_info(api::ModelInfoRequest {}).await.is_err(),
+    };
+    assert!(plain_failed, "a plaintext gRPC client got through");
+    let wrong = tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))
+        .unwrap()
+        .tls_config(tls(&p("wrong-ca.pem")))
+        .unwrap()
+        .connect()
+        .await;
+    assert!(wrong.is_err(), "a client trusting another CA connected");
+    assert!(https_get(&http, "/health", &p("wrong-ca.pem")).await.is_err());
+    // Straight to the node without a client certificate.
+    let direct = tonic::transport::Endpoint::from_shared(format!("https://{node}"))
+        .unwrap()
+        .tls_config(tls(&p("ca.pem")))
+        .unwrap()
+        .connect()
+        .await;
+    let direct_failed = match direct {
+        Err(_) => true,
+        Ok(ch) => pb::node_client::NodeClient::new(ch)
+            .load(pb::LoadRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(direct_failed, "the node served a caller without a client certificate");
+    // A coordinator serving an expired certificate is refused by its clients.
+    let (_c2, line) = coordinator(Some("coord-client"), "expired-server");
+    let http2 = word_after(&line, "OpenAI HTTP on ")
+        .trim_start_matches("http://")
+        .to_string();
+    let e = https_get(&http2, "/health", &p("ca.pem")).await.unwrap_err();
+    assert!(e.to_lowercase().contains("expired"), "{e}");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}

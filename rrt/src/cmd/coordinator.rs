@@ -39,6 +39,21 @@ pub struct Args {
     /// Seconds open streams get after SIGTERM (`coordinator.shutdown_seconds`).
     #[arg(long)]
     pub shutdown_seconds: Option<u64>,
+    /// PEM certificate for clients (`coordinator.tls_cert`).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for clients (`coordinator.tls_key`).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA of the nodes' certificates (`coordinator.node_ca`).
+    #[arg(long)]
+    pub node_ca: Option<PathBuf>,
+    /// PEM client certificate presented to nodes (`coordinator.node_client_cert`).
+    #[arg(long)]
+    pub node_client_cert: Option<PathBuf>,
+    /// PEM key of that certificate (`coordinator.node_client_key`).
+    #[arg(long)]
+    pub node_client_key: Option<PathBuf>,
 }
 
 impl Args {
@@ -52,7 +67,12 @@ impl Args {
         let f = flag(f, "coordinator.served_model_name", &self.served_model_name);
         let f = flag(f, "coordinator.max_in_flight", &self.max_in_flight);
         let f = flag(f, "coordinator.api_keys_file", &self.api_keys_file);
-        flag(f, "coordinator.shutdown_seconds", &self.shutdown_seconds)
+        let f = flag(f, "coordinator.shutdown_seconds", &self.shutdown_seconds);
+        let f = flag(f, "coordinator.tls_cert", &self.tls_cert);
+        let f = flag(f, "coordinator.tls_key", &self.tls_key);
+        let f = flag(f, "coordinator.node_ca", &self.node_ca);
+        let f = flag(f, "coordinator.node_client_cert", &self.node_client_cert);
+        flag(f, "coordinator.node_client_key", &self.node_client_key)
     }
 }
 
@@ -65,7 +85,24 @@ pub fn settings(c: &crate::config::CoordinatorConfig) -> Result<rrt_coordinator:
                 .with_context(|| format!("reading `coordinator.api_keys_file` {}", p.display()))?,
         );
     }
+    use rrt_coordinator::tls::{NodeTls, PemIdentity};
+    let client_tls = match (&c.tls_cert, &c.tls_key) {
+        (Some(cert), Some(key)) => Some(PemIdentity::read(cert, key).map_err(anyhow::Error::msg)?),
+        _ => None,
+    };
+    let node_tls = match &c.node_ca {
+        Some(ca) => Some(NodeTls {
+            ca: rrt_coordinator::tls::read(ca).map_err(anyhow::Error::msg)?,
+            identity: match (&c.node_client_cert, &c.node_client_key) {
+                (Some(cert), Some(key)) => Some(PemIdentity::read(cert, key).map_err(anyhow::Error::msg)?),
+                _ => None,
+            },
+        }),
+        None => None,
+    };
     Ok(rrt_coordinator::CoordinatorConfig {
+        client_tls,
+        node_tls,
         api_keys: rrt_coordinator::auth::ApiKeys::new(keys),
         max_body_bytes: c.max_body_bytes,
         served_model_name: c.served_model_name.clone(),

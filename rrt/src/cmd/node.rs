@@ -44,6 +44,15 @@ pub struct Args {
     /// Seconds to finish in-flight requests after SIGTERM (`node.drain_seconds`).
     #[arg(long)]
     pub drain_seconds: Option<u64>,
+    /// PEM certificate: serve TLS only (`node.tls_cert`).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM key of that certificate (`node.tls_key`).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: require client certificates it signed (`node.tls_client_ca`).
+    #[arg(long)]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Args {
@@ -64,6 +73,9 @@ impl Args {
         flag!(early_exit, "node.early_exit");
         flag!(kv_fill, "node.kv_fill");
         flag!(drain_seconds, "node.drain_seconds");
+        flag!(tls_cert, "node.tls_cert");
+        flag!(tls_key, "node.tls_key");
+        flag!(tls_client_ca, "node.tls_client_ca");
         f
     }
 }
@@ -85,6 +97,18 @@ pub fn run(a: Args) -> Result<()> {
             .with_context(|| format!("binding {}", n.listen))?;
         let addr = listener.local_addr()?;
         let id = n.id.clone().unwrap_or_else(|| addr.to_string());
+        let tls = match (&n.tls_cert, &n.tls_key) {
+            (Some(cert), Some(key)) => {
+                let id = rrt_coordinator::tls::PemIdentity::read(cert, key).map_err(anyhow::Error::msg)?;
+                let mut t = tonic::transport::ServerTlsConfig::new().identity(id.tonic());
+                if let Some(ca) = &n.tls_client_ca {
+                    let ca = rrt_coordinator::tls::read(ca).map_err(anyhow::Error::msg)?;
+                    t = t.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+                }
+                Some(t)
+            }
+            _ => None,
+        };
         let node = server::start(lm, n.engine_config(), n.early_exit, &id)?;
         say!("rrt node {id} listening on {addr} ({} loops)", node.loops);
         server::serve(
@@ -92,6 +116,7 @@ pub fn run(a: Args) -> Result<()> {
             node.service,
             node.engine,
             Duration::from_secs(n.drain_seconds),
+            tls,
             wait_for_signal(),
         )
         .await?;

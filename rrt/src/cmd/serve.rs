@@ -169,6 +169,8 @@ pub fn run(a: Args) -> Result<()> {
                 node.service,
                 node.engine,
                 Duration::from_secs(cfg.node.drain_seconds),
+                // In-process nodes listen on loopback only.
+                None,
                 async move {
                     let _ = rx.wait_for(|s| *s).await;
                 },
