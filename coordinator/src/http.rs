@@ -257,59 +257,56 @@ fn usage_json(u: &GenUsage) -> Value {
     })
 }
 
-async fn completions(
-    State(coord): State<Arc<Coordinator>>,
-    headers: HeaderMap,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(r) = body.map_err(json_error)?;
+/// What a request body says, converted: the generation request and how to answer it.
+struct Parsed {
+    gen_req: GenRequest,
+    model: String,
+    stream: bool,
+    include_usage: bool,
+    kind: Kind,
+}
+
+fn parse_completion(r: CompletionRequest) -> Result<Parsed, CoordError> {
     let prompt = match r.prompt {
         Value::String(s) => s,
         Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
         Value::Array(a) if a.len() > 1 && a.iter().all(Value::is_string) => {
-            return Err(CoordError::invalid("prompt", "several prompts in one request are not supported").into());
+            return Err(CoordError::invalid(
+                "prompt",
+                "several prompts in one request are not supported",
+            ));
         }
-        _ => return Err(CoordError::invalid("prompt", "must be a string").into()),
+        _ => return Err(CoordError::invalid("prompt", "must be a string")),
     };
     if r.echo {
-        return Err(CoordError::invalid("echo", "is not supported").into());
+        return Err(CoordError::invalid("echo", "is not supported"));
     }
     if r.best_of.is_some_and(|b| b != 1) {
-        return Err(CoordError::invalid("best_of", "only best_of = 1 is supported").into());
+        return Err(CoordError::invalid("best_of", "only best_of = 1 is supported"));
     }
     if r.suffix.is_some_and(|s| !s.is_empty()) {
-        return Err(CoordError::invalid("suffix", "is not supported").into());
+        return Err(CoordError::invalid("suffix", "is not supported"));
     }
-    coord.check_model(&r.common.model).await?;
-    let model = coord.model_names().await?.remove(0);
     let mut g = GenRequest::new(Input::Prompt(prompt));
-    g.id = request_id(&headers);
-    let stream = r.common.stream;
+    let (model, stream) = (r.common.model.clone(), r.common.stream);
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     // OpenAI's default for completions is 16 tokens.
     r.common.apply(&mut g, Some(16))?;
-    let logprobs = r.logprobs;
-    g.top_logprobs = logprobs.unwrap_or(0);
-    let generation = coord.generate(g).await?;
-    let id = format!("cmpl-{}", generation.id);
-    let kind = Kind::Completion {
-        logprobs: logprobs.is_some(),
-    };
-    if stream {
-        Ok(sse(generation, id, model, kind, include_usage))
-    } else {
-        whole(generation, id, model, kind).await
-    }
+    g.top_logprobs = r.logprobs.unwrap_or(0);
+    Ok(Parsed {
+        gen_req: g,
+        model,
+        stream,
+        include_usage,
+        kind: Kind::Completion {
+            logprobs: r.logprobs.is_some(),
+        },
+    })
 }
 
-async fn chat_completions(
-    State(coord): State<Arc<Coordinator>>,
-    headers: HeaderMap,
-    body: Result<Json<ChatRequest>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(r) = body.map_err(json_error)?;
+fn parse_chat(r: ChatRequest) -> Result<Parsed, CoordError> {
     if r.tools.is_some_and(|t| !t.is_empty()) {
-        return Err(CoordError::invalid("tools", "tool calling is not supported").into());
+        return Err(CoordError::invalid("tools", "tool calling is not supported"));
     }
     let mut msgs = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.into_iter().enumerate() {
@@ -328,41 +325,82 @@ async fn chat_completions(
                             return Err(CoordError::invalid(
                                 format!("messages[{i}].content[{j}]"),
                                 "only text parts are supported",
-                            )
-                            .into());
+                            ));
                         }
                     }
                 }
                 s
             }
             _ => {
-                return Err(
-                    CoordError::invalid(format!("messages[{i}].content"), "must be a string or text parts").into(),
-                );
+                return Err(CoordError::invalid(
+                    format!("messages[{i}].content"),
+                    "must be a string or text parts",
+                ));
             }
         };
         msgs.push((m.role, content));
     }
-    coord.check_model(&r.common.model).await?;
-    let model = coord.model_names().await?.remove(0);
     let mut g = GenRequest::new(Input::Chat(msgs));
-    g.id = request_id(&headers);
-    let stream = r.common.stream;
+    let (model, stream) = (r.common.model.clone(), r.common.stream);
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     // OpenAI's default for chat is "up to the context".
     r.common.apply(&mut g, None)?;
     if r.top_logprobs.is_some() && !r.logprobs {
-        return Err(CoordError::invalid("top_logprobs", "needs `logprobs: true`").into());
+        return Err(CoordError::invalid("top_logprobs", "needs `logprobs: true`"));
     }
     g.top_logprobs = r.top_logprobs.unwrap_or(0);
-    let generation = coord.generate(g).await?;
-    let id = format!("chatcmpl-{}", generation.id);
-    let kind = Kind::Chat { logprobs: r.logprobs };
-    if stream {
-        Ok(sse(generation, id, model, kind, include_usage))
+    Ok(Parsed {
+        gen_req: g,
+        model,
+        stream,
+        include_usage,
+        kind: Kind::Chat { logprobs: r.logprobs },
+    })
+}
+
+/// The request-validation path of both endpoints without a cluster behind it: a JSON body
+/// (`chat`: of `/v1/chat/completions`, else of `/v1/completions`) to a validated request, or
+/// the error the client would get. Used by the fuzz targets.
+pub fn validate_body(chat: bool, body: &[u8]) -> Result<GenRequest, CoordError> {
+    let p = if chat {
+        parse_chat(serde_json::from_slice(body).map_err(|e| CoordError::invalid("body", e.to_string()))?)?
     } else {
-        whole(generation, id, model, kind).await
+        parse_completion(serde_json::from_slice(body).map_err(|e| CoordError::invalid("body", e.to_string()))?)?
+    };
+    p.gen_req.validate()?;
+    Ok(p.gen_req)
+}
+
+async fn answer(coord: Arc<Coordinator>, headers: &HeaderMap, p: Parsed, prefix: &str) -> Result<Response, ApiError> {
+    coord.check_model(&p.model).await?;
+    let model = coord.model_names().await?.remove(0);
+    let mut g = p.gen_req;
+    g.id = request_id(headers);
+    let generation = coord.generate(g).await?;
+    let id = format!("{prefix}-{}", generation.id);
+    if p.stream {
+        Ok(sse(generation, id, model, p.kind, p.include_usage))
+    } else {
+        whole(generation, id, model, p.kind).await
     }
+}
+
+async fn completions(
+    State(coord): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(r) = body.map_err(json_error)?;
+    answer(coord, &headers, parse_completion(r)?, "cmpl").await
+}
+
+async fn chat_completions(
+    State(coord): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(r) = body.map_err(json_error)?;
+    answer(coord, &headers, parse_chat(r)?, "chatcmpl").await
 }
 
 #[derive(Clone, Copy)]

@@ -193,7 +193,10 @@ impl<'a> Cursor<'a> {
                 }
                 let ety = self.u32(what)?;
                 let n = self.len(what)?;
-                let mut v = Vec::with_capacity(n.min(1 << 20) as usize);
+                // Every element takes at least one byte of the file: never reserve more
+                // elements than bytes remain (a forged length must not allocate gigabytes).
+                let remaining = (self.buf.len() - self.pos) as u64;
+                let mut v = Vec::with_capacity(n.min(remaining).min(1 << 20) as usize);
                 for _ in 0..n {
                     v.push(self.value(ety, what, depth + 1)?);
                 }
@@ -270,7 +273,8 @@ impl GgufFile {
                 }
             },
         };
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        // A tensor entry takes at least 24 bytes (name length, dims, type, offset).
+        let mut tensors = Vec::with_capacity(n_tensors.min(((c.buf.len() - c.pos) / 24) as u64) as usize);
         for i in 0..n_tensors {
             let name = c.string(&format!("tensor #{i} name"))?;
             let n_dims = c.u32(&name)?;
