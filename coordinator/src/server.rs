@@ -112,12 +112,14 @@ pub async fn serve(
         None => Ok(req),
     };
     let mut builder = tonic::transport::Server::builder();
+    let builder_fix = tower::util::MapResponseLayer::new(decode_errors_are_invalid_argument);
     if let Some(id) = &coord.config().client_tls {
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(id.tonic()))
             .map_err(std::io::Error::other)?;
     }
     let grpc_server = builder
+        .layer(builder_fix)
         .add_service(health)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             reflection,
@@ -153,4 +155,21 @@ pub async fn serve(
     readiness.abort();
     g.map_err(std::io::Error::other)?;
     h
+}
+
+/// A request that does not decode (e.g. invalid UTF-8 in a string field) is the caller's
+/// fault: tonic reports it as INTERNAL (gRPC's convention for parse errors); clients get
+/// INVALID_ARGUMENT with prost's message, which names the field.
+fn decode_errors_are_invalid_argument<B>(
+    mut r: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let h = r.headers_mut();
+    let internal = h.get("grpc-status").is_some_and(|v| v.as_bytes() == b"13");
+    let decode = h
+        .get("grpc-message")
+        .is_some_and(|m| m.as_bytes().windows(6).any(|w| w == b"decode"));
+    if internal && decode {
+        h.insert("grpc-status", tonic::codegen::http::HeaderValue::from_static("3"));
+    }
+    r
 }

@@ -79,6 +79,18 @@ except grpc.RpcError as e:
     check("grpc empty prompt code", e.code(), grpc.StatusCode.INVALID_ARGUMENT)
     check("grpc empty prompt names the field", "prompt" in e.details(), True)
 
+# A message that does not decode (invalid UTF-8 in `prompt`): INVALID_ARGUMENT naming the
+# field (prost names the oneof, `GenerateRequest.input`).
+raw = grpc.insecure_channel(a.grpc).unary_unary(
+    "/rrt.v1.Generation/Generate", request_serializer=lambda b: b, response_deserializer=lambda b: b
+)
+try:
+    raw(b"\x0a\x02\xff\xfe")
+    failures.append("grpc: invalid UTF-8 was accepted")
+except grpc.RpcError as e:
+    check("grpc invalid UTF-8 code", e.code(), grpc.StatusCode.INVALID_ARGUMENT)
+    check("grpc invalid UTF-8 names the field", "GenerateRequest.input" in e.details(), True)
+
 # --- the official openai client ----------------------------------------------------------------
 import openai  # noqa: E402
 

@@ -1442,6 +1442,11 @@ async fn soak() {
                         r.set_timeout(Duration::from_millis(300));
                         match c.generate_stream(r).await {
                             Err(e) if e.code() == tonic::Code::DeadlineExceeded => Ok("deadline"),
+                            // The client's own timer (tonic applies the deadline locally too)
+                            // may fire before the server's answer arrives.
+                            Err(e) if e.code() == tonic::Code::Cancelled && e.message().contains("Timeout expired") => {
+                                Ok("deadline")
+                            }
                             Err(e) => Err(format!("deadline start: {e}")),
                             Ok(s) => {
                                 let mut s = s.into_inner();
@@ -1450,6 +1455,12 @@ async fn soak() {
                                         Ok(Some(_)) => continue,
                                         Ok(None) => break Err("deadline: the stream ended cleanly".to_string()),
                                         Err(e) if e.code() == tonic::Code::DeadlineExceeded => break Ok("deadline"),
+                                        Err(e)
+                                            if e.code() == tonic::Code::Cancelled
+                                                && e.message().contains("Timeout expired") =>
+                                        {
+                                            break Ok("deadline");
+                                        }
                                         Err(e) => break Err(format!("deadline: {e}")),
                                     }
                                 }
@@ -1501,8 +1512,7 @@ async fn soak() {
     let last = *rss.last().unwrap();
     let max = *rss.iter().max().unwrap();
     eprintln!(
-        "soak {minutes} min: {} streams ok, {} HTTP ok, {} disconnects, {} deadlines, {} lost, slowest {:?}; \\
-         node kills {kills}; coordinator RSS after 2 min {warm} KiB, max {max} KiB, end {last} KiB",
+        "soak {minutes} min: {} streams ok, {} HTTP ok, {} disconnects, {} deadlines, {} lost, slowest {:?}; node kills {kills}; coordinator RSS after 2 min {warm} KiB, max {max} KiB, end {last} KiB",
         t.streams_ok,
         t.http_ok,
         t.disconnects,
