@@ -1073,14 +1073,9 @@ async fn coordinator_sigterm_is_bounded() {
                 .unwrap()
                 .into_inner();
             let (mut tokens, mut finished) = (0, false);
-            loop {
-                match s.message().await {
-                    Ok(Some(m)) => {
-                        tokens += m.token_id.is_some() as u32;
-                        finished |= m.finish_reason != 0;
-                    }
-                    Ok(None) | Err(_) => break,
-                }
+            while let Ok(Some(m)) = s.message().await {
+                tokens += m.token_id.is_some() as u32;
+                finished |= m.finish_reason != 0;
             }
             (tokens, finished)
         })
