@@ -76,6 +76,21 @@ fn word_after<'a>(line: &'a str, marker: &str) -> &'a str {
         .unwrap()
 }
 
+/// grpc.health.v1 reports the client service SERVING on `channel`.
+async fn assert_serving(channel: &tonic::transport::Channel) {
+    let h = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "rrt.v1.Generation".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}
+
 #[derive(Clone, Debug)]
 enum Prompt {
     Raw(&'static str),
@@ -260,17 +275,7 @@ async fn cluster_of_processes_matches_rrt_generate() {
         .connect()
         .await
         .unwrap();
-    let h = tonic_health::pb::health_client::HealthClient::new(channel.clone())
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "rrt.v1.Generation".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        h.status(),
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
+    assert_serving(&channel).await;
     let mut client = api::generation_client::GenerationClient::new(channel);
     let info = client.model_info(api::ModelInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.model, "SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -1027,17 +1032,7 @@ async fn api_keys_cover_every_endpoint_but_liveness() {
         .unwrap()
         .into_inner();
     assert_eq!(info.nodes, 1);
-    let h = tonic_health::pb::health_client::HealthClient::new(channel.clone())
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "rrt.v1.Generation".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        h.status(),
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
+    assert_serving(&channel).await;
     // Reflection is covered too.
     let mut refl = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
     let req = tonic_reflection::pb::v1::ServerReflectionRequest {
