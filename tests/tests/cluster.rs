@@ -76,6 +76,11 @@ fn word_after<'a>(line: &'a str, marker: &str) -> &'a str {
         .unwrap()
 }
 
+/// POSTs `body` as JSON and returns the JSON answer.
+async fn post_json(c: &reqwest::Client, url: &str, body: &Value) -> Value {
+    c.post(url).json(body).send().await.unwrap().json().await.unwrap()
+}
+
 /// grpc.health.v1 reports the client service SERVING on `channel`.
 async fn assert_serving(channel: &tonic::transport::Channel) {
     let h = tonic_health::pb::health_client::HealthClient::new(channel.clone())
@@ -365,15 +370,7 @@ async fn cluster_of_processes_matches_rrt_generate() {
     // Non-streaming HTTP.
     for (p, (_, want)) in PROMPTS.iter().zip(&refs).take(2) {
         let (path, body) = http_request(p, MAX_TOKENS, false);
-        let v: Value = http_client
-            .post(format!("{http}{path}"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = post_json(&http_client, &format!("{http}{path}"), &body).await;
         let c = &v["choices"][0];
         let got = c["text"].as_str().or(c["message"]["content"].as_str()).unwrap();
         assert_eq!(got, want, "{v}");
@@ -617,15 +614,7 @@ async fn rrt_serve_is_one_process_cluster() {
     let http = word_after(&line, "OpenAI HTTP on ").to_string();
     let want = reference(&PROMPTS[1]);
     let (path, body) = http_request(&PROMPTS[1], MAX_TOKENS, false);
-    let v: Value = reqwest::Client::new()
-        .post(format!("{http}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(&reqwest::Client::new(), &format!("{http}{path}"), &body).await;
     assert_eq!(v["choices"][0]["message"]["content"], want.1.as_str(), "{v}");
     assert_eq!(v["usage"]["completion_tokens"], want.0.len(), "{v}");
     let ready = reqwest::get(format!("{http}/ready"))
@@ -836,15 +825,7 @@ async fn overload_is_refused_fast_and_deadlines_end_requests() {
     let coord_pid = procs.last().unwrap().0.id();
     let c = reqwest::Client::new();
     let body = json!({"prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0});
-    let want: Value = c
-        .post(format!("{http}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let want: Value = post_json(&c, &format!("{http}/v1/completions"), &body).await;
     let want = want["choices"][0]["text"].as_str().unwrap().to_string();
     for _ in 0..3 {
         c.post(format!("{http}/v1/completions"))
