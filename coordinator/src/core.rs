@@ -129,6 +129,17 @@ fn node_is_down(status: &tonic::Status) -> bool {
     matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) && !status.message().contains("draining")
 }
 
+/// What came of trying to move a request with its keys/values.
+enum KvMove {
+    /// Its state is staged on `node` under `ticket`; the old stream ends with "moved".
+    Staged { node: String, ticket: String },
+    /// The old node let go of it but no peer took its state: the old stream ends with
+    /// "moved" and the request is replayed.
+    HandedOff,
+    /// The old node kept it (it cannot export, or the request is finishing there).
+    Kept(tonic::Status),
+}
+
 impl Coordinator {
     pub fn new(registry: Registry, cfg: CoordinatorConfig) -> Arc<Self> {
         let t = std::time::SystemTime::now()
@@ -445,6 +456,7 @@ impl Coordinator {
             exit_threshold: req.exit_threshold,
             max_loops: req.max_loops,
             rng_draws: 0,
+            kv_ticket: String::new(),
         };
         let (node, client, stream) = self.open_run(&run).await?;
         let prompt = Arc::new(prompt);
@@ -514,6 +526,68 @@ impl Coordinator {
         Err(last)
     }
 
+    /// Moves request `id` off node `from` with its state: `Export` there, piped into `Import`
+    /// on the peer the request would be routed to now (the coordinator holds one chunk at a
+    /// time).
+    async fn move_kv(&self, id: &str, from: &str, client: &mut NodeClient, tokens: &[u32], remaining: usize) -> KvMove {
+        let snap: Vec<_> = self.registry.snapshot().into_iter().filter(|n| n.id != from).collect();
+        let Some(target) = route(&snap, tokens, remaining).map(|n| n.id.clone()) else {
+            return KvMove::Kept(tonic::Status::unavailable("no peer to move to"));
+        };
+        let Some(mut to) = self.registry.client(&target) else {
+            return KvMove::Kept(tonic::Status::unavailable("no connection to the peer"));
+        };
+        let req = pb::ExportRequest { request_id: id.to_string() };
+        // Generous: the old node first lets the request's rows finish their loops.
+        let export = match tokio::time::timeout(self.cfg.node_timeout, client.export(req)).await {
+            Ok(Ok(s)) => s.into_inner(),
+            Ok(Err(s)) => return KvMove::Kept(s),
+            // It may still let go later; then its stream says "moved" and the request replays.
+            Err(_) => return KvMove::Kept(tonic::Status::deadline_exceeded("export timed out")),
+        };
+        // A broken export ends the import short, which the peer refuses.
+        let chunks = tokio_stream::StreamExt::map_while(export, |c| c.ok());
+        let limit = self.cfg.node_timeout.max(Duration::from_secs(30));
+        match tokio::time::timeout(limit, to.import(chunks)).await {
+            Ok(Ok(r)) => KvMove::Staged {
+                node: target,
+                ticket: r.into_inner().ticket,
+            },
+            Ok(Err(s)) => {
+                tracing::warn!(request = id, to = target, error = %s, "peer refused the keys/values; replaying");
+                KvMove::HandedOff
+            }
+            Err(_) => {
+                tracing::warn!(request = id, to = target, "moving keys/values timed out; replaying");
+                KvMove::HandedOff
+            }
+        }
+    }
+
+    /// Opens `run` on `node` (a peer holding its staged state); anywhere else by replay
+    /// when that fails.
+    async fn open_run_on(
+        &self,
+        node: &str,
+        run: &mut pb::RunRequest,
+    ) -> Result<(String, NodeClient, tonic::Streaming<pb::RunEvent>), CoordError> {
+        if let Some(mut client) = self.registry.client(node) {
+            self.registry.add_pending(node, 1);
+            match client.run(run.clone()).await {
+                Ok(s) => {
+                    run.kv_ticket.clear();
+                    return Ok((node.to_string(), client, s.into_inner()));
+                }
+                Err(e) => {
+                    self.registry.add_pending(node, -1);
+                    tracing::warn!(node, error = %e, "peer holding the keys/values refused the run; replaying");
+                }
+            }
+        }
+        run.kv_ticket.clear();
+        self.open_run(run).await
+    }
+
     /// Relays one request's node stream to its client; cancels on the node when the client
     /// goes away.
     #[allow(clippy::too_many_arguments)]
@@ -539,38 +613,52 @@ impl Coordinator {
         tokio::pin!(deadline);
         let (mut loops, mut tokens) = (0u64, 0u64);
         let mut migrations = 0u32;
+        // A peer holding the request's keys/values, waiting for the old stream's "moved".
+        let mut switching: Option<(String, String)> = None;
         let outcome: String = loop {
             let msg = tokio::select! {
                 _ = tx.closed() => break "cancelled".into(),
-                _ = move_now.notified() => {
-                    // The node is draining: replay the request on a peer, if there is one
-                    // (otherwise it finishes where it is).
+                _ = move_now.notified(), if switching.is_none() => {
+                    // The node is draining: move the request to a peer with its keys/values
+                    // (by replay when that cannot be done), if there is a peer (otherwise it
+                    // finishes where it is).
                     let snap = self.registry.snapshot();
                     if !snap.iter().any(|n| n.id != node && n.healthy && !n.draining) {
                         continue;
                     }
-                    run.generated = self.requests.get(&id).map(|t| t.generated.clone()).unwrap_or_default();
-                    match self.open_run(&run).await {
-                        Ok((n, c, s)) => {
-                            let old = std::mem::replace(&mut client, c);
-                            drop(std::mem::replace(&mut stream, s));
-                            self.registry.add_pending(&node, -1);
-                            let req = pb::CancelRequest { request_id: id.clone() };
-                            let timeout = self.cfg.node_timeout;
-                            tokio::spawn(async move {
-                                let mut old = old;
-                                let _ = tokio::time::timeout(timeout, old.cancel(req)).await;
-                            });
-                            tracing::info!(request = id, from = node, to = n, "moved off a draining node");
-                            node = n;
-                            migrations += 1;
-                            self.metrics.migrations.inc();
-                            if let Some(mut t) = self.requests.get_mut(&id) {
-                                t.node = node.clone();
-                                t.migrations = migrations;
+                    let mut tokens = run.prompt.clone();
+                    tokens.extend(self.requests.get(&id).map(|t| t.generated.clone()).unwrap_or_default());
+                    let remaining = (run.max_new_tokens as usize + run.prompt.len()).saturating_sub(tokens.len());
+                    match self.move_kv(&id, &node, &mut client, &tokens, remaining).await {
+                        KvMove::Staged { node: to, ticket } => switching = Some((to, ticket)),
+                        KvMove::HandedOff => {}
+                        KvMove::Kept(s) if matches!(s.code(), tonic::Code::NotFound | tonic::Code::DeadlineExceeded) => {}
+                        KvMove::Kept(s) => {
+                            tracing::info!(request = id, node, error = %s, "cannot move keys/values; replaying");
+                            run.generated = self.requests.get(&id).map(|t| t.generated.clone()).unwrap_or_default();
+                            match self.open_run(&run).await {
+                                Ok((n, c, st)) => {
+                                    let old = std::mem::replace(&mut client, c);
+                                    drop(std::mem::replace(&mut stream, st));
+                                    self.registry.add_pending(&node, -1);
+                                    let req = pb::CancelRequest { request_id: id.clone() };
+                                    let timeout = self.cfg.node_timeout;
+                                    tokio::spawn(async move {
+                                        let mut old = old;
+                                        let _ = tokio::time::timeout(timeout, old.cancel(req)).await;
+                                    });
+                                    tracing::info!(request = id, from = node, to = n, "moved off a draining node by replay");
+                                    node = n;
+                                    migrations += 1;
+                                    self.metrics.migrations.inc();
+                                    if let Some(mut t) = self.requests.get_mut(&id) {
+                                        t.node = node.clone();
+                                        t.migrations = migrations;
+                                    }
+                                }
+                                Err(e) => tracing::warn!(request = id, error = %e, "could not move off a draining node"),
                             }
                         }
-                        Err(e) => tracing::warn!(request = id, error = %e, "could not move off a draining node"),
                     }
                     continue;
                 }
@@ -628,6 +716,36 @@ impl Coordinator {
                 }
             };
             match ev {
+                pb::run_event::Event::Finished(f) if f.finish_reason == "moved" => {
+                    // The old node let go of the request after its last token: continue on
+                    // the peer holding its keys/values, or replay it anywhere.
+                    run.generated = self.requests.get(&id).map(|t| t.generated.clone()).unwrap_or_default();
+                    let opened = match switching.take() {
+                        Some((to, ticket)) => {
+                            run.kv_ticket = ticket;
+                            self.open_run_on(&to, &mut run).await
+                        }
+                        None => self.open_run(&run).await,
+                    };
+                    match opened {
+                        Ok((n, c, st)) => {
+                            self.registry.add_pending(&node, -1);
+                            tracing::info!(request = id, from = node, to = n, "moved off a draining node");
+                            (node, client, stream) = (n, c, st);
+                            migrations += 1;
+                            self.metrics.migrations.inc();
+                            if let Some(mut t) = self.requests.get_mut(&id) {
+                                t.node = node.clone();
+                                t.migrations = migrations;
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            break "error".into();
+                        }
+                    }
+                }
                 pb::run_event::Event::Token(t) => {
                     let now = Instant::now();
                     match last_token {

@@ -135,6 +135,12 @@ pub trait Backend: Send + Sync + 'static {
         v_col0: usize,
         slots: &[KvSlot],
     );
+    /// The keys/values of `positions` positions held in `blocks` (in order) on the host,
+    /// position-major: for each position, for each layer, the key then the value vector
+    /// (what moves a sequence to another node, whatever its block size).
+    fn kv_export(&self, kv: &Self::Kv, layout: &KvLayout, blocks: &[u32], positions: usize) -> Vec<f32>;
+    /// The inverse of [`Backend::kv_export`]: writes `data` into `blocks`.
+    fn kv_import(&self, kv: &mut Self::Kv, layout: &KvLayout, blocks: &[u32], data: &[f32]);
     /// Causal attention of each row's query (the first `n_heads * head_dim` columns of `qkv`,
     /// row stride `ld`) over its sequence's cached keys/values; `out` is `rows x q_dim`.
     #[allow(clippy::too_many_arguments)]
@@ -341,6 +347,32 @@ impl Backend for CpuBackend {
             kv[ko..ko + kd].copy_from_slice(&row[k_col0..k_col0 + kd]);
             let vo = layout.offset(s.block, s.layer, 1, s.slot);
             kv[vo..vo + kd].copy_from_slice(&row[v_col0..v_col0 + kd]);
+        }
+    }
+
+    fn kv_export(&self, kv: &Vec<f32>, layout: &KvLayout, blocks: &[u32], positions: usize) -> Vec<f32> {
+        let kd = layout.kv_dim();
+        let mut out = Vec::with_capacity(positions * layout.n_layers * 2 * kd);
+        for p in 0..positions {
+            let (block, slot) = (blocks[p / layout.block_size], p % layout.block_size);
+            for l in 0..layout.n_layers {
+                for kind in 0..2 {
+                    let o = layout.offset(block, l, kind, slot);
+                    out.extend_from_slice(&kv[o..o + kd]);
+                }
+            }
+        }
+        out
+    }
+
+    fn kv_import(&self, kv: &mut Vec<f32>, layout: &KvLayout, blocks: &[u32], data: &[f32]) {
+        let kd = layout.kv_dim();
+        for (i, v) in data.chunks_exact(kd).enumerate() {
+            let kind = i % 2;
+            let l = (i / 2) % layout.n_layers;
+            let p = i / (2 * layout.n_layers);
+            let o = layout.offset(blocks[p / layout.block_size], l, kind, p % layout.block_size);
+            kv[o..o + kd].copy_from_slice(v);
         }
     }
 

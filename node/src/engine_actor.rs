@@ -7,7 +7,7 @@
 //! small and a slow client must never stall the engine); when a client drops its
 //! [`RequestStream`], the request is cancelled on the next loop iteration.
 
-use crate::engine::{Engine, EngineError, Event, LoadReport, Request, RequestId};
+use crate::engine::{Engine, EngineError, EngineStats, Event, KvGeometry, KvState, LoadReport, Request, RequestId};
 use rrt_kernels::Backend;
 use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
@@ -16,8 +16,20 @@ use tokio::sync::{mpsc, oneshot};
 pub enum EngineCommand {
     Submit {
         request: Box<Request>,
+        /// A moved request's keys/values ([`Engine::submit_imported`]).
+        import: Option<Box<KvState>>,
         events: mpsc::UnboundedSender<Event>,
         reply: oneshot::Sender<Result<RequestId, EngineError>>,
+    },
+    /// Take a request off with its state ([`Engine::begin_export`]); `None` when it is not
+    /// (or no longer) here.
+    Export {
+        id: RequestId,
+        reply: oneshot::Sender<Option<KvState>>,
+    },
+    /// The engine's counters and cache geometry.
+    Stats {
+        reply: oneshot::Sender<(EngineStats, KvGeometry)>,
     },
     Cancel {
         id: RequestId,
@@ -87,11 +99,17 @@ impl EngineHandle {
 
     /// Submits a request; its events arrive on the returned stream.
     pub async fn submit(&self, request: Request) -> Result<RequestStream, ActorError> {
+        self.submit_with(request, None).await
+    }
+
+    /// Submits a request moved here with its keys/values (used when the cache has room).
+    pub async fn submit_with(&self, request: Request, import: Option<KvState>) -> Result<RequestStream, ActorError> {
         let (etx, erx) = mpsc::unbounded_channel();
         let (reply, wait) = oneshot::channel();
         self.tx
             .send(EngineCommand::Submit {
                 request: Box::new(request),
+                import: import.map(Box::new),
                 events: etx,
                 reply,
             })
@@ -111,6 +129,26 @@ impl EngineHandle {
             .send(EngineCommand::Cancel { id })
             .await
             .map_err(|_| ActorError::Closed)
+    }
+
+    /// Takes request `id` off the engine once nothing of it is in flight (at most one token's
+    /// loops) and returns its state; its stream ends with `Done { Moved }`.
+    pub async fn export(&self, id: RequestId) -> Result<Option<KvState>, ActorError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(EngineCommand::Export { id, reply })
+            .await
+            .map_err(|_| ActorError::Closed)?;
+        wait.await.map_err(|_| ActorError::Closed)
+    }
+
+    pub async fn stats(&self) -> Result<(EngineStats, KvGeometry), ActorError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(EngineCommand::Stats { reply })
+            .await
+            .map_err(|_| ActorError::Closed)?;
+        wait.await.map_err(|_| ActorError::Closed)
     }
 
     pub async fn load(&self) -> Result<LoadReport, ActorError> {
@@ -137,6 +175,7 @@ impl EngineHandle {
 fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>) {
     let mut streams: HashMap<RequestId, mpsc::UnboundedSender<Event>> = HashMap::new();
     let mut closing: Option<(bool, oneshot::Sender<()>)> = None;
+    let mut exports: HashMap<RequestId, oneshot::Sender<Option<KvState>>> = HashMap::new();
     loop {
         // Block for a command only when there is nothing to compute.
         let mut first = if engine.has_work() || closing.is_some() {
@@ -156,7 +195,12 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>)
                 },
             };
             match cmd {
-                EngineCommand::Submit { request, events, reply } => {
+                EngineCommand::Submit {
+                    request,
+                    import,
+                    events,
+                    reply,
+                } => {
                     if closing.is_some() {
                         let _ = reply.send(Err(EngineError::Config {
                             field: "shutdown",
@@ -164,7 +208,10 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>)
                         }));
                         continue;
                     }
-                    let r = engine.submit(*request);
+                    let r = match import {
+                        Some(state) => engine.submit_imported(*request, &state).map(|(id, _)| id),
+                        None => engine.submit(*request),
+                    };
                     if let Ok(id) = &r {
                         streams.insert(*id, events);
                     }
@@ -175,6 +222,16 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>)
                 }
                 EngineCommand::Load { reply } => {
                     let _ = reply.send(engine.load_report());
+                }
+                EngineCommand::Export { id, reply } => {
+                    if engine.begin_export(id) {
+                        exports.insert(id, reply);
+                    } else {
+                        let _ = reply.send(None);
+                    }
+                }
+                EngineCommand::Stats { reply } => {
+                    let _ = reply.send((engine.stats().clone(), engine.kv_geometry()));
                 }
                 EngineCommand::Shutdown { drain, reply } => closing = Some((drain, reply)),
             }
@@ -188,6 +245,7 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>)
         for id in gone {
             engine.cancel(id);
         }
+        hand_off(&mut engine, &mut exports, &mut streams);
         if let Some((drain, _)) = &closing
             && (!drain || engine.active() == 0)
         {
@@ -212,6 +270,32 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>)
                 }
                 route(&mut streams, engine.step().unwrap_or_default());
             }
+        }
+        hand_off(&mut engine, &mut exports, &mut streams);
+    }
+}
+
+/// Answers the exports that are ready (their `Moved` events go out first) and those whose
+/// request finished before it could be taken off.
+fn hand_off<B: Backend>(
+    engine: &mut Engine<B>,
+    exports: &mut HashMap<RequestId, oneshot::Sender<Option<KvState>>>,
+    streams: &mut HashMap<RequestId, mpsc::UnboundedSender<Event>>,
+) {
+    if exports.is_empty() {
+        return;
+    }
+    let ready = engine.take_exports();
+    route(streams, engine.take_events());
+    for (id, state) in ready {
+        if let Some(reply) = exports.remove(&id) {
+            let _ = reply.send(Some(state));
+        }
+    }
+    let gone: Vec<RequestId> = exports.keys().copied().filter(|id| !engine.is_active(*id)).collect();
+    for id in gone {
+        if let Some(reply) = exports.remove(&id) {
+            let _ = reply.send(None);
         }
     }
 }

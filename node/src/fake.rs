@@ -164,6 +164,17 @@ impl pb::node_server::Node for FakeNode {
         }))
     }
 
+    type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::KvChunk, Status>> + Send>>;
+
+    /// A fake node has no keys/values: the coordinator moves its requests by replay.
+    async fn export(&self, _req: Request<pb::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+        Err(Status::unimplemented("a fake node has no keys/values to export"))
+    }
+
+    async fn import(&self, _req: Request<tonic::Streaming<pb::KvChunk>>) -> Result<Response<pb::ImportResponse>, Status> {
+        Err(Status::unimplemented("a fake node has no keys/values to import"))
+    }
+
     async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<api::ModelInfoResponse>, Status> {
         Ok(Response::new(api::ModelInfoResponse {
             model: "fake".into(),

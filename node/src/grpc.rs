@@ -1,7 +1,7 @@
 //! The gRPC ingress of a node: the internal `rrt.v1.node.Node` service over the engine actor.
 //! Prost types stop here: requests become [`Request`]s, engine events become `RunEvent`s.
 
-use crate::engine::{Event, GenParams, LoadReport, Request};
+use crate::engine::{Event, GenParams, KvGeometry, KvState, LoadReport, Request};
 use crate::engine_actor::{ActorError, EngineHandle};
 use rrt_model::chat::{Message, Prompter};
 use rrt_model::sampling::SamplingParams;
@@ -9,8 +9,8 @@ use rrt_proto::v1::node as pb;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -85,7 +85,18 @@ struct Inner {
     requests: AtomicU64,
     cancelled: AtomicU64,
     rate: Mutex<(Instant, u64, f32)>,
+    /// The weights' fingerprint (computed in the background at start; no KV moves before).
+    fingerprint: OnceLock<String>,
+    /// Imported states waiting for their Run, by ticket.
+    staged: Mutex<HashMap<String, (KvState, Instant)>>,
 }
+
+/// Staged state unused this long is dropped.
+const STAGED_TTL: Duration = Duration::from_secs(60);
+/// Most bytes of staged state held at once.
+const STAGED_MAX_BYTES: usize = 1 << 30;
+/// Bytes of keys/values per Export chunk (rounded down to whole positions).
+const CHUNK_BYTES: usize = 1 << 20;
 
 fn status(e: ActorError) -> Status {
     match e {
@@ -99,6 +110,35 @@ fn status(e: ActorError) -> Status {
         }
         ActorError::Engine(e) => Status::internal(e.to_string()),
     }
+}
+
+/// Whether an imported header fits this node: same weights, same cache geometry, tokens for
+/// every position.
+fn check_import(h: &pb::KvHeader, geo: &KvGeometry, fingerprint: &str) -> Result<(), Status> {
+    if h.request_id.is_empty() {
+        return Err(Status::invalid_argument("request_id: empty"));
+    }
+    if h.model_fingerprint != fingerprint {
+        return Err(Status::failed_precondition(format!(
+            "model_fingerprint: the keys/values come from other weights ({} here, {} there)",
+            fingerprint, h.model_fingerprint
+        )));
+    }
+    let theirs = (h.layers as usize, h.kv_heads as usize, h.head_dim as usize);
+    if theirs != (geo.layers, geo.kv_heads, geo.head_dim) {
+        return Err(Status::failed_precondition(format!(
+            "layers/kv_heads/head_dim: {theirs:?} there, {:?} here",
+            (geo.layers, geo.kv_heads, geo.head_dim)
+        )));
+    }
+    if h.positions as usize >= h.tokens.len() {
+        return Err(Status::invalid_argument(format!(
+            "positions: {} computed positions for {} tokens (the last token is never computed)",
+            h.positions,
+            h.tokens.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Converts a wire request into an engine request (a moved request's generated tokens extend
@@ -190,6 +230,10 @@ fn to_load(node_id: &str, loops: usize, l: LoadReport, rate: f32, draining: bool
         recent_tokens_per_second: rate,
         loops: loops as u32,
         draining,
+        prefill_tokens_total: l.prefill_tokens,
+        kv_imports_total: l.kv_imports,
+        kv_exports_total: l.kv_exports,
+        kv_import_fallbacks_total: l.kv_import_fallbacks,
         ..Default::default()
     }
 }
@@ -208,8 +252,24 @@ impl NodeService {
                 requests: AtomicU64::new(0),
                 cancelled: AtomicU64::new(0),
                 rate: Mutex::new((Instant::now(), 0, 0.0)),
+                fingerprint: OnceLock::new(),
+                staged: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Sets the weights' fingerprint (once; later calls are ignored). Until it is set the
+    /// node neither exports nor imports keys/values.
+    pub fn set_fingerprint(&self, fingerprint: String) {
+        let _ = self.inner.fingerprint.set(fingerprint);
+    }
+
+    fn fingerprint(&self) -> Result<&str, Status> {
+        self.inner
+            .fingerprint
+            .get()
+            .map(String::as_str)
+            .ok_or_else(|| Status::failed_precondition("the model's fingerprint is not computed yet"))
     }
 
     /// Refuses new requests from now on (in-flight ones continue).
@@ -243,7 +303,24 @@ impl pb::node_server::Node for NodeService {
         }
         let r = req.into_inner();
         let request = to_request(&r)?;
-        let mut stream = self.inner.engine.submit(request).await.map_err(status)?;
+        let import = if r.kv_ticket.is_empty() {
+            None
+        } else {
+            let staged = self.inner.staged.lock().expect("staged lock").remove(&r.kv_ticket);
+            match staged {
+                Some((state, _)) => Some(state),
+                None => {
+                    tracing::warn!(ticket = r.kv_ticket, "unknown kv ticket: recomputing");
+                    None
+                }
+            }
+        };
+        let mut stream = self
+            .inner
+            .engine
+            .submit_with(request, import)
+            .await
+            .map_err(status)?;
         let rid = if r.request_id.is_empty() {
             format!("{}-{}", self.inner.node_id, stream.id)
         } else {
@@ -314,6 +391,105 @@ impl pb::node_server::Node for NodeService {
         }
         let unfinished = self.inner.ids.lock().expect("ids lock").keys().cloned().collect();
         Ok(Response::new(pb::DrainResponse { unfinished }))
+    }
+
+    type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::KvChunk, Status>> + Send>>;
+
+    async fn export(&self, req: GrpcRequest<pb::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+        let rid = req.into_inner().request_id;
+        let fingerprint = self.fingerprint()?.to_string();
+        let id = self.inner.ids.lock().expect("ids lock").get(&rid).copied();
+        let Some(id) = id else {
+            return Err(Status::not_found(format!("request `{rid}` is not on this node")));
+        };
+        let (_, geo) = self.inner.engine.stats().await.map_err(status)?;
+        let Some(state) = self.inner.engine.export(id).await.map_err(status)? else {
+            return Err(Status::not_found(format!("request `{rid}` finished before it could move")));
+        };
+        tracing::info!(request = rid, positions = state.positions, "exporting a request with its keys/values");
+        let header = pb::KvHeader {
+            request_id: rid,
+            tokens: state.tokens,
+            prompt_tokens: state.prompt_tokens as u32,
+            positions: state.positions as u32,
+            layers: geo.layers as u32,
+            kv_heads: geo.kv_heads as u32,
+            head_dim: geo.head_dim as u32,
+            model_fingerprint: fingerprint,
+        };
+        let per_chunk = (CHUNK_BYTES / (geo.position_floats() * 4)).max(1) * geo.position_floats();
+        let data = state.data;
+        let chunks = std::iter::once(pb::kv_chunk::Chunk::Header(header)).chain(
+            (0..data.len().div_ceil(per_chunk)).map(move |i| {
+                let part = &data[i * per_chunk..((i + 1) * per_chunk).min(data.len())];
+                pb::kv_chunk::Chunk::Data(part.iter().flat_map(|f| f.to_le_bytes()).collect())
+            }),
+        );
+        let stream = tokio_stream::iter(chunks.map(|c| Ok(pb::KvChunk { chunk: Some(c) })));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn import(
+        &self,
+        req: GrpcRequest<tonic::Streaming<pb::KvChunk>>,
+    ) -> Result<Response<pb::ImportResponse>, Status> {
+        if self.inner.draining.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("the node is draining"));
+        }
+        let fingerprint = self.fingerprint()?.to_string();
+        let (_, geo) = self.inner.engine.stats().await.map_err(status)?;
+        let mut chunks = req.into_inner();
+        let header = match chunks.message().await? {
+            Some(pb::KvChunk {
+                chunk: Some(pb::kv_chunk::Chunk::Header(h)),
+            }) => h,
+            _ => return Err(Status::invalid_argument("chunk: the first chunk must be the header")),
+        };
+        check_import(&header, &geo, &fingerprint)?;
+        let want = header.positions as usize * geo.position_floats();
+        let bytes = want * 4;
+        {
+            let mut staged = self.inner.staged.lock().expect("staged lock");
+            staged.retain(|_, (_, at)| at.elapsed() < STAGED_TTL);
+            let held: usize = staged.values().map(|(s, _)| s.data.len() * 4).sum();
+            if held + bytes > STAGED_MAX_BYTES {
+                return Err(Status::resource_exhausted(format!(
+                    "{bytes} bytes of keys/values do not fit next to the {held} bytes already staged"
+                )));
+            }
+        }
+        let mut data: Vec<f32> = Vec::with_capacity(want);
+        while let Some(c) = chunks.message().await? {
+            let Some(pb::kv_chunk::Chunk::Data(b)) = c.chunk else {
+                return Err(Status::invalid_argument("chunk: only data may follow the header"));
+            };
+            if b.len() % 4 != 0 || data.len() + b.len() / 4 > want {
+                return Err(Status::invalid_argument(format!(
+                    "data: more than the header's {} positions, or not whole floats",
+                    header.positions
+                )));
+            }
+            data.extend(b.chunks_exact(4).map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]])));
+        }
+        if data.len() != want {
+            return Err(Status::invalid_argument(format!(
+                "data: {} floats of the header's {want} arrived",
+                data.len()
+            )));
+        }
+        let ticket = header.request_id.clone();
+        let state = KvState {
+            tokens: header.tokens,
+            prompt_tokens: header.prompt_tokens as usize,
+            positions: header.positions as usize,
+            data,
+        };
+        self.inner
+            .staged
+            .lock()
+            .expect("staged lock")
+            .insert(ticket.clone(), (state, Instant::now()));
+        Ok(Response::new(pb::ImportResponse { ticket }))
     }
 
     async fn tokenize(&self, req: GrpcRequest<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {

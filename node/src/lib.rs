@@ -5,10 +5,11 @@
 pub mod engine;
 pub mod engine_actor;
 pub mod fake;
+pub mod fingerprint;
 pub mod grpc;
 pub mod server;
 
 pub use engine::{
     Batching, Engine, EngineConfig, EngineError, EngineStats, Event, ExitControl, ExitRule, FinishReason, GenParams,
-    KvFill, LoadReport, Request, RequestId, ResidentModel, TokenEvent, Usage,
+    KvFill, KvGeometry, KvState, LoadReport, Request, RequestId, ResidentModel, TokenEvent, Usage,
 };

@@ -56,8 +56,17 @@ pub fn start(lm: LoadedModel, mut cfg: EngineConfig, early_exit: bool, node_id: 
     let loops = lm.model.loops();
     let engine = Engine::new(ResidentModel::new(CpuBackend, lm.model), tokenizer, cfg)?;
     let (handle, engine_thread) = EngineHandle::spawn(engine, 1024);
+    let service = NodeService::new(node_id, served, handle.clone());
+    {
+        // Hashing the weights takes a while; until it is done the node moves no KV.
+        let (service, path) = (service.clone(), lm.path.clone());
+        std::thread::spawn(move || match crate::fingerprint::of_path(&path) {
+            Ok(f) => service.set_fingerprint(f),
+            Err(e) => tracing::warn!(error = %e, path = %path.display(), "cannot fingerprint the model: no KV moves"),
+        });
+    }
     Ok(Node {
-        service: NodeService::new(node_id, served, handle.clone()),
+        service,
         engine: handle,
         engine_thread,
         loops,

@@ -775,3 +775,137 @@ fn resumed_requests_continue_exactly() {
         whole_pieces.concat() + &whole_tail
     );
 }
+
+/// A sequence exported mid-generation from one engine and imported into another (with a
+/// different block size and its own traffic) continues exactly as if undisturbed: seeded
+/// sampling, early exits with propagated KV fill, no prefill on the importing engine, and
+/// every block accounted for on both sides.
+#[test]
+fn exported_sequence_continues_exactly_on_another_engine() {
+    let sched: Vec<u8> = vec![3, 1, 2, 3, 1, 1, 2, 3, 2, 1, 3, 3, 1, 2, 2, 1, 3, 1, 2, 3];
+    let params = |sched: &[u8], max_tokens: usize, resumed: usize| {
+        let mut p = GenParams {
+            max_tokens,
+            ignore_eos: true,
+            sampling: SamplingParams {
+                temperature: 0.9,
+                top_k: 40,
+                seed: Some(7),
+                ..Default::default()
+            },
+            resumed,
+            ..Default::default()
+        };
+        p.exit.schedule = Some(sched.to_vec());
+        p
+    };
+    let prompt: Vec<u32> = (0..23).map(|i| 40 + 7 * i).collect();
+    let model = || tiny_model(6, 3, 2, 21);
+    let other = |eng: &mut rrt_node::Engine<rrt_kernels::CpuBackend>, base: u32| {
+        eng.submit(Request {
+            prompt: (0..17).map(|i| base + i).collect(),
+            params: params(&sched, 20, 0),
+        })
+        .unwrap()
+    };
+    // Undisturbed.
+    let mut r = engine(model(), tok(), EngineConfig::default());
+    let rid = r
+        .submit(Request {
+            prompt: prompt.clone(),
+            params: params(&sched, 20, 0),
+        })
+        .unwrap();
+    let want = collect(&r.run_to_completion().unwrap())[&rid].0.clone();
+    assert_eq!(want.len(), 20);
+
+    // Engine A: the request next to another one, exported after 7 tokens.
+    let mut a = engine(model(), tok(), EngineConfig { max_step_rows: 24, ..Default::default() });
+    other(&mut a, 300);
+    let id = a
+        .submit(Request {
+            prompt: prompt.clone(),
+            params: params(&sched, 20, 0),
+        })
+        .unwrap();
+    let mut events = Vec::new();
+    while collect(&events).get(&id).is_none_or(|(t, _)| t.len() < 7) {
+        events.extend(a.step().unwrap());
+    }
+    assert!(a.begin_export(id));
+    let state = loop {
+        events.extend(a.step().unwrap());
+        a.check_invariants().unwrap();
+        if let Some((eid, s)) = a.take_exports().pop() {
+            assert_eq!(eid, id);
+            events.extend(a.take_events());
+            break s;
+        }
+    };
+    let (first, done) = collect(&events)[&id].clone();
+    assert!(matches!(
+        done,
+        Some(Event::Done {
+            finish_reason: FinishReason::Moved,
+            ..
+        })
+    ));
+    assert_eq!(state.tokens[..prompt.len()], prompt[..]);
+    assert_eq!(state.tokens[prompt.len()..], first[..]);
+    assert_eq!(state.prompt_tokens, prompt.len());
+    assert_eq!(state.positions, state.tokens.len() - 1, "all but the last token computed");
+    a.run_to_completion().unwrap();
+    a.check_invariants().unwrap();
+    assert_eq!(a.kv_blocks().0, a.kv_blocks().1, "A frees the exported blocks");
+    assert_eq!(a.stats().kv_exports, 1);
+
+    // Engine B: block size 4, its own request already past prefill.
+    let mut b = engine(
+        model(),
+        tok(),
+        EngineConfig {
+            block_size: 4,
+            ..Default::default()
+        },
+    );
+    other(&mut b, 500);
+    for _ in 0..6 {
+        b.step().unwrap();
+    }
+    let prefill_before = b.stats().prefill_tokens;
+    let n = first.len();
+    let (bid, used) = b
+        .submit_imported(
+            Request {
+                prompt: state.tokens.clone(),
+                params: params(&sched[n..], 20 - n, n),
+            },
+            &state,
+        )
+        .unwrap();
+    assert!(used, "B has room for the keys/values");
+    let mut rest = Vec::new();
+    while b.has_work() {
+        rest.extend(b.step().unwrap());
+        b.check_invariants().unwrap();
+    }
+    let (second, _) = collect(&rest)[&bid].clone();
+    assert_eq!([first, second].concat(), want, "moved output != undisturbed output");
+    assert_eq!(b.stats().prefill_tokens, prefill_before, "B recomputed nothing");
+    assert_eq!(b.stats().kv_imports, 1);
+    assert_eq!(b.kv_blocks().0, b.kv_blocks().1);
+
+    // A state for other weights' geometry, or not a prefix of the request, is refused.
+    let mut bad = state.clone();
+    bad.data.pop();
+    assert!(matches!(
+        b.submit_imported(Request { prompt: state.tokens.clone(), params: params(&sched, 5, 0) }, &bad),
+        Err(EngineError::InvalidRequest { field: "kv_state", .. })
+    ));
+    let mut wrong = state.tokens.clone();
+    wrong[0] += 1;
+    assert!(matches!(
+        b.submit_imported(Request { prompt: wrong, params: params(&sched, 5, 0) }, &state),
+        Err(EngineError::InvalidRequest { field: "kv_state", .. })
+    ));
+}

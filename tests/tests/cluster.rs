@@ -684,8 +684,12 @@ const FAILOVER_PROMPTS: [&str; 6] = [
 
 /// Runs 30 concurrent greedy streams of 32 tokens; once every stream has 4 tokens, sends
 /// `disturb = (signal, node addresses, node pids)` to the busiest node. Returns each stream's
-/// tokens and its longest wait between two messages, and the node signalled.
-async fn thirty_streams(grpc: &str, disturb: Option<(&str, &[String], &[u32])>) -> (Vec<(Vec<u32>, Duration)>, usize) {
+/// tokens and its longest wait between two messages, the node signalled, and the nodes' load
+/// reports taken just before the signal.
+async fn thirty_streams(
+    grpc: &str,
+    disturb: Option<(&str, &[String], &[u32])>,
+) -> (Vec<(Vec<u32>, Duration)>, usize, Vec<pb::LoadReport>) {
     let client = api::generation_client::GenerationClient::connect(grpc.to_string())
         .await
         .unwrap();
@@ -721,8 +725,10 @@ async fn thirty_streams(grpc: &str, disturb: Option<(&str, &[String], &[u32])>) 
     }
     let _ = started.acquire_many(30).await.unwrap();
     let mut victim = usize::MAX;
+    let mut before = Vec::new();
     if let Some((sig, nodes, pids)) = disturb {
-        victim = busiest(nodes).await;
+        before = loads(nodes).await;
+        victim = (0..nodes.len()).max_by_key(|&i| before[i].running_requests).unwrap();
         let st = Command::new("kill")
             .args([sig, &pids[victim].to_string()])
             .status()
@@ -733,13 +739,7 @@ async fn thirty_streams(grpc: &str, disturb: Option<(&str, &[String], &[u32])>) 
     for t in tasks {
         out.push(t.await.unwrap());
     }
-    (out, victim)
-}
-
-/// The node with the most running requests.
-async fn busiest(nodes: &[String]) -> usize {
-    let l = loads(nodes).await;
-    (0..nodes.len()).max_by_key(|&i| l[i].running_requests).unwrap()
+    (out, victim, before)
 }
 
 fn signal(p: &Proc, sig: &str) {
@@ -759,11 +759,11 @@ async fn node_loss_mid_stream_loses_nothing() {
     let _serial = SERIAL.lock().await;
     for how in ["-KILL", "-STOP", "-TERM"] {
         let (procs, nodes, grpc, http) = cluster(3, "128", &[]);
-        let (undisturbed, _) = thirty_streams(&grpc, None).await;
+        let (undisturbed, _, _) = thirty_streams(&grpc, None).await;
         let l = loads(&nodes).await;
         assert!(l.iter().all(|r| r.requests_total > 0), "all three nodes serve: {l:?}");
         let pids: Vec<u32> = procs[..3].iter().map(|p| p.0.id()).collect();
-        let (disturbed, victim) = thirty_streams(&grpc, Some((how, &nodes, &pids))).await;
+        let (disturbed, victim, before) = thirty_streams(&grpc, Some((how, &nodes, &pids))).await;
         for (i, ((want, _), (got, gap))) in undisturbed.iter().zip(&disturbed).enumerate() {
             assert_eq!(got, want, "{how}: stream {i} differs from its undisturbed output");
             assert!(*gap < Duration::from_secs(10), "{how}: stream {i} waited {gap:?}");
@@ -786,7 +786,27 @@ async fn node_loss_mid_stream_loses_nothing() {
             signal(&procs[victim], "-CONT");
         }
         if how == "-TERM" {
-            // Drained: its requests moved to peers, and it exits 0 on its own.
+            // Drained: its requests moved to peers with their keys/values (the peers computed
+            // no prefill for them), and it exits 0 on its own.
+            let peers: Vec<String> = (0..3).filter(|&i| i != victim).map(|i| nodes[i].clone()).collect();
+            let after = loads(&peers).await;
+            let was: Vec<&pb::LoadReport> = (0..3).filter(|&i| i != victim).map(|i| &before[i]).collect();
+            let moved = before[victim].running_requests + before[victim].waiting_requests;
+            assert!(moved > 0, "the drained node ran nothing?");
+            for (a, b) in after.iter().zip(&was) {
+                assert_eq!(
+                    a.prefill_tokens_total, b.prefill_tokens_total,
+                    "a peer recomputed a moved request's prompt: {b:?} -> {a:?}"
+                );
+                assert_eq!(a.kv_import_fallbacks_total, 0, "{a:?}");
+            }
+            let imported: u64 = after.iter().map(|a| a.kv_imports_total).sum();
+            let imported_before: u64 = was.iter().map(|a| a.kv_imports_total).sum();
+            assert_eq!(
+                imported - imported_before,
+                moved as u64,
+                "every request of the drained node moved with its keys/values"
+            );
             let mut procs = procs;
             let t = Instant::now();
             loop {

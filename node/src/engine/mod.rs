@@ -147,6 +147,13 @@ pub struct EngineStats {
     /// Output tokens by loops run (index = loops - 1).
     pub exits: Vec<u64>,
     pub preemptions: u64,
+    /// Positions computed from a prompt (or replayed output, or recomputed after preemption)
+    /// rather than decoded: what a KV import saves.
+    pub prefill_tokens: u64,
+    /// Sequences taken over with their keys/values / handed off / whose import found no room.
+    pub kv_imports: u64,
+    pub kv_exports: u64,
+    pub kv_import_fallbacks: u64,
     /// Wall time in passes of the shared block (all rows, all layers of one loop).
     pub pass_seconds: f64,
     /// Wall time in the final norm + LM head (decoding and softmax exit tests).
@@ -178,6 +185,11 @@ pub struct LoadReport {
     pub free_blocks: usize,
     pub total_blocks: usize,
     pub block_size: usize,
+    /// Counters of [`EngineStats`]: prefill positions, KV imports / exports / fallbacks.
+    pub prefill_tokens: u64,
+    pub kv_imports: u64,
+    pub kv_exports: u64,
+    pub kv_import_fallbacks: u64,
 }
 
 struct Seq {
@@ -195,6 +207,41 @@ struct Seq {
     running: bool,
     loops: usize,
     preemptions: usize,
+    /// Positions below this are prefill (the prompt, or nothing of an imported sequence's
+    /// already computed positions).
+    prefill_end: usize,
+    /// Tokens of `prompt` that were generated elsewhere (a moved request).
+    resumed: usize,
+    /// Being exported: takes no new rows; leaves once nothing of it is in flight.
+    exporting: bool,
+}
+
+/// A sequence's state as it moves between nodes: its tokens and the keys/values of every
+/// unrolled layer for its first `positions` positions (position-major, see
+/// [`rrt_kernels::Backend::kv_export`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvState {
+    /// Prompt then generated tokens.
+    pub tokens: Vec<u32>,
+    /// How many of `tokens` are the original prompt.
+    pub prompt_tokens: usize,
+    pub positions: usize,
+    pub data: Vec<f32>,
+}
+
+/// The cache geometry a [`KvState`] must match to be imported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvGeometry {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvGeometry {
+    /// Floats per position (all layers, keys and values).
+    pub fn position_floats(&self) -> usize {
+        self.layers * 2 * self.kv_heads * self.head_dim
+    }
 }
 
 impl Seq {
@@ -352,12 +399,26 @@ impl<B: Backend> Engine<B> {
             free_blocks: self.free.len(),
             total_blocks: self.n_blocks,
             block_size: self.cfg.block_size,
+            prefill_tokens: self.stats.prefill_tokens,
+            kv_imports: self.stats.kv_imports,
+            kv_exports: self.stats.kv_exports,
+            kv_import_fallbacks: self.stats.kv_import_fallbacks,
         }
     }
 
     /// Requests not finished (running or waiting).
     pub fn active(&self) -> usize {
         self.seqs.len()
+    }
+
+    /// Whether request `id` is still here (running or waiting).
+    pub fn is_active(&self, id: RequestId) -> bool {
+        self.seqs.contains_key(&id)
+    }
+
+    /// Events queued outside a step (cancellations, exports), in order.
+    pub fn take_events(&mut self) -> Vec<(RequestId, Event)> {
+        std::mem::take(&mut self.events)
     }
 
     /// Whether a step would do anything.
@@ -404,9 +465,122 @@ impl<B: Backend> Engine<B> {
                 running: false,
                 loops: 0,
                 preemptions: 0,
+                prefill_end: 0,
+                resumed,
+                exporting: false,
             },
         );
+        let s = self.seqs.get_mut(&id).expect("just inserted");
+        s.prefill_end = s.prompt.len();
         Ok(id)
+    }
+
+    /// The geometry of this engine's cache, for [`KvState`]s.
+    pub fn kv_geometry(&self) -> KvGeometry {
+        KvGeometry {
+            layers: self.layout.n_layers,
+            kv_heads: self.layout.n_kv_heads,
+            head_dim: self.layout.head_dim,
+        }
+    }
+
+    /// Accepts a request moved from another node with its keys/values: the sequence starts
+    /// with `state.positions` positions computed (no prefill) when the cache has room for
+    /// them now, and is recomputed like any resumed request otherwise. `req.prompt` must be
+    /// the prompt plus the generated tokens and begin with `state.tokens[..state.positions]`.
+    /// Returns the id and whether the keys/values were used.
+    pub fn submit_imported(&mut self, req: Request, state: &KvState) -> Result<(RequestId, bool), EngineError> {
+        let bad = |msg: String| EngineError::InvalidRequest { field: "kv_state", msg };
+        let geo = self.kv_geometry();
+        if state.data.len() != state.positions * geo.position_floats() {
+            return Err(bad(format!(
+                "{} floats for {} positions of {} floats",
+                state.data.len(),
+                state.positions,
+                geo.position_floats()
+            )));
+        }
+        if state.positions >= req.prompt.len() || req.prompt[..state.positions] != state.tokens[..state.positions] {
+            return Err(bad(format!(
+                "its {} computed positions are not a proper prefix of the request's {} tokens",
+                state.positions,
+                req.prompt.len()
+            )));
+        }
+        let id = self.submit(req)?;
+        let need = state.positions.div_ceil(self.cfg.block_size);
+        let running = self.seqs.values().filter(|q| q.running).count();
+        if state.positions == 0 || need > self.free.len() || running >= self.cfg.max_running {
+            if state.positions > 0 {
+                self.stats.kv_import_fallbacks += 1;
+            }
+            return Ok((id, false));
+        }
+        let s = self.seqs.get_mut(&id).expect("just submitted");
+        for _ in 0..need {
+            s.kv.blocks.push(self.free.pop().expect("counted above"));
+        }
+        self.model
+            .backend
+            .kv_import(&mut self.kv, &self.layout, &s.kv.blocks, &state.data);
+        s.kv.len = state.positions;
+        s.fed = state.positions;
+        s.prefill_end = state.positions;
+        s.running = true;
+        self.stats.kv_imports += 1;
+        Ok((id, true))
+    }
+
+    /// Starts taking `id` off this node: it takes no new rows from now on, and once nothing
+    /// of it is in flight [`Engine::take_exports`] hands out its state. False for an unknown
+    /// id.
+    pub fn begin_export(&mut self, id: RequestId) -> bool {
+        match self.seqs.get_mut(&id) {
+            Some(s) => {
+                s.exporting = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The state of every exporting sequence with nothing in flight; each leaves the engine
+    /// (its blocks freed) with a `Done { Moved }` event after its last token.
+    pub fn take_exports(&mut self) -> Vec<(RequestId, KvState)> {
+        let ready: Vec<RequestId> = self
+            .seqs
+            .iter()
+            .filter(|(id, s)| {
+                s.exporting
+                    && !self.flights.iter().any(|f| f.seq == **id)
+                    && !self.fills.iter().any(|f| f.seq == **id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::with_capacity(ready.len());
+        for id in ready {
+            let s = &self.seqs[&id];
+            let positions = s.fed;
+            let data = self
+                .model
+                .backend
+                .kv_export(&self.kv, &self.layout, &s.kv.blocks, positions);
+            let mut tokens = s.prompt.clone();
+            tokens.extend_from_slice(&s.out);
+            let prompt_tokens = s.prompt.len() - s.resumed.min(s.prompt.len());
+            out.push((
+                id,
+                KvState {
+                    tokens,
+                    prompt_tokens,
+                    positions,
+                    data,
+                },
+            ));
+            self.stats.kv_exports += 1;
+            self.finish(id, FinishReason::Moved, String::new());
+        }
+        out
     }
 
     /// Cancels a request: its rows and KV blocks are freed now; a `Done { Cancelled }` event
@@ -434,7 +608,10 @@ impl<B: Backend> Engine<B> {
     fn finish(&mut self, id: RequestId, reason: FinishReason, mut text: String) {
         self.release(id);
         if let Some(mut s) = self.seqs.remove(&id) {
-            if reason != FinishReason::Cancelled && reason != FinishReason::Stop {
+            if !matches!(
+                reason,
+                FinishReason::Cancelled | FinishReason::Stop | FinishReason::Moved
+            ) {
                 text.push_str(&s.text.finish(&self.tokenizer).unwrap_or_default());
             }
             let usage = Usage {
@@ -511,7 +688,7 @@ impl<B: Backend> Engine<B> {
     fn admit(&mut self) -> Vec<NewRow> {
         let mut budget = self.cfg.max_step_rows.saturating_sub(self.flights.len());
         let mut rows = Vec::new();
-        let ready = |s: &Seq| s.fed < s.total() && !s.emit_in_flight;
+        let ready = |s: &Seq| s.fed < s.total() && !s.emit_in_flight && !s.exporting;
         let decode: Vec<RequestId> = self
             .seqs
             .iter()
@@ -559,6 +736,9 @@ impl<B: Backend> Engine<B> {
             s.running = true;
             for pos in fed..fed + n {
                 let emit = pos + 1 == total;
+                if pos + 1 < total || pos < s.prefill_end {
+                    self.stats.prefill_tokens += 1;
+                }
                 rows.push(NewRow {
                     seq: id,
                     pos,

@@ -86,6 +86,9 @@ pub enum FinishReason {
     Eos,
     /// The client cancelled.
     Cancelled,
+    /// Taken off this node with its state ([`super::Engine::begin_export`]) to continue on
+    /// another one.
+    Moved,
 }
 
 impl FinishReason {
@@ -95,6 +98,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Eos => "eos",
             FinishReason::Cancelled => "cancelled",
+            FinishReason::Moved => "moved",
         }
     }
 }
