@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 type NodeClient = pb::node_client::NodeClient<tonic::transport::Channel>;
 
@@ -129,6 +130,13 @@ fn node_is_down(status: &tonic::Status) -> bool {
     matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) && !status.message().contains("draining")
 }
 
+/// `run` as a call carrying the current span's trace context.
+fn traced(run: &pb::RunRequest) -> tonic::Request<pb::RunRequest> {
+    let mut r = tonic::Request::new(run.clone());
+    rrt_telemetry::propagate::inject(&tracing::Span::current(), r.metadata_mut());
+    r
+}
+
 /// What came of trying to move a request with its keys/values.
 enum KvMove {
     /// Its state is staged on `node` under `ticket`; the old stream ends with "moved".
@@ -226,6 +234,23 @@ impl Coordinator {
         self.metrics
             .healthy_nodes
             .set(s.iter().filter(|n| n.healthy && !n.draining).count() as i64);
+        let live: Vec<_> = s.iter().filter(|n| n.healthy).collect();
+        self.metrics
+            .node_waiting_tokens
+            .set(live.iter().map(|n| n.waiting_tokens as i64).sum());
+        let depths = live.iter().map(|n| n.rows_per_depth.len()).max().unwrap_or(0);
+        for d in 0..depths {
+            let rows: usize = live.iter().filter_map(|n| n.rows_per_depth.get(d)).sum();
+            self.metrics
+                .rows_in_flight
+                .get_or_create(&crate::metrics::Depth { depth: d as u32 })
+                .set(rows as i64);
+        }
+        let total: usize = live.iter().map(|n| n.total_kv_blocks).sum();
+        let free: usize = live.iter().map(|n| n.free_kv_blocks).sum();
+        self.metrics
+            .kv_usage
+            .set(if total > 0 { 1.0 - free as f64 / total as f64 } else { 0.0 });
     }
 
     /// The least loaded healthy node for a call that is not a generation.
@@ -351,9 +376,24 @@ impl Coordinator {
     /// Validates, tokenizes, routes and starts a generation.
     pub async fn generate(self: &Arc<Self>, mut req: GenRequest) -> Result<Generation, CoordError> {
         let arrived = Instant::now();
-        let r = self.start(&mut req, arrived).await;
-        if r.is_err() {
+        let span = tracing::info_span!(
+            target: "rrt_coordinator",
+            "request",
+            request_id = tracing::field::Empty,
+            node = tracing::field::Empty,
+            queue_ms = tracing::field::Empty,
+            migrations = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            tokens = tracing::field::Empty,
+            finish_reason = tracing::field::Empty,
+            mean_loops = tracing::field::Empty,
+        );
+        req.trace.set_parent_of(&span);
+        let r = self.start(&mut req, arrived).instrument(span.clone()).await;
+        if let Err(e) = &r {
             self.metrics.outcome("rejected");
+            self.metrics.rejected(e);
+            span.record("finish_reason", format!("rejected: {e}"));
         }
         r
     }
@@ -474,14 +514,23 @@ impl Coordinator {
         );
         self.metrics.prompt_tokens.inc_by(prompt.len() as u64);
         self.metrics.running.inc();
+        self.metrics.queued.inc();
         let (tx, rx) = mpsc::channel(64);
         let me = self.clone();
         let (id, n, deadline) = (req.id.clone(), node.clone(), req.deadline);
-        tokio::spawn(async move {
-            me.pump(id, run, n, client, stream, tx, arrived, deadline, move_now)
-                .await;
-            drop(permit);
-        });
+        let span = tracing::Span::current();
+        span.record("request_id", req.id.as_str());
+        span.record("node", node.as_str());
+        span.record("prompt_tokens", prompt.len() as i64);
+        span.record("queue_ms", arrived.elapsed().as_secs_f64() * 1e3);
+        tokio::spawn(
+            async move {
+                me.pump(id, run, n, client, stream, tx, arrived, deadline, move_now)
+                    .await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
         Ok(Generation {
             id: req.id.clone(),
             node,
@@ -509,7 +558,7 @@ impl Coordinator {
                 continue;
             };
             self.registry.add_pending(&node, 1);
-            match client.run(run.clone()).await {
+            match client.run(traced(run)).await {
                 Ok(stream) => return Ok((node, client, stream.into_inner())),
                 Err(s) => {
                     self.registry.add_pending(&node, -1);
@@ -573,7 +622,7 @@ impl Coordinator {
     ) -> Result<(String, NodeClient, tonic::Streaming<pb::RunEvent>), CoordError> {
         if let Some(mut client) = self.registry.client(node) {
             self.registry.add_pending(node, 1);
-            match client.run(run.clone()).await {
+            match client.run(traced(run)).await {
                 Ok(s) => {
                     run.kv_ticket.clear();
                     return Ok((node.to_string(), client, s.into_inner()));
@@ -748,6 +797,9 @@ impl Coordinator {
                 }
                 pb::run_event::Event::Token(t) => {
                     let now = Instant::now();
+                    if last_token.is_none() {
+                        self.metrics.queued.dec();
+                    }
                     match last_token {
                         None => self
                             .metrics
@@ -822,6 +874,15 @@ impl Coordinator {
         self.requests.remove(&id);
         self.registry.add_pending(&node, -1);
         self.metrics.running.dec();
+        if last_token.is_none() {
+            self.metrics.queued.dec();
+        }
         self.metrics.outcome(&outcome);
+        let span = tracing::Span::current();
+        span.record("node", node.as_str());
+        span.record("migrations", migrations as i64);
+        span.record("tokens", tokens as i64);
+        span.record("finish_reason", outcome.as_str());
+        span.record("mean_loops", if tokens > 0 { loops as f64 / tokens as f64 } else { 0.0 });
     }
 }

@@ -49,7 +49,9 @@ pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Result<Option<std::t
 /// The call as the coordinator's request: the message plus its deadline.
 fn from_call(req: Request<api::GenerateRequest>) -> Result<GenRequest, CoordError> {
     let timeout = grpc_timeout(req.metadata())?;
+    let trace = rrt_telemetry::propagate::TraceHeaders::from_metadata(req.metadata());
     let mut g = to_gen_request(req.into_inner())?;
+    g.trace = trace;
     g.deadline = timeout.map(|t| std::time::Instant::now() + t);
     Ok(g)
 }

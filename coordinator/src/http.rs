@@ -376,6 +376,7 @@ async fn answer(coord: Arc<Coordinator>, headers: &HeaderMap, p: Parsed, prefix:
     let model = coord.model_names().await?.remove(0);
     let mut g = p.gen_req;
     g.id = request_id(headers);
+    g.trace = rrt_telemetry::propagate::TraceHeaders::from_http(headers);
     let generation = coord.generate(g).await?;
     let id = format!("{prefix}-{}", generation.id);
     if p.stream {

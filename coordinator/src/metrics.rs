@@ -15,8 +15,41 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// invalid, model_not_found, unavailable, overloaded, deadline, unauthenticated, internal.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Depth {
+    pub depth: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExitLoop {
     pub exit_loop: u32,
+}
+
+/// The span exporter's counters, read at scrape time.
+#[derive(Debug)]
+struct SpanCounters;
+
+impl prometheus_client::collector::Collector for SpanCounters {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        let c = rrt_telemetry::counters();
+        for (name, help, v) in [
+            ("rrt_trace_spans_exported", "Spans exported", c.exported),
+            ("rrt_trace_spans_dropped", "Spans dropped because the export queue was full", c.dropped),
+            ("rrt_trace_spans_failed", "Spans lost in failed exports", c.failed),
+        ] {
+            let counter = ConstCounter::new(v);
+            let m = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(m)?;
+        }
+        Ok(())
+    }
 }
 
 pub struct Metrics {
@@ -32,6 +65,13 @@ pub struct Metrics {
     pub healthy_nodes: Gauge,
     pub nodes: Gauge,
     pub migrations: Counter,
+    /// Requests admitted that have not streamed their first token yet.
+    pub queued: Gauge,
+    pub rejections: Family<Reason, Counter>,
+    /// Over the healthy nodes, from their last load reports.
+    pub node_waiting_tokens: Gauge,
+    pub rows_in_flight: Family<Depth, Gauge>,
+    pub kv_usage: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -48,6 +88,37 @@ impl Default for Metrics {
         let healthy_nodes = Gauge::default();
         let nodes = Gauge::default();
         let migrations = Counter::default();
+        let queued = Gauge::default();
+        let rejections = Family::<Reason, Counter>::default();
+        let node_waiting_tokens = Gauge::default();
+        let rows_in_flight = Family::<Depth, Gauge>::default();
+        let kv_usage = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_collector(Box::new(SpanCounters));
+        registry.register(
+            "rrt_requests_waiting",
+            "Requests admitted that have not streamed their first token yet (the queue)",
+            queued.clone(),
+        );
+        registry.register(
+            "rrt_rejections",
+            "Requests refused before reaching a node, by reason",
+            rejections.clone(),
+        );
+        registry.register(
+            "rrt_nodes_waiting_tokens",
+            "Prompt and decode tokens waiting on the nodes (last load reports)",
+            node_waiting_tokens.clone(),
+        );
+        registry.register(
+            "rrt_rows_in_flight",
+            "Rows in flight on the nodes by loop depth (last load reports)",
+            rows_in_flight.clone(),
+        );
+        registry.register(
+            "rrt_kv_cache_usage_ratio",
+            "Fraction of the nodes' KV blocks in use (last load reports)",
+            kv_usage.clone(),
+        );
         registry.register(
             "rrt_migrations",
             "Requests moved to another node after theirs failed",
@@ -96,11 +167,31 @@ impl Default for Metrics {
             healthy_nodes,
             nodes,
             migrations,
+            queued,
+            rejections,
+            node_waiting_tokens,
+            rows_in_flight,
+            kv_usage,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a request refused before reaching a node.
+    pub fn rejected(&self, e: &crate::error::CoordError) {
+        use crate::error::CoordError as E;
+        let reason = match e {
+            E::InvalidArgument { .. } => "invalid",
+            E::ModelNotFound { .. } => "model_not_found",
+            E::Unavailable(_) | E::Node { .. } => "unavailable",
+            E::Overloaded { .. } => "overloaded",
+            E::DeadlineExceeded(_) => "deadline",
+            E::Unauthenticated => "unauthenticated",
+            E::Internal(_) => "internal",
+        };
+        self.rejections.get_or_create(&Reason { reason: reason.into() }).inc();
+    }
+
     pub fn outcome(&self, outcome: &str) {
         self.requests
             .get_or_create(&Outcome {

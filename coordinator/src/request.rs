@@ -46,6 +46,8 @@ pub struct GenRequest {
     /// When the request must be over (gRPC `grpc-timeout`, HTTP `timeout`): past it the
     /// client gets DEADLINE_EXCEEDED / 504 and the node frees the request.
     pub deadline: Option<std::time::Instant>,
+    /// The caller's W3C trace context: the request's span becomes a child of the caller's.
+    pub trace: rrt_telemetry::propagate::TraceHeaders,
 }
 
 impl GenRequest {
@@ -71,6 +73,7 @@ impl GenRequest {
             exit_threshold: None,
             max_loops: None,
             deadline: None,
+            trace: Default::default(),
         }
     }
 

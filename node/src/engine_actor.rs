@@ -18,6 +18,8 @@ pub enum EngineCommand {
         request: Box<Request>,
         /// A moved request's keys/values ([`Engine::submit_imported`]).
         import: Option<Box<KvState>>,
+        /// The request's span: every engine step with a row of it links to it.
+        span: tracing::Span,
         events: mpsc::UnboundedSender<Event>,
         reply: oneshot::Sender<Result<RequestId, EngineError>>,
     },
@@ -99,17 +101,23 @@ impl EngineHandle {
 
     /// Submits a request; its events arrive on the returned stream.
     pub async fn submit(&self, request: Request) -> Result<RequestStream, ActorError> {
-        self.submit_with(request, None).await
+        self.submit_with(request, None, tracing::Span::none()).await
     }
 
     /// Submits a request moved here with its keys/values (used when the cache has room).
-    pub async fn submit_with(&self, request: Request, import: Option<KvState>) -> Result<RequestStream, ActorError> {
+    pub async fn submit_with(
+        &self,
+        request: Request,
+        import: Option<KvState>,
+        span: tracing::Span,
+    ) -> Result<RequestStream, ActorError> {
         let (etx, erx) = mpsc::unbounded_channel();
         let (reply, wait) = oneshot::channel();
         self.tx
             .send(EngineCommand::Submit {
                 request: Box::new(request),
                 import: import.map(Box::new),
+                span,
                 events: etx,
                 reply,
             })
@@ -176,6 +184,7 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>)
     let mut streams: HashMap<RequestId, mpsc::UnboundedSender<Event>> = HashMap::new();
     let mut closing: Option<(bool, oneshot::Sender<()>)> = None;
     let mut exports: HashMap<RequestId, oneshot::Sender<Option<KvState>>> = HashMap::new();
+    let mut spans: HashMap<RequestId, tracing::Span> = HashMap::new();
     loop {
         // Block for a command only when there is nothing to compute.
         let mut first = if engine.has_work() || closing.is_some() {
@@ -198,6 +207,7 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>)
                 EngineCommand::Submit {
                     request,
                     import,
+                    span,
                     events,
                     reply,
                 } => {
@@ -214,6 +224,9 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>)
                     };
                     if let Ok(id) = &r {
                         streams.insert(*id, events);
+                        if !span.is_none() {
+                            spans.insert(*id, span);
+                        }
                     }
                     let _ = reply.send(r);
                 }
@@ -259,7 +272,40 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>)
             }
             return;
         }
-        match engine.step() {
+        let step = tracing::info_span!(
+            target: "rrt_node",
+            "engine.step",
+            rows = tracing::field::Empty,
+            rows_per_depth = tracing::field::Empty,
+            fill_rows = tracing::field::Empty,
+            head_rows = tracing::field::Empty,
+            ctx = tracing::field::Empty,
+            tokens = tracing::field::Empty,
+            exits_per_loop = tracing::field::Empty,
+            step_ms = tracing::field::Empty,
+        );
+        let stepped = step.in_scope(|| engine.step());
+        if let Some(p) = engine.take_last_pass()
+            && !step.is_disabled()
+        {
+            let list = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+            step.record("rows", p.rows_per_depth.iter().sum::<usize>() as i64);
+            step.record("rows_per_depth", list(&p.rows_per_depth));
+            step.record("fill_rows", p.fill_rows as i64);
+            step.record("head_rows", p.head_rows as i64);
+            step.record("ctx", p.ctx as i64);
+            step.record("tokens", p.tokens as i64);
+            step.record("exits_per_loop", list(&p.exits));
+            step.record("step_ms", p.seconds * 1e3);
+            for id in &p.requests {
+                if let Some(s) = spans.get(id) {
+                    step.follows_from(s);
+                }
+            }
+        }
+        drop(step);
+        spans.retain(|id, _| engine.is_active(*id));
+        match stepped {
             Ok(events) => route(&mut streams, events),
             Err(e) => {
                 // A pass failed (a backend error): fail every request rather than lose them silently.

@@ -277,6 +277,18 @@ impl NodeService {
         self.inner.draining.store(true, Ordering::Relaxed);
     }
 
+    /// The load report (as `Node/Load` answers) and the engine's counters, for `/metrics`.
+    pub async fn snapshot(&self) -> Result<(pb::LoadReport, crate::EngineStats), ActorError> {
+        let l = self.inner.engine.load().await?;
+        let (stats, _) = self.inner.engine.stats().await?;
+        let draining = self.inner.draining.load(Ordering::Relaxed);
+        let mut r = to_load(&self.inner.node_id, self.inner.loops, l, self.recent_rate(), draining);
+        r.requests_total = self.inner.requests.load(Ordering::Relaxed);
+        r.cancelled_total = self.inner.cancelled.load(Ordering::Relaxed);
+        r.tokens_total = self.inner.tokens.load(Ordering::Relaxed);
+        Ok((r, stats))
+    }
+
     /// Output tokens per second since the previous call that was at least a second ago.
     fn recent_rate(&self) -> f32 {
         let mut r = self.inner.rate.lock().expect("rate lock");
@@ -301,7 +313,23 @@ impl pb::node_server::Node for NodeService {
         if self.inner.draining.load(Ordering::Relaxed) {
             return Err(Status::unavailable("the node is draining"));
         }
+        let span = tracing::info_span!(
+            target: "rrt_node",
+            "node.request",
+            request_id = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            generated = tracing::field::Empty,
+            kv_import = tracing::field::Empty,
+            tokens = tracing::field::Empty,
+            loops = tracing::field::Empty,
+            finish_reason = tracing::field::Empty,
+        );
+        rrt_telemetry::propagate::TraceHeaders::from_metadata(req.metadata()).set_parent_of(&span);
+        let admission = tracing::info_span!(target: "rrt_node", parent: &span, "admission");
         let r = req.into_inner();
+        span.record("request_id", r.request_id.as_str());
+        span.record("prompt_tokens", r.prompt.len() as i64);
+        span.record("generated", r.generated.len() as i64);
         let request = to_request(&r)?;
         let import = if r.kv_ticket.is_empty() {
             None
@@ -315,12 +343,14 @@ impl pb::node_server::Node for NodeService {
                 }
             }
         };
+        span.record("kv_import", import.is_some());
         let mut stream = self
             .inner
             .engine
-            .submit_with(request, import)
+            .submit_with(request, import, span.clone())
             .await
             .map_err(status)?;
+        drop(admission);
         let rid = if r.request_id.is_empty() {
             format!("{}-{}", self.inner.node_id, stream.id)
         } else {
@@ -331,10 +361,24 @@ impl pb::node_server::Node for NodeService {
         let (tx, rx) = mpsc::channel(64);
         let inner = self.inner.clone();
         tokio::spawn(async move {
+            let mut phase = tracing::info_span!(target: "rrt_node", parent: &span, "prefill");
+            let mut first = true;
             while let Some(e) = stream.next().await {
                 let done = matches!(e, Event::Done { .. });
                 if matches!(e, Event::Token(_)) {
                     inner.tokens.fetch_add(1, Ordering::Relaxed);
+                    if first {
+                        first = false;
+                        phase = tracing::info_span!(target: "rrt_node", parent: &span, "decode");
+                    }
+                }
+                if let Event::Done {
+                    finish_reason, usage, ..
+                } = &e
+                {
+                    span.record("finish_reason", finish_reason.as_str());
+                    span.record("tokens", usage.completion_tokens as i64);
+                    span.record("loops", usage.loops as i64);
                 }
                 if tx.send(Ok(to_event(e, &inner.served.prompter))).await.is_err() {
                     // The client went away: dropping `stream` cancels the request.
@@ -345,6 +389,7 @@ impl pb::node_server::Node for NodeService {
                     break;
                 }
             }
+            drop(phase);
             inner.ids.lock().expect("ids lock").remove(&rid);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -374,6 +419,7 @@ impl pb::node_server::Node for NodeService {
         r.tokens_total = self.inner.tokens.load(Ordering::Relaxed);
         Ok(Response::new(r))
     }
+
 
     async fn drain(&self, req: GrpcRequest<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
         self.inner.draining.store(true, Ordering::Relaxed);

@@ -7,9 +7,10 @@ pub mod engine_actor;
 pub mod fake;
 pub mod fingerprint;
 pub mod grpc;
+pub mod metrics;
 pub mod server;
 
 pub use engine::{
     Batching, Engine, EngineConfig, EngineError, EngineStats, Event, ExitControl, ExitRule, FinishReason, GenParams,
-    KvFill, KvGeometry, KvState, LoadReport, Request, RequestId, ResidentModel, TokenEvent, Usage,
+    KvFill, KvGeometry, KvState, LoadReport, PassInfo, Request, RequestId, ResidentModel, TokenEvent, Usage,
 };

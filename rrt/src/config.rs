@@ -19,6 +19,7 @@
 //! | `node.drain_seconds` | 30 | time to finish in-flight requests after SIGTERM |
 //! | `node.tls_cert`, `node.tls_key` | none | PEM certificate and key: the node serves TLS only |
 //! | `node.tls_client_ca` | none | PEM CA: callers need a client certificate it signed (mutual TLS) |
+//! | `node.metrics_listen` | none | HTTP address of the node's Prometheus `/metrics` and `/health` (port 0: any) |
 //! | `coordinator.grpc_listen` | `127.0.0.1:7300` | client gRPC (`rrt.v1.Generation`) address |
 //! | `coordinator.http_listen` | `127.0.0.1:8080` | OpenAI-compatible HTTP address |
 //! | `coordinator.nodes` | `[]` | static node addresses (`host:port`) |
@@ -35,6 +36,11 @@
 //! | `coordinator.tls_cert`, `coordinator.tls_key` | none | PEM certificate and key: clients (gRPC and HTTP) use TLS |
 //! | `coordinator.node_ca` | none | PEM CA of the nodes' certificates: nodes are reached over TLS (`https://`) |
 //! | `coordinator.node_client_cert`, `coordinator.node_client_key` | none | the coordinator's client certificate for mutual TLS |
+//! | `telemetry.otlp_endpoint` | none | OTLP/gRPC collector for spans, e.g. `http://otel-collector:4317` |
+//! | `telemetry.file` | none | JSON-lines span file (what `rrt capacity` reads) |
+//! | `telemetry.sample_ratio` | 1.0 | fraction of new traces recorded (callers' sampled traces are always followed) |
+//! | `telemetry.queue` | 8192 | spans waiting for export; past it spans are dropped and counted, serving never waits |
+//! | `telemetry.service_name` | the command | `service.name` of exported spans |
 //! | `serve.nodes` | 1 | in-process nodes of `rrt serve` |
 //! | `serve.loops` | 2 | B of the default model's conversion (first run, cached) |
 //! | `serve.init` | `average` | `stepwise`, `average` or `lower` |
@@ -60,6 +66,7 @@ pub struct Config {
     pub node: NodeConfig,
     pub coordinator: CoordinatorConfig,
     pub serve: ServeConfig,
+    pub telemetry: rrt_telemetry::TelemetryConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -151,6 +158,7 @@ pub struct NodeConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -168,6 +176,7 @@ impl Default for NodeConfig {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            metrics_listen: None,
         }
     }
 }
@@ -203,7 +212,7 @@ pub fn figment(file: Option<&Path>) -> Figment {
             Env::prefixed("RRT_")
                 .filter(|k| {
                     let k = k.as_str().to_ascii_lowercase();
-                    k == "model" || ["node__", "coordinator__", "serve__"].iter().any(|p| k.starts_with(p))
+                    k == "model" || ["node__", "coordinator__", "serve__", "telemetry__"].iter().any(|p| k.starts_with(p))
                 })
                 .split("__"),
         )
@@ -234,6 +243,7 @@ pub fn extract(f: &Figment) -> Result<Config> {
             bail!("configuration: `{key}` must be at least 1");
         }
     }
+    c.telemetry.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     let co = &c.coordinator;
     for (key, v) in [
         ("coordinator.poll_ms", co.poll_ms),

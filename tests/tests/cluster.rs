@@ -17,64 +17,15 @@ use rrt_proto::v1 as api;
 use rrt_proto::v1::node as pb;
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::*;
+
 const MAX_TOKENS: u32 = 16;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The `rrt` binary next to this test's profile directory (target/<profile>/rrt).
-fn rrt_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("rrt");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run the tests with `cargo test --release --workspace` (it builds the rrt binary)",
-        bin.display()
-    );
-    bin
-}
-
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `rrt ARGS` and returns it with its first stdout line.
-fn spawn(args: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(rrt_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("rrt starts");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert!(!line.is_empty(), "rrt {args:?} printed nothing");
-    // Keep reading so that later prints never meet a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    (Proc(child), line)
-}
-
-fn word_after<'a>(line: &'a str, marker: &str) -> &'a str {
-    line.split(marker)
-        .nth(1)
-        .unwrap_or_else(|| panic!("no `{marker}` in {line:?}"))
-        .split([' ', ','])
-        .next()
-        .unwrap()
-}
 
 /// POSTs `body` as JSON and returns the JSON answer.
 async fn post_json(c: &reqwest::Client, url: &str, body: &Value) -> Value {

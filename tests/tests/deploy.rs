@@ -18,27 +18,14 @@
 //! bash, and curl or python3 (cluster.sh's readiness check); the first test needs the default
 //! model (scripts/fetch-model.sh).
 
+mod common;
+
+use common::{root, rrt_bin};
 use rrt_proto::v1 as api;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The `rrt` binary next to this test's profile directory (target/<profile>/rrt).
-fn rrt_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("rrt");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run the tests with `cargo test --release --workspace` (it builds the rrt binary)",
-        bin.display()
-    );
-    bin
-}
 
 fn launcher() -> PathBuf {
     root().join("deploy/local/cluster.sh")

@@ -192,6 +192,25 @@ pub struct LoadReport {
     pub kv_import_fallbacks: u64,
 }
 
+/// What one pass did (for the step spans and the capacity model).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PassInfo {
+    /// Rows per loop depth entering the pass (index = depth).
+    pub rows_per_depth: Vec<usize>,
+    /// KV-only fill rows (exited tokens x skipped loops).
+    pub fill_rows: usize,
+    /// Rows through the LM head (decoding and softmax exit tests).
+    pub head_rows: usize,
+    /// Positions attended, summed over all rows (each row attends to `pos + 1` positions).
+    pub ctx: usize,
+    /// Tokens produced, and by exit loop (index = loops - 1).
+    pub tokens: usize,
+    pub exits: Vec<usize>,
+    /// Requests with a row in the pass.
+    pub requests: Vec<RequestId>,
+    pub seconds: f64,
+}
+
 struct Seq {
     prompt: Vec<u32>,
     out: Vec<u32>,
@@ -304,6 +323,7 @@ pub struct Engine<B: Backend> {
     next_id: RequestId,
     events: Vec<(RequestId, Event)>,
     stats: EngineStats,
+    last_pass: Option<PassInfo>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -363,6 +383,7 @@ impl<B: Backend> Engine<B> {
                 exits: vec![0; loops],
                 ..Default::default()
             },
+            last_pass: None,
             cfg,
         })
     }
@@ -409,6 +430,11 @@ impl<B: Backend> Engine<B> {
     /// Requests not finished (running or waiting).
     pub fn active(&self) -> usize {
         self.seqs.len()
+    }
+
+    /// What the last [`Engine::step`] ran, if it ran a pass (taken once).
+    pub fn take_last_pass(&mut self) -> Option<PassInfo> {
+        self.last_pass.take()
     }
 
     /// Whether request `id` is still here (running or waiting).
@@ -767,6 +793,8 @@ impl<B: Backend> Engine<B> {
     }
 
     fn run_pass(&mut self, new_rows: Vec<NewRow>) -> Result<(), EngineError> {
+        let started = std::time::Instant::now();
+        let (tokens0, head0, exits0) = (self.stats.tokens, self.stats.head_rows, self.stats.exits.clone());
         let loops = self.model.loops;
         let h = self.model.config.hidden;
         let be = &self.model.backend;
@@ -847,6 +875,30 @@ impl<B: Backend> Engine<B> {
         }
         self.after_pass(&meta, &x, x_in.as_ref())?;
         self.carry = Some(x);
+        let mut rows_per_depth = vec![0; loops];
+        let mut requests: Vec<RequestId> = Vec::new();
+        let mut ctx = 0;
+        for &(id, pos, depth, _) in &meta {
+            rows_per_depth[depth.min(loops - 1)] += 1;
+            ctx += pos + 1;
+            requests.push(id);
+        }
+        for &(_, id, pos, _) in &fill_meta {
+            ctx += pos + 1;
+            requests.push(id);
+        }
+        requests.sort_unstable();
+        requests.dedup();
+        self.last_pass = Some(PassInfo {
+            rows_per_depth,
+            fill_rows: fill_meta.len(),
+            head_rows: (self.stats.head_rows - head0) as usize,
+            ctx,
+            tokens: (self.stats.tokens - tokens0) as usize,
+            exits: self.stats.exits.iter().zip(&exits0).map(|(a, b)| (a - b) as usize).collect(),
+            requests,
+            seconds: started.elapsed().as_secs_f64(),
+        });
         Ok(())
     }
 

@@ -26,6 +26,10 @@ pub enum What {
     /// The coordinator's overhead against fake nodes: added latency per streamed token and
     /// tokens/s per coordinator core (issue D).
     Coordinator(super::bench_coordinator::CoordArgs),
+    /// A load generator against a running coordinator (gRPC or HTTP): open loop at Poisson
+    /// rates or closed loop at concurrencies; TTFT, TPOT, throughput, errors, exit loops
+    /// (issue F).
+    Load(super::bench_load::LoadArgs),
     /// The weight-format measurement: all matrix products of one SmolLM2 decode step with
     /// f32 weights (gemm, skinny kernel), bf16 weights and Q4_1 blocks dequantized on the fly.
     Matmul(MatmulArgs),
@@ -79,6 +83,7 @@ pub fn run(a: Args) -> Result<()> {
         What::Matmul(m) => matmul(m),
         What::Engine(e) => super::bench_engine::run(e),
         What::Coordinator(c) => super::bench_coordinator::run(c),
+        What::Load(l) => super::bench_load::run(l),
     }
 }
 

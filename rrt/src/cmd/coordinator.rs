@@ -54,6 +54,8 @@ pub struct Args {
     /// PEM key of that certificate (`coordinator.node_client_key`).
     #[arg(long)]
     pub node_client_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub telemetry: super::TelemetryArgs,
 }
 
 impl Args {
@@ -72,7 +74,8 @@ impl Args {
         let f = flag(f, "coordinator.tls_key", &self.tls_key);
         let f = flag(f, "coordinator.node_ca", &self.node_ca);
         let f = flag(f, "coordinator.node_client_cert", &self.node_client_cert);
-        flag(f, "coordinator.node_client_key", &self.node_client_key)
+        let f = flag(f, "coordinator.node_client_key", &self.node_client_key);
+        self.telemetry.apply(f)
     }
 }
 
@@ -114,6 +117,7 @@ pub fn settings(c: &crate::config::CoordinatorConfig) -> Result<rrt_coordinator:
 
 pub fn run(a: Args) -> Result<()> {
     let cfg = crate::config::extract(&a.figment())?;
+    let _telemetry = rrt_telemetry::init(&cfg.telemetry, "rrt-coordinator", "warn")?;
     let c = cfg.coordinator;
     if c.nodes.is_empty() && c.dns.is_empty() {
         anyhow::bail!("no nodes: set `coordinator.nodes` (--nodes) or `coordinator.dns` (--dns)");

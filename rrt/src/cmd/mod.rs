@@ -12,6 +12,7 @@ macro_rules! say {
 pub mod bench;
 pub mod bench_coordinator;
 pub mod bench_engine;
+pub mod bench_load;
 pub mod calibrate;
 pub mod convert;
 pub mod coordinator;
@@ -19,12 +20,31 @@ pub mod eval;
 pub mod eval_exit;
 pub mod generate;
 pub mod node;
+pub mod plot;
 pub mod serve;
 pub mod tokenize;
 
 use anyhow::{Context, Result};
 use rrt_model::LoadedModel;
 use std::path::PathBuf;
+
+/// Span export flags of the serving commands (`telemetry.*` keys; `rrt config` shows all).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TelemetryArgs {
+    /// OTLP/gRPC collector for spans, e.g. http://localhost:4317 (`telemetry.otlp_endpoint`).
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Append spans as JSON lines to this file, for `rrt capacity` (`telemetry.file`).
+    #[arg(long)]
+    pub trace_file: Option<PathBuf>,
+}
+
+impl TelemetryArgs {
+    pub fn apply(&self, f: figment::Figment) -> figment::Figment {
+        let f = crate::config::flag(f, "telemetry.otlp_endpoint", &self.otlp_endpoint);
+        crate::config::flag(f, "telemetry.file", &self.trace_file)
+    }
+}
 
 /// `--model`: a GGUF file or a Hugging Face directory; the fetched default model if absent.
 #[derive(clap::Args, Clone, Debug)]

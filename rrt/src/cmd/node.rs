@@ -53,6 +53,12 @@ pub struct Args {
     /// PEM CA: require client certificates it signed (`node.tls_client_ca`).
     #[arg(long)]
     pub tls_client_ca: Option<PathBuf>,
+    /// HTTP address of the node's Prometheus `/metrics` and `/health`; port 0 picks a free port
+    /// (`node.metrics_listen`; default: none).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub telemetry: super::TelemetryArgs,
 }
 
 impl Args {
@@ -76,12 +82,14 @@ impl Args {
         flag!(tls_cert, "node.tls_cert");
         flag!(tls_key, "node.tls_key");
         flag!(tls_client_ca, "node.tls_client_ca");
-        f
+        flag!(metrics_listen, "node.metrics_listen");
+        self.telemetry.apply(f)
     }
 }
 
 pub fn run(a: Args) -> Result<()> {
     let cfg = crate::config::extract(&a.figment())?;
+    let _telemetry = rrt_telemetry::init(&cfg.telemetry, "rrt-node", "warn")?;
     let lm = ModelArg {
         model: cfg.model.clone(),
     }
@@ -110,7 +118,15 @@ pub fn run(a: Args) -> Result<()> {
             _ => None,
         };
         let node = server::start(lm, n.engine_config(), n.early_exit, &id)?;
-        say!("rrt node {id} listening on {addr} ({} loops)", node.loops);
+        let mut metrics = String::new();
+        if let Some(m) = n.metrics_listen {
+            let l = tokio::net::TcpListener::bind(m)
+                .await
+                .with_context(|| format!("binding {m} (node.metrics_listen)"))?;
+            metrics = format!(", metrics on http://{}/metrics", l.local_addr()?);
+            tokio::spawn(rrt_node::metrics::serve(l, node.service.clone(), std::future::pending()));
+        }
+        say!("rrt node {id} listening on {addr} ({} loops){metrics}", node.loops);
         server::serve(
             listener,
             node.service,

@@ -34,6 +34,8 @@ pub struct Args {
     /// KV cache budget per node, MiB (`node.kv_mib`).
     #[arg(long)]
     pub kv_mib: Option<usize>,
+    #[command(flatten)]
+    pub telemetry: super::TelemetryArgs,
 }
 
 impl Args {
@@ -44,7 +46,8 @@ impl Args {
         let f = flag(f, "serve.nodes", &self.nodes);
         let f = flag(f, "coordinator.http_listen", &self.http_listen);
         let f = flag(f, "coordinator.grpc_listen", &self.grpc_listen);
-        flag(f, "node.kv_mib", &self.kv_mib)
+        let f = flag(f, "node.kv_mib", &self.kv_mib);
+        self.telemetry.apply(f)
     }
 }
 
@@ -136,6 +139,7 @@ pub fn default_checkpoint(cfg: &crate::config::ServeConfig) -> Result<PathBuf> {
 
 pub fn run(a: Args) -> Result<()> {
     let cfg = crate::config::extract(&a.figment())?;
+    let _telemetry = rrt_telemetry::init(&cfg.telemetry, "rrt-serve", "warn")?;
     let path = match &cfg.model {
         Some(p) => p.clone(),
         None => default_checkpoint(&cfg.serve)?,
