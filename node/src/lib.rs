@@ -9,6 +9,7 @@ pub mod fingerprint;
 pub mod grpc;
 pub mod metrics;
 pub mod server;
+pub mod sim;
 
 pub use engine::{
     Batching, Engine, EngineConfig, EngineError, EngineStats, Event, ExitControl, ExitRule, FinishReason, GenParams,

@@ -54,7 +54,19 @@ pub fn start(lm: LoadedModel, mut cfg: EngineConfig, early_exit: bool, node_id: 
         cfg.exit.as_ref().map(|e| e.criterion),
     );
     let loops = lm.model.loops();
-    let engine = Engine::new(ResidentModel::new(CpuBackend, lm.model), tokenizer, cfg)?;
+    let engine = Engine::new(ResidentModel::new(CpuBackend, lm.model), tokenizer, cfg.clone())?;
+    // What `rrt capacity` needs to simulate this node: its scheduling settings.
+    tracing::info_span!(
+        target: "rrt_node",
+        "node.start",
+        node_id,
+        loops = loops as i64,
+        kv_blocks = engine.kv_blocks().0 as i64,
+        block_size = cfg.block_size as i64,
+        max_step_rows = cfg.max_step_rows as i64,
+        max_running = cfg.max_running as i64,
+    )
+    .in_scope(|| ());
     let (handle, engine_thread) = EngineHandle::spawn(engine, 1024);
     let service = NodeService::new(node_id, served, handle.clone());
     {

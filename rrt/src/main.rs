@@ -42,6 +42,8 @@ enum Command {
     Config(cmd::serve::Args),
     /// Benchmarks (not tests): `rrt bench forward`.
     Bench(cmd::bench::Args),
+    /// Capacity planning from traces: fit a node's step costs, simulate, size the cluster.
+    Capacity(cmd::capacity::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -68,6 +70,7 @@ fn main() -> std::process::ExitCode {
             Ok(())
         }),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Capacity(a) => cmd::capacity::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -150,6 +150,7 @@ pub fn init(cfg: &TelemetryConfig, service: &str, default_log: &str) -> Result<T
         .with_tracer(provider.tracer("rrt"))
         .with_threads(false)
         .with_location(false)
+        .with_tracked_inactivity(false)
         .with_filter(
             tracing_subscriber::filter::Targets::new()
                 .with_target("rrt_coordinator", tracing::Level::INFO)

@@ -14,6 +14,7 @@ pub mod bench_coordinator;
 pub mod bench_engine;
 pub mod bench_load;
 pub mod calibrate;
+pub mod capacity;
 pub mod convert;
 pub mod coordinator;
 pub mod eval;

@@ -1,0 +1,767 @@
+//! `rrt capacity`: how many nodes for a traffic and latency target, from a node's own traces.
+//!
+//! 1. **Fit.** From a JSON-lines span file (`telemetry.file` / `--trace-file` of `rrt node`,
+//!    `rrt coordinator`, `rrt serve`): every `engine.step` span gives the pass's rows, attended
+//!    context, LM-head rows, fill rows and time; least squares gives the step-cost model
+//!    [`CostModel`] (terms that come out negative are dropped and the rest refitted), plus the
+//!    node's time between passes while busy (the engine loop's own overhead) added to the
+//!    intercept. The request mix comes from the `request` (coordinator) or `node.request` spans
+//!    (prompt and output lengths, resampled as measured) and the exit-loop distribution from
+//!    the steps' exits. The node's scheduling settings come from its `node.start` span.
+//! 2. **Simulate.** A discrete-event simulation drives real [`rrt_node::Engine`]s on the
+//!    compute-free [`rrt_node::sim::SimBackend`] (the engine's own admission, depth-wise
+//!    batching, KV blocks and preemption; requests with forced tokens and exit loops drawn from
+//!    the mix), each pass taking the fitted time; Poisson arrivals are routed across nodes by
+//!    the coordinator's own routing function.
+//! 3. **Plan.** The throughput curve of one node (TTFT and TPOT percentiles against the
+//!    offered rate), the highest rate one node sustains within `--ttft-p99-ms` and
+//!    `--tpot-p99-ms`, and the nodes needed for `--rate` (checked by simulating that many
+//!    nodes behind the router). `--validate BENCH.json` instead replays each load point of an
+//!    `rrt bench load --json` run and prints predicted against measured.
+
+use super::bench_load::{Dist, Stats};
+use super::plot;
+use anyhow::{Context, Result, bail};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rrt_coordinator::routing::{NodeView, route};
+use rrt_node::sim::{self, CostModel, SimBackend};
+use rrt_node::{Engine, EngineConfig, Event, GenParams, Request, RequestId};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// JSON-lines span files (several: merged).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub traces: Vec<PathBuf>,
+    /// Target request rate (requests/s) to size the cluster for.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Latency limits: p99 time to first token and p99 time per output token, in ms.
+    #[arg(long, default_value_t = 2000.0)]
+    pub ttft_p99_ms: f64,
+    #[arg(long, default_value_t = 200.0)]
+    pub tpot_p99_ms: f64,
+    /// Prompt / output length distributions (`fixed:N`, `uniform:A:B`, `normal:M:SD`,
+    /// `lognormal:M:SD`) instead of the traced mix.
+    #[arg(long)]
+    pub prompt_tokens: Option<Dist>,
+    #[arg(long)]
+    pub output_tokens: Option<Dist>,
+    /// Simulated requests per load point.
+    #[arg(long, default_value_t = 2000)]
+    pub requests: usize,
+    /// Offered rates of the per-node curve (default: 12 rates up to past saturation).
+    #[arg(long, value_delimiter = ',')]
+    pub curve: Vec<f64>,
+    /// Node scheduling settings when the traces have no `node.start` span.
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
+    #[arg(long)]
+    pub max_step_rows: Option<usize>,
+    #[arg(long)]
+    pub max_running: Option<usize>,
+    /// Compare with the load points of `rrt bench load --json FILE` (same rates and windows).
+    #[arg(long)]
+    pub validate: Option<PathBuf>,
+    /// Nodes behind the router in `--validate` mode.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Write the report as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write PREFIX-capacity.svg (the per-node curve with the limits).
+    #[arg(long)]
+    pub plot: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Model whose tokenizer the simulated engines use (default: the cached SmolLM2).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// What the traces say about the node and its traffic.
+#[derive(Clone, Debug, Serialize)]
+pub struct Fitted {
+    pub cost: CostModel,
+    /// Seconds between passes while busy (included in `cost.intercept`).
+    pub overhead_s: f64,
+    /// Fit quality: R², mean absolute relative error, steps used.
+    pub r2: f64,
+    pub mean_abs_rel_err: f64,
+    pub steps: usize,
+    pub loops: usize,
+    pub kv_blocks: usize,
+    pub block_size: usize,
+    pub max_step_rows: usize,
+    pub max_running: usize,
+    /// Measured request lengths (resampled) and exit-loop shares (index = loops - 1).
+    pub prompt_lengths: Vec<u32>,
+    pub output_lengths: Vec<u32>,
+    pub exit_shares: Vec<f64>,
+}
+
+fn num(v: &Value, key: &str) -> Option<f64> {
+    v.get("attributes")?.get(key)?.as_f64()
+}
+
+fn list(v: &Value, key: &str) -> Vec<usize> {
+    v.get("attributes")
+        .and_then(|a| a.get(key))
+        .and_then(|s| s.as_str())
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Least squares `y ~ X b` by the normal equations (small, well-scaled systems).
+fn lstsq(x: &[Vec<f64>], y: &[f64]) -> Option<Vec<f64>> {
+    let k = x.first()?.len();
+    let mut a = vec![vec![0.0; k + 1]; k];
+    for (row, &t) in x.iter().zip(y) {
+        for i in 0..k {
+            for j in 0..k {
+                a[i][j] += row[i] * row[j];
+            }
+            a[i][k] += row[i] * t;
+        }
+    }
+    // Gauss-Jordan with partial pivoting.
+    for c in 0..k {
+        let p = (c..k).max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs()))?;
+        if a[p][c].abs() < 1e-12 {
+            return None;
+        }
+        a.swap(c, p);
+        for r in 0..k {
+            if r != c {
+                let f = a[r][c] / a[c][c];
+                for j in c..=k {
+                    a[r][j] -= f * a[c][j];
+                }
+            }
+        }
+    }
+    Some((0..k).map(|i| a[i][k] / a[i][i]).collect())
+}
+
+/// Reads the span files and fits the node's costs and the traffic mix.
+pub fn fit(paths: &[PathBuf], a: &Args) -> Result<Fitted> {
+    let mut steps: Vec<(f64, f64, [f64; 4], f64)> = Vec::new(); // start, end, features, seconds
+    let mut exits: Vec<u64> = Vec::new();
+    let (mut prompts, mut outputs) = (Vec::new(), Vec::new());
+    let (mut node_prompts, mut node_outputs) = (Vec::new(), Vec::new());
+    let mut start: Option<Value> = None;
+    for p in paths {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value =
+                serde_json::from_str(line).with_context(|| format!("{}:{}: not a JSON span", p.display(), i + 1))?;
+            match v["name"].as_str().unwrap_or_default() {
+                "engine.step" => {
+                    let depth = list(&v, "rows_per_depth");
+                    let (Some(ms), Some(ctx)) = (num(&v, "step_ms"), num(&v, "ctx")) else {
+                        continue;
+                    };
+                    let rows: usize = depth.iter().sum();
+                    if rows == 0 {
+                        continue;
+                    }
+                    let f = CostModel::features(
+                        rows as f64,
+                        ctx,
+                        num(&v, "head_rows").unwrap_or(0.0),
+                        num(&v, "fill_rows").unwrap_or(0.0),
+                    );
+                    let (s, e) = (
+                        v["start_ns"].as_f64().unwrap_or(0.0) / 1e9,
+                        v["end_ns"].as_f64().unwrap_or(0.0) / 1e9,
+                    );
+                    steps.push((s, e, f, ms / 1e3));
+                    for (l, n) in list(&v, "exits_per_loop").into_iter().enumerate() {
+                        if exits.len() <= l {
+                            exits.resize(l + 1, 0);
+                        }
+                        exits[l] += n as u64;
+                    }
+                }
+                "request" => {
+                    if let (Some(pt), Some(t)) = (num(&v, "prompt_tokens"), num(&v, "tokens"))
+                        && t >= 1.0
+                    {
+                        prompts.push(pt as u32);
+                        outputs.push(t as u32);
+                    }
+                }
+                "node.request" => {
+                    if let (Some(pt), Some(t)) = (num(&v, "prompt_tokens"), num(&v, "tokens"))
+                        && t >= 1.0
+                        && num(&v, "generated").unwrap_or(0.0) == 0.0
+                    {
+                        node_prompts.push(pt as u32);
+                        node_outputs.push(t as u32);
+                    }
+                }
+                "node.start" => start = Some(v),
+                _ => {}
+            }
+        }
+    }
+    if steps.len() < 10 {
+        bail!(
+            "{} engine.step spans in the traces: run nodes with `--trace-file` under load first",
+            steps.len()
+        );
+    }
+    if prompts.is_empty() {
+        (prompts, outputs) = (node_prompts, node_outputs);
+    }
+    // Fit, dropping features that never vary (e.g. no fill rows without exits) and then
+    // negative terms.
+    let mut active = [true; 4];
+    for (j, on) in active.iter_mut().enumerate() {
+        let first = steps[0].2[j];
+        *on = steps.iter().any(|s| (s.2[j] - first).abs() > 1e-9);
+    }
+    let coef = loop {
+        let x: Vec<Vec<f64>> = steps
+            .iter()
+            .map(|s| {
+                std::iter::once(1.0)
+                    .chain(s.2.iter().zip(&active).filter(|(_, a)| **a).map(|(f, _)| *f))
+                    .collect()
+            })
+            .collect();
+        let y: Vec<f64> = steps.iter().map(|s| s.3).collect();
+        let Some(b) = lstsq(&x, &y) else {
+            bail!("the step spans do not determine the cost model (too little variety)");
+        };
+        let mut full = [0.0; 5];
+        full[0] = b[0].max(0.0);
+        let mut j = 1;
+        let mut negative = None;
+        for (i, on) in active.iter().enumerate() {
+            if *on {
+                full[i + 1] = b[j];
+                if b[j] < 0.0 && negative.is_none() {
+                    negative = Some(i);
+                }
+                j += 1;
+            }
+        }
+        match negative {
+            Some(i) => active[i] = false,
+            None => break full,
+        }
+    };
+    let mut cost = CostModel {
+        intercept: coef[0],
+        per_row: coef[1],
+        per_ctx: coef[2],
+        per_head_row: coef[3],
+        per_fill_row: coef[4],
+    };
+    let predict = |f: &[f64; 4]| {
+        cost.intercept + cost.per_row * f[0] + cost.per_ctx * f[1] + cost.per_head_row * f[2] + cost.per_fill_row * f[3]
+    };
+    let mean_y = steps.iter().map(|s| s.3).sum::<f64>() / steps.len() as f64;
+    let (mut ss_res, mut ss_tot, mut rel) = (0.0, 0.0, 0.0);
+    for s in &steps {
+        let e = s.3 - predict(&s.2);
+        ss_res += e * e;
+        ss_tot += (s.3 - mean_y).powi(2);
+        rel += (e / s.3).abs();
+    }
+    // Time between consecutive passes while the engine is busy (the next pass starts within a
+    // millisecond or two: the loop's own work), added to each pass.
+    steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let gaps: Vec<f64> = steps
+        .windows(2)
+        .map(|w| w[1].0 - w[0].1)
+        .filter(|g| (0.0..0.002).contains(g))
+        .collect();
+    let overhead_s = if gaps.is_empty() {
+        0.0
+    } else {
+        gaps.iter().sum::<f64>() / gaps.len() as f64
+    };
+    // The span covers the pass; the step's bookkeeping outside it is the gap's share.
+    cost.intercept += overhead_s;
+    let at = |k: &str| start.as_ref().and_then(|v| num(v, k)).map(|x| x as usize);
+    let loops = at("loops").unwrap_or_else(|| exits.len().max(1));
+    let total_exits: u64 = exits.iter().sum();
+    let mut exit_shares: Vec<f64> = exits.iter().map(|&n| n as f64 / total_exits.max(1) as f64).collect();
+    exit_shares.resize(loops, 0.0);
+    if total_exits == 0 {
+        exit_shares[loops - 1] = 1.0;
+    }
+    Ok(Fitted {
+        cost,
+        overhead_s,
+        r2: if ss_tot > 0.0 { 1.0 - ss_res / ss_tot } else { 1.0 },
+        mean_abs_rel_err: rel / steps.len() as f64,
+        steps: steps.len(),
+        loops,
+        kv_blocks: a.kv_blocks.or(at("kv_blocks")).unwrap_or(1456),
+        block_size: at("block_size").unwrap_or(16),
+        max_step_rows: a.max_step_rows.or(at("max_step_rows")).unwrap_or(256),
+        max_running: a.max_running.or(at("max_running")).unwrap_or(64),
+        prompt_lengths: prompts,
+        output_lengths: outputs,
+        exit_shares,
+    })
+}
+
+/// One simulated request.
+#[derive(Clone, Debug)]
+struct SimReq {
+    arrival: f64,
+    prompt: usize,
+    output: usize,
+    exits: Vec<u8>,
+}
+
+/// The simulated traffic: lengths from the traces (or the given distributions), exit loops
+/// i.i.d. from the measured shares.
+struct Mix<'a> {
+    f: &'a Fitted,
+    prompt: Option<Dist>,
+    output: Option<Dist>,
+}
+
+impl Mix<'_> {
+    fn requests(&self, rate: f64, window_s: Option<f64>, n: usize, seed: u64) -> Vec<SimReq> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut t = 0.0;
+        let mut out = Vec::new();
+        loop {
+            t += -(1.0 - rng.random::<f64>()).ln() / rate;
+            if window_s.is_some_and(|w| t > w) || (window_s.is_none() && out.len() >= n) {
+                break;
+            }
+            let pick = |v: &[u32], rng: &mut ChaCha8Rng| v[rng.random_range(0..v.len())] as usize;
+            let prompt = match (&self.prompt, self.f.prompt_lengths.is_empty()) {
+                (Some(d), _) => d.sample(&mut rng) as usize,
+                (None, false) => pick(&self.f.prompt_lengths, &mut rng),
+                (None, true) => 64,
+            };
+            let output = match (&self.output, self.f.output_lengths.is_empty()) {
+                (Some(d), _) => d.sample(&mut rng) as usize,
+                (None, false) => pick(&self.f.output_lengths, &mut rng),
+                (None, true) => 64,
+            };
+            let exits = (0..output)
+                .map(|_| {
+                    let mut u: f64 = rng.random();
+                    for (l, &s) in self.f.exit_shares.iter().enumerate() {
+                        if u < s {
+                            return l as u8 + 1;
+                        }
+                        u -= s;
+                    }
+                    self.f.loops as u8
+                })
+                .collect();
+            out.push(SimReq {
+                arrival: t,
+                prompt: prompt.max(1),
+                output: output.max(1),
+                exits,
+            });
+        }
+        out
+    }
+}
+
+/// What a simulated load point measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct SimPoint {
+    pub nodes: usize,
+    pub offered_rps: f64,
+    pub requests: usize,
+    pub unfinished: usize,
+    pub achieved_rps: f64,
+    pub output_tok_s: f64,
+    pub ttft_ms: Option<Stats>,
+    pub tpot_ms: Option<Stats>,
+    pub mean_loops: f64,
+}
+
+struct SimNode {
+    eng: Engine<SimBackend>,
+    free_at: f64,
+    reqs: HashMap<RequestId, usize>,
+}
+
+fn simulate(f: &Fitted, reqs: &[SimReq], nodes: usize, window_s: Option<f64>, tok: &Arc<rrt_model::tokenizer::Tokenizer>) -> Result<SimPoint> {
+    let cfg = EngineConfig {
+        block_size: f.block_size,
+        max_step_rows: f.max_step_rows,
+        max_running: f.max_running,
+        ..Default::default()
+    };
+    let mut ns: Vec<SimNode> = (0..nodes)
+        .map(|_| {
+            Ok(SimNode {
+                eng: sim::engine(f.loops, cfg.clone(), f.kv_blocks, tok.clone())?,
+                free_at: 0.0,
+                reqs: HashMap::new(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let n = reqs.len();
+    let (mut first, mut last, mut count) = (vec![f64::NAN; n], vec![f64::NAN; n], vec![0usize; n]);
+    let mut loops_sum = 0usize;
+    let (mut next, mut now) = (0usize, 0.0f64);
+    let window_end = window_s.unwrap_or(f64::INFINITY);
+    let mut tokens_in_window = 0usize;
+    let mut done_in_window = 0usize;
+    let mut stalled = vec![false; nodes];
+    loop {
+        let t_arr = reqs.get(next).map_or(f64::INFINITY, |r| r.arrival);
+        let busy = (0..nodes)
+            .filter(|&i| ns[i].eng.has_work() && !stalled[i])
+            .min_by(|&a, &b| ns[a].free_at.total_cmp(&ns[b].free_at));
+        let t_node = busy.map_or(f64::INFINITY, |i| ns[i].free_at.max(now));
+        if t_arr.is_infinite() && t_node.is_infinite() {
+            break;
+        }
+        if t_arr <= t_node {
+            now = t_arr;
+            let r = &reqs[next];
+            let views: Vec<NodeView> = ns
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let l = s.eng.load_report();
+                    NodeView {
+                        id: format!("sim-{i}"),
+                        healthy: true,
+                        draining: false,
+                        loops: f.loops,
+                        rows_per_depth: l.rows_per_depth,
+                        waiting_tokens: l.waiting_tokens,
+                        free_kv_blocks: l.free_blocks,
+                        total_kv_blocks: l.total_blocks,
+                        kv_block_size: l.block_size,
+                        pending: 0,
+                    }
+                })
+                .collect();
+            let prompt = vec![(next % (sim::SIM_VOCAB - 8)) as u32 + 4; r.prompt];
+            let i = route(&views, &prompt, r.output)
+                .and_then(|v| v.id.strip_prefix("sim-")?.parse::<usize>().ok())
+                .unwrap_or(next % nodes);
+            let params = GenParams {
+                max_tokens: r.output,
+                ignore_eos: true,
+                forced: Some(vec![7; r.output]),
+                exit: rrt_node::ExitControl {
+                    schedule: Some(r.exits.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let id = ns[i].eng.submit(Request { prompt, params })?;
+            ns[i].reqs.insert(id, next);
+            ns[i].free_at = ns[i].free_at.max(now);
+            stalled[i] = false;
+            next += 1;
+            continue;
+        }
+        let i = busy.expect("a busy node");
+        now = t_node;
+        let events = ns[i].eng.step()?;
+        let dt = ns[i].eng.take_last_pass().map(|p| f.cost.seconds(&p));
+        let t = now + dt.unwrap_or(0.0);
+        ns[i].free_at = t;
+        if dt.is_none() && events.is_empty() {
+            // Nothing can run until something changes (an arrival or another node's step).
+            stalled[i] = true;
+        }
+        for (id, e) in events {
+            let Some(&r) = ns[i].reqs.get(&id) else { continue };
+            match e {
+                Event::Token(tk) => {
+                    if count[r] == 0 {
+                        first[r] = t;
+                    }
+                    last[r] = t;
+                    count[r] += 1;
+                    loops_sum += tk.loops;
+                    if t <= window_end {
+                        tokens_in_window += 1;
+                    }
+                }
+                Event::Done { .. } => {
+                    ns[i].reqs.remove(&id);
+                    if t <= window_end {
+                        done_in_window += 1;
+                    }
+                }
+            }
+        }
+    }
+    let end = last.iter().copied().filter(|x| x.is_finite()).fold(0.0, f64::max);
+    let span = window_s.unwrap_or(end).max(1e-9);
+    let unfinished = (0..n).filter(|&r| count[r] < reqs[r].output).count();
+    let total_tokens: usize = count.iter().sum();
+    Ok(SimPoint {
+        nodes,
+        offered_rps: if n > 0 { n as f64 / reqs[n - 1].arrival.max(1e-9) } else { 0.0 },
+        requests: n,
+        unfinished,
+        achieved_rps: if window_s.is_some() { done_in_window as f64 } else { n as f64 } / span,
+        output_tok_s: if window_s.is_some() { tokens_in_window } else { total_tokens } as f64 / span,
+        ttft_ms: Stats::of((0..n).map(|r| (first[r] - reqs[r].arrival) * 1e3)),
+        tpot_ms: Stats::of(
+            (0..n)
+                .filter(|&r| count[r] > 1)
+                .map(|r| (last[r] - first[r]) / (count[r] - 1) as f64 * 1e3),
+        ),
+        mean_loops: loops_sum as f64 / total_tokens.max(1) as f64,
+    })
+}
+
+fn within(p: &SimPoint, a: &Args) -> bool {
+    p.unfinished == 0
+        && p.ttft_ms.as_ref().is_some_and(|s| s.p99 <= a.ttft_p99_ms)
+        && p.tpot_ms.as_ref().is_none_or(|s| s.p99 <= a.tpot_p99_ms)
+}
+
+fn ms(s: &Option<Stats>, p99: bool) -> String {
+    s.as_ref()
+        .map_or("-".into(), |s| format!("{:.0}", if p99 { s.p99 } else { s.p50 }))
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    fitted: &'a Fitted,
+    curve: Vec<SimPoint>,
+    max_rate_per_node: Option<f64>,
+    plan: Option<SimPoint>,
+    validation: Vec<(Value, SimPoint)>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let f = fit(&a.traces, &a)?;
+    let tok = Arc::new(rrt_model::loader::load_tokenizer(&match &a.model {
+        Some(p) => p.clone(),
+        None => rrt_model::default_model_path().context("run scripts/fetch-model.sh first, or pass --model")?,
+    })?);
+    let c = &f.cost;
+    say!(
+        "fitted from {} steps: step = {:.2} ms + {:.4} ms/row + {:.6} ms/attended position + {:.4} ms/head row + {:.4} ms/fill row (R² {:.3}, mean |error| {:.1}%; {:.2} ms between passes)",
+        f.steps,
+        c.intercept * 1e3,
+        c.per_row * 1e3,
+        c.per_ctx * 1e3,
+        c.per_head_row * 1e3,
+        c.per_fill_row * 1e3,
+        f.r2,
+        f.mean_abs_rel_err * 100.0,
+        f.overhead_s * 1e3
+    );
+    let mean = |v: &[u32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+    say!(
+        "node: B = {}, {} KV blocks of {}, {} rows/pass, {} running; traffic: {} requests, prompt {:.0} / output {:.0} tokens on average, exits per loop {:?}",
+        f.loops,
+        f.kv_blocks,
+        f.block_size,
+        f.max_step_rows,
+        f.max_running,
+        f.prompt_lengths.len(),
+        mean(&f.prompt_lengths),
+        mean(&f.output_lengths),
+        f.exit_shares.iter().map(|s| format!("{:.2}", s)).collect::<Vec<_>>()
+    );
+    let mix = Mix {
+        f: &f,
+        prompt: a.prompt_tokens.clone(),
+        output: a.output_tokens.clone(),
+    };
+    let mut report = Report {
+        fitted: &f,
+        curve: Vec::new(),
+        max_rate_per_node: None,
+        plan: None,
+        validation: Vec::new(),
+    };
+    if let Some(v) = &a.validate {
+        let bench: Value = serde_json::from_str(&std::fs::read_to_string(v)?)
+            .with_context(|| format!("{}: not `rrt bench load --json` output", v.display()))?;
+        let points = bench["points"]
+            .as_array()
+            .or_else(|| bench.as_array())
+            .context("no load points in the bench JSON")?;
+        say!(
+            "{:>8} {:>7} | {:>9} {:>9} {:>6} | {:>8} {:>8} | {:>8} {:>8}",
+            "offered", "nodes", "tok/s", "predicted", "ratio", "TTFT p99", "pred.", "TPOT p99", "pred."
+        );
+        for p in points {
+            let rate = p["load"]["rate"]
+                .as_f64()
+                .or_else(|| p["load"]["Rate"].as_f64())
+                .or_else(|| p["sent_rps"].as_f64())
+                .context("a load point without a rate (validation needs open-loop points)")?;
+            let window = p["window_s"].as_f64().unwrap_or(30.0);
+            let reqs = mix.requests(rate, Some(window), 0, a.seed);
+            let sp = simulate(&f, &reqs, a.nodes, Some(window), &tok)?;
+            let measured = p["output_tok_s"].as_f64().unwrap_or(0.0);
+            let get = |k: &str| p[k]["p99"].as_f64().map_or("-".into(), |x| format!("{x:.0}"));
+            say!(
+                "{:>8.2} {:>7} | {:>9.1} {:>9.1} {:>6.3} | {:>8} {:>8} | {:>8} {:>8}",
+                rate,
+                a.nodes,
+                measured,
+                sp.output_tok_s,
+                sp.output_tok_s / measured.max(1e-9),
+                get("ttft_ms"),
+                ms(&sp.ttft_ms, true),
+                get("tpot_ms"),
+                ms(&sp.tpot_ms, true)
+            );
+            report.validation.push((p.clone(), sp));
+        }
+    } else {
+        // Saturation estimate: one node's time per request at full batches.
+        let probe = simulate(&f, &mix.requests(1e6, None, 400, a.seed), 1, None, &tok)?;
+        let sat = probe.achieved_rps.max(1e-6);
+        let rates: Vec<f64> = if a.curve.is_empty() {
+            (1..=12).map(|i| sat * i as f64 / 10.0).collect()
+        } else {
+            a.curve.clone()
+        };
+        say!("one node saturates near {:.2} requests/s ({:.0} output tokens/s)", sat, probe.output_tok_s);
+        say!(
+            "{:>9} | {:>9} {:>9} | {:>8} {:>8} | {:>8} {:>8} | {}",
+            "offered", "req/s", "tok/s", "TTFT p50", "p99", "TPOT p50", "p99", "within limits"
+        );
+        for (i, &r) in rates.iter().enumerate() {
+            let p = simulate(&f, &mix.requests(r, None, a.requests, a.seed + i as u64), 1, None, &tok)?;
+            say!(
+                "{:>9.2} | {:>9.2} {:>9.1} | {:>8} {:>8} | {:>8} {:>8} | {}",
+                r,
+                p.achieved_rps,
+                p.output_tok_s,
+                ms(&p.ttft_ms, false),
+                ms(&p.ttft_ms, true),
+                ms(&p.tpot_ms, false),
+                ms(&p.tpot_ms, true),
+                if within(&p, &a) { "yes" } else { "no" }
+            );
+            report.curve.push(p);
+        }
+        // The highest rate within the limits, by bisection between curve points.
+        let ok: Vec<f64> = rates
+            .iter()
+            .zip(&report.curve)
+            .filter(|(_, p)| within(p, &a))
+            .map(|(r, _)| *r)
+            .collect();
+        if let Some(&lo0) = ok.last() {
+            let (mut lo, mut hi) = (lo0, rates.iter().copied().find(|&r| r > lo0).unwrap_or(lo0 * 1.5));
+            for k in 0..6 {
+                let mid = (lo + hi) / 2.0;
+                let p = simulate(&f, &mix.requests(mid, None, a.requests, a.seed + 100 + k), 1, None, &tok)?;
+                if within(&p, &a) {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            report.max_rate_per_node = Some(lo);
+            say!(
+                "one node: at most {:.2} requests/s with TTFT p99 <= {} ms and TPOT p99 <= {} ms",
+                lo, a.ttft_p99_ms, a.tpot_p99_ms
+            );
+        } else {
+            say!("no simulated rate meets TTFT p99 <= {} ms and TPOT p99 <= {} ms on one node", a.ttft_p99_ms, a.tpot_p99_ms);
+        }
+        if let (Some(target), Some(per)) = (a.rate, report.max_rate_per_node) {
+            let mut n = (target / per).ceil().max(1.0) as usize;
+            loop {
+                let p = simulate(&f, &mix.requests(target, None, a.requests.max(200 * n), a.seed + 7), n, None, &tok)?;
+                let good = within(&p, &a);
+                say!(
+                    "{n} nodes at {target} requests/s: TTFT p99 {} ms, TPOT p99 {} ms, {:.1} tokens/s: {}",
+                    ms(&p.ttft_ms, true),
+                    ms(&p.tpot_ms, true),
+                    p.output_tok_s,
+                    if good { "within limits" } else { "over" }
+                );
+                if good || n > 4096 {
+                    report.plan = Some(p);
+                    break;
+                }
+                n += (n / 10).max(1);
+            }
+            if let Some(p) = &report.plan {
+                say!("plan: {} nodes of this kind for {target} requests/s", p.nodes);
+            }
+        }
+        if let Some(prefix) = &a.plot {
+            let pts = |g: fn(&SimPoint) -> Option<f64>| -> Vec<(f64, f64)> {
+                report.curve.iter().filter_map(|p| Some((p.offered_rps, g(p)?))).collect()
+            };
+            let x_max = rates.last().copied().unwrap_or(1.0);
+            let chart = plot::LineChart {
+                title: format!("One node (simulated from {} traced steps)", f.steps),
+                x_label: "offered requests/s".into(),
+                y_label: "ms".into(),
+                log_y: true,
+                series: vec![
+                    plot::Series {
+                        name: "TTFT p99".into(),
+                        points: pts(|p| p.ttft_ms.as_ref().map(|s| s.p99)),
+                        color: 0,
+                        ..Default::default()
+                    },
+                    plot::Series {
+                        name: "TPOT p99".into(),
+                        points: pts(|p| p.tpot_ms.as_ref().map(|s| s.p99)),
+                        color: 1,
+                        ..Default::default()
+                    },
+                    plot::Series {
+                        name: "TTFT limit".into(),
+                        points: vec![(0.0, a.ttft_p99_ms), (x_max, a.ttft_p99_ms)],
+                        dashed: true,
+                        color: 0,
+                    },
+                    plot::Series {
+                        name: "TPOT limit".into(),
+                        points: vec![(0.0, a.tpot_p99_ms), (x_max, a.tpot_p99_ms)],
+                        dashed: true,
+                        color: 1,
+                    },
+                ],
+            };
+            let tput = plot::LineChart {
+                title: "Throughput".into(),
+                x_label: "offered requests/s".into(),
+                y_label: "output tokens/s".into(),
+                log_y: false,
+                series: vec![plot::Series {
+                    name: "simulated".into(),
+                    points: pts(|p| Some(p.output_tok_s)),
+                    color: 2,
+                    ..Default::default()
+                }],
+            };
+            let path = format!("{prefix}-capacity.svg");
+            std::fs::write(&path, plot::document(&[plot::Chart::Line(chart), plot::Chart::Line(tput)], 560.0, 380.0))?;
+            say!("wrote {path}");
+        }
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
