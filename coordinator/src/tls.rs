@@ -48,6 +48,9 @@ pub struct NodeTls {
     pub ca: Vec<u8>,
     /// The coordinator's client certificate (nodes that require one refuse calls without).
     pub identity: Option<PemIdentity>,
+    /// The name every node certificate must carry, instead of the address dialled (nodes
+    /// found by DNS are dialled by pod IP, which certificates rarely name).
+    pub domain: Option<String>,
 }
 
 impl NodeTls {
@@ -56,6 +59,9 @@ impl NodeTls {
             tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&self.ca));
         if let Some(id) = &self.identity {
             c = c.identity(id.tonic());
+        }
+        if let Some(d) = &self.domain {
+            c = c.domain_name(d.clone());
         }
         c
     }

@@ -91,10 +91,20 @@ impl Drop for RequestStream {
 impl EngineHandle {
     /// Starts the engine task on its own thread. `capacity` bounds the command channel.
     pub fn spawn<B: Backend>(engine: Engine<B>, capacity: usize) -> (Self, std::thread::JoinHandle<()>) {
+        Self::spawn_paced(engine, capacity, None)
+    }
+
+    /// Like [`EngineHandle::spawn`]; with `pace`, every pass lasts at least the time that cost
+    /// model gives it (a simulated node on [`crate::sim::SimBackend`] then runs in real time).
+    pub fn spawn_paced<B: Backend>(
+        engine: Engine<B>,
+        capacity: usize,
+        pace: Option<crate::sim::CostModel>,
+    ) -> (Self, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let join = std::thread::Builder::new()
             .name("rrt-engine".into())
-            .spawn(move || run(engine, rx))
+            .spawn(move || run(engine, rx, pace))
             .expect("spawning the engine thread");
         (Self { tx }, join)
     }
@@ -180,7 +190,7 @@ impl EngineHandle {
 }
 
 /// The task: apply commands, run a pass when there is work, route events.
-fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>) {
+fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>, pace: Option<crate::sim::CostModel>) {
     let mut streams: HashMap<RequestId, mpsc::UnboundedSender<Event>> = HashMap::new();
     let mut closing: Option<(bool, oneshot::Sender<()>)> = None;
     let mut exports: HashMap<RequestId, oneshot::Sender<Option<KvState>>> = HashMap::new();
@@ -285,7 +295,15 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>)
             step_ms = tracing::field::Empty,
         );
         let stepped = step.in_scope(|| engine.step());
-        if let Some(p) = engine.take_last_pass()
+        let mut pass = engine.take_last_pass();
+        if let (Some(c), Some(p)) = (&pace, pass.as_mut()) {
+            let want = c.seconds(p);
+            if want > p.seconds {
+                step.in_scope(|| std::thread::sleep(std::time::Duration::from_secs_f64(want - p.seconds)));
+            }
+            p.seconds = p.seconds.max(want);
+        }
+        if let Some(p) = pass
             && !step.is_disabled()
         {
             let list = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");

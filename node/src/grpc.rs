@@ -89,7 +89,12 @@ struct Inner {
     fingerprint: OnceLock<String>,
     /// Imported states waiting for their Run, by ticket.
     staged: Mutex<HashMap<String, (KvState, Instant)>>,
+    /// Adjusts every request before the engine sees it (a simulated node draws its exits).
+    hook: Option<RequestHook>,
 }
+
+/// See [`NodeService::with_request_hook`].
+pub type RequestHook = Arc<dyn Fn(&mut Request) + Send + Sync>;
 
 /// Staged state unused this long is dropped.
 const STAGED_TTL: Duration = Duration::from_secs(60);
@@ -254,8 +259,19 @@ impl NodeService {
                 rate: Mutex::new((Instant::now(), 0, 0.0)),
                 fingerprint: OnceLock::new(),
                 staged: Mutex::new(HashMap::new()),
+                hook: None,
             }),
         }
+    }
+
+    /// The same service with `hook` applied to every request before it is submitted (the
+    /// simulated nodes of `rrt bench sim-cluster` set each request's exit loops with it).
+    /// Call before cloning the service.
+    pub fn with_request_hook(mut self, hook: RequestHook) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.hook = Some(hook);
+        }
+        self
     }
 
     /// Sets the weights' fingerprint (once; later calls are ignored). Until it is set the
@@ -330,7 +346,10 @@ impl pb::node_server::Node for NodeService {
         span.record("request_id", r.request_id.as_str());
         span.record("prompt_tokens", r.prompt.len() as i64);
         span.record("generated", r.generated.len() as i64);
-        let request = to_request(&r)?;
+        let mut request = to_request(&r)?;
+        if let Some(h) = &self.inner.hook {
+            h(&mut request);
+        }
         let import = if r.kv_ticket.is_empty() {
             None
         } else {

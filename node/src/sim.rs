@@ -150,13 +150,14 @@ impl CostModel {
 }
 
 /// An engine on [`SimBackend`] with the scheduling settings `cfg` (its `kv_bytes` is ignored:
-/// the pool has `kv_blocks` blocks) for a model of `loops` loops. Requests must use token ids
-/// below [`SIM_VOCAB`].
+/// the pool has `kv_blocks` blocks) for a model of `loops` loops and a vocabulary of `vocab`
+/// ids ([`SIM_VOCAB`] keeps the all-zero logits cheap when requests use small ids).
 pub fn engine(
     loops: usize,
     mut cfg: EngineConfig,
     kv_blocks: usize,
     tokenizer: Arc<rrt_model::tokenizer::Tokenizer>,
+    vocab: usize,
 ) -> Result<Engine<SimBackend>, EngineError> {
     let loops = loops.max(1);
     let (h, hd) = (4usize, 4usize);
@@ -168,7 +169,7 @@ pub fn engine(
         n_heads: 1,
         n_kv_heads: 1,
         head_dim: hd,
-        vocab: SIM_VOCAB,
+        vocab,
         rms_eps: 1e-5,
         rope_theta: 10000.0,
         rope_dim: hd,
@@ -179,6 +180,7 @@ pub fn engine(
         tie_embeddings: true,
     };
     let lin = |o: usize, i: usize| Linear::f32(o, i, vec![0.0; o * i], None);
+    let vocab = vocab.max(2);
     let layer = Layer {
         attn_norm: vec![1.0; h],
         qkv: lin(3 * hd, h),
@@ -188,7 +190,7 @@ pub fn engine(
         down: lin(h, h),
     };
     let weights = Weights {
-        embed: lin(SIM_VOCAB, h),
+        embed: lin(vocab, h),
         layers: vec![layer],
         norm: vec![1.0; h],
         lm_head: None,

@@ -30,6 +30,9 @@ pub enum What {
     /// rates or closed loop at concurrencies; TTFT, TPOT, throughput, errors, exit loops
     /// (issue F).
     Load(super::bench_load::LoadArgs),
+    /// A cluster of simulated nodes (the real engine on a compute-free backend, paced by the
+    /// costs `rrt capacity` fitted) behind a real coordinator, for `rrt bench load`.
+    SimCluster(super::bench_sim::SimArgs),
     /// The weight-format measurement: all matrix products of one SmolLM2 decode step with
     /// f32 weights (gemm, skinny kernel), bf16 weights and Q4_1 blocks dequantized on the fly.
     Matmul(MatmulArgs),
@@ -84,6 +87,7 @@ pub fn run(a: Args) -> Result<()> {
         What::Engine(e) => super::bench_engine::run(e),
         What::Coordinator(c) => super::bench_coordinator::run(c),
         What::Load(l) => super::bench_load::run(l),
+        What::SimCluster(s) => super::bench_sim::run(s),
     }
 }
 

@@ -85,7 +85,7 @@ pub struct Args {
 }
 
 /// What the traces say about the node and its traffic.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Fitted {
     pub cost: CostModel,
     /// Seconds between passes while busy (included in `cost.intercept`).
@@ -325,6 +325,8 @@ struct SimReq {
     prompt: usize,
     output: usize,
     exits: Vec<u8>,
+    /// Counted in the statistics (a bench's warmup requests load the node but are not).
+    measured: bool,
 }
 
 /// The simulated traffic: lengths from the traces (or the given distributions), exit loops
@@ -356,26 +358,73 @@ impl Mix<'_> {
                 (None, false) => pick(&self.f.output_lengths, &mut rng),
                 (None, true) => 64,
             };
-            let exits = (0..output)
-                .map(|_| {
-                    let mut u: f64 = rng.random();
-                    for (l, &s) in self.f.exit_shares.iter().enumerate() {
-                        if u < s {
-                            return l as u8 + 1;
-                        }
-                        u -= s;
-                    }
-                    self.f.loops as u8
-                })
-                .collect();
+            let exits = self.requests_exits(&mut rng, output);
             out.push(SimReq {
                 arrival: t,
                 prompt: prompt.max(1),
                 output: output.max(1),
                 exits,
+                measured: true,
             });
         }
         out
+    }
+
+    /// The requests of a bench point recorded with `--per-request`: the same send times,
+    /// prompt lengths (as the server counted them) and output lengths; exit loops in the
+    /// recorded proportions of each request (or drawn from the traced mix).
+    fn replay(&self, records: &[Value], seed: u64) -> Vec<SimReq> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut out: Vec<SimReq> = records
+            .iter()
+            .filter(|r| r["error"].is_null())
+            .map(|r| {
+                let output = r["tokens"].as_u64().unwrap_or(1).max(1) as usize;
+                let mut exits: Vec<u8> = Vec::new();
+                if let Some(m) = r["exit_loops"].as_object() {
+                    for (l, n) in m {
+                        let l: u8 = l.parse().unwrap_or(1);
+                        exits.extend(std::iter::repeat_n(l, n.as_u64().unwrap_or(0) as usize));
+                    }
+                }
+                if exits.len() != output {
+                    exits = self.requests_exits(&mut rng, output);
+                } else {
+                    // Keep the request's proportions, not its order.
+                    for i in (1..exits.len()).rev() {
+                        exits.swap(i, rng.random_range(0..=i));
+                    }
+                }
+                SimReq {
+                    arrival: r["start_s"].as_f64().unwrap_or(0.0),
+                    prompt: r["usage_prompt_tokens"]
+                        .as_u64()
+                        .or_else(|| r["prompt_tokens"].as_u64())
+                        .unwrap_or(1)
+                        .max(1) as usize,
+                    output,
+                    exits,
+                    measured: r["measured"].as_bool().unwrap_or(true),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
+        out
+    }
+
+    fn requests_exits(&self, rng: &mut ChaCha8Rng, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                let mut u: f64 = rng.random();
+                for (l, &s) in self.f.exit_shares.iter().enumerate() {
+                    if u < s {
+                        return l as u8 + 1;
+                    }
+                    u -= s;
+                }
+                self.f.loops as u8
+            })
+            .collect()
     }
 }
 
@@ -399,7 +448,15 @@ struct SimNode {
     reqs: HashMap<RequestId, usize>,
 }
 
-fn simulate(f: &Fitted, reqs: &[SimReq], nodes: usize, window_s: Option<f64>, tok: &Arc<rrt_model::tokenizer::Tokenizer>) -> Result<SimPoint> {
+/// Simulates `reqs` on `nodes` nodes. With `window = (start, end)`, throughput counts the
+/// tokens and completions inside it (as `rrt bench load` does); otherwise over the whole run.
+fn simulate(
+    f: &Fitted,
+    reqs: &[SimReq],
+    nodes: usize,
+    window: Option<(f64, f64)>,
+    tok: &Arc<rrt_model::tokenizer::Tokenizer>,
+) -> Result<SimPoint> {
     let cfg = EngineConfig {
         block_size: f.block_size,
         max_step_rows: f.max_step_rows,
@@ -409,7 +466,7 @@ fn simulate(f: &Fitted, reqs: &[SimReq], nodes: usize, window_s: Option<f64>, to
     let mut ns: Vec<SimNode> = (0..nodes)
         .map(|_| {
             Ok(SimNode {
-                eng: sim::engine(f.loops, cfg.clone(), f.kv_blocks, tok.clone())?,
+                eng: sim::engine(f.loops, cfg.clone(), f.kv_blocks, tok.clone(), sim::SIM_VOCAB)?,
                 free_at: 0.0,
                 reqs: HashMap::new(),
             })
@@ -419,7 +476,8 @@ fn simulate(f: &Fitted, reqs: &[SimReq], nodes: usize, window_s: Option<f64>, to
     let (mut first, mut last, mut count) = (vec![f64::NAN; n], vec![f64::NAN; n], vec![0usize; n]);
     let mut loops_sum = 0usize;
     let (mut next, mut now) = (0usize, 0.0f64);
-    let window_end = window_s.unwrap_or(f64::INFINITY);
+    let (window_start, window_end) = window.unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
+    let in_window = |t: f64| t >= window_start && t <= window_end;
     let mut tokens_in_window = 0usize;
     let mut done_in_window = 0usize;
     let mut stalled = vec![false; nodes];
@@ -454,7 +512,14 @@ fn simulate(f: &Fitted, reqs: &[SimReq], nodes: usize, window_s: Option<f64>, to
                     }
                 })
                 .collect();
-            let prompt = vec![(next % (sim::SIM_VOCAB - 8)) as u32 + 4; r.prompt];
+            // Distinct prompts (like the bench's random text windows): the router's prefix
+            // affinity must not see a shared prefix that real traffic would not have.
+            let prompt: Vec<u32> = (0..r.prompt)
+                .map(|j| {
+                    let h = (next as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+                    (h >> 33) as u32 % (sim::SIM_VOCAB as u32 - 8) + 4
+                })
+                .collect();
             let i = route(&views, &prompt, r.output)
                 .and_then(|v| v.id.strip_prefix("sim-")?.parse::<usize>().ok())
                 .unwrap_or(next % nodes);
@@ -495,13 +560,13 @@ fn simulate(f: &Fitted, reqs: &[SimReq], nodes: usize, window_s: Option<f64>, to
                     last[r] = t;
                     count[r] += 1;
                     loops_sum += tk.loops;
-                    if t <= window_end {
+                    if in_window(t) {
                         tokens_in_window += 1;
                     }
                 }
                 Event::Done { .. } => {
                     ns[i].reqs.remove(&id);
-                    if t <= window_end {
+                    if in_window(t) {
                         done_in_window += 1;
                     }
                 }
@@ -509,24 +574,43 @@ fn simulate(f: &Fitted, reqs: &[SimReq], nodes: usize, window_s: Option<f64>, to
         }
     }
     let end = last.iter().copied().filter(|x| x.is_finite()).fold(0.0, f64::max);
-    let span = window_s.unwrap_or(end).max(1e-9);
+    let span = window.map_or(end, |(s, e)| e - s).max(1e-9);
     let unfinished = (0..n).filter(|&r| count[r] < reqs[r].output).count();
     let total_tokens: usize = count.iter().sum();
+    let measured: Vec<usize> = (0..n).filter(|&r| reqs[r].measured).collect();
     Ok(SimPoint {
         nodes,
         offered_rps: if n > 0 { n as f64 / reqs[n - 1].arrival.max(1e-9) } else { 0.0 },
         requests: n,
         unfinished,
-        achieved_rps: if window_s.is_some() { done_in_window as f64 } else { n as f64 } / span,
-        output_tok_s: if window_s.is_some() { tokens_in_window } else { total_tokens } as f64 / span,
-        ttft_ms: Stats::of((0..n).map(|r| (first[r] - reqs[r].arrival) * 1e3)),
+        achieved_rps: if window.is_some() { done_in_window as f64 } else { n as f64 } / span,
+        output_tok_s: if window.is_some() { tokens_in_window } else { total_tokens } as f64 / span,
+        ttft_ms: Stats::of(measured.iter().map(|&r| (first[r] - reqs[r].arrival) * 1e3)),
         tpot_ms: Stats::of(
-            (0..n)
-                .filter(|&r| count[r] > 1)
-                .map(|r| (last[r] - first[r]) / (count[r] - 1) as f64 * 1e3),
+            measured
+                .iter()
+                .filter(|&&r| count[r] > 1)
+                .map(|&r| (last[r] - first[r]) / (count[r] - 1) as f64 * 1e3),
         ),
         mean_loops: loops_sum as f64 / total_tokens.max(1) as f64,
     })
+}
+
+/// From load points `(rate, ttft p99, tpot p99, tokens/s)` in rate order: the rate where the
+/// first limit is crossed, linearly interpolated between the last point within both limits
+/// and the next one, with the throughput there. None when the first point is already over,
+/// or no point is.
+fn max_within(points: &[(f64, f64, f64, f64)], ttft: f64, tpot: f64) -> Option<(f64, f64)> {
+    let ok = |p: &(f64, f64, f64, f64)| p.1 <= ttft && p.2 <= tpot;
+    let i = points.iter().position(|p| !ok(p))?;
+    if i == 0 {
+        return None;
+    }
+    let (lo, hi) = (points[i - 1], points[i]);
+    // Fraction of the way to `hi` where each statistic reaches its limit.
+    let cross = |a: f64, b: f64, limit: f64| if b > limit && b > a { ((limit - a) / (b - a)).clamp(0.0, 1.0) } else { 1.0 };
+    let f = cross(lo.1, hi.1, ttft).min(cross(lo.2, hi.2, tpot));
+    Some((lo.0 + f * (hi.0 - lo.0), lo.3 + f * (hi.3 - lo.3)))
 }
 
 fn within(p: &SimPoint, a: &Args) -> bool {
@@ -611,8 +695,12 @@ pub fn run(a: Args) -> Result<()> {
                 .or_else(|| p["sent_rps"].as_f64())
                 .context("a load point without a rate (validation needs open-loop points)")?;
             let window = p["window_s"].as_f64().unwrap_or(30.0);
-            let reqs = mix.requests(rate, Some(window), 0, a.seed);
-            let sp = simulate(&f, &reqs, a.nodes, Some(window), &tok)?;
+            let warmup = bench["warmup_s"].as_f64().unwrap_or(0.0);
+            let (reqs, win) = match p["requests"].as_array() {
+                Some(records) if !records.is_empty() => (mix.replay(records, a.seed), (warmup, warmup + window)),
+                _ => (mix.requests(rate, Some(window), 0, a.seed), (0.0, window)),
+            };
+            let sp = simulate(&f, &reqs, a.nodes, Some(win), &tok)?;
             let measured = p["output_tok_s"].as_f64().unwrap_or(0.0);
             let get = |k: &str| p[k]["p99"].as_f64().map_or("-".into(), |x| format!("{x:.0}"));
             say!(
@@ -628,6 +716,48 @@ pub fn run(a: Args) -> Result<()> {
                 ms(&sp.tpot_ms, true)
             );
             report.validation.push((p.clone(), sp));
+        }
+        // The highest offered rate within the limits, interpolated between load points, and
+        // the output throughput there: measured and predicted.
+        let measured: Vec<(f64, f64, f64, f64)> = report
+            .validation
+            .iter()
+            .map(|(m, _)| {
+                let r = m["load"]["rate"].as_f64().unwrap_or(0.0);
+                let p99 = |k: &str| m[k]["p99"].as_f64().unwrap_or(f64::INFINITY);
+                (r, p99("ttft_ms"), p99("tpot_ms"), m["output_tok_s"].as_f64().unwrap_or(0.0))
+            })
+            .collect();
+        let predicted: Vec<(f64, f64, f64, f64)> = report
+            .validation
+            .iter()
+            .map(|(m, s)| {
+                let p99 = |x: &Option<Stats>| x.as_ref().map_or(f64::INFINITY, |s| s.p99);
+                (
+                    m["load"]["rate"].as_f64().unwrap_or(0.0),
+                    p99(&s.ttft_ms),
+                    p99(&s.tpot_ms),
+                    s.output_tok_s,
+                )
+            })
+            .collect();
+        let (m, p) = (
+            max_within(&measured, a.ttft_p99_ms, a.tpot_p99_ms),
+            max_within(&predicted, a.ttft_p99_ms, a.tpot_p99_ms),
+        );
+        match (m, p) {
+            (Some((mr, mt)), Some((pr, pt))) => say!(
+                "within TTFT p99 <= {} ms and TPOT p99 <= {} ms: measured {:.3} requests/s ({:.1} tokens/s), predicted {:.3} requests/s ({:.1} tokens/s): ratio {:.3} (throughput {:.3})",
+                a.ttft_p99_ms,
+                a.tpot_p99_ms,
+                mr,
+                mt,
+                pr,
+                pt,
+                pr / mr,
+                pt / mt.max(1e-9)
+            ),
+            _ => say!("the limits are not met (or never exceeded) at the measured points: no rate to compare"),
         }
     } else {
         // Saturation estimate: one node's time per request at full batches.
@@ -764,4 +894,177 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: Args,
+    }
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["capacity", "--traces", "unused.jsonl"];
+        v.extend_from_slice(extra);
+        Cli::parse_from(v).a
+    }
+
+    const COST: CostModel = CostModel {
+        intercept: 0.004,
+        per_row: 0.0007,
+        per_ctx: 0.000002,
+        per_head_row: 0.0003,
+        per_fill_row: 0.0002,
+    };
+
+    /// Spans of passes timed exactly by `COST`, 0.5 ms apart, with request spans and the
+    /// node's settings.
+    fn synthetic_trace() -> String {
+        let mut out = String::new();
+        let mut t = 1_000_000_000u64;
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for i in 0..200 {
+            let (d0, d1) = (rng.random_range(1..60usize), rng.random_range(0..30usize));
+            let rows = d0 + d1;
+            let ctx = rows * rng.random_range(5..200usize);
+            let head = rng.random_range(0..rows.min(8) + 1);
+            let fill = rng.random_range(0..4usize);
+            let s = COST.intercept
+                + COST.per_row * rows as f64
+                + COST.per_ctx * ctx as f64
+                + COST.per_head_row * head as f64
+                + COST.per_fill_row * fill as f64;
+            let end = t + (s * 1e9) as u64;
+            out += &serde_json::json!({
+                "name": "engine.step", "start_ns": t, "end_ns": end,
+                "attributes": {"rows": rows, "rows_per_depth": format!("{d0},{d1}"), "ctx": ctx,
+                    "head_rows": head, "fill_rows": fill, "tokens": head,
+                    "exits_per_loop": if i % 4 == 0 { "1,0" } else { "0,1" }, "step_ms": s * 1e3},
+            })
+            .to_string();
+            out.push('\n');
+            t = end + 500_000;
+        }
+        for i in 0..10 {
+            out += &serde_json::json!({"name": "request", "attributes": {"prompt_tokens": 20 + i, "tokens": 10}})
+                .to_string();
+            out.push('\n');
+        }
+        out += &serde_json::json!({"name": "node.start", "attributes": {"loops": 2, "kv_blocks": 500,
+            "block_size": 16, "max_step_rows": 128, "max_running": 32}})
+        .to_string();
+        out + "\n"
+    }
+
+    #[test]
+    fn the_rate_within_limits_is_interpolated() {
+        let pts = [(1.0, 100.0, 10.0, 5.0), (2.0, 500.0, 30.0, 9.0), (3.0, 900.0, 50.0, 12.0)];
+        // TTFT reaches 700 halfway from 2 to 3; TPOT 45 three quarters of the way.
+        assert_eq!(max_within(&pts, 700.0, 45.0), Some((2.5, 10.5)));
+        assert_eq!(max_within(&pts, 700.0, 35.0), Some((2.25, 9.75)));
+        assert_eq!(max_within(&pts, 50.0, 45.0), None);
+        assert_eq!(max_within(&pts, 5000.0, 500.0), None);
+    }
+
+    #[test]
+    fn fit_recovers_the_cost_model_and_the_mix() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("spans.jsonl");
+        std::fs::write(&p, synthetic_trace()).unwrap();
+        let f = fit(&[p], &args(&[])).unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 + 1e-3 * b.abs();
+        // The intercept also carries the 0.5 ms between passes.
+        assert!(close(f.cost.intercept, COST.intercept + 0.0005), "{:?}", f.cost);
+        assert!(close(f.cost.per_row, COST.per_row), "{:?}", f.cost);
+        assert!(close(f.cost.per_ctx, COST.per_ctx), "{:?}", f.cost);
+        assert!(close(f.cost.per_head_row, COST.per_head_row), "{:?}", f.cost);
+        assert!(close(f.cost.per_fill_row, COST.per_fill_row), "{:?}", f.cost);
+        assert!(f.r2 > 0.999_999 && f.steps == 200);
+        assert!((f.overhead_s - 0.0005).abs() < 1e-6);
+        assert_eq!((f.loops, f.kv_blocks, f.max_step_rows, f.max_running), (2, 500, 128, 32));
+        assert_eq!(f.exit_shares, vec![0.25, 0.75]);
+        assert_eq!(f.prompt_lengths, (20..30).collect::<Vec<u32>>());
+    }
+
+    /// One request alone: its first token takes one prefill pass, every other token one
+    /// decode pass, timed exactly by the cost model (B = 1, no exits: nothing else runs).
+    #[test]
+    fn a_lone_request_takes_the_modelled_pass_times() {
+        let cost = CostModel {
+            intercept: 0.01,
+            per_row: 0.001,
+            per_ctx: 0.0001,
+            per_head_row: 0.002,
+            per_fill_row: 0.0,
+        };
+        let f = Fitted {
+            cost,
+            overhead_s: 0.0,
+            r2: 1.0,
+            mean_abs_rel_err: 0.0,
+            steps: 0,
+            loops: 1,
+            kv_blocks: 100,
+            block_size: 16,
+            max_step_rows: 256,
+            max_running: 8,
+            prompt_lengths: vec![],
+            output_lengths: vec![],
+            exit_shares: vec![1.0],
+        };
+        let tok = Arc::new(
+            rrt_model::loader::load_tokenizer(&rrt_model::default_model_path().expect("fetched model")).unwrap(),
+        );
+        let req = SimReq {
+            arrival: 1.0,
+            prompt: 20,
+            output: 5,
+            exits: vec![1; 5],
+            measured: true,
+        };
+        let p = simulate(&f, &[req], 1, None, &tok).unwrap();
+        // Prefill: 20 rows attending to 1..=20 positions, one head row.
+        let prefill = 0.01 + 0.001 * 20.0 + 0.0001 * 210.0 + 0.002;
+        // Decode at position 20 + i: one row attending to 21 + i positions.
+        let decode = |i: f64| 0.01 + 0.001 + 0.0001 * (21.0 + i) + 0.002;
+        let ttft = p.ttft_ms.unwrap();
+        assert!((ttft.p50 - prefill * 1e3).abs() < 1e-6, "{ttft:?} vs {prefill}");
+        let tpot = p.tpot_ms.unwrap();
+        let want = (0..4).map(|i| decode(i as f64)).sum::<f64>() / 4.0;
+        assert!((tpot.p50 - want * 1e3).abs() < 1e-6, "{tpot:?} vs {want}");
+        assert_eq!((p.requests, p.unfinished), (1, 0));
+        assert_eq!(p.mean_loops, 1.0);
+    }
+
+    /// Two nodes behind the router at a rate one node cannot carry: the router spreads the
+    /// load and the pair keeps up where one node falls behind.
+    #[test]
+    fn the_router_spreads_load_over_simulated_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("spans.jsonl");
+        std::fs::write(&p, synthetic_trace()).unwrap();
+        let a = args(&["--output-tokens", "fixed:20", "--prompt-tokens", "fixed:30"]);
+        let f = fit(&[p], &a).unwrap();
+        let tok = Arc::new(
+            rrt_model::loader::load_tokenizer(&rrt_model::default_model_path().expect("fetched model")).unwrap(),
+        );
+        let mix = Mix {
+            f: &f,
+            prompt: a.prompt_tokens,
+            output: a.output_tokens,
+        };
+        let one = simulate(&f, &mix.requests(1e6, None, 200, 1), 1, None, &tok).unwrap();
+        let rate = one.achieved_rps * 1.5;
+        let reqs = mix.requests(rate, None, 300, 2);
+        let single = simulate(&f, &reqs, 1, None, &tok).unwrap();
+        let pair = simulate(&f, &reqs, 2, None, &tok).unwrap();
+        let (s, d) = (single.ttft_ms.unwrap(), pair.ttft_ms.unwrap());
+        assert!(d.p99 * 3.0 < s.p99, "two nodes: TTFT p99 {} ms, one node {} ms", d.p99, s.p99);
+        assert!(pair.achieved_rps > single.achieved_rps * 1.2);
+        assert_eq!(pair.unfinished, 0);
+    }
 }

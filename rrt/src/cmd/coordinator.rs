@@ -100,6 +100,7 @@ pub fn settings(c: &crate::config::CoordinatorConfig) -> Result<rrt_coordinator:
                 (Some(cert), Some(key)) => Some(PemIdentity::read(cert, key).map_err(anyhow::Error::msg)?),
                 _ => None,
             },
+            domain: c.node_tls_domain.clone(),
         }),
         None => None,
     };

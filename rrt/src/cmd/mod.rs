@@ -13,6 +13,7 @@ pub mod bench;
 pub mod bench_coordinator;
 pub mod bench_engine;
 pub mod bench_load;
+pub mod bench_sim;
 pub mod calibrate;
 pub mod capacity;
 pub mod convert;
