@@ -248,9 +248,11 @@ impl Coordinator {
         }
         let total: usize = live.iter().map(|n| n.total_kv_blocks).sum();
         let free: usize = live.iter().map(|n| n.free_kv_blocks).sum();
-        self.metrics
-            .kv_usage
-            .set(if total > 0 { 1.0 - free as f64 / total as f64 } else { 0.0 });
+        self.metrics.kv_usage.set(if total > 0 {
+            1.0 - free as f64 / total as f64
+        } else {
+            0.0
+        });
     }
 
     /// The least loaded healthy node for a call that is not a generation.
@@ -586,7 +588,9 @@ impl Coordinator {
         let Some(mut to) = self.registry.client(&target) else {
             return KvMove::Kept(tonic::Status::unavailable("no connection to the peer"));
         };
-        let req = pb::ExportRequest { request_id: id.to_string() };
+        let req = pb::ExportRequest {
+            request_id: id.to_string(),
+        };
         // Generous: the old node first lets the request's rows finish their loops.
         let export = match tokio::time::timeout(self.cfg.node_timeout, client.export(req)).await {
             Ok(Ok(s)) => s.into_inner(),
@@ -883,6 +887,9 @@ impl Coordinator {
         span.record("migrations", migrations as i64);
         span.record("tokens", tokens as i64);
         span.record("finish_reason", outcome.as_str());
-        span.record("mean_loops", if tokens > 0 { loops as f64 / tokens as f64 } else { 0.0 });
+        span.record(
+            "mean_loops",
+            if tokens > 0 { loops as f64 / tokens as f64 } else { 0.0 },
+        );
     }
 }

@@ -41,7 +41,11 @@ impl prometheus_client::collector::Collector for SpanCounters {
         let c = rrt_telemetry::counters();
         for (name, help, v) in [
             ("rrt_trace_spans_exported", "Spans exported", c.exported),
-            ("rrt_trace_spans_dropped", "Spans dropped because the export queue was full", c.dropped),
+            (
+                "rrt_trace_spans_dropped",
+                "Spans dropped because the export queue was full",
+                c.dropped,
+            ),
             ("rrt_trace_spans_failed", "Spans lost in failed exports", c.failed),
         ] {
             let counter = ConstCounter::new(v);

@@ -213,6 +213,7 @@ mod avx512 {
                 for (r, v) in wv.iter_mut().enumerate() {
                     *v = w.load(r, p);
                 }
+                #[allow(clippy::needless_range_loop)] // the register tile, indexed on purpose
                 for c in 0..C {
                     let xv = _mm512_loadu_ps(x.add(c * k + p));
                     for r in 0..R {
@@ -227,6 +228,7 @@ mod avx512 {
                 for (r, v) in wv.iter_mut().enumerate() {
                     *v = w.load_tail(mask, r, p);
                 }
+                #[allow(clippy::needless_range_loop)] // the register tile, indexed on purpose
                 for c in 0..C {
                     let xv = _mm512_maskz_loadu_ps(mask, x.add(c * k + p));
                     for r in 0..R {

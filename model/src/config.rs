@@ -79,19 +79,19 @@ impl ModelConfig {
                 self.hidden, self.intermediate, self.n_layers, self.vocab
             ));
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} attention heads is not a multiple of {} key/value heads",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head dimension {} is not a positive even number",
                 self.head_dim
             ));
         }
-        if self.rope_dim == 0 || self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
+        if self.rope_dim == 0 || self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
             return bad(format!(
                 "rotary dimension {} does not fit head dimension {}",
                 self.rope_dim, self.head_dim
@@ -207,7 +207,7 @@ impl ModelConfig {
         let opt_f = |k: &str| json.get(k).and_then(Json::as_f64);
         let hidden = num("hidden_size")?;
         let n_heads = num("num_attention_heads")?;
-        let head_dim = opt_num("head_dim").unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 });
+        let head_dim = opt_num("head_dim").unwrap_or(hidden.checked_div(n_heads).unwrap_or(0));
         let rope_scaling = match json.get("rope_scaling") {
             None | Some(Json::Null) => RopeScaling::None,
             Some(rs) => {

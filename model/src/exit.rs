@@ -101,7 +101,7 @@ pub fn collect_samples(lm: &LoadedModel, tokens: &[u32], window: usize, criterio
     let mut samples: LoopSamples = vec![Vec::new(); loops - 1];
     for win in tokens.chunks(window).filter(|w| w.len() >= 2) {
         let (mut pool, seq) = single_sequence(model.kv_layout(DEFAULT_BLOCK_SIZE), win.len())?;
-        let rows = sequence_rows(&win, &seq.blocks);
+        let rows = sequence_rows(win, &seq.blocks);
         let select: Vec<usize> = (0..win.len()).collect();
         let hidden = model.forward_loops(&rows, &mut pool)?;
         let embed = model.embed(win.iter().copied())?;

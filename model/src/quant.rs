@@ -104,7 +104,7 @@ impl GgmlType {
     /// Bytes taken by `n` elements, or `None` if `n` is not a whole number of blocks
     /// (or overflows).
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        if n % self.block_len() != 0 {
+        if !n.is_multiple_of(self.block_len()) {
             return None;
         }
         (n / self.block_len()).checked_mul(self.block_bytes())
@@ -285,8 +285,8 @@ mod tests {
         }
         let mut y = [0f32; 32];
         dequantize(GgmlType::Q8_0, &b, &mut y);
-        for j in 0..32 {
-            assert_eq!(y[j], (j as f32 - 16.0) * 0.5);
+        for (j, v) in y.iter().enumerate() {
+            assert_eq!(*v, (j as f32 - 16.0) * 0.5);
         }
     }
 

@@ -289,7 +289,7 @@ pub fn convert(
 ) -> Result<(Vec<Layer>, Recursion)> {
     let l_total = cfg.n_layers;
     let b = spec.loops;
-    if b == 0 || l_total % b != 0 {
+    if b == 0 || !l_total.is_multiple_of(b) {
         return Err(ModelError::InvalidArgument {
             field: "loops",
             msg: format!("{l_total} layers cannot be split into {b} loops of equal size (L must be divisible by B)"),

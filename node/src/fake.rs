@@ -171,7 +171,10 @@ impl pb::node_server::Node for FakeNode {
         Err(Status::unimplemented("a fake node has no keys/values to export"))
     }
 
-    async fn import(&self, _req: Request<tonic::Streaming<pb::KvChunk>>) -> Result<Response<pb::ImportResponse>, Status> {
+    async fn import(
+        &self,
+        _req: Request<tonic::Streaming<pb::KvChunk>>,
+    ) -> Result<Response<pb::ImportResponse>, Status> {
         Err(Status::unimplemented("a fake node has no keys/values to import"))
     }
 

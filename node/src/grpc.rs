@@ -439,7 +439,6 @@ impl pb::node_server::Node for NodeService {
         Ok(Response::new(r))
     }
 
-
     async fn drain(&self, req: GrpcRequest<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
         self.inner.draining.store(true, Ordering::Relaxed);
         let r = req.into_inner();
@@ -469,9 +468,15 @@ impl pb::node_server::Node for NodeService {
         };
         let (_, geo) = self.inner.engine.stats().await.map_err(status)?;
         let Some(state) = self.inner.engine.export(id).await.map_err(status)? else {
-            return Err(Status::not_found(format!("request `{rid}` finished before it could move")));
+            return Err(Status::not_found(format!(
+                "request `{rid}` finished before it could move"
+            )));
         };
-        tracing::info!(request = rid, positions = state.positions, "exporting a request with its keys/values");
+        tracing::info!(
+            request = rid,
+            positions = state.positions,
+            "exporting a request with its keys/values"
+        );
         let header = pb::KvHeader {
             request_id: rid,
             tokens: state.tokens,

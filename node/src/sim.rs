@@ -15,8 +15,8 @@ use rrt_kernels::rope::RopeTable;
 use rrt_kernels::{AttnRow, AttnShape, Backend, KvLayout, MatrixData, RopeScaling};
 use rrt_model::config::{Family, ModelConfig};
 use rrt_model::forward::Model;
-use rrt_model::weights::{Layer, Linear, Weights};
 use rrt_model::recursive::{Init, Recursion};
+use rrt_model::weights::{Layer, Linear, Weights};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 

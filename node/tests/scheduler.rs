@@ -820,7 +820,14 @@ fn exported_sequence_continues_exactly_on_another_engine() {
     assert_eq!(want.len(), 20);
 
     // Engine A: the request next to another one, exported after 7 tokens.
-    let mut a = engine(model(), tok(), EngineConfig { max_step_rows: 24, ..Default::default() });
+    let mut a = engine(
+        model(),
+        tok(),
+        EngineConfig {
+            max_step_rows: 24,
+            ..Default::default()
+        },
+    );
     other(&mut a, 300);
     let id = a
         .submit(Request {
@@ -853,7 +860,11 @@ fn exported_sequence_continues_exactly_on_another_engine() {
     assert_eq!(state.tokens[..prompt.len()], prompt[..]);
     assert_eq!(state.tokens[prompt.len()..], first[..]);
     assert_eq!(state.prompt_tokens, prompt.len());
-    assert_eq!(state.positions, state.tokens.len() - 1, "all but the last token computed");
+    assert_eq!(
+        state.positions,
+        state.tokens.len() - 1,
+        "all but the last token computed"
+    );
     a.run_to_completion().unwrap();
     a.check_invariants().unwrap();
     assert_eq!(a.kv_blocks().0, a.kv_blocks().1, "A frees the exported blocks");
@@ -899,13 +910,25 @@ fn exported_sequence_continues_exactly_on_another_engine() {
     let mut bad = state.clone();
     bad.data.pop();
     assert!(matches!(
-        b.submit_imported(Request { prompt: state.tokens.clone(), params: params(&sched, 5, 0) }, &bad),
+        b.submit_imported(
+            Request {
+                prompt: state.tokens.clone(),
+                params: params(&sched, 5, 0)
+            },
+            &bad
+        ),
         Err(EngineError::InvalidRequest { field: "kv_state", .. })
     ));
     let mut wrong = state.tokens.clone();
     wrong[0] += 1;
     assert!(matches!(
-        b.submit_imported(Request { prompt: wrong, params: params(&sched, 5, 0) }, &state),
+        b.submit_imported(
+            Request {
+                prompt: wrong,
+                params: params(&sched, 5, 0)
+            },
+            &state
+        ),
         Err(EngineError::InvalidRequest { field: "kv_state", .. })
     ));
 }

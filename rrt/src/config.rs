@@ -215,7 +215,10 @@ pub fn figment(file: Option<&Path>) -> Figment {
             Env::prefixed("RRT_")
                 .filter(|k| {
                     let k = k.as_str().to_ascii_lowercase();
-                    k == "model" || ["node__", "coordinator__", "serve__", "telemetry__"].iter().any(|p| k.starts_with(p))
+                    k == "model"
+                        || ["node__", "coordinator__", "serve__", "telemetry__"]
+                            .iter()
+                            .any(|p| k.starts_with(p))
                 })
                 .split("__"),
         )

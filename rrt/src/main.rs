@@ -49,7 +49,10 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The serving commands set up logging with span export from their configuration.
-    if !matches!(cli.command, Command::Node(_) | Command::Coordinator(_) | Command::Serve(_)) {
+    if !matches!(
+        cli.command,
+        Command::Node(_) | Command::Coordinator(_) | Command::Serve(_)
+    ) {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RRT_LOG").unwrap_or_else(|_| "warn".into()))
             .with_writer(std::io::stderr)

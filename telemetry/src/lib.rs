@@ -169,7 +169,9 @@ pub fn provider(cfg: &TelemetryConfig, service: &str) -> Result<SdkTracerProvide
     let name = cfg.service_name.clone().unwrap_or_else(|| service.to_string());
     Ok(SdkTracerProvider::builder()
         .with_span_processor(processor)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.sample_ratio))))
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            cfg.sample_ratio,
+        ))))
         .with_max_links_per_span(256)
         .with_resource(Resource::builder().with_service_name(name).build())
         .build())
@@ -195,9 +197,10 @@ impl QueueProcessor {
     fn start(cfg: &TelemetryConfig) -> Result<Self, TelemetryError> {
         let (tx, rx) = mpsc::sync_channel(cfg.queue);
         let file = match &cfg.file {
-            Some(p) => Some(file::JsonLines::create(p).map_err(|e| {
-                TelemetryError::Setup(format!("`telemetry.file` {}: {e}", p.display()))
-            })?),
+            Some(p) => Some(
+                file::JsonLines::create(p)
+                    .map_err(|e| TelemetryError::Setup(format!("`telemetry.file` {}: {e}", p.display())))?,
+            ),
             None => None,
         };
         let endpoint = cfg.otlp_endpoint.clone();

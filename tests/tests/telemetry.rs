@@ -138,17 +138,16 @@ async fn traces_and_metrics_follow_a_request() {
     let spans = loop {
         let spans = sink.0.lock().unwrap().clone();
         let of = |trace: &str, name: &str| spans.iter().any(|s| hex(&s.trace_id) == trace && s.name == name);
-        let steps_linked = spans.iter().any(|s| {
-            s.name == "engine.step" && s.links.iter().any(|l| hex(&l.trace_id) == TRACE_GRPC)
-        });
-        if of(TRACE_GRPC, "request")
-            && of(TRACE_GRPC, "decode")
-            && of(TRACE_HTTP, "node.request")
-            && steps_linked
-        {
+        let steps_linked = spans
+            .iter()
+            .any(|s| s.name == "engine.step" && s.links.iter().any(|l| hex(&l.trace_id) == TRACE_GRPC));
+        if of(TRACE_GRPC, "request") && of(TRACE_GRPC, "decode") && of(TRACE_HTTP, "node.request") && steps_linked {
             break spans;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "spans missing after 20 s: {spans:#?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "spans missing after 20 s: {spans:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let one = |trace: &str, name: &str| -> &Span {
@@ -163,12 +162,15 @@ async fn traces_and_metrics_follow_a_request() {
         let request = one(trace, "request");
         assert_eq!(hex(&request.parent_span_id), CALLER, "the caller's span is the parent");
         assert_eq!(int(request, "tokens"), 8);
-        assert_eq!(int(request, "prompt_tokens") > 0, true);
+        assert!(int(request, "prompt_tokens") > 0);
         assert!(matches!(attr(request, "finish_reason"), Some(Any::StringValue(s)) if s == "length"));
         assert!(matches!(attr(request, "node"), Some(Any::StringValue(s)) if s.contains(&node)));
         assert!(matches!(attr(request, "mean_loops"), Some(Any::DoubleValue(l)) if *l >= 1.0));
         let node_req = one(trace, "node.request");
-        assert_eq!(node_req.parent_span_id, request.span_id, "node.request is a child of request");
+        assert_eq!(
+            node_req.parent_span_id, request.span_id,
+            "node.request is a child of request"
+        );
         assert_eq!(int(node_req, "tokens"), 8);
         for phase in ["admission", "prefill", "decode"] {
             assert_eq!(one(trace, phase).parent_span_id, node_req.span_id, "{phase}");
@@ -213,10 +215,24 @@ async fn traces_and_metrics_follow_a_request() {
             "coordinator /metrics lacks {name}:\n{coord_after}"
         );
     }
-    let moved = |before: &str, after: &str, name: &str| sample(after, name) - before.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).map(|v| v.parse::<f64>().unwrap()).unwrap_or(0.0);
+    let moved = |before: &str, after: &str, name: &str| {
+        sample(after, name)
+            - before
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(|v| v.parse::<f64>().unwrap())
+                .unwrap_or(0.0)
+    };
     assert_eq!(moved(&coord_before, &coord_after, "rrt_generation_tokens_total"), 16.0);
-    assert_eq!(moved(&coord_before, &coord_after, "rrt_time_to_first_token_seconds_count"), 2.0);
-    assert!(coord_after.contains("rrt_requests_total{outcome=\"length\"} 2"), "{coord_after}");
+    assert_eq!(
+        moved(&coord_before, &coord_after, "rrt_time_to_first_token_seconds_count"),
+        2.0
+    );
+    assert!(
+        coord_after.contains("rrt_requests_total{outcome=\"length\"} 2"),
+        "{coord_after}"
+    );
     // A rejected request counts by reason.
     let bad = reqwest::Client::new()
         .post(format!("{http}/v1/completions"))
@@ -226,7 +242,11 @@ async fn traces_and_metrics_follow_a_request() {
         .unwrap();
     assert_eq!(bad.status(), 400);
     let coord_bad = scrape(format!("{http}/metrics")).await;
-    assert_eq!(sample(&coord_bad, "rrt_rejections_total{reason=\"invalid\"}"), 1.0, "{coord_bad}");
+    assert_eq!(
+        sample(&coord_bad, "rrt_rejections_total{reason=\"invalid\"}"),
+        1.0,
+        "{coord_bad}"
+    );
 
     let node_after = scrape(node_metrics).await;
     for name in [
@@ -248,7 +268,10 @@ async fn traces_and_metrics_follow_a_request() {
         "rrt_trace_spans_exported_total",
         "rrt_trace_spans_dropped_total",
     ] {
-        assert!(node_after.lines().any(|l| l.starts_with(name)), "node /metrics lacks {name}:\n{node_after}");
+        assert!(
+            node_after.lines().any(|l| l.starts_with(name)),
+            "node /metrics lacks {name}:\n{node_after}"
+        );
     }
     assert_eq!(moved(&node_before, &node_after, "rrt_generation_tokens_total"), 16.0);
     assert_eq!(moved(&node_before, &node_after, "rrt_node_requests_total"), 2.0);

@@ -577,9 +577,7 @@ impl<B: Backend> Engine<B> {
             .seqs
             .iter()
             .filter(|(id, s)| {
-                s.exporting
-                    && !self.flights.iter().any(|f| f.seq == **id)
-                    && !self.fills.iter().any(|f| f.seq == **id)
+                s.exporting && !self.flights.iter().any(|f| f.seq == **id) && !self.fills.iter().any(|f| f.seq == **id)
             })
             .map(|(id, _)| *id)
             .collect();
@@ -895,7 +893,13 @@ impl<B: Backend> Engine<B> {
             head_rows: (self.stats.head_rows - head0) as usize,
             ctx,
             tokens: (self.stats.tokens - tokens0) as usize,
-            exits: self.stats.exits.iter().zip(&exits0).map(|(a, b)| (a - b) as usize).collect(),
+            exits: self
+                .stats
+                .exits
+                .iter()
+                .zip(&exits0)
+                .map(|(a, b)| (a - b) as usize)
+                .collect(),
             requests,
             seconds: started.elapsed().as_secs_f64(),
         });

@@ -136,11 +136,12 @@ fn lstsq(x: &[Vec<f64>], y: &[f64]) -> Option<Vec<f64>> {
             return None;
         }
         a.swap(c, p);
-        for r in 0..k {
+        let pivot = a[c].clone();
+        for (r, row) in a.iter_mut().enumerate() {
             if r != c {
-                let f = a[r][c] / a[c][c];
-                for j in c..=k {
-                    a[r][j] -= f * a[c][j];
+                let f = row[c] / pivot[c];
+                for (x, q) in row[c..].iter_mut().zip(&pivot[c..]) {
+                    *x -= f * q;
                 }
             }
         }
@@ -516,7 +517,8 @@ fn simulate(
             // affinity must not see a shared prefix that real traffic would not have.
             let prompt: Vec<u32> = (0..r.prompt)
                 .map(|j| {
-                    let h = (next as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+                    let h = (next as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
                     (h >> 33) as u32 % (sim::SIM_VOCAB as u32 - 8) + 4
                 })
                 .collect();
@@ -580,11 +582,24 @@ fn simulate(
     let measured: Vec<usize> = (0..n).filter(|&r| reqs[r].measured).collect();
     Ok(SimPoint {
         nodes,
-        offered_rps: if n > 0 { n as f64 / reqs[n - 1].arrival.max(1e-9) } else { 0.0 },
+        offered_rps: if n > 0 {
+            n as f64 / reqs[n - 1].arrival.max(1e-9)
+        } else {
+            0.0
+        },
         requests: n,
         unfinished,
-        achieved_rps: if window.is_some() { done_in_window as f64 } else { n as f64 } / span,
-        output_tok_s: if window.is_some() { tokens_in_window } else { total_tokens } as f64 / span,
+        achieved_rps: if window.is_some() {
+            done_in_window as f64
+        } else {
+            n as f64
+        } / span,
+        output_tok_s: if window.is_some() {
+            tokens_in_window
+        } else {
+            total_tokens
+        } as f64
+            / span,
         ttft_ms: Stats::of(measured.iter().map(|&r| (first[r] - reqs[r].arrival) * 1e3)),
         tpot_ms: Stats::of(
             measured
@@ -608,7 +623,13 @@ fn max_within(points: &[(f64, f64, f64, f64)], ttft: f64, tpot: f64) -> Option<(
     }
     let (lo, hi) = (points[i - 1], points[i]);
     // Fraction of the way to `hi` where each statistic reaches its limit.
-    let cross = |a: f64, b: f64, limit: f64| if b > limit && b > a { ((limit - a) / (b - a)).clamp(0.0, 1.0) } else { 1.0 };
+    let cross = |a: f64, b: f64, limit: f64| {
+        if b > limit && b > a {
+            ((limit - a) / (b - a)).clamp(0.0, 1.0)
+        } else {
+            1.0
+        }
+    };
     let f = cross(lo.1, hi.1, ttft).min(cross(lo.2, hi.2, tpot));
     Some((lo.0 + f * (hi.0 - lo.0), lo.3 + f * (hi.3 - lo.3)))
 }
@@ -667,8 +688,8 @@ pub fn run(a: Args) -> Result<()> {
     );
     let mix = Mix {
         f: &f,
-        prompt: a.prompt_tokens.clone(),
-        output: a.output_tokens.clone(),
+        prompt: a.prompt_tokens,
+        output: a.output_tokens,
     };
     let mut report = Report {
         fitted: &f,
@@ -686,7 +707,15 @@ pub fn run(a: Args) -> Result<()> {
             .context("no load points in the bench JSON")?;
         say!(
             "{:>8} {:>7} | {:>9} {:>9} {:>6} | {:>8} {:>8} | {:>8} {:>8}",
-            "offered", "nodes", "tok/s", "predicted", "ratio", "TTFT p99", "pred.", "TPOT p99", "pred."
+            "offered",
+            "nodes",
+            "tok/s",
+            "predicted",
+            "ratio",
+            "TTFT p99",
+            "pred.",
+            "TPOT p99",
+            "pred."
         );
         for p in points {
             let rate = p["load"]["rate"]
@@ -725,7 +754,12 @@ pub fn run(a: Args) -> Result<()> {
             .map(|(m, _)| {
                 let r = m["load"]["rate"].as_f64().unwrap_or(0.0);
                 let p99 = |k: &str| m[k]["p99"].as_f64().unwrap_or(f64::INFINITY);
-                (r, p99("ttft_ms"), p99("tpot_ms"), m["output_tok_s"].as_f64().unwrap_or(0.0))
+                (
+                    r,
+                    p99("ttft_ms"),
+                    p99("tpot_ms"),
+                    m["output_tok_s"].as_f64().unwrap_or(0.0),
+                )
             })
             .collect();
         let predicted: Vec<(f64, f64, f64, f64)> = report
@@ -768,10 +802,21 @@ pub fn run(a: Args) -> Result<()> {
         } else {
             a.curve.clone()
         };
-        say!("one node saturates near {:.2} requests/s ({:.0} output tokens/s)", sat, probe.output_tok_s);
+        say!(
+            "one node saturates near {:.2} requests/s ({:.0} output tokens/s)",
+            sat,
+            probe.output_tok_s
+        );
         say!(
             "{:>9} | {:>9} {:>9} | {:>8} {:>8} | {:>8} {:>8} | {}",
-            "offered", "req/s", "tok/s", "TTFT p50", "p99", "TPOT p50", "p99", "within limits"
+            "offered",
+            "req/s",
+            "tok/s",
+            "TTFT p50",
+            "p99",
+            "TPOT p50",
+            "p99",
+            "within limits"
         );
         for (i, &r) in rates.iter().enumerate() {
             let p = simulate(&f, &mix.requests(r, None, a.requests, a.seed + i as u64), 1, None, &tok)?;
@@ -799,7 +844,13 @@ pub fn run(a: Args) -> Result<()> {
             let (mut lo, mut hi) = (lo0, rates.iter().copied().find(|&r| r > lo0).unwrap_or(lo0 * 1.5));
             for k in 0..6 {
                 let mid = (lo + hi) / 2.0;
-                let p = simulate(&f, &mix.requests(mid, None, a.requests, a.seed + 100 + k), 1, None, &tok)?;
+                let p = simulate(
+                    &f,
+                    &mix.requests(mid, None, a.requests, a.seed + 100 + k),
+                    1,
+                    None,
+                    &tok,
+                )?;
                 if within(&p, &a) {
                     lo = mid;
                 } else {
@@ -809,15 +860,27 @@ pub fn run(a: Args) -> Result<()> {
             report.max_rate_per_node = Some(lo);
             say!(
                 "one node: at most {:.2} requests/s with TTFT p99 <= {} ms and TPOT p99 <= {} ms",
-                lo, a.ttft_p99_ms, a.tpot_p99_ms
+                lo,
+                a.ttft_p99_ms,
+                a.tpot_p99_ms
             );
         } else {
-            say!("no simulated rate meets TTFT p99 <= {} ms and TPOT p99 <= {} ms on one node", a.ttft_p99_ms, a.tpot_p99_ms);
+            say!(
+                "no simulated rate meets TTFT p99 <= {} ms and TPOT p99 <= {} ms on one node",
+                a.ttft_p99_ms,
+                a.tpot_p99_ms
+            );
         }
         if let (Some(target), Some(per)) = (a.rate, report.max_rate_per_node) {
             let mut n = (target / per).ceil().max(1.0) as usize;
             loop {
-                let p = simulate(&f, &mix.requests(target, None, a.requests.max(200 * n), a.seed + 7), n, None, &tok)?;
+                let p = simulate(
+                    &f,
+                    &mix.requests(target, None, a.requests.max(200 * n), a.seed + 7),
+                    n,
+                    None,
+                    &tok,
+                )?;
                 let good = within(&p, &a);
                 say!(
                     "{n} nodes at {target} requests/s: TTFT p99 {} ms, TPOT p99 {} ms, {:.1} tokens/s: {}",
@@ -838,7 +901,11 @@ pub fn run(a: Args) -> Result<()> {
         }
         if let Some(prefix) = &a.plot {
             let pts = |g: fn(&SimPoint) -> Option<f64>| -> Vec<(f64, f64)> {
-                report.curve.iter().filter_map(|p| Some((p.offered_rps, g(p)?))).collect()
+                report
+                    .curve
+                    .iter()
+                    .filter_map(|p| Some((p.offered_rps, g(p)?)))
+                    .collect()
             };
             let x_max = rates.last().copied().unwrap_or(1.0);
             let chart = plot::LineChart {
@@ -886,7 +953,10 @@ pub fn run(a: Args) -> Result<()> {
                 }],
             };
             let path = format!("{prefix}-capacity.svg");
-            std::fs::write(&path, plot::document(&[plot::Chart::Line(chart), plot::Chart::Line(tput)], 560.0, 380.0))?;
+            std::fs::write(
+                &path,
+                plot::document(&[plot::Chart::Line(chart), plot::Chart::Line(tput)], 560.0, 380.0),
+            )?;
             say!("wrote {path}");
         }
     }
@@ -962,7 +1032,11 @@ mod tests {
 
     #[test]
     fn the_rate_within_limits_is_interpolated() {
-        let pts = [(1.0, 100.0, 10.0, 5.0), (2.0, 500.0, 30.0, 9.0), (3.0, 900.0, 50.0, 12.0)];
+        let pts = [
+            (1.0, 100.0, 10.0, 5.0),
+            (2.0, 500.0, 30.0, 9.0),
+            (3.0, 900.0, 50.0, 12.0),
+        ];
         // TTFT reaches 700 halfway from 2 to 3; TPOT 45 three quarters of the way.
         assert_eq!(max_within(&pts, 700.0, 45.0), Some((2.5, 10.5)));
         assert_eq!(max_within(&pts, 700.0, 35.0), Some((2.25, 9.75)));
@@ -985,7 +1059,10 @@ mod tests {
         assert!(close(f.cost.per_fill_row, COST.per_fill_row), "{:?}", f.cost);
         assert!(f.r2 > 0.999_999 && f.steps == 200);
         assert!((f.overhead_s - 0.0005).abs() < 1e-6);
-        assert_eq!((f.loops, f.kv_blocks, f.max_step_rows, f.max_running), (2, 500, 128, 32));
+        assert_eq!(
+            (f.loops, f.kv_blocks, f.max_step_rows, f.max_running),
+            (2, 500, 128, 32)
+        );
         assert_eq!(f.exit_shares, vec![0.25, 0.75]);
         assert_eq!(f.prompt_lengths, (20..30).collect::<Vec<u32>>());
     }
@@ -1063,7 +1140,12 @@ mod tests {
         let single = simulate(&f, &reqs, 1, None, &tok).unwrap();
         let pair = simulate(&f, &reqs, 2, None, &tok).unwrap();
         let (s, d) = (single.ttft_ms.unwrap(), pair.ttft_ms.unwrap());
-        assert!(d.p99 * 3.0 < s.p99, "two nodes: TTFT p99 {} ms, one node {} ms", d.p99, s.p99);
+        assert!(
+            d.p99 * 3.0 < s.p99,
+            "two nodes: TTFT p99 {} ms, one node {} ms",
+            d.p99,
+            s.p99
+        );
         assert!(pair.achieved_rps > single.achieved_rps * 1.2);
         assert_eq!(pair.unfinished, 0);
     }

@@ -124,7 +124,11 @@ pub fn run(a: Args) -> Result<()> {
                 .await
                 .with_context(|| format!("binding {m} (node.metrics_listen)"))?;
             metrics = format!(", metrics on http://{}/metrics", l.local_addr()?);
-            tokio::spawn(rrt_node::metrics::serve(l, node.service.clone(), std::future::pending()));
+            tokio::spawn(rrt_node::metrics::serve(
+                l,
+                node.service.clone(),
+                std::future::pending(),
+            ));
         }
         say!("rrt node {id} listening on {addr} ({} loops){metrics}", node.loops);
         server::serve(

@@ -57,4 +57,3 @@ pub fn word_after<'a>(line: &'a str, marker: &str) -> &'a str {
         .next()
         .unwrap()
 }
-
