@@ -9,7 +9,7 @@ use crate::error::CoordError;
 use crate::metrics::{ExitLoop, Metrics};
 use crate::registry::Registry;
 use crate::request::{Alt, Finish, GenEvent, GenRequest, GenToken, GenUsage, Input};
-use crate::routing::route;
+use crate::routing::route_with;
 use dashmap::DashMap;
 use rrt_proto::v1 as api;
 use rrt_proto::v1::node as pb;
@@ -72,6 +72,8 @@ pub struct CoordinatorConfig {
     pub client_tls: Option<crate::tls::PemIdentity>,
     /// Mutual TLS to the nodes; `None`: plaintext.
     pub node_tls: Option<crate::tls::NodeTls>,
+    /// Route requests sharing a prompt prefix to one node (see [`crate::routing`]).
+    pub prefix_affinity: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -85,6 +87,7 @@ impl Default for CoordinatorConfig {
             max_body_bytes: 4 << 20,
             client_tls: None,
             node_tls: None,
+            prefix_affinity: false,
         }
     }
 }
@@ -266,7 +269,7 @@ impl Coordinator {
         CoordError,
     > {
         let snap = self.registry.snapshot();
-        let n = route(&snap, &[], 1).ok_or_else(|| CoordError::Unavailable(String::new()))?;
+        let n = route_with(&snap, &[], 1, false).ok_or_else(|| CoordError::Unavailable(String::new()))?;
         let c = self
             .registry
             .client(&n.id)
@@ -553,7 +556,8 @@ impl Coordinator {
         let remaining = run.max_new_tokens.saturating_sub(run.generated.len() as u32) as usize;
         for _ in 0..START_ATTEMPTS {
             let snap = self.registry.snapshot();
-            let Some(node) = route(&snap, &tokens, remaining).map(|n| n.id.clone()) else {
+            let Some(node) = route_with(&snap, &tokens, remaining, self.cfg.prefix_affinity).map(|n| n.id.clone())
+            else {
                 break;
             };
             let Some(mut client) = self.registry.client(&node) else {
@@ -582,7 +586,7 @@ impl Coordinator {
     /// time).
     async fn move_kv(&self, id: &str, from: &str, client: &mut NodeClient, tokens: &[u32], remaining: usize) -> KvMove {
         let snap: Vec<_> = self.registry.snapshot().into_iter().filter(|n| n.id != from).collect();
-        let Some(target) = route(&snap, tokens, remaining).map(|n| n.id.clone()) else {
+        let Some(target) = route_with(&snap, tokens, remaining, self.cfg.prefix_affinity).map(|n| n.id.clone()) else {
             return KvMove::Kept(tonic::Status::unavailable("no peer to move to"));
         };
         let Some(mut to) = self.registry.client(&target) else {

@@ -4,10 +4,13 @@
 //! still has about `B - d` loops to run, and every token waiting to enter loop 0 has `B`
 //! (early exit only makes this an upper bound). A request goes to the healthy,
 //! non-draining node with the least expected work among those with room in their KV cache,
-//! except that requests sharing a prompt prefix prefer the same node (rendezvous hashing of
-//! the first [`AFFINITY_TOKENS`] tokens), as long as that node's work is within
-//! [`AFFINITY_SLACK`] of the least loaded one: its prefix may be cached, and it spreads
-//! unrelated prefixes evenly.
+//! except that, with prefix affinity on ([`route_with`]), requests sharing a prompt prefix
+//! prefer the same node (rendezvous hashing of the first [`AFFINITY_TOKENS`] tokens), as
+//! long as that node's work is within [`AFFINITY_SLACK`] of the least loaded one: worth it
+//! only where nodes cache prefixes. The engine keeps no prefix cache yet, and affinity then
+//! only concentrates traffic that shares a prefix (one system prompt for all chats): `rrt
+//! capacity` measured 4.5x the nodes for such traffic. So the coordinator routes without it
+//! unless `coordinator.prefix_affinity` is set.
 
 /// Prompt tokens hashed for prefix affinity.
 pub const AFFINITY_TOKENS: usize = 32;
@@ -71,9 +74,20 @@ fn preferred<'a>(nodes: &[&'a NodeView], prompt: &[u32]) -> Option<&'a NodeView>
     nodes.iter().copied().max_by_key(|n| hash_tokens(prefix, &n.id))
 }
 
-/// Picks the node for a request of `prompt` that may generate `max_tokens` tokens; `None`
-/// when no node is usable.
+/// Picks the node for a request of `prompt` that may generate `max_tokens` tokens, with
+/// prefix affinity; `None` when no node is usable.
 pub fn route<'a>(nodes: &'a [NodeView], prompt: &[u32], max_tokens: usize) -> Option<&'a NodeView> {
+    route_with(nodes, prompt, max_tokens, true)
+}
+
+/// [`route`] with prefix affinity on or off (off: the least expected work among nodes with
+/// room, ties by id).
+pub fn route_with<'a>(
+    nodes: &'a [NodeView],
+    prompt: &[u32],
+    max_tokens: usize,
+    affinity: bool,
+) -> Option<&'a NodeView> {
     let usable: Vec<&NodeView> = nodes.iter().filter(|n| n.usable()).collect();
     if usable.is_empty() {
         return None;
@@ -88,6 +102,9 @@ pub fn route<'a>(nodes: &'a [NodeView], prompt: &[u32], max_tokens: usize) -> Op
         .iter()
         .copied()
         .min_by(|a, b| work(a).total_cmp(&work(b)).then_with(|| a.id.cmp(&b.id)))?;
+    if !affinity {
+        return Some(least);
+    }
     let pref = preferred(&pool, prompt)?;
     let one_request = (prompt.len() * pref.loops.max(1)) as f64;
     if work(pref) <= work(least) * (1.0 + AFFINITY_SLACK) + one_request {
@@ -100,6 +117,20 @@ pub fn route<'a>(nodes: &'a [NodeView], prompt: &[u32], max_tokens: usize) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_affinity_a_shared_prefix_goes_to_the_least_loaded() {
+        let nodes = vec![
+            node("a", vec![0, 0], 40),
+            node("b", vec![0, 0], 0),
+            node("c", vec![0, 0], 10),
+        ];
+        let p: Vec<u32> = (0..40).collect();
+        assert_eq!(route_with(&nodes, &p, 16, false).unwrap().id, "b");
+        // With affinity the preferred node may take it while within a request's work.
+        let pref = route_with(&nodes, &p, 16, true).unwrap().id.clone();
+        assert!(["a", "b", "c"].contains(&pref.as_str()));
+    }
 
     fn node(id: &str, rows: Vec<usize>, waiting: usize) -> NodeView {
         NodeView {

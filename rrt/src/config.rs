@@ -36,6 +36,7 @@
 //! | `coordinator.tls_cert`, `coordinator.tls_key` | none | PEM certificate and key: clients (gRPC and HTTP) use TLS |
 //! | `coordinator.node_ca` | none | PEM CA of the nodes' certificates: nodes are reached over TLS (`https://`) |
 //! | `coordinator.node_client_cert`, `coordinator.node_client_key` | none | the coordinator's client certificate for mutual TLS |
+//! | `coordinator.prefix_affinity` | false | send requests sharing their first 32 prompt tokens to one node (only worth it with a prefix cache, which nodes do not have yet) |
 //! | `coordinator.node_tls_domain` | none | name the nodes' certificates must carry (instead of the address dialled, e.g. pod IPs from DNS) |
 //! | `telemetry.otlp_endpoint` | none | OTLP/gRPC collector for spans, e.g. `http://otel-collector:4317` |
 //! | `telemetry.file` | none | JSON-lines span file (what `rrt capacity` reads) |
@@ -92,6 +93,7 @@ pub struct CoordinatorConfig {
     pub node_client_cert: Option<PathBuf>,
     pub node_client_key: Option<PathBuf>,
     pub node_tls_domain: Option<String>,
+    pub prefix_affinity: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -116,6 +118,7 @@ impl Default for CoordinatorConfig {
             node_client_cert: None,
             node_client_key: None,
             node_tls_domain: None,
+            prefix_affinity: false,
         }
     }
 }

@@ -24,7 +24,7 @@ use super::plot;
 use anyhow::{Context, Result, bail};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rrt_coordinator::routing::{NodeView, route};
+use rrt_coordinator::routing::{NodeView, route_with};
 use rrt_node::sim::{self, CostModel, SimBackend};
 use rrt_node::{Engine, EngineConfig, Event, GenParams, Request, RequestId};
 use serde::Serialize;
@@ -79,6 +79,12 @@ pub struct Args {
     pub plot: Option<String>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Simulated prompts begin with the same N tokens (one system prompt for all traffic).
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix: usize,
+    /// Route with prefix affinity (`coordinator.prefix_affinity`).
+    #[arg(long)]
+    pub prefix_affinity: bool,
     /// Model whose tokenizer the simulated engines use (default: the cached SmolLM2).
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -443,6 +449,14 @@ pub struct SimPoint {
     pub mean_loops: f64,
 }
 
+/// How simulated traffic is routed.
+#[derive(Clone, Copy, Debug, Default)]
+struct SimOpts {
+    /// Prompts begin with this many identical tokens.
+    shared_prefix: usize,
+    prefix_affinity: bool,
+}
+
 struct SimNode {
     eng: Engine<SimBackend>,
     free_at: f64,
@@ -457,7 +471,9 @@ fn simulate(
     nodes: usize,
     window: Option<(f64, f64)>,
     tok: &Arc<rrt_model::tokenizer::Tokenizer>,
+    opts: &SimOpts,
 ) -> Result<SimPoint> {
+    let route_opts = (opts.shared_prefix, opts.prefix_affinity);
     let cfg = EngineConfig {
         block_size: f.block_size,
         max_step_rows: f.max_step_rows,
@@ -513,16 +529,19 @@ fn simulate(
                     }
                 })
                 .collect();
-            // Distinct prompts (like the bench's random text windows): the router's prefix
-            // affinity must not see a shared prefix that real traffic would not have.
+            // Distinct prompts (like the bench's random text windows) after the shared prefix
+            // of `--shared-prefix` tokens, if any: what the router's prefix affinity sees.
             let prompt: Vec<u32> = (0..r.prompt)
                 .map(|j| {
+                    if j < route_opts.0 {
+                        return 5;
+                    }
                     let h = (next as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
                         ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
                     (h >> 33) as u32 % (sim::SIM_VOCAB as u32 - 8) + 4
                 })
                 .collect();
-            let i = route(&views, &prompt, r.output)
+            let i = route_with(&views, &prompt, r.output, route_opts.1)
                 .and_then(|v| v.id.strip_prefix("sim-")?.parse::<usize>().ok())
                 .unwrap_or(next % nodes);
             let params = GenParams {
@@ -691,6 +710,10 @@ pub fn run(a: Args) -> Result<()> {
         prompt: a.prompt_tokens,
         output: a.output_tokens,
     };
+    let opts = SimOpts {
+        shared_prefix: a.shared_prefix,
+        prefix_affinity: a.prefix_affinity,
+    };
     let mut report = Report {
         fitted: &f,
         curve: Vec::new(),
@@ -729,7 +752,7 @@ pub fn run(a: Args) -> Result<()> {
                 Some(records) if !records.is_empty() => (mix.replay(records, a.seed), (warmup, warmup + window)),
                 _ => (mix.requests(rate, Some(window), 0, a.seed), (0.0, window)),
             };
-            let sp = simulate(&f, &reqs, a.nodes, Some(win), &tok)?;
+            let sp = simulate(&f, &reqs, a.nodes, Some(win), &tok, &opts)?;
             let measured = p["output_tok_s"].as_f64().unwrap_or(0.0);
             let get = |k: &str| p[k]["p99"].as_f64().map_or("-".into(), |x| format!("{x:.0}"));
             say!(
@@ -795,7 +818,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     } else {
         // Saturation estimate: one node's time per request at full batches.
-        let probe = simulate(&f, &mix.requests(1e6, None, 400, a.seed), 1, None, &tok)?;
+        let probe = simulate(&f, &mix.requests(1e6, None, 400, a.seed), 1, None, &tok, &opts)?;
         let sat = probe.achieved_rps.max(1e-6);
         let rates: Vec<f64> = if a.curve.is_empty() {
             (1..=12).map(|i| sat * i as f64 / 10.0).collect()
@@ -819,7 +842,14 @@ pub fn run(a: Args) -> Result<()> {
             "within limits"
         );
         for (i, &r) in rates.iter().enumerate() {
-            let p = simulate(&f, &mix.requests(r, None, a.requests, a.seed + i as u64), 1, None, &tok)?;
+            let p = simulate(
+                &f,
+                &mix.requests(r, None, a.requests, a.seed + i as u64),
+                1,
+                None,
+                &tok,
+                &opts,
+            )?;
             say!(
                 "{:>9.2} | {:>9.2} {:>9.1} | {:>8} {:>8} | {:>8} {:>8} | {}",
                 r,
@@ -850,6 +880,7 @@ pub fn run(a: Args) -> Result<()> {
                     1,
                     None,
                     &tok,
+                    &opts,
                 )?;
                 if within(&p, &a) {
                     lo = mid;
@@ -872,14 +903,18 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
         if let (Some(target), Some(per)) = (a.rate, report.max_rate_per_node) {
-            let mut n = (target / per).ceil().max(1.0) as usize;
-            loop {
+            // The fewest nodes within the limits: from the linear estimate, up (10 % steps,
+            // at most 4x) or down (pooling lets a cluster do better than N single nodes),
+            // then bisection.
+            let n0 = (target / per).ceil().max(1.0) as usize;
+            let mut check = |n: usize| -> Result<bool> {
                 let p = simulate(
                     &f,
                     &mix.requests(target, None, a.requests.max(200 * n), a.seed + 7),
                     n,
                     None,
                     &tok,
+                    &opts,
                 )?;
                 let good = within(&p, &a);
                 say!(
@@ -889,11 +924,47 @@ pub fn run(a: Args) -> Result<()> {
                     p.output_tok_s,
                     if good { "within limits" } else { "over" }
                 );
-                if good || n > 4096 {
+                if good && report.plan.as_ref().is_none_or(|q| q.nodes > n) {
                     report.plan = Some(p);
-                    break;
                 }
-                n += (n / 10).max(1);
+                Ok(good)
+            };
+            let (mut lo, mut hi) = (0usize, None);
+            if check(n0)? {
+                hi = Some(n0);
+                let mut m = n0;
+                while m > 1 {
+                    m = ((m as f64) * 0.9) as usize;
+                    if check(m.max(1))? {
+                        hi = Some(m.max(1));
+                    } else {
+                        lo = m;
+                        break;
+                    }
+                }
+            } else {
+                lo = n0;
+                let mut m = n0;
+                while m < 4 * n0 {
+                    m += (m / 10).max(1);
+                    if check(m)? {
+                        hi = Some(m);
+                        break;
+                    }
+                    lo = m;
+                }
+            }
+            if let Some(mut h) = hi {
+                while h - lo > 1 {
+                    let mid = (lo + h) / 2;
+                    if check(mid)? {
+                        h = mid;
+                    } else {
+                        lo = mid;
+                    }
+                }
+            } else {
+                say!("not within the limits even with {} nodes", 4 * n0);
             }
             if let Some(p) = &report.plan {
                 say!("plan: {} nodes of this kind for {target} requests/s", p.nodes);
@@ -1103,7 +1174,8 @@ mod tests {
             exits: vec![1; 5],
             measured: true,
         };
-        let p = simulate(&f, &[req], 1, None, &tok).unwrap();
+        let opts = SimOpts::default();
+        let p = simulate(&f, &[req], 1, None, &tok, &opts).unwrap();
         // Prefill: 20 rows attending to 1..=20 positions, one head row.
         let prefill = 0.01 + 0.001 * 20.0 + 0.0001 * 210.0 + 0.002;
         // Decode at position 20 + i: one row attending to 21 + i positions.
@@ -1134,11 +1206,12 @@ mod tests {
             prompt: a.prompt_tokens,
             output: a.output_tokens,
         };
-        let one = simulate(&f, &mix.requests(1e6, None, 200, 1), 1, None, &tok).unwrap();
+        let opts = SimOpts::default();
+        let one = simulate(&f, &mix.requests(1e6, None, 200, 1), 1, None, &tok, &opts).unwrap();
         let rate = one.achieved_rps * 1.5;
         let reqs = mix.requests(rate, None, 300, 2);
-        let single = simulate(&f, &reqs, 1, None, &tok).unwrap();
-        let pair = simulate(&f, &reqs, 2, None, &tok).unwrap();
+        let single = simulate(&f, &reqs, 1, None, &tok, &opts).unwrap();
+        let pair = simulate(&f, &reqs, 2, None, &tok, &opts).unwrap();
         let (s, d) = (single.ttft_ms.unwrap(), pair.ttft_ms.unwrap());
         assert!(
             d.p99 * 3.0 < s.p99,

@@ -113,6 +113,7 @@ pub fn settings(c: &crate::config::CoordinatorConfig) -> Result<rrt_coordinator:
         node_timeout: Duration::from_millis(c.node_timeout_ms),
         max_migrations: c.max_migrations,
         max_in_flight: c.max_in_flight,
+        prefix_affinity: c.prefix_affinity,
     })
 }
 
