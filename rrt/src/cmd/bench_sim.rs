@@ -7,9 +7,9 @@
 //! loops are drawn from the traced exit mix. The coordinator in front is the real one. Drive it
 //! with `rrt bench load` and compare with `rrt capacity --validate ... --nodes N`.
 
-use super::capacity::Fitted;
+use super::capacity::{Fitted, draw_exits};
 use anyhow::{Context, Result};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rrt_coordinator::registry::NodeSource;
 use rrt_coordinator::server::{self, Discovery};
@@ -39,22 +39,6 @@ pub struct SimArgs {
     pub model: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-}
-
-/// Exit loops for `n` tokens drawn from `shares` (index = loops - 1).
-fn draw_exits(rng: &mut ChaCha8Rng, shares: &[f64], n: usize) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            let mut u: f64 = rng.random();
-            for (l, &s) in shares.iter().enumerate() {
-                if u < s {
-                    return l as u8 + 1;
-                }
-                u -= s;
-            }
-            shares.len().max(1) as u8
-        })
-        .collect()
 }
 
 pub fn run(a: SimArgs) -> Result<()> {

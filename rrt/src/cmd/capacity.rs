@@ -325,6 +325,23 @@ pub fn fit(paths: &[PathBuf], a: &Args) -> Result<Fitted> {
     })
 }
 
+/// Exit loops for `n` tokens drawn i.i.d. from `shares` (index = loops - 1; what is left of
+/// the unit goes to the last loop).
+pub fn draw_exits(rng: &mut ChaCha8Rng, shares: &[f64], n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            let mut u: f64 = rng.random();
+            for (l, &s) in shares.iter().enumerate() {
+                if u < s {
+                    return l as u8 + 1;
+                }
+                u -= s;
+            }
+            shares.len().max(1) as u8
+        })
+        .collect()
+}
+
 /// One simulated request.
 #[derive(Clone, Debug)]
 struct SimReq {
@@ -420,18 +437,7 @@ impl Mix<'_> {
     }
 
     fn requests_exits(&self, rng: &mut ChaCha8Rng, n: usize) -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                let mut u: f64 = rng.random();
-                for (l, &s) in self.f.exit_shares.iter().enumerate() {
-                    if u < s {
-                        return l as u8 + 1;
-                    }
-                    u -= s;
-                }
-                self.f.loops as u8
-            })
-            .collect()
+        draw_exits(rng, &self.f.exit_shares, n)
     }
 }
 
