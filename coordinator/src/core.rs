@@ -680,6 +680,11 @@ impl Coordinator {
                     // (by replay when that cannot be done), if there is a peer (otherwise it
                     // finishes where it is).
                     let snap = self.registry.snapshot();
+                    // A notification stored while the request was already moving is stale:
+                    // only a request on a draining node moves.
+                    if !snap.iter().any(|n| n.id == node && n.draining) {
+                        continue;
+                    }
                     if !snap.iter().any(|n| n.id != node && n.healthy && !n.draining) {
                         continue;
                     }
