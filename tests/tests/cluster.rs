@@ -32,6 +32,16 @@ async fn post_json(c: &reqwest::Client, url: &str, body: &Value) -> Value {
     c.post(url).json(body).send().await.unwrap().json().await.unwrap()
 }
 
+/// The coordinator's `/metrics` text.
+async fn metrics(http: &str) -> String {
+    reqwest::get(format!("{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// grpc.health.v1 reports the client service SERVING on `channel`.
 async fn assert_serving(channel: &tonic::transport::Channel) {
     let h = tonic_health::pb::health_client::HealthClient::new(channel.clone())
@@ -474,14 +484,7 @@ async fn cluster_of_processes_matches_rrt_generate() {
         let r = http_client.get(format!("{http}{path}")).send().await.unwrap();
         assert_eq!(r.status().as_u16(), want, "{path}");
     }
-    let m = http_client
-        .get(format!("{http}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&http).await;
     assert!(m.contains("rrt_requests_total{outcome=\"cancelled\"} 2"), "{m}");
     assert!(m.contains("rrt_nodes_healthy 2"), "{m}");
 
@@ -719,12 +722,7 @@ async fn node_loss_mid_stream_loses_nothing() {
             assert_eq!(got, want, "{how}: stream {i} differs from its undisturbed output");
             assert!(*gap < Duration::from_secs(10), "{how}: stream {i} waited {gap:?}");
         }
-        let m = reqwest::get(format!("{http}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = metrics(&http).await;
         let migrations: f64 = m
             .lines()
             .find(|l| l.starts_with("rrt_migrations_total "))
@@ -847,14 +845,7 @@ async fn overload_is_refused_fast_and_deadlines_end_requests() {
     // The last request's pump finishes its bookkeeping just after the client has its answer.
     let t = Instant::now();
     let m = loop {
-        let m = c
-            .get(format!("{http}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = metrics(&http).await;
         if m.contains("rrt_requests_running 0") || t.elapsed() > Duration::from_secs(3) {
             break m;
         }
@@ -1451,12 +1442,7 @@ async fn soak() {
         w.await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let m = reqwest::get(format!("{http}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&http).await;
     let t = tally.lock().unwrap();
     let warm = rss.get(12).copied().unwrap_or(rss[0]);
     let last = *rss.last().unwrap();
