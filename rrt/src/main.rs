@@ -26,6 +26,9 @@ enum Command {
     Convert(cmd::convert::Args),
     /// Calibrate the early-exit thresholds of a recursive checkpoint.
     Calibrate(cmd::calibrate::Args),
+    /// Build the uptraining corpus: text the original model samples itself plus a text file,
+    /// tokenized, with a held-out split (for the trainer in `train/`).
+    DistillData(cmd::distill_data::Args),
     /// Print the token ids of a text as a JSON array.
     Tokenize(cmd::tokenize::Args),
     /// Perplexity over non-overlapping windows of a text file.
@@ -63,6 +66,7 @@ fn main() -> std::process::ExitCode {
         Command::Convert(a) => cmd::convert::run(a),
         Command::Calibrate(a) => cmd::calibrate::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
+        Command::DistillData(a) => cmd::distill_data::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::EvalExit(a) => cmd::eval_exit::run(a),
         Command::Node(a) => cmd::node::run(a),

@@ -18,6 +18,7 @@ pub mod calibrate;
 pub mod capacity;
 pub mod convert;
 pub mod coordinator;
+pub mod distill_data;
 pub mod eval;
 pub mod eval_exit;
 pub mod generate;

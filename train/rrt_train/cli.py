@@ -1,0 +1,98 @@
+"""`rrt-train` (or `python -m rrt_train`): train, eval, logits, tiny."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ck
+from .data import Corpus, DataError
+from .model import RecursiveLM, random_config, random_model
+from .trainer import TrainConfig, TrainError, evaluate, pick_device, train
+
+
+def _train_parser(sub):
+    p = sub.add_parser("train", help="distil a converted checkpoint from the original model and train its exits")
+    d = TrainConfig("", "", "", "")
+    p.add_argument("--student", required=True, help="checkpoint written by `rrt convert`")
+    p.add_argument("--teacher", required=True, help="the original model as a B = 1 checkpoint (`rrt convert --loops 1`)")
+    p.add_argument("--data", required=True, help="corpus written by `rrt distill-data`")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--run", help="run directory (state, logs; default OUT.run)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("student", "teacher", "data", "out", "run", "resume", "allow_mismatch", "progress"):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=getattr(d, f.name))
+    p.add_argument("--resume", action="store_true", help="continue the run in --run")
+    p.add_argument("--allow-mismatch", action="store_true", help="train even if student, teacher and data name different original models")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="rrt-train", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _train_parser(sub)
+    e = sub.add_parser("eval", help="held-out perplexity per loop and agreement with the last loop")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--teacher")
+    e.add_argument("--seq", type=int, default=256)
+    e.add_argument("--windows", type=int, default=16)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="auto")
+    lg = sub.add_parser("logits", help="per-loop logits of one token sequence (the round-trip check against rrt)")
+    lg.add_argument("--model", required=True)
+    lg.add_argument("--tokens", required=True, help="comma-separated token ids")
+    lg.add_argument("--out", required=True, help="writes OUT (f32 little-endian, loops x tokens x vocab)")
+    t = sub.add_parser("tiny", help="write a tiny random checkpoint (tests)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--tokenizer-from", help="checkpoint whose tokenizer.json, tokenizer facts and vocabulary to use")
+    t.add_argument("--vocab", type=int, default=256)
+    t.add_argument("--loops", type=int, default=2)
+    t.add_argument("--layers", type=int, default=4)
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--untied", action="store_true")
+    t.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "train":
+            fields = {f.name for f in dataclasses.fields(TrainConfig)}
+            kw = {k: v for k, v in vars(a).items() if k in fields}
+            kw["progress"] = not a.no_progress
+            res = train(TrainConfig(**kw))
+            print(json.dumps(res))
+        elif a.cmd == "eval":
+            c = TrainConfig("", "", "", "", device=a.device, dtype=a.dtype)
+            device, dtype = pick_device(c)
+            m = RecursiveLM.from_checkpoint(a.model).to(device)
+            teacher = RecursiveLM.from_checkpoint(a.teacher).to(device) if a.teacher else None
+            corpus = Corpus(a.data)
+            corpus.check_vocab(m.arch["vocab"])
+            print(json.dumps(evaluate(m, teacher, corpus.heldout_windows(a.seq, a.windows), device, dtype)))
+        elif a.cmd == "logits":
+            m = RecursiveLM.from_checkpoint(a.model)
+            ids = torch.tensor([[int(x) for x in a.tokens.split(",")]], dtype=torch.long)
+            if ids.min() < 0 or ids.max() >= m.arch["vocab"]:
+                raise ValueError(f"--tokens: ids must be in 0..{m.arch['vocab']}")
+            with torch.no_grad():
+                z = torch.stack([x[0] for x in m.loop_logits(ids)])
+            Path(a.out).write_bytes(z.float().contiguous().numpy().astype("<f4").tobytes())
+            print(json.dumps({"shape": list(z.shape)}))
+        elif a.cmd == "tiny":
+            tok_cfg, vocab = None, a.vocab
+            if a.tokenizer_from:
+                src = ck.read_config(a.tokenizer_from)
+                tok_cfg, vocab = src["tokenizer"], src["architecture"]["vocab"]
+            cfg = random_config(tok_cfg, vocab=vocab, layers=a.layers, loops=a.loops, rank=a.rank, tie=not a.untied)
+            m = random_model(cfg, a.seed)
+            ck.write(a.out, cfg, m.to_tensors(), a.tokenizer_from)
+            print(json.dumps({"out": a.out}))
+    except (ck.CheckpointError, DataError, TrainError, ValueError) as err:
+        print(f"rrt-train: error: {err}", file=sys.stderr)
+        return 2
+    return 0

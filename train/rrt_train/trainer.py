@@ -1,0 +1,302 @@
+"""The training loop: distillation from the original model with trained early exits.
+
+A run directory holds `state.pt` (model and optimizer state, step, tokens seen, the data
+generator's state: everything needed to resume exactly), `log.jsonl` (one line per step with the
+loss of every loop, one per evaluation) and `args.json`. The trained model is written as a
+checkpoint `rrt` serves unchanged; its provenance gains the recipe, and its exit thresholds are
+cleared (they were calibrated for the untrained loops: run `rrt calibrate` on it).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from . import checkpoint as ck
+from .data import Corpus
+from .loss import objective
+from .model import RecursiveLM
+
+
+class TrainError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    student: str
+    teacher: str
+    data: str
+    out: str
+    run: str | None = None
+    steps: int = 200
+    batch: int = 8
+    seq: int = 256
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    intermediate_weight: float = 0.1
+    ce_weight: float = 0.0
+    trainable: str = "all"  # all | lora
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, f32 on CPU) | f32 | bf16
+    eval_every: int = 50
+    eval_windows: int = 16
+    save_every: int = 50
+    seed: int = 0
+    threads: int = 0
+    resume: bool = False
+    allow_mismatch: bool = False
+    progress: bool = True
+
+    def run_dir(self) -> Path:
+        return Path(self.run) if self.run else Path(str(self.out).rstrip("/") + ".run")
+
+
+# Settings a resumed run must share with the run it continues.
+RESUME_KEYS = ("student", "teacher", "data", "batch", "seq", "trainable", "seed", "intermediate_weight", "ce_weight")
+
+
+def lr_at(c: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio * lr` at the last step."""
+    if step < c.warmup:
+        return c.lr * (step + 1) / c.warmup
+    span = max(c.steps - c.warmup, 1)
+    t = min((step - c.warmup) / span, 1.0)
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def pick_device(c: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    if c.device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(c.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise TrainError(f"--device {c.device}: no CUDA device is available")
+    if c.dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    else:
+        dt = {"f32": torch.float32, "bf16": torch.bfloat16}.get(c.dtype)
+        if dt is None:
+            raise TrainError(f"--dtype must be auto, f32 or bf16, not {c.dtype!r}")
+    return dev, dt
+
+
+@torch.no_grad()
+def evaluate(student: RecursiveLM, teacher: RecursiveLM | None, windows: torch.Tensor, device, dtype, batch: int = 4) -> dict:
+    """Held-out perplexity of every loop (and the teacher), agreement of every loop's argmax
+    with the last loop's, KL from the teacher per loop."""
+    was = student.training
+    student.eval()
+    nll = [0.0] * student.B
+    agree = [0.0] * student.B
+    klt = [0.0] * student.B
+    t_nll, n = 0.0, 0
+    for i in range(0, len(windows), batch):
+        w = windows[i : i + batch].to(device)
+        inp, tgt = w[:, :-1], w[:, 1:]
+        s = student.loop_logits(inp, dtype)
+        t = teacher.loop_logits(inp, dtype)[-1] if teacher is not None else None
+        _, m = objective(s, t if t is not None else s[-1], tgt)
+        k = inp.numel()
+        n += k
+        for b in range(student.B):
+            nll[b] += m["ce"][b] * k
+            agree[b] += m["agreement"][b] * k
+            klt[b] += m["kl_teacher"][b] * k
+        t_nll += m["teacher_ce"] * k
+    student.train(was)
+    out = {
+        "tokens": n,
+        "ppl": [math.exp(x / n) for x in nll],
+        "agreement": [x / n for x in agree],
+    }
+    if teacher is not None:
+        out["teacher_ppl"] = math.exp(t_nll / n)
+        out["kl_teacher"] = [x / n for x in klt]
+    return out
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(c: TrainConfig) -> dict:
+    if c.trainable not in ("all", "lora"):
+        raise TrainError(f"--trainable must be all or lora, not {c.trainable!r}")
+    if c.steps < 1 or c.batch < 1 or c.seq < 2:
+        raise TrainError("--steps and --batch must be >= 1 and --seq >= 2")
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    device, dtype = pick_device(c)
+    run = c.run_dir()
+    run.mkdir(parents=True, exist_ok=True)
+    state_path = run / "state.pt"
+    if state_path.exists() and not c.resume:
+        raise TrainError(f"{run} already holds a run: pass --resume to continue it, or another --run")
+
+    student = RecursiveLM.from_checkpoint(c.student)
+    teacher = RecursiveLM.from_checkpoint(c.teacher)
+    corpus = Corpus(c.data)
+    s_cfg, t_cfg = student.cfg, teacher.cfg
+    if s_cfg["architecture"]["vocab"] != t_cfg["architecture"]["vocab"]:
+        raise TrainError("student and teacher vocabularies differ")
+    corpus.check_vocab(s_cfg["architecture"]["vocab"])
+    shas = {
+        "student source": s_cfg["provenance"]["source_sha256"],
+        "teacher source": t_cfg["provenance"]["source_sha256"],
+        "corpus model": corpus.manifest.get("model_sha256"),
+    }
+    if len(set(shas.values())) != 1 and not c.allow_mismatch:
+        raise TrainError(
+            "the student, the teacher and the corpus do not come from the same original model "
+            f"({shas}); pass --allow-mismatch to train anyway"
+        )
+    if c.seq > s_cfg["architecture"]["max_positions"]:
+        raise TrainError(f"--seq {c.seq} exceeds the model's context of {s_cfg['architecture']['max_positions']}")
+
+    student.to(device)
+    teacher.to(device=device, dtype=dtype if device.type == "cuda" else torch.float32)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    if c.trainable == "lora":
+        student.requires_grad_(False)
+        params = student.lora_parameters()
+        if not params:
+            raise TrainError("--trainable lora: the student has no LoRA (all ranks are 0)")
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = [p for p in student.parameters()]
+    opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=c.weight_decay)
+    gen = torch.Generator().manual_seed(c.seed)
+    step, tokens = 0, 0
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        old = st["config"]
+        for k in RESUME_KEYS:
+            if str(old.get(k)) != str(getattr(c, k)):
+                raise TrainError(f"--resume: {k} was {old.get(k)!r} in {run}, now {getattr(c, k)!r}")
+        student.load_state_dict(st["model"])
+        opt.load_state_dict(st["optim"])
+        gen.set_state(st["generator"])
+        step, tokens = st["step"], st["tokens"]
+    (run / "args.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
+    windows = corpus.heldout_windows(c.seq, c.eval_windows)
+    log = open(run / "log.jsonl", "a")
+
+    def save_state():
+        _atomic_save(
+            {
+                "config": dataclasses.asdict(c),
+                "model": student.state_dict(),
+                "optim": opt.state_dict(),
+                "generator": gen.get_state(),
+                "step": step,
+                "tokens": tokens,
+            },
+            state_path,
+        )
+
+    def write_line(d):
+        log.write(json.dumps(d) + "\n")
+        log.flush()
+
+    bar = None
+    if c.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=c.steps, initial=step, unit="step", dynamic_ncols=True)
+    student.train()
+    t_start, tok_start = time.perf_counter(), tokens
+    first_eval = None
+    if step == 0:
+        first_eval = evaluate(student, teacher, windows, device, dtype)
+        write_line({"eval": True, "step": 0, "tokens": 0, **first_eval})
+    while step < c.steps:
+        lr = lr_at(c, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        b = corpus.batch(c.batch, c.seq, gen).to(device)
+        inp, tgt = b[:, :-1], b[:, 1:]
+        with torch.no_grad():
+            t_logits = teacher.loop_logits(inp, dtype)[-1]
+        s_logits = student.loop_logits(inp, dtype)
+        loss, m = objective(s_logits, t_logits, tgt, c.intermediate_weight, c.ce_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip).item()
+        opt.step()
+        step += 1
+        tokens += inp.numel()
+        elapsed = time.perf_counter() - t_start
+        line = {"step": step, "tokens": tokens, "lr": lr, "grad_norm": gnorm, "tok_s": (tokens - tok_start) / elapsed, **m}
+        write_line(line)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{m['loss']:.3f}",
+                kl=",".join(f"{x:.3f}" for x in m["kl_teacher"]),
+                tok_s=f"{line['tok_s']:.0f}",
+            )
+        if c.eval_every and step % c.eval_every == 0 and step < c.steps:
+            write_line({"eval": True, "step": step, "tokens": tokens, **evaluate(student, teacher, windows, device, dtype)})
+        if c.save_every and step % c.save_every == 0:
+            save_state()
+    if bar is not None:
+        bar.close()
+    save_state()
+    final = evaluate(student, teacher, windows, device, dtype)
+    write_line({"eval": True, "step": step, "tokens": tokens, **final})
+    log.close()
+
+    out_cfg = copy.deepcopy(s_cfg)
+    prov = out_cfg["provenance"]
+    extra = prov.get("extra") or {}
+    history = list(extra.get("training_history", []))
+    recipe = {
+        "tool": f"rrt-train {__version__} (torch {torch.__version__})",
+        "objective": "KL(teacher || last loop) + %g * sum_b<B KL(sg(last loop) || loop b)%s"
+        % (c.intermediate_weight, f" + {c.ce_weight} * CE(data)" if c.ce_weight else ""),
+        "trainable": c.trainable,
+        "steps": step,
+        "tokens_seen": tokens,
+        "batch": c.batch,
+        "seq": c.seq,
+        "lr": c.lr,
+        "schedule": f"linear warm-up {c.warmup} steps, cosine to {c.min_lr_ratio} x lr",
+        "optimizer": "AdamW(0.9, 0.95), weight decay %g, grad clip %g" % (c.weight_decay, c.grad_clip),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "teacher": str(c.teacher),
+        "teacher_source_sha256": t_cfg["provenance"]["source_sha256"],
+        "student": str(c.student),
+        "data": str(c.data),
+        "data_manifest_sha256": corpus.manifest_sha256,
+        "heldout": final,
+    }
+    history.append(recipe)
+    extra["training"] = recipe
+    extra["training_history"] = history
+    prov["extra"] = extra
+    prov["tool"] = recipe["tool"]
+    out_cfg["exit"] = {
+        "criterion": None,
+        "thresholds": [],
+        "target_agreement": None,
+        "calibration": {"note": "cleared by rrt-train: the loops changed; run `rrt calibrate`"},
+    }
+    ck.write(c.out, out_cfg, student.to_tensors(), c.student)
+    return {"step": step, "tokens": tokens, "first_eval": first_eval, "final_eval": final, "out": str(c.out)}
