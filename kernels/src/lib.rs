@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod backend;
+pub mod cuda;
 pub mod elementwise;
 pub mod matmul;
 pub mod qmatmul;

@@ -74,6 +74,17 @@ impl RopeTable {
         }
     }
 
+    /// The inverse frequencies with the position scale folded in: the angle of pair `i` at
+    /// position `p` is `p * scaled_inv_freq()[i]` (what the CUDA backend uploads).
+    pub fn scaled_inv_freq(&self) -> Vec<f64> {
+        self.inv_freq.iter().map(|f| f * self.pos_scale).collect()
+    }
+
+    /// Width of one head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
     /// Number of rotated pairs per head.
     pub fn half(&self) -> usize {
         self.inv_freq.len()

@@ -1,0 +1,126 @@
+//! `#[repr(C)]` mirrors of the structs the kernels take (`linear.cu`, `attention.cu`), laid
+//! out without padding so their bytes can be uploaded as they are.
+
+use cudarc::driver::DeviceRepr;
+
+/// `LoraDesc` of linear.cu: one adapter's A (`rank x in`) and B (`out x rank`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoraDesc {
+    pub a: u64,
+    pub b: u64,
+    pub rank: i32,
+    pub lda: i32,
+    pub ldb: i32,
+    pub pad: i32,
+}
+
+/// `LoraArgs` of linear.cu, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoraArgs {
+    pub descs: u64,
+    pub row_adapter: u64,
+    pub t: u64,
+    pub ldt: i32,
+    pub rmax: i32,
+    pub n_entries: i32,
+    pub n_adapters: i32,
+    pub col0: [i32; 4],
+    pub cols: [i32; 4],
+}
+
+/// `SplitArgs` of linear.cu, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SplitArgs {
+    pub ws: u64,
+    pub counters: u64,
+    pub k_chunk: i32,
+    pub pad: i32,
+}
+
+/// `ShrinkTask` of linear.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShrinkTask {
+    pub row0: i32,
+    pub rows: i32,
+    pub entry: i32,
+    pub adapter: i32,
+}
+
+/// `AttnRowDev` of attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttnRowDev {
+    pub pos: i32,
+    pub start: i32,
+    pub layer: i32,
+    pub table: i32,
+}
+
+// SAFETY: plain `#[repr(C)]` structs of integers, no padding, no pointers the host
+// dereferences; their layout matches the CUDA structs of the same names.
+unsafe impl DeviceRepr for LoraArgs {}
+unsafe impl DeviceRepr for SplitArgs {}
+
+/// Marker for the structs whose bytes may be copied as they are (no padding, no invalid bit
+/// patterns).
+///
+/// # Safety
+/// Implementors are `#[repr(C)]`, `Copy`, have no padding bytes and are valid for any bits.
+pub unsafe trait Pod: Copy {}
+// SAFETY: the structs above and the integer types have no padding.
+unsafe impl Pod for LoraDesc {}
+unsafe impl Pod for ShrinkTask {}
+unsafe impl Pod for AttnRowDev {}
+unsafe impl Pod for i32 {}
+unsafe impl Pod for u32 {}
+unsafe impl Pod for i64 {}
+unsafe impl Pod for f32 {}
+
+/// The bytes of a slice of plain structs.
+pub fn bytes_of<T: Pod>(v: &[T]) -> &[u8] {
+    // SAFETY: `T: Pod` has no padding, so every byte is initialised; the length is exact.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Per-call metadata packed into one upload: each `push` returns the byte offset of its
+/// array (16-byte aligned) in the arena.
+#[derive(Default)]
+pub struct Arena {
+    pub bytes: Vec<u8>,
+}
+
+impl Arena {
+    pub fn push<T: Pod>(&mut self, v: &[T]) -> usize {
+        let off = self.bytes.len().div_ceil(16) * 16;
+        self.bytes.resize(off, 0);
+        self.bytes.extend_from_slice(bytes_of(v));
+        off
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn struct_sizes_match_the_cuda_layouts() {
+        assert_eq!(std::mem::size_of::<LoraDesc>(), 32);
+        assert_eq!(std::mem::size_of::<LoraArgs>(), 72);
+        assert_eq!(std::mem::size_of::<SplitArgs>(), 24);
+        assert_eq!(std::mem::size_of::<ShrinkTask>(), 16);
+        assert_eq!(std::mem::size_of::<AttnRowDev>(), 16);
+    }
+
+    #[test]
+    fn arena_aligns_each_array() {
+        let mut a = Arena::default();
+        assert_eq!(a.push(&[1i32, 2, 3]), 0);
+        assert_eq!(a.push(&[7i64]), 16);
+        assert_eq!(a.bytes.len(), 24);
+        assert_eq!(&a.bytes[16..24], &7i64.to_ne_bytes());
+    }
+}
