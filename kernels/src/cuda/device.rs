@@ -1292,8 +1292,8 @@ mod tests {
     #[test]
     fn every_gemv_instance_has_a_name() {
         for wt in [WeightType::Bf16, WeightType::F16] {
-            for rows in 1..=super::plan::GEMV_MAX_ROWS {
-                if let ProductKernel::Gemv { rows: r } = super::plan::product_kernel(rows) {
+            for rows in 1..=crate::cuda::plan::GEMV_MAX_ROWS {
+                if let ProductKernel::Gemv { rows: r } = crate::cuda::plan::product_kernel(rows) {
                     let name = gemv_name(wt, r).unwrap();
                     assert!(FAMILIES[0].kernels.contains(&name), "{name}");
                 }

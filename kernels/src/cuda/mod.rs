@@ -150,7 +150,7 @@ fn probe_library(names: &[&str]) -> Result<(), String> {
         // program does first; nothing from it is called here and it is closed on drop.
         match unsafe { libloading::Library::new(*name) } {
             Ok(_lib) => return Ok(()),
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => errors.push(format!("{name}: {e}")),
         }
     }
     Err(errors.join("; "))
