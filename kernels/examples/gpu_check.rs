@@ -25,6 +25,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 type Rng64 = rand_chacha::ChaCha8Rng;
+/// Per depth: a LoRA's A and B host data, or none.
+type HostLoras = Vec<Option<(Vec<f32>, Vec<f32>)>>;
+/// Per entry: its first column and per depth its resident LoRA.
+type EntryLoras<M> = Vec<(usize, Vec<Option<LoraMats<M>>>)>;
 
 /// Wall-clock budget: sections after this are skipped with a line saying so.
 const BUDGET_S: f64 = 240.0;
@@ -145,7 +149,7 @@ struct Module {
     w: Vec<f32>,
     bias: Option<Vec<f32>>,
     /// (col0, cols) per entry; per entry per depth (A, B) host data or None.
-    entries: Vec<(usize, usize, Vec<Option<(Vec<f32>, Vec<f32>)>>)>,
+    entries: Vec<(usize, usize, HostLoras)>,
     rank: usize,
 }
 
@@ -228,7 +232,7 @@ impl Module {
 struct Resident<B: Backend> {
     w: B::Mat,
     bias: Option<B::Buf>,
-    loras: Vec<(usize, Vec<Option<LoraMats<B::Mat>>>)>,
+    loras: EntryLoras<B::Mat>,
 }
 
 impl<B: Backend> Resident<B> {
@@ -590,6 +594,7 @@ fn copy_bandwidth(gpu: &CudaBackend, timer: &Timer) -> f64 {
 }
 
 /// Fused vs unfused for one module at `n` rows.
+#[allow(clippy::too_many_arguments)]
 fn time_module(
     gpu: &CudaBackend,
     blas: &CudaBlas,

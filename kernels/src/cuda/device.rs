@@ -793,7 +793,7 @@ impl CudaBackend {
         }
         let hd = layout.head_dim;
         let nkv = layout.n_kv_heads;
-        if nkv == 0 || shape.n_heads % nkv != 0 {
+        if nkv == 0 || !shape.n_heads.is_multiple_of(nkv) {
             return Err(unsupported("attention: query heads not a multiple of KV heads"));
         }
         let group = shape.n_heads / nkv;
@@ -1072,7 +1072,10 @@ impl Backend for CudaBackend {
             if n == 0 || rope.half() == 0 {
                 return Ok(());
             }
-            if qkv.len() < (n - 1) * ld + q_cols.max(k_col0 + k_cols) || q_cols % hd != 0 || k_cols % hd != 0 {
+            if qkv.len() < (n - 1) * ld + q_cols.max(k_col0 + k_cols)
+                || !q_cols.is_multiple_of(hd)
+                || !k_cols.is_multiple_of(hd)
+            {
                 return Err(unsupported("rope: columns outside the rows"));
             }
             let inv = self.rope_table(rope)?;
@@ -1162,7 +1165,7 @@ impl Backend for CudaBackend {
             }
             let per_pos = layout.n_layers * 2 * kd;
             let positions = data.len() / per_pos;
-            if data.len() % per_pos != 0 || positions.div_ceil(layout.block_size.max(1)) > blocks.len() {
+            if !data.len().is_multiple_of(per_pos) || positions.div_ceil(layout.block_size.max(1)) > blocks.len() {
                 return Err(unsupported("kv_import: data does not match the blocks"));
             }
             let offs = kv_export_offsets(layout, blocks, positions);

@@ -84,7 +84,7 @@ pub fn plan_product(n: usize, m: usize, k: usize, sms: usize, workspace_cap: usi
         let by_target = target.div_ceil(tiles);
         let by_k = (k / unit).max(1);
         let by_ws = (workspace_cap / (n * m).max(1)).max(1);
-        splits = by_target.min(by_k).min(by_ws).min(MAX_SPLITS).max(1);
+        splits = by_target.min(by_k).min(by_ws).clamp(1, MAX_SPLITS);
     }
     let mut k_chunk = k.div_ceil(splits).div_ceil(unit) * unit;
     if k_chunk == 0 {
