@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     t = sub.add_parser("tiny", help="write a tiny random checkpoint (tests)")
     t.add_argument("--out", required=True)
     t.add_argument("--tokenizer-from", help="checkpoint whose tokenizer.json, tokenizer facts and vocabulary to use")
+    t.add_argument("--like", help="checkpoint (or its rrt_checkpoint.json's folder) whose architecture, tokenizer and chat template to copy at full size (random weights: throughput runs where the real weights cannot travel)")
     t.add_argument("--vocab", type=int, default=256)
     t.add_argument("--loops", type=int, default=2)
     t.add_argument("--layers", type=int, default=4)
@@ -85,6 +86,25 @@ def main(argv=None) -> int:
             print(json.dumps({"shape": list(z.shape)}))
         elif a.cmd == "tiny":
             tok_cfg, vocab = None, a.vocab
+            if a.like:
+                src = ck.read_config(a.like)
+                cfg = json.loads(json.dumps(src))
+                arch = cfg["architecture"]
+                if arch["n_layers"] % a.loops:
+                    raise ValueError(f"--loops {a.loops} does not divide {arch['n_layers']} layers")
+                dims = ck.module_dims(arch)
+                cfg["recursion"] = {
+                    "loops": a.loops,
+                    "shared_layers": arch["n_layers"] // a.loops,
+                    "init": "average",
+                    "ranks": {m: min(a.rank, *dims[m]) if a.loops > 1 else 0 for m in ck.MODULES},
+                }
+                cfg["exit"] = {"criterion": None, "thresholds": [], "target_agreement": None, "calibration": None}
+                cfg["provenance"] = {"source": "random", "source_sha256": "0" * 64, "tool": "rrt-train tiny --like", "extra": {}}
+                m = random_model(cfg, a.seed)
+                ck.write(a.out, cfg, m.to_tensors(), a.like)
+                print(json.dumps({"out": a.out}))
+                return 0
             if a.tokenizer_from:
                 src = ck.read_config(a.tokenizer_from)
                 tok_cfg, vocab = src["tokenizer"], src["architecture"]["vocab"]
