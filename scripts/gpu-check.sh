@@ -19,10 +19,17 @@ cd "$root"
 if [[ "${1:-}" == "--build" ]]; then
     set -e
     cargo build -p rrt-kernels --release --features cuda --example gpu_check
+    cargo build -p rrt --release --features cuda
     tdir="${CARGO_TARGET_DIR:-$root/target}"
-    mkdir -p target/gpu-check
+    mkdir -p target/gpu-check/like
     cp "$tdir/release/examples/gpu_check" target/gpu-check/gpu_check
-    echo "built target/gpu-check/gpu_check ($(du -h target/gpu-check/gpu_check | cut -f1)); carry target/gpu-check"
+    cp "$tdir/release/rrt" target/gpu-check/rrt
+    # SmolLM2's architecture, tokenizer and chat template (not its weights: the model files
+    # exceed what a GPU call can carry), for the end-to-end part on random weights.
+    like="${RRT_LIKE:-$root/models/SmolLM2-135M-Instruct-teacher-b1}"
+    [[ -f "$like/rrt_checkpoint.json" ]] || target/gpu-check/rrt convert --out "$like" --loops 1
+    cp "$like/rrt_checkpoint.json" "$like/tokenizer.json" target/gpu-check/like/
+    echo "built target/gpu-check ($(du -sh target/gpu-check | cut -f1)); carry target/gpu-check"
     exit 0
 fi
 
@@ -54,7 +61,7 @@ find_lib() { # name pattern -> first folder that has it (loader cache first)
     hit="$(ldconfig -p 2>/dev/null | awk -v p="$pat" '$1 ~ p {print $NF; exit}')"
     if [[ -n "$hit" ]]; then echo "$hit"; return; fi
     for d in "${dirs[@]}"; do
-        hit="$(ls "$d"/$pat* 2>/dev/null | head -1)"
+        hit="$(find "$d" -maxdepth 1 -name "$pat*" 2>/dev/null | sort | head -1)"
         if [[ -n "$hit" ]]; then echo "$hit"; return; fi
     done
 }
@@ -77,7 +84,29 @@ echo "gpu-check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 [[ $missing == 0 ]] || echo "gpu-check: a library is missing; the check will say which one it needed"
 
-timeout 300 "$bin"
+timeout 270 "$bin"
 rc=$?
-[[ $rc == 124 ]] && echo "gpu-check: TIMED OUT after 300 s"
+[[ $rc == 124 ]] && echo "gpu-check: TIMED OUT after 270 s"
+
+# End to end: engine tokens/s of SmolLM2-shaped models (random weights, B = 1 and B = 3 with
+# rank-64 LoRAs, made here by PyTorch) on the CUDA backend against the CPU backend of the same
+# machine, the same requests (settings a and c of `rrt bench engine`, full depth).
+rrt_bin="$(dirname "$bin")/rrt"
+like="$(dirname "$bin")/like"
+if [[ -x "$rrt_bin" && -f "$like/rrt_checkpoint.json" ]] && command -v python3 >/dev/null; then
+    e2e=/tmp/rrt-e2e
+    mkdir -p "$e2e"
+    if ! { PYTHONPATH="$root/train" python3 -m rrt_train tiny --like "$like" --loops 1 --out "$e2e/rand-b1" >/dev/null &&
+           PYTHONPATH="$root/train" python3 -m rrt_train tiny --like "$like" --loops 3 --rank 64 --out "$e2e/rand-b3" >/dev/null; }; then
+        echo "gpu-check: could not write the random checkpoints"
+        exit 1
+    fi
+    for dev in cuda:0 cpu; do
+        echo "gpu-check: engine, device $dev"
+        timeout 120 "$rrt_bin" bench engine --device "$dev" --model "$e2e/rand-b1" --checkpoint "$e2e/rand-b3" \
+            --settings a,c --concurrency 1,8,32 --requests 32 --text data/calibration.txt || echo "gpu-check: engine run on $dev failed or timed out"
+    done
+else
+    echo "gpu-check: no rrt binary or model config next to $bin: end-to-end part skipped"
+fi
 exit $rc
