@@ -488,6 +488,24 @@ fn check_ops(gpu: &CudaBackend, rep: &mut Report, rng: &mut Rng64, s: &Shapes) {
                     }
                 }
                 rep.add("topk_rows (k=40)", tag, sel.len(), if bad { 1.0 } else { 0.0 }, 0.0);
+                // The engine's greedy path: the device reduction of each row against the host
+                // reduction of the same (device) logits.
+                let tops = gpu.head_top(&sg, h, &sel, &nw_g, eps, &emb_g);
+                let want: Vec<rrt_kernels::HeadTop> = host
+                    .chunks_exact(s.vocab)
+                    .map(rrt_kernels::HeadTop::from_logits)
+                    .collect();
+                let mut err = 0f64;
+                for (t, w) in tops.iter().zip(&want) {
+                    if t.id != w.id || t.top != w.top || t.second != w.second {
+                        err = f64::INFINITY;
+                    }
+                    err = err.max((t.sum_exp - w.sum_exp).abs() / w.sum_exp);
+                }
+                if tops.len() != want.len() {
+                    err = f64::INFINITY;
+                }
+                rep.add("head_top (argmax, top 2, softmax sum)", tag, sel.len(), err, 1e-9);
             }
             Err(e) => {
                 println!("logits_device failed: {e}");

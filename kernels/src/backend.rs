@@ -62,6 +62,59 @@ pub struct KvSlot {
     pub slot: usize,
 }
 
+/// One row of LM-head logits reduced to what greedy decoding, its log-probability and the
+/// max-prob / margin exit tests need (so the logits need not leave a GPU).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeadTop {
+    /// The argmax (lowest id among equal maxima).
+    pub id: u32,
+    /// The largest and second-largest logits.
+    pub top: f32,
+    pub second: f32,
+    /// `sum_i exp(logit_i - top)`, accumulated in f64.
+    pub sum_exp: f64,
+}
+
+impl HeadTop {
+    /// From one row of host logits, with the same arithmetic as the engine's host path
+    /// (`rrt_model::exit::prob_scores`, `sampling::argmax`).
+    pub fn from_logits(row: &[f32]) -> Self {
+        let mut id = 0usize;
+        let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+        for (i, &v) in row.iter().enumerate() {
+            if v > a {
+                b = a;
+                a = v;
+                id = i;
+            } else if v > b {
+                b = v;
+            }
+        }
+        let sum_exp = row.iter().map(|v| ((v - a) as f64).exp()).sum();
+        Self {
+            id: id as u32,
+            top: a,
+            second: b,
+            sum_exp,
+        }
+    }
+
+    /// Softmax probability of the argmax.
+    pub fn max_prob(&self) -> f32 {
+        (1.0 / self.sum_exp) as f32
+    }
+
+    /// Top-1 minus top-2 probability.
+    pub fn margin(&self) -> f32 {
+        self.max_prob() - (((self.second - self.top) as f64).exp() / self.sum_exp) as f32
+    }
+
+    /// Log-probability of the argmax.
+    pub fn logprob(&self) -> f32 {
+        -(self.sum_exp.ln() as f32)
+    }
+}
+
 /// The operations of one engine step. All sizes are validated by the caller (the engine
 /// builds them from a model whose shapes were checked at load time).
 pub trait Backend: Send + Sync + 'static {
@@ -170,6 +223,38 @@ pub trait Backend: Send + Sync + 'static {
     /// Cosine similarity of row `rows[i]` of `a` and of `b` (width `width`), per row: the
     /// hidden-state saturation exit criterion, which needs no LM head.
     fn cosine_rows(&self, a: &Self::Buf, b: &Self::Buf, width: usize, rows: &[u32]) -> Vec<f32>;
+    /// Whether the engine should reduce LM-head rows here ([`Backend::head_top`]) when a step
+    /// needs no full logits (greedy rows, no penalties, no top logprobs): true where moving
+    /// logits to the host costs (a GPU: then only ids and four numbers per row cross).
+    fn prefers_head_top(&self) -> bool {
+        false
+    }
+
+    /// [`Backend::logits`] of the rows `select`, each reduced to a [`HeadTop`]. The default
+    /// reduces host logits.
+    fn head_top(
+        &self,
+        x: &Self::Buf,
+        width: usize,
+        select: &[u32],
+        norm: &Self::Buf,
+        eps: f32,
+        head: &Self::Mat,
+    ) -> Vec<HeadTop> {
+        if select.is_empty() {
+            return Vec::new();
+        }
+        let logits = self.logits(x, width, select, norm, eps, head);
+        let vocab = logits.len() / select.len();
+        logits.chunks_exact(vocab).map(HeadTop::from_logits).collect()
+    }
+
+    /// The first fault the backend hit since it started (a device error: the trait's methods
+    /// cannot return one), if any. The engine checks it once per step and fails the step
+    /// rather than emit tokens computed from garbage. The CPU backend never faults.
+    fn fault(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A resident matrix of the CPU backend.

@@ -81,7 +81,8 @@ impl SamplingParams {
         Ok(())
     }
 
-    fn has_penalties(&self) -> bool {
+    /// Whether any of the repetition / presence / frequency penalties is on.
+    pub fn has_penalties(&self) -> bool {
         self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }
@@ -176,6 +177,12 @@ impl Sampler {
                 }
             }
         }
+    }
+
+    /// Whether this sampler always picks the argmax of the raw logits (greedy, no penalties):
+    /// then the argmax alone decides, and no random draw is taken.
+    pub fn is_plain_argmax(&self) -> bool {
+        (self.params.temperature == 0.0 || self.params.top_k == 1) && !self.params.has_penalties()
     }
 
     pub fn params(&self) -> &SamplingParams {

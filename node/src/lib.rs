@@ -2,6 +2,7 @@
 //! depth-wise batching engine ([`engine`]), served to the async world by the engine actor
 //! ([`engine_actor`]). [`grpc`] is the ingress (the internal node service) and [`server`] starts a node.
 
+pub mod device;
 pub mod engine;
 pub mod engine_actor;
 pub mod fake;
@@ -11,6 +12,7 @@ pub mod metrics;
 pub mod server;
 pub mod sim;
 
+pub use device::{Device, GpuWeights};
 pub use engine::{
     Batching, Engine, EngineConfig, EngineError, EngineStats, Event, ExitControl, ExitRule, FinishReason, GenParams,
     KvFill, KvGeometry, KvState, LoadReport, PassInfo, Request, RequestId, ResidentModel, TokenEvent, Usage,

@@ -1,4 +1,5 @@
-//! Starting a node: the model loaded onto the CPU backend, the engine actor on its own thread,
+//! Starting a node: the model loaded onto its compute backend (CPU, or CUDA where built and
+//! available: see `device.rs`), the engine actor on its own thread,
 //! and the `rrt.v1.node.Node` gRPC service with `grpc.health.v1` and server reflection. Shared
 //! by `rrt node` (one per process) and `rrt serve` (several in one process).
 //!
@@ -8,8 +9,8 @@
 
 use crate::engine_actor::EngineHandle;
 use crate::grpc::{NodeService, ServedModel};
-use crate::{Engine, EngineConfig, EngineError, ExitRule, ResidentModel};
-use rrt_kernels::CpuBackend;
+use crate::{Device, Engine, EngineConfig, EngineError, ExitRule, GpuWeights, ResidentModel};
+use rrt_kernels::{Backend, CpuBackend};
 use rrt_model::LoadedModel;
 use rrt_model::chat::Prompter;
 use rrt_model::loader::SourceKind;
@@ -24,11 +25,80 @@ pub struct Node {
     pub engine: EngineHandle,
     pub engine_thread: std::thread::JoinHandle<()>,
     pub loops: usize,
+    /// The backend the engine runs on, e.g. `cpu` or `cuda:0 (NVIDIA H100 ...)`.
+    pub backend: String,
+}
+
+/// Where and how the engine computes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Placement {
+    pub device: Device,
+    pub gpu_weights: GpuWeights,
+}
+
+/// Builds the engine on `backend` and starts its actor thread; returns the handle, the
+/// thread and the KV blocks.
+fn spawn_engine<B: Backend>(
+    backend: B,
+    model: rrt_model::Model,
+    tokenizer: Arc<rrt_model::tokenizer::Tokenizer>,
+    cfg: &EngineConfig,
+) -> Result<(EngineHandle, std::thread::JoinHandle<()>, usize), EngineError> {
+    let engine = Engine::new(ResidentModel::new(backend, model), tokenizer, cfg.clone())?;
+    let blocks = engine.kv_blocks().0;
+    let (handle, thread) = EngineHandle::spawn(engine, 1024);
+    Ok((handle, thread, blocks))
+}
+
+/// The engine on the device `place` asks for, or on the CPU (with one warning line) when that
+/// device cannot be used.
+fn launch(
+    place: Placement,
+    model: rrt_model::Model,
+    tokenizer: Arc<rrt_model::tokenizer::Tokenizer>,
+    cfg: &EngineConfig,
+) -> Result<(EngineHandle, std::thread::JoinHandle<()>, usize, String), EngineError> {
+    if let Device::Cuda(n) = place.device {
+        #[cfg(feature = "cuda")]
+        {
+            use rrt_kernels::cuda::{CudaBackend, WeightType};
+            let wt = match place.gpu_weights {
+                GpuWeights::Bf16 => WeightType::Bf16,
+                GpuWeights::F16 => WeightType::F16,
+            };
+            match CudaBackend::with_weight_type(n, wt) {
+                Ok(b) => {
+                    let desc = format!("cuda:{n} ({})", b.info());
+                    tracing::info!(backend = %desc, "engine on the CUDA backend");
+                    let (h, t, k) = spawn_engine(b, model, tokenizer, cfg)?;
+                    return Ok((h, t, k, desc));
+                }
+                Err(e) => tracing::warn!("cuda:{n} cannot be used ({e}): falling back to the CPU backend"),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        tracing::warn!(
+            "device cuda:{n} asked for, but this rrt was built without CUDA support (cargo build --release --features cuda): falling back to the CPU backend"
+        );
+    }
+    let (h, t, k) = spawn_engine(CpuBackend, model, tokenizer, cfg)?;
+    Ok((h, t, k, "cpu".into()))
 }
 
 /// Moves the model onto the CPU backend and starts the engine actor. With `early_exit`, a
 /// recursive checkpoint's calibrated exit rule is used (vanilla models always run B = 1).
-pub fn start(lm: LoadedModel, mut cfg: EngineConfig, early_exit: bool, node_id: &str) -> Result<Node, EngineError> {
+pub fn start(lm: LoadedModel, cfg: EngineConfig, early_exit: bool, node_id: &str) -> Result<Node, EngineError> {
+    start_on(lm, cfg, early_exit, node_id, Placement::default())
+}
+
+/// [`start`] on the device `place` names (falling back to the CPU, see [`Placement`]).
+pub fn start_on(
+    lm: LoadedModel,
+    mut cfg: EngineConfig,
+    early_exit: bool,
+    node_id: &str,
+    place: Placement,
+) -> Result<Node, EngineError> {
     if early_exit && lm.kind == SourceKind::Recursive {
         cfg.exit = ExitRule::from_checkpoint(&lm.path)?;
     } else {
@@ -54,20 +124,20 @@ pub fn start(lm: LoadedModel, mut cfg: EngineConfig, early_exit: bool, node_id: 
         cfg.exit.as_ref().map(|e| e.criterion),
     );
     let loops = lm.model.loops();
-    let engine = Engine::new(ResidentModel::new(CpuBackend, lm.model), tokenizer, cfg.clone())?;
+    let (handle, engine_thread, kv_blocks, backend) = launch(place, lm.model, tokenizer, &cfg)?;
     // What `rrt capacity` needs to simulate this node: its scheduling settings.
     tracing::info_span!(
         target: "rrt_node",
         "node.start",
         node_id,
+        backend = backend.as_str(),
         loops = loops as i64,
-        kv_blocks = engine.kv_blocks().0 as i64,
+        kv_blocks = kv_blocks as i64,
         block_size = cfg.block_size as i64,
         max_step_rows = cfg.max_step_rows as i64,
         max_running = cfg.max_running as i64,
     )
     .in_scope(|| ());
-    let (handle, engine_thread) = EngineHandle::spawn(engine, 1024);
     let service = NodeService::new(node_id, served, handle.clone());
     {
         // Hashing the weights takes a while; until it is done the node moves no KV.
@@ -82,6 +152,7 @@ pub fn start(lm: LoadedModel, mut cfg: EngineConfig, early_exit: bool, node_id: 
         engine: handle,
         engine_thread,
         loops,
+        backend,
     })
 }
 

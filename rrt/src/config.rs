@@ -20,6 +20,8 @@
 //! | `node.tls_cert`, `node.tls_key` | none | PEM certificate and key: the node serves TLS only |
 //! | `node.tls_client_ca` | none | PEM CA: callers need a client certificate it signed (mutual TLS) |
 //! | `node.metrics_listen` | none | HTTP address of the node's Prometheus `/metrics` and `/health` (port 0: any) |
+//! | `node.device` | `cpu` | `cpu`, `cuda` or `cuda:N`: the engine's backend (CUDA needs a `--features cuda` build; unusable: CPU with a warning) |
+//! | `node.gpu_weights` | `bf16` | `bf16` or `f16`: weight precision on a GPU (f32 accumulation) |
 //! | `coordinator.grpc_listen` | `127.0.0.1:7300` | client gRPC (`rrt.v1.Generation`) address |
 //! | `coordinator.http_listen` | `127.0.0.1:8080` | OpenAI-compatible HTTP address |
 //! | `coordinator.nodes` | `[]` | static node addresses (`host:port`) |
@@ -165,6 +167,8 @@ pub struct NodeConfig {
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
+    pub device: rrt_node::Device,
+    pub gpu_weights: rrt_node::GpuWeights,
 }
 
 impl Default for NodeConfig {
@@ -183,11 +187,21 @@ impl Default for NodeConfig {
             tls_key: None,
             tls_client_ca: None,
             metrics_listen: None,
+            device: rrt_node::Device::Cpu,
+            gpu_weights: rrt_node::GpuWeights::Bf16,
         }
     }
 }
 
 impl NodeConfig {
+    /// Where the engine computes.
+    pub fn placement(&self) -> rrt_node::server::Placement {
+        rrt_node::server::Placement {
+            device: self.device,
+            gpu_weights: self.gpu_weights,
+        }
+    }
+
     /// The engine settings these keys give (the exit rule comes from the checkpoint).
     pub fn engine_config(&self) -> rrt_node::EngineConfig {
         rrt_node::EngineConfig {

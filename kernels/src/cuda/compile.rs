@@ -61,7 +61,7 @@ pub const FAMILIES: &[KernelFamily] = &[
     KernelFamily {
         name: "select",
         source: include_str!("kernels/select.cu"),
-        kernels: &["argmax_rows_f32", "topk_rows_f32"],
+        kernels: &["argmax_rows_f32", "topk_rows_f32", "head_top_rows_f32"],
     },
 ];
 

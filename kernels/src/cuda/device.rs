@@ -26,7 +26,7 @@ use super::plan::{
 };
 use super::{CudaError, DeviceInfo, FAMILIES, compile_family, nvrtc_arch};
 use crate::attention::{AttnRow, AttnShape, KvLayout};
-use crate::backend::{Backend, KvSlot, LoraColumns, MatrixData, RowGroup};
+use crate::backend::{Backend, HeadTop, KvSlot, LoraColumns, MatrixData, RowGroup};
 use crate::matmul::MatmulMode;
 use crate::qmatmul::dequantize_rows;
 use crate::rope::RopeTable;
@@ -697,6 +697,52 @@ impl CudaBackend {
         Ok((out_ids, out_vals))
     }
 
+    /// Final norm + LM head of the rows `select`, each reduced on the device to its
+    /// [`HeadTop`] (argmax, top two logits, softmax normaliser): per row 20 bytes cross to the
+    /// host instead of `vocab` floats.
+    pub fn head_top_device(
+        &self,
+        x: &CudaBuf,
+        width: usize,
+        select: &[u32],
+        norm: &CudaBuf,
+        eps: f32,
+        head: &CudaMat,
+    ) -> Result<Vec<HeadTop>, CudaError> {
+        self.check()?;
+        let rows = select.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let logits = self.logits_device(x, width, select, norm, eps, head)?;
+        let vocab = head.out_dim;
+        let ids = self.stream.alloc_zeros::<u32>(rows).map_err(drv("cuMemAlloc"))?;
+        let top2 = self.alloc_f32(2 * rows)?;
+        let sums = self.stream.alloc_zeros::<f64>(rows).map_err(drv("cuMemAlloc"))?;
+        let (lp, ip, tp, sp) = (self.ptr(&logits.data), self.ptr(&ids), self.ptr(&top2), self.ptr(&sums));
+        let v = i32_of(vocab, "vocab")?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.func("head_top_rows_f32")?);
+        b.arg(&lp).arg(&v).arg(&ip).arg(&tp).arg(&sp);
+        // SAFETY: logits hold rows x vocab floats; ids and sums rows entries, top2 2 x rows.
+        unsafe { b.launch(cfg) }.map_err(drv("head_top_rows_f32"))?;
+        let ids = self.stream.clone_dtoh(&ids).map_err(drv("ids to host"))?;
+        let sums = self.stream.clone_dtoh(&sums).map_err(drv("sums to host"))?;
+        let top2 = self.download(&top2, 2 * rows)?;
+        Ok((0..rows)
+            .map(|r| HeadTop {
+                id: ids[r],
+                top: top2[2 * r],
+                second: top2[2 * r + 1],
+                sum_exp: sums[r],
+            })
+            .collect())
+    }
+
     /// `x += r`, then `out = rmsnorm(x) * w`: the residual add fused with the next norm.
     pub fn add_rmsnorm(
         &self,
@@ -919,6 +965,37 @@ impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Mat = CudaMat;
     type Kv = CudaKv;
+
+    fn fault(&self) -> Option<String> {
+        self.check().err().map(|e| e.to_string())
+    }
+
+    fn prefers_head_top(&self) -> bool {
+        true
+    }
+
+    fn head_top(
+        &self,
+        x: &CudaBuf,
+        width: usize,
+        select: &[u32],
+        norm: &CudaBuf,
+        eps: f32,
+        head: &CudaMat,
+    ) -> Vec<HeadTop> {
+        let nan = HeadTop {
+            id: 0,
+            top: f32::NAN,
+            second: f32::NAN,
+            sum_exp: f64::NAN,
+        };
+        let mut out = vec![nan; select.len()];
+        self.run("head_top", || {
+            out = self.head_top_device(x, width, select, norm, eps, head)?;
+            Ok(())
+        });
+        out
+    }
 
     fn name(&self) -> &'static str {
         "cuda"

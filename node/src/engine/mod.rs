@@ -57,6 +57,8 @@ pub enum EngineError {
     Config { field: &'static str, msg: String },
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error("compute backend fault: {0}")]
+    Backend(String),
 }
 
 /// How rows of different loop depths share passes.
@@ -233,6 +235,23 @@ struct Seq {
     resumed: usize,
     /// Being exported: takes no new rows; leaves once nothing of it is in flight.
     exporting: bool,
+}
+
+impl Seq {
+    /// Its next token needs only the argmax of the logits and its log-probability: greedy, no
+    /// penalties, no top logprobs, no forced token.
+    fn greedy_plain(&self) -> bool {
+        self.sampler.is_plain_argmax()
+            && self.params.top_logprobs == 0
+            && self.params.forced.as_ref().is_none_or(|f| self.out.len() >= f.len())
+    }
+}
+
+/// One LM-head row as the engine consumes it: host logits, or a backend's reduction of them.
+#[derive(Clone, Copy)]
+enum Head<'a> {
+    Logits(&'a [f32]),
+    Top(rrt_kernels::HeadTop),
 }
 
 /// A sequence's state as it moves between nodes: its tokens and the keys/values of every
@@ -787,6 +806,9 @@ impl<B: Backend> Engine<B> {
             return Ok(std::mem::take(&mut self.events));
         }
         self.run_pass(new_rows)?;
+        if let Some(f) = self.model.backend.fault() {
+            return Err(EngineError::Backend(f));
+        }
         Ok(std::mem::take(&mut self.events))
     }
 
@@ -989,13 +1011,33 @@ impl<B: Backend> Engine<B> {
             .chain(decode.iter().map(|&i| i as u32))
             .collect();
         let t = std::time::Instant::now();
-        let logits = self.model.logits(x, &head_rows);
+        // A GPU reduces the rows itself when no row needs its full logits (greedy, no
+        // penalties, no top logprobs, not forced): then only ids and four numbers cross.
+        let on_device = self.model.backend.prefers_head_top()
+            && head_rows
+                .iter()
+                .all(|&r| self.seqs.get(&meta[r as usize].0).is_some_and(Seq::greedy_plain));
+        let (logits, tops) = if on_device {
+            (Vec::new(), self.model.head_top(x, &head_rows))
+        } else {
+            (self.model.logits(x, &head_rows), Vec::new())
+        };
         self.stats.head_seconds += t.elapsed().as_secs_f64();
         self.stats.head_rows += head_rows.len() as u64;
-        let mut produce: Vec<(usize, &[f32])> = Vec::new();
+        let row_of = |k: usize| -> Head<'_> {
+            if on_device {
+                Head::Top(tops[k])
+            } else {
+                Head::Logits(&logits[k * vocab..(k + 1) * vocab])
+            }
+        };
+        let mut produce: Vec<(usize, Head<'_>)> = Vec::new();
         for (j, &(i, c, t)) in test_head.iter().enumerate() {
-            let row = &logits[j * vocab..(j + 1) * vocab];
-            let (p1, margin) = prob_scores(row);
+            let row = row_of(j);
+            let (p1, margin) = match row {
+                Head::Logits(l) => prob_scores(l),
+                Head::Top(h) => (h.max_prob(), h.margin()),
+            };
             let score = if c == Criterion::Margin { margin } else { p1 };
             if score >= t {
                 produce.push((i, row));
@@ -1004,8 +1046,7 @@ impl<B: Backend> Engine<B> {
             }
         }
         for (j, &i) in decode.iter().enumerate() {
-            let k = test_head.len() + j;
-            produce.push((i, &logits[k * vocab..(k + 1) * vocab]));
+            produce.push((i, row_of(test_head.len() + j)));
         }
         // Rows that neither decoded nor exited continue one loop deeper.
         let mut producing = vec![false; meta.len()];
@@ -1056,16 +1097,25 @@ impl<B: Backend> Engine<B> {
 
     /// Samples the next token of `id` from `logits` (decoded after `loops` loops), streams it
     /// and finishes the request when it should. Returns whether it finished.
-    fn produce(&mut self, id: RequestId, logits: &[f32], loops: usize) -> Result<bool, EngineError> {
+    fn produce(&mut self, id: RequestId, head: Head<'_>, loops: usize) -> Result<bool, EngineError> {
         let tok = self.tokenizer.clone();
         let s = self.seqs.get_mut(&id).expect("producing row of a live sequence");
-        let token = match s.params.forced.as_ref().and_then(|f| f.get(s.out.len())) {
-            Some(&t) => t,
-            None => s.sampler.sample(logits),
+        let (token, logprob, top_logprobs) = match head {
+            Head::Logits(logits) => {
+                let token = match s.params.forced.as_ref().and_then(|f| f.get(s.out.len())) {
+                    Some(&t) => t,
+                    None => s.sampler.sample(logits),
+                };
+                let lse = rrt_kernels::logsumexp(logits);
+                (
+                    token,
+                    logits[token as usize] - lse,
+                    top_n(logits, s.params.top_logprobs, lse),
+                )
+            }
+            // Only for rows of `Seq::greedy_plain` sequences: the argmax is the greedy choice.
+            Head::Top(h) => (h.id, h.logprob(), Vec::new()),
         };
-        let lse = rrt_kernels::logsumexp(logits);
-        let logprob = logits[token as usize] - lse;
-        let top_logprobs = top_n(logits, s.params.top_logprobs, lse);
         s.loops += loops;
         s.emit_in_flight = false;
         self.stats.tokens += 1;

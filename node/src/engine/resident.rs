@@ -172,6 +172,16 @@ impl<B: Backend> ResidentModel<B> {
             .logits(x, self.config.hidden, select, &self.norm, self.config.rms_eps, head)
     }
 
+    /// [`Self::logits`] reduced on the backend to each row's [`rrt_kernels::HeadTop`].
+    pub fn head_top(&self, x: &B::Buf, select: &[u32]) -> Vec<rrt_kernels::HeadTop> {
+        if select.is_empty() {
+            return Vec::new();
+        }
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        self.backend
+            .head_top(x, self.config.hidden, select, &self.norm, self.config.rms_eps, head)
+    }
+
     fn lora_cols<'a>(&'a self, l: &'a SharedLayer<B>, mods: &[(usize, usize)]) -> Vec<LoraColumns<'a, B::Mat>> {
         mods.iter()
             .map(|&(m, col0)| LoraColumns {

@@ -65,6 +65,9 @@ pub struct EngineArgs {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// `cpu`, `cuda` or `cuda:N`: the engine's backend (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: rrt_node::Device,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -134,7 +137,32 @@ fn load_model(path: &std::path::Path) -> Result<LoadedModel> {
 
 /// Runs `reqs` through a fresh engine at concurrency `c`; returns the measurement and every
 /// request's output ids.
-fn run_setting(
+/// [`run_setting`] on the backend of `device`.
+fn run_on(
+    device: rrt_node::Device,
+    name: &str,
+    lm: LoadedModel,
+    cfg: EngineConfig,
+    reqs: &[(Vec<u32>, usize)],
+    schedules: Option<&[Vec<u8>]>,
+    c: usize,
+) -> Result<(Line, Vec<Vec<u32>>)> {
+    match device {
+        rrt_node::Device::Cpu => run_setting(CpuBackend, name, lm, cfg, reqs, schedules, c),
+        rrt_node::Device::Cuda(n) => {
+            #[cfg(feature = "cuda")]
+            {
+                let b = rrt_kernels::cuda::CudaBackend::new(n).map_err(|e| anyhow::anyhow!("cuda:{n}: {e}"))?;
+                run_setting(b, name, lm, cfg, reqs, schedules, c)
+            }
+            #[cfg(not(feature = "cuda"))]
+            bail!("--device cuda:{n}: this rrt was built without CUDA support (cargo build --release --features cuda)")
+        }
+    }
+}
+
+fn run_setting<B: rrt_kernels::Backend>(
+    backend: B,
     name: &str,
     lm: LoadedModel,
     cfg: EngineConfig,
@@ -143,7 +171,7 @@ fn run_setting(
     c: usize,
 ) -> Result<(Line, Vec<Vec<u32>>)> {
     let tok = Arc::new(lm.tokenizer.clone());
-    let mut eng: Engine<CpuBackend> = Engine::new(ResidentModel::new(CpuBackend, lm.model), tok, cfg)?;
+    let mut eng: Engine<B> = Engine::new(ResidentModel::new(backend, lm.model), tok, cfg)?;
     let bar = ProgressBar::new(reqs.len() as u64).with_style(
         ProgressStyle::with_template("{prefix:>12} c={msg} [{bar:30}] {pos}/{len} requests")?.progress_chars("=> "),
     );
@@ -316,7 +344,7 @@ pub fn run(a: EngineArgs) -> Result<()> {
             let mut best: Option<(Line, Vec<Vec<u32>>)> = None;
             for _ in 0..a.reps.max(1) {
                 let lm = load_model(path)?;
-                let r = run_setting(s, lm, cfg.clone(), &reqs, schedules.as_deref(), c)?;
+                let r = run_on(a.device, s, lm, cfg.clone(), &reqs, schedules.as_deref(), c)?;
                 if best.as_ref().is_none_or(|b| r.0.tok_s > b.0.tok_s) {
                     best = Some(r);
                 }

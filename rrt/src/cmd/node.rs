@@ -1,4 +1,4 @@
-//! `rrt node`: one node process. Loads the model onto the CPU backend, starts the engine actor
+//! `rrt node`: one node process. Loads the model onto its backend (`--device`; CPU by default), starts the engine actor
 //! and serves the internal `rrt.v1.node.Node` gRPC service with `grpc.health.v1` and server
 //! reflection. On SIGTERM or Ctrl-C it reports NOT_SERVING at once, stops taking requests,
 //! finishes those in flight (up to `--drain-seconds`) and exits.
@@ -57,6 +57,13 @@ pub struct Args {
     /// (`node.metrics_listen`; default: none).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// `cpu`, `cuda` or `cuda:N` (`node.device`); a GPU that cannot be used falls back to the
+    /// CPU with a warning.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// `bf16` or `f16`: weight precision on a GPU (`node.gpu_weights`).
+    #[arg(long)]
+    pub gpu_weights: Option<String>,
     #[command(flatten)]
     pub telemetry: super::TelemetryArgs,
 }
@@ -83,6 +90,8 @@ impl Args {
         flag!(tls_key, "node.tls_key");
         flag!(tls_client_ca, "node.tls_client_ca");
         flag!(metrics_listen, "node.metrics_listen");
+        flag!(device, "node.device");
+        flag!(gpu_weights, "node.gpu_weights");
         self.telemetry.apply(f)
     }
 }
@@ -117,7 +126,7 @@ pub fn run(a: Args) -> Result<()> {
             }
             _ => None,
         };
-        let node = server::start(lm, n.engine_config(), n.early_exit, &id)?;
+        let node = server::start_on(lm, n.engine_config(), n.early_exit, &id, n.placement())?;
         let mut metrics = String::new();
         if let Some(m) = n.metrics_listen {
             let l = tokio::net::TcpListener::bind(m)
@@ -130,7 +139,11 @@ pub fn run(a: Args) -> Result<()> {
                 std::future::pending(),
             ));
         }
-        say!("rrt node {id} listening on {addr} ({} loops){metrics}", node.loops);
+        say!(
+            "rrt node {id} listening on {addr} ({} loops, backend {}){metrics}",
+            node.loops,
+            node.backend
+        );
         server::serve(
             listener,
             node.service,

@@ -164,7 +164,13 @@ pub fn run(a: Args) -> Result<()> {
         for (i, lm) in models.into_iter().enumerate() {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
-            let node = rrt_node::server::start(lm, cfg.node.engine_config(), cfg.node.early_exit, &format!("node-{i}"))?;
+            let node = rrt_node::server::start_on(
+                lm,
+                cfg.node.engine_config(),
+                cfg.node.early_exit,
+                &format!("node-{i}"),
+                cfg.node.placement(),
+            )?;
             loops = node.loops;
             sources.push(NodeSource::Static(addr.to_string()));
             let mut rx = nodes_stop.clone();

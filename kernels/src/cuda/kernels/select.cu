@@ -77,3 +77,37 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         }
     }
 }
+
+// What greedy decoding and the softmax exit tests need of each row, so the logits stay here:
+// the argmax id, the largest and second-largest values (the same order as above: a repeated
+// maximum is its own second) and sum_j exp(x_j - max) accumulated in double (NaN counts as
+// -inf, contributing 0).
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+    head_top_rows_f32(const float* __restrict__ logits, int vocab, unsigned* __restrict__ ids,
+                      float* __restrict__ top2, double* __restrict__ sums) {
+    const float* x = logits + (size_t)blockIdx.x * vocab;
+    float v1, v2;
+    unsigned i1, i2;
+    block_best(x, vocab, true, 0.0f, 0u, &v1, &i1);
+    block_best(x, vocab, false, v1, i1, &v2, &i2);
+    double s = 0.0;
+    for (int j = threadIdx.x; j < vocab; j += SEL_THREADS) {
+        const float v = x[j];
+        if (v == v) s += exp((double)(v - v1));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    __shared__ double ss[SEL_THREADS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) ss[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+#pragma unroll
+        for (int w = 0; w < SEL_THREADS / 32; ++w) t += ss[w];
+        ids[blockIdx.x] = i1;
+        top2[2 * (size_t)blockIdx.x] = v1;
+        top2[2 * (size_t)blockIdx.x + 1] = v2;
+        sums[blockIdx.x] = t;
+    }
+}
