@@ -105,7 +105,11 @@ fn compare(dir: &Path, tokens: &[u32], loops: usize) -> f64 {
             // Equal argmax unless the top two are within the measured noise.
             if ta != ra {
                 let gap = (rr[ra as usize] - rr[ta as usize]).abs() as f64;
-                assert!(gap < 1e-3 * scale, "{}: loop {b} row {i}: argmax {ta} vs {ra}", dir.display());
+                assert!(
+                    gap < 1e-3 * scale,
+                    "{}: loop {b} row {i}: argmax {ta} vs {ra}",
+                    dir.display()
+                );
             }
         }
     }
@@ -123,7 +127,15 @@ fn pytorch_logits_equal_rrt_logits_and_a_trained_checkpoint_serves() {
     let base = tmp("roundtrip");
     std::fs::create_dir_all(&base).unwrap();
     let b3 = base.join("b3-r16");
-    rrt(&["convert", "--out", b3.to_str().unwrap(), "--loops", "3", "--lora-rank", "16"]);
+    rrt(&[
+        "convert",
+        "--out",
+        b3.to_str().unwrap(),
+        "--loops",
+        "3",
+        "--lora-rank",
+        "16",
+    ]);
     let teacher = base.join("teacher");
     rrt(&["convert", "--out", teacher.to_str().unwrap(), "--loops", "1"]);
     let tiny = base.join("tiny");
@@ -142,12 +154,19 @@ fn pytorch_logits_equal_rrt_logits_and_a_trained_checkpoint_serves() {
     let lm = rrt_model::load(&b3).unwrap();
     let tokens = lm
         .tokenizer
-        .encode("First Citizen:\nBefore we proceed any further, hear me speak.", true, false)
+        .encode(
+            "First Citizen:\nBefore we proceed any further, hear me speak.",
+            true,
+            false,
+        )
         .unwrap();
     assert!(tokens.len() >= 12);
     let mut report = vec![];
     for (dir, loops) in [(&b3, 3), (&teacher, 1), (&tiny, 2)] {
-        report.push((dir.file_name().unwrap().to_string_lossy().to_string(), compare(dir, &tokens, loops)));
+        report.push((
+            dir.file_name().unwrap().to_string_lossy().to_string(),
+            compare(dir, &tokens, loops),
+        ));
     }
 
     // Train the converted model briefly on a corpus the original wrote, then check rrt serves
@@ -259,8 +278,11 @@ fn distill_data_keeps_the_heldout_split_apart() {
     };
     let (train, held) = (read("train.jsonl"), read("heldout.jsonl"));
     let generated = |v: &[(String, Vec<u32>)]| v.iter().filter(|d| d.0.starts_with("generated")).count();
-    assert_eq!(generated(&held), 2, "every 10th of 20 samples is held out");
-    assert_eq!(generated(&train), 18);
+    // Every 10th group of 4 samples (one of each prompt kind) is held out: samples 0..4.
+    assert_eq!(generated(&held), 4);
+    assert_eq!(generated(&train), 16);
+    let kinds: std::collections::BTreeSet<&str> = held.iter().map(|d| d.0.as_str()).collect();
+    assert!(kinds.contains("generated-continuation") && kinds.contains("generated-chat"), "{kinds:?}");
     // The text documents of both splits, joined, are the whole text's tokens in order; the
     // held-out ones are its tail.
     let lm = rrt_model::load(&rrt_model::default_model_path().unwrap()).unwrap();
@@ -276,11 +298,20 @@ fn distill_data_keeps_the_heldout_split_apart() {
     // held-out lines (lines 360..400 of the text) appear in no training document.
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest["heldout"]["tokens"], held.iter().map(|d| d.1.len()).sum::<usize>());
-    assert_eq!(manifest["train"]["tokens"], train.iter().map(|d| d.1.len()).sum::<usize>());
+    assert_eq!(
+        manifest["heldout"]["tokens"],
+        held.iter().map(|d| d.1.len()).sum::<usize>()
+    );
+    assert_eq!(
+        manifest["train"]["tokens"],
+        train.iter().map(|d| d.1.len()).sum::<usize>()
+    );
     let held_line = lm.tokenizer.encode("Line 390:", false, false).unwrap();
     for (_, d) in &train {
-        assert!(!d.windows(held_line.len()).any(|w| w == held_line), "held-out text in training");
+        assert!(
+            !d.windows(held_line.len()).any(|w| w == held_line),
+            "held-out text in training"
+        );
     }
     // Bad settings are refused with the flag named.
     let bad = Command::new(rrt_bin())

@@ -7,8 +7,9 @@
 //! - the text file itself (default: the public-domain tinyshakespeare), cut in documents.
 //!
 //! The held-out split is fixed here, so training never sees it: the last `--heldout` fraction
-//! of the text (contiguous, so no passage straddles the split), and every `1 / heldout`-th
-//! generated sample, whose text-continuation prompts come from the held-out part of the text.
+//! of the text (contiguous, so no passage straddles the split), and the generated samples of
+//! every `1 / heldout`-th group of four (one of each prompt kind per group), whose
+//! text-continuation prompts come from the held-out part of the text.
 //!
 //! Output: `train.jsonl` and `heldout.jsonl` (one document per line: `{"source", "ids"}`),
 //! and `manifest.json` (model and text sha256, settings, token counts per split and source).
@@ -176,7 +177,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
     let mut prompts = Vec::with_capacity(a.samples);
     for i in 0..a.samples {
-        let held = i % every == 0;
+        let held = is_heldout(i, every);
         let p = match i % 4 {
             0 | 1 => {
                 let task = TASKS[rng.random_range(0..TASKS.len())];
@@ -225,7 +226,7 @@ pub fn run(a: Args) -> Result<()> {
     for (i, (p, out)) in prompts.iter().zip(&outputs).enumerate() {
         let mut ids = p.ids.clone();
         ids.extend_from_slice(out);
-        put(usize::from(i % every == 0), p.source, &ids)?;
+        put(usize::from(is_heldout(i, every)), p.source, &ids)?;
     }
     for (split, part) in [(0, text_train), (1, text_held)] {
         for chunk in part.chunks(a.doc_tokens) {
@@ -274,6 +275,11 @@ pub fn run(a: Args) -> Result<()> {
         a.samples
     );
     Ok(())
+}
+
+/// Sample `i` is held out when its group of four (chat, chat, opening, continuation) is.
+fn is_heldout(i: usize, every: usize) -> bool {
+    (i / 4) % every == 0
 }
 
 /// Samples every prompt's continuation through one engine, `concurrency` at a time.
