@@ -279,7 +279,7 @@ pub fn run(a: Args) -> Result<()> {
 
 /// Sample `i` is held out when its group of four (chat, chat, opening, continuation) is.
 fn is_heldout(i: usize, every: usize) -> bool {
-    (i / 4) % every == 0
+    (i / 4).is_multiple_of(every)
 }
 
 /// Samples every prompt's continuation through one engine, `concurrency` at a time.
