@@ -117,7 +117,7 @@ def evaluate(student: RecursiveLM, teacher: RecursiveLM | None, windows: torch.T
         t_nll += m["teacher_ce"] * k
     student.train(was)
     out = {
-        "tokens": n,
+        "eval_tokens": n,
         "ppl": [math.exp(x / n) for x in nll],
         "agreement": [x / n for x in agree],
     }
