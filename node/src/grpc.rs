@@ -85,8 +85,10 @@ struct Inner {
     requests: AtomicU64,
     cancelled: AtomicU64,
     rate: Mutex<(Instant, u64, f32)>,
-    /// The weights' fingerprint (computed in the background at start; no KV moves before).
+    /// The weights' fingerprint (computed in the background at start, or on the first KV move
+    /// that needs it before then, from `fingerprint_source`).
     fingerprint: OnceLock<String>,
+    fingerprint_source: OnceLock<std::path::PathBuf>,
     /// Imported states waiting for their Run, by ticket.
     staged: Mutex<HashMap<String, (KvState, Instant)>>,
     /// Adjusts every request before the engine sees it (a simulated node draws its exits).
@@ -258,6 +260,7 @@ impl NodeService {
                 cancelled: AtomicU64::new(0),
                 rate: Mutex::new((Instant::now(), 0, 0.0)),
                 fingerprint: OnceLock::new(),
+                fingerprint_source: OnceLock::new(),
                 staged: Mutex::new(HashMap::new()),
                 hook: None,
             }),
@@ -280,12 +283,27 @@ impl NodeService {
         let _ = self.inner.fingerprint.set(fingerprint);
     }
 
-    fn fingerprint(&self) -> Result<&str, Status> {
-        self.inner
-            .fingerprint
-            .get()
-            .map(String::as_str)
-            .ok_or_else(|| Status::failed_precondition("the model's fingerprint is not computed yet"))
+    /// The model files the fingerprint is computed from: a KV move asked for before the
+    /// background hashing is done computes it then instead of being refused.
+    pub fn set_fingerprint_source(&self, path: std::path::PathBuf) {
+        let _ = self.inner.fingerprint_source.set(path);
+    }
+
+    async fn fingerprint(&self) -> Result<String, Status> {
+        if let Some(f) = self.inner.fingerprint.get() {
+            return Ok(f.clone());
+        }
+        let Some(path) = self.inner.fingerprint_source.get().cloned() else {
+            return Err(Status::failed_precondition(
+                "the model's fingerprint is not computed yet",
+            ));
+        };
+        let f = tokio::task::spawn_blocking(move || crate::fingerprint::of_path(&path))
+            .await
+            .map_err(|e| Status::internal(format!("fingerprint task: {e}")))?
+            .map_err(|e| Status::failed_precondition(format!("cannot fingerprint the model: {e}")))?;
+        self.set_fingerprint(f);
+        Ok(self.inner.fingerprint.get().cloned().unwrap_or_default())
     }
 
     /// Refuses new requests from now on (in-flight ones continue).
@@ -461,7 +479,7 @@ impl pb::node_server::Node for NodeService {
 
     async fn export(&self, req: GrpcRequest<pb::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
         let rid = req.into_inner().request_id;
-        let fingerprint = self.fingerprint()?.to_string();
+        let fingerprint = self.fingerprint().await?;
         let id = self.inner.ids.lock().expect("ids lock").get(&rid).copied();
         let Some(id) = id else {
             return Err(Status::not_found(format!("request `{rid}` is not on this node")));
@@ -506,7 +524,7 @@ impl pb::node_server::Node for NodeService {
         if self.inner.draining.load(Ordering::Relaxed) {
             return Err(Status::unavailable("the node is draining"));
         }
-        let fingerprint = self.fingerprint()?.to_string();
+        let fingerprint = self.fingerprint().await?;
         let (_, geo) = self.inner.engine.stats().await.map_err(status)?;
         let mut chunks = req.into_inner();
         let header = match chunks.message().await? {

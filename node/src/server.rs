@@ -140,7 +140,9 @@ pub fn start_on(
     .in_scope(|| ());
     let service = NodeService::new(node_id, served, handle.clone());
     {
-        // Hashing the weights takes a while; until it is done the node moves no KV.
+        // Hashing the weights takes a while; a KV move asked for before it is done hashes them
+        // itself (`NodeService::set_fingerprint_source`).
+        service.set_fingerprint_source(lm.path.clone());
         let (service, path) = (service.clone(), lm.path.clone());
         std::thread::spawn(move || match crate::fingerprint::of_path(&path) {
             Ok(f) => service.set_fingerprint(f),
