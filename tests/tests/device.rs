@@ -19,13 +19,21 @@ fn a_node_asked_for_a_gpu_it_cannot_use_serves_on_the_cpu_with_one_warning() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let _ = child.kill();
     let _ = child.wait();
     let mut err = String::new();
     child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    assert!(line.contains("listening on") && line.contains("backend cpu"), "{line:?}\n{err}");
-    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("falling back to the CPU backend")).collect();
+    assert!(
+        line.contains("listening on") && line.contains("backend cpu"),
+        "{line:?}\n{err}"
+    );
+    let warnings: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("falling back to the CPU backend"))
+        .collect();
     assert_eq!(warnings.len(), 1, "{err}");
     assert!(warnings[0].contains("cuda:0"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -37,5 +45,8 @@ fn a_node_asked_for_a_gpu_it_cannot_use_serves_on_the_cpu_with_one_warning() {
         .unwrap();
     assert!(!bad.status.success());
     let msg = String::from_utf8_lossy(&bad.stderr);
-    assert!(msg.contains("node.device") || msg.contains("cpu, cuda or cuda:N"), "{msg}");
+    assert!(
+        msg.contains("node.device") || msg.contains("cpu, cuda or cuda:N"),
+        "{msg}"
+    );
 }

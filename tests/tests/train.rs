@@ -282,7 +282,10 @@ fn distill_data_keeps_the_heldout_split_apart() {
     assert_eq!(generated(&held), 4);
     assert_eq!(generated(&train), 16);
     let kinds: std::collections::BTreeSet<&str> = held.iter().map(|d| d.0.as_str()).collect();
-    assert!(kinds.contains("generated-continuation") && kinds.contains("generated-chat"), "{kinds:?}");
+    assert!(
+        kinds.contains("generated-continuation") && kinds.contains("generated-chat"),
+        "{kinds:?}"
+    );
     // The text documents of both splits, joined, are the whole text's tokens in order; the
     // held-out ones are its tail.
     let lm = rrt_model::load(&rrt_model::default_model_path().unwrap()).unwrap();
