@@ -76,8 +76,8 @@ pub struct HeadTop {
 }
 
 impl HeadTop {
-    /// From one row of host logits, with the same arithmetic as the engine's host path
-    /// (`rrt_model::exit::prob_scores`, `sampling::argmax`).
+    /// From one row of host logits: the argmax as `rrt_model::sampling::argmax` picks it
+    /// (`rrt_model::exit::prob_scores` is this reduction).
     pub fn from_logits(row: &[f32]) -> Self {
         let mut id = 0usize;
         let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);

@@ -35,22 +35,11 @@ impl Criterion {
     }
 }
 
-/// Max softmax probability and top-1 minus top-2 probability of one row of logits.
+/// Max softmax probability and top-1 minus top-2 probability of one row of logits (the
+/// reduction a GPU backend computes on the device: [`rrt_kernels::HeadTop`]).
 pub fn prob_scores(logits: &[f32]) -> (f32, f32) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let z: f64 = logits.iter().map(|v| ((v - max) as f64).exp()).sum();
-    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for &v in logits {
-        if v > a {
-            b = a;
-            a = v;
-        } else if v > b {
-            b = v;
-        }
-    }
-    let p1 = (1.0 / z) as f32;
-    let p2 = (((b - max) as f64).exp() / z) as f32;
-    (p1, p1 - p2)
+    let t = rrt_kernels::HeadTop::from_logits(logits);
+    (t.max_prob(), t.margin())
 }
 
 /// Oracle exit loops (1-based) of the rows `rows` of one sequence of `tokens` (positions

@@ -131,10 +131,9 @@ impl Backend for Reducing {
         head: &CpuMatrix,
     ) -> Vec<HeadTop> {
         self.top_rows.fetch_add(sel.len(), Ordering::Relaxed);
-        let l = self.cpu.logits(x, w, sel, norm, eps, head);
-        l.chunks_exact(l.len() / sel.len().max(1))
-            .map(HeadTop::from_logits)
-            .collect()
+        // The trait's default reduction, on the inner backend (so `logit_rows` counts only
+        // the engine's own full-logits calls).
+        self.cpu.head_top(x, w, sel, norm, eps, head)
     }
 }
 

@@ -8,7 +8,6 @@ template, provenance), `model.safetensors` (f32 tensors `embed`, `norm`, `lm_hea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -132,10 +131,3 @@ def write(path: str | os.PathLike, cfg: dict, tensors: dict[str, torch.Tensor], 
         shutil.rmtree(path)
     os.replace(tmp, path)
 
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

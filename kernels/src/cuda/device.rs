@@ -649,11 +649,7 @@ impl CudaBackend {
         }
         let ids = self.stream.alloc_zeros::<u32>(rows).map_err(drv("cuMemAlloc"))?;
         let (lp, ip, v) = (self.ptr(&logits.data), self.ptr(&ids), i32_of(vocab, "vocab")?);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = per_row(rows);
         let mut b = self.stream.launch_builder(self.func("argmax_rows_f32")?);
         b.arg(&lp).arg(&v).arg(&ip);
         // SAFETY: logits hold rows x vocab floats, ids holds rows words.
@@ -683,11 +679,7 @@ impl CudaBackend {
         let vals = self.alloc_f32(rows * k)?;
         let (lp, ip, vp) = (self.ptr(&logits.data), self.ptr(&ids), self.ptr(&vals));
         let (v, k_) = (i32_of(vocab, "vocab")?, i32_of(k, "k")?);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = per_row(rows);
         let mut b = self.stream.launch_builder(self.func("topk_rows_f32")?);
         b.arg(&lp).arg(&v).arg(&k_).arg(&ip).arg(&vp);
         // SAFETY: logits hold rows x vocab floats, ids and vals rows x k.
@@ -721,11 +713,7 @@ impl CudaBackend {
         let sums = self.stream.alloc_zeros::<f64>(rows).map_err(drv("cuMemAlloc"))?;
         let (lp, ip, tp, sp) = (self.ptr(&logits.data), self.ptr(&ids), self.ptr(&top2), self.ptr(&sums));
         let v = i32_of(vocab, "vocab")?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = per_row(rows);
         let mut b = self.stream.launch_builder(self.func("head_top_rows_f32")?);
         b.arg(&lp).arg(&v).arg(&ip).arg(&tp).arg(&sp);
         // SAFETY: logits hold rows x vocab floats; ids and sums rows entries, top2 2 x rows.
@@ -768,11 +756,7 @@ impl CudaBackend {
             self.ptr(&out.data),
         );
         let dim_ = i32_of(dim, "width")?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = per_row(rows);
         let mut b = self.stream.launch_builder(self.func("add_rmsnorm_f32")?);
         b.arg(&xp).arg(&rp).arg(&wp).arg(&eps).arg(&op).arg(&dim_);
         // SAFETY: x, r and out hold rows x dim floats, w holds dim.
@@ -796,11 +780,7 @@ impl CudaBackend {
         }
         let wp = self.ptr(w);
         let dim_ = i32_of(dim, "width")?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = per_row(rows);
         let mut b = self.stream.launch_builder(self.func("rmsnorm_f32")?);
         b.arg(&x).arg(&rows_ptr).arg(&wp).arg(&eps).arg(&out).arg(&dim_);
         // SAFETY: x holds every selected row, out rows x dim floats, w dim floats; the row
@@ -959,6 +939,15 @@ pub(super) fn encode_rows(wt: WeightType, out_dim: usize, in_dim: usize, data: &
         }
     }
     v
+}
+
+/// One block of 256 threads per row, no dynamic shared memory (the norm and selection kernels).
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 impl Backend for CudaBackend {
