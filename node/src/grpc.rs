@@ -85,9 +85,9 @@ struct Inner {
     requests: AtomicU64,
     cancelled: AtomicU64,
     rate: Mutex<(Instant, u64, f32)>,
-    /// The weights' fingerprint (computed in the background at start, or on the first KV move
-    /// that needs it before then, from `fingerprint_source`).
-    fingerprint: OnceLock<String>,
+    /// The weights' fingerprint, hashed once from `fingerprint_source` (in the background at
+    /// start, or by the first KV move that needs it before then).
+    fingerprint: OnceLock<Result<String, String>>,
     fingerprint_source: OnceLock<std::path::PathBuf>,
     /// Imported states waiting for their Run, by ticket.
     staged: Mutex<HashMap<String, (KvState, Instant)>>,
@@ -277,33 +277,42 @@ impl NodeService {
         self
     }
 
-    /// Sets the weights' fingerprint (once; later calls are ignored). Until it is set the
-    /// node neither exports nor imports keys/values.
-    pub fn set_fingerprint(&self, fingerprint: String) {
-        let _ = self.inner.fingerprint.set(fingerprint);
-    }
-
-    /// The model files the fingerprint is computed from: a KV move asked for before the
-    /// background hashing is done computes it then instead of being refused.
+    /// The model files the weights' fingerprint is computed from. Until one is set the node
+    /// neither exports nor imports keys/values.
     pub fn set_fingerprint_source(&self, path: std::path::PathBuf) {
         let _ = self.inner.fingerprint_source.set(path);
     }
 
+    /// Hashes the model files once (concurrent callers wait for that one computation; the
+    /// result, error included, is kept). `None` while no source is set.
+    pub fn compute_fingerprint(&self) -> Option<&Result<String, String>> {
+        let path = self.inner.fingerprint_source.get()?;
+        Some(
+            self.inner
+                .fingerprint
+                .get_or_init(|| crate::fingerprint::of_path(path).map_err(|e| e.to_string())),
+        )
+    }
+
+    /// The fingerprint, computed now (off the async runtime) if the node's background hashing
+    /// has not finished: a KV move right after start is not refused.
     async fn fingerprint(&self) -> Result<String, Status> {
-        if let Some(f) = self.inner.fingerprint.get() {
-            return Ok(f.clone());
-        }
-        let Some(path) = self.inner.fingerprint_source.get().cloned() else {
-            return Err(Status::failed_precondition(
-                "the model's fingerprint is not computed yet",
-            ));
+        let r = match self.inner.fingerprint.get() {
+            Some(r) => Some(r.clone()),
+            None => {
+                let svc = self.clone();
+                tokio::task::spawn_blocking(move || svc.compute_fingerprint().cloned())
+                    .await
+                    .map_err(|e| Status::internal(format!("fingerprint task: {e}")))?
+            }
         };
-        let f = tokio::task::spawn_blocking(move || crate::fingerprint::of_path(&path))
-            .await
-            .map_err(|e| Status::internal(format!("fingerprint task: {e}")))?
-            .map_err(|e| Status::failed_precondition(format!("cannot fingerprint the model: {e}")))?;
-        self.set_fingerprint(f);
-        Ok(self.inner.fingerprint.get().cloned().unwrap_or_default())
+        match r {
+            Some(Ok(f)) => Ok(f),
+            Some(Err(e)) => Err(Status::failed_precondition(format!(
+                "cannot fingerprint the model: {e}"
+            ))),
+            None => Err(Status::failed_precondition("the model's fingerprint is unknown")),
+        }
     }
 
     /// Refuses new requests from now on (in-flight ones continue).

@@ -140,13 +140,14 @@ pub fn start_on(
     .in_scope(|| ());
     let service = NodeService::new(node_id, served, handle.clone());
     {
-        // Hashing the weights takes a while; a KV move asked for before it is done hashes them
-        // itself (`NodeService::set_fingerprint_source`).
+        // Hashing the weights takes a while: start it now; a KV move asked for before it is
+        // done waits for the same computation.
         service.set_fingerprint_source(lm.path.clone());
         let (service, path) = (service.clone(), lm.path.clone());
-        std::thread::spawn(move || match crate::fingerprint::of_path(&path) {
-            Ok(f) => service.set_fingerprint(f),
-            Err(e) => tracing::warn!(error = %e, path = %path.display(), "cannot fingerprint the model: no KV moves"),
+        std::thread::spawn(move || {
+            if let Some(Err(e)) = service.compute_fingerprint() {
+                tracing::warn!(error = %e, path = %path.display(), "cannot fingerprint the model: no KV moves");
+            }
         });
     }
     Ok(Node {
