@@ -19,7 +19,7 @@ if [[ ! -x "$venv/bin/python" ]]; then
     "$py" -m venv "$venv"
 fi
 if ! "$venv/bin/python" -m pip show nvidia-cuda-nvrtc nvidia-cuda-nvcc 2>/dev/null | grep -q '^Version: 13.0.88'; then
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${pkgs[@]}"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "${pkgs[@]}"
 fi
 cu13="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
 lib="$cu13/lib"

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Creates .venv-train with the uptraining tool (train/, PyTorch; pinned versions from
 # train/pyproject.toml) and pytest. Idempotent: does nothing when the pinned torch is there.
-# The default torch wheel from PyPI carries CUDA libraries (about 4.5 GB installed); the CPU
-# tests use only its CPU part.
+#
+# Disk: the torch wheel on PyPI is a CUDA build whose import needs the nvidia-* libraries
+# (about 4 GB installed; PyPI has no CPU-only torch and no other index is reachable). To keep
+# the footprint down this installs torch without triton (641 MB, used only by torch.compile,
+# which the tool does not use) and with no pip cache (the wheels would stay behind otherwise).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$root/.venv-train"
-want_torch="$(sed -n 's/.*"torch==\([^"]*\)".*/\1/p' "$root/train/pyproject.toml")"
+pyproject="$root/train/pyproject.toml"
+pin() { sed -n "s/.*\"\\($1==[^\"]*\\)\".*/\\1/p" "$pyproject"; }
+torch_pin="$(pin torch)"
+want_torch="${torch_pin#torch==}"
 if [ -x "$venv/bin/python" ] && "$venv/bin/python" - "$want_torch" <<'PY' 2>/dev/null; then
 import sys, torch, safetensors, tqdm, pytest, rrt_train
 assert torch.__version__.split("+")[0] == sys.argv[1]
@@ -14,8 +20,33 @@ PY
   echo "training tool present: $venv"
   exit 0
 fi
+free_kb="$(df -Pk "$root" | awk 'NR==2 {print $4}')"
+need_kb=$((6 * 1024 * 1024))
+if [ "${free_kb:-0}" -lt "$need_kb" ]; then
+  echo "setup-train-python: only $((free_kb / 1024)) MiB free on $(df -P "$root" | awk 'NR==2 {print $6}');" \
+       "PyTorch needs about 6 GiB while installing (4 GiB once installed)" >&2
+  df -h "$root" >&2
+  exit 1
+fi
 rm -rf "$venv"
 python3 -m venv "$venv"
-"$venv/bin/pip" install -q --upgrade pip
-"$venv/bin/pip" install -q -e "$root/train[test]"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-cache-dir)
+"${pip[@]}" install -q --upgrade pip
+# torch alone, then its requirements for this platform except triton.
+"${pip[@]}" install -q --no-deps "$torch_pin"
+mapfile -t torch_deps < <("$venv/bin/python" - <<'PY'
+from importlib.metadata import requires
+from pip._vendor.packaging.requirements import Requirement
+for spec in requires("torch") or []:
+    req = Requirement(spec)
+    if req.name.lower() == "triton":
+        continue
+    if req.marker is None or req.marker.evaluate({"extra": ""}):
+        print(str(req).split(";")[0].strip())
+PY
+)
+"${pip[@]}" install -q "${torch_deps[@]}"
+# The tool itself (editable) and its other pins; --no-deps so pip does not bring triton back.
+"${pip[@]}" install -q --no-deps -e "$root/train"
+"${pip[@]}" install -q "$(pin numpy)" "$(pin safetensors)" "$(pin tqdm)" "$(pin pytest)"
 "$venv/bin/python" -c "import torch, rrt_train; print('training tool installed:', '$venv', 'torch', torch.__version__)"
