@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The uptraining pipeline end to end, and the QUALITY.md "after uptraining" row it yields.
 
-    python3 scripts/uptrain.py --loops 2 --rank 64 --steps 300 [--batch 4 --seq 256]
+    python3 scripts/uptrain.py --loops 2 --rank 64 --steps 300 [--stop-at 150 --batch 4 --seq 256]
         [--lr 2e-4 --device auto --python .venv-train/bin/python --tag cpu]
 
 1. the original as a B = 1 checkpoint (teacher), the corpus (`rrt distill-data`) and the
@@ -31,6 +31,7 @@ ap.add_argument("--steps", type=int, default=300)
 ap.add_argument("--batch", type=int, default=4)
 ap.add_argument("--seq", type=int, default=256)
 ap.add_argument("--lr", type=float, default=2e-4)
+ap.add_argument("--stop-at", type=int, default=0, help="stop after this step; the schedule stays laid out for --steps")
 ap.add_argument("--warmup", type=int, default=10)
 ap.add_argument("--trainable", default="all")
 ap.add_argument("--device", default="auto")
@@ -83,7 +84,7 @@ open(evalt, "wb").write(raw[cut:])
 t0 = time.time()
 train_cmd = [a.python, "-m", "rrt_train", "train", "--student", student, "--teacher", teacher, "--data", data,
              "--out", trained, "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq),
-             "--lr", str(a.lr), "--warmup", str(a.warmup), "--trainable", a.trainable, "--device", a.device,
+             "--lr", str(a.lr), "--stop-at", str(a.stop_at), "--warmup", str(a.warmup), "--trainable", a.trainable, "--device", a.device,
              "--eval-every", str(a.eval_every)]
 if os.path.exists(os.path.join(trained + ".run", "state.pt")):
     train_cmd.append("--resume")

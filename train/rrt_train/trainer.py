@@ -38,6 +38,7 @@ class TrainConfig:
     out: str
     run: str | None = None
     steps: int = 200
+    stop_at: int = 0  # stop after this step (0: --steps); the schedule stays laid out for --steps
     batch: int = 8
     seq: int = 256
     lr: float = 1e-4
@@ -138,6 +139,8 @@ def train(c: TrainConfig) -> dict:
         raise TrainError(f"--trainable must be all or lora, not {c.trainable!r}")
     if c.steps < 1 or c.batch < 1 or c.seq < 2:
         raise TrainError("--steps and --batch must be >= 1 and --seq >= 2")
+    if c.stop_at < 0 or c.stop_at > c.steps:
+        raise TrainError(f"--stop-at must be between 1 and --steps ({c.steps}), or 0 for --steps; got {c.stop_at}")
     if c.threads:
         torch.set_num_threads(c.threads)
     device, dtype = pick_device(c)
@@ -214,18 +217,19 @@ def train(c: TrainConfig) -> dict:
         log.write(json.dumps(d) + "\n")
         log.flush()
 
+    end = c.stop_at or c.steps
     bar = None
     if c.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=c.steps, initial=step, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=end, initial=step, unit="step", dynamic_ncols=True)
     student.train()
     t_start, tok_start = time.perf_counter(), tokens
     first_eval = None
     if step == 0:
         first_eval = evaluate(student, teacher, windows, device, dtype)
         write_line({"eval": True, "step": 0, "tokens": 0, **first_eval})
-    while step < c.steps:
+    while step < end:
         lr = lr_at(c, step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -251,7 +255,7 @@ def train(c: TrainConfig) -> dict:
                 kl=",".join(f"{x:.3f}" for x in m["kl_teacher"]),
                 tok_s=f"{line['tok_s']:.0f}",
             )
-        if c.eval_every and step % c.eval_every == 0 and step < c.steps:
+        if c.eval_every and step % c.eval_every == 0 and step < end:
             write_line({"eval": True, "step": step, "tokens": tokens, **evaluate(student, teacher, windows, device, dtype)})
         if c.save_every and step % c.save_every == 0:
             save_state()
@@ -276,7 +280,8 @@ def train(c: TrainConfig) -> dict:
         "batch": c.batch,
         "seq": c.seq,
         "lr": c.lr,
-        "schedule": f"linear warm-up {c.warmup} steps, cosine to {c.min_lr_ratio} x lr",
+        "schedule": f"linear warm-up {c.warmup} steps, cosine to {c.min_lr_ratio} x lr"
+        + (f" at step {c.steps}, stopped at {end}" if end < c.steps else ""),
         "optimizer": "AdamW(0.9, 0.95), weight decay %g, grad clip %g" % (c.weight_decay, c.grad_clip),
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),

@@ -168,6 +168,20 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(setup):
         assert torch.equal(full[k], resumed[k]), k
     steps = [x["step"] for x in read_log(setup / "rb") if not x.get("eval")]
     assert steps[-10:] == list(range(11, 21))
+    # --stop-at: the same schedule, stopped at step 14 (a checkpoint is written there), then
+    # resumed to the end: again bit-identical.
+    c3 = cfg_for(setup, steps=20, out=str(setup / "c"), run=str(setup / "rc"), save_every=10, stop_at=14)
+    res = train(c3)
+    assert res["step"] == 14
+    recipe = ck.read(setup / "c")[0]["provenance"]["extra"]["training"]
+    assert recipe["steps"] == 14 and recipe["schedule"].endswith("at step 20, stopped at 14")
+    with pytest.raises(TrainError, match="--stop-at"):
+        train(cfg_for(setup, steps=20, out=str(setup / "d"), run=str(setup / "rd"), stop_at=21))
+    c3.stop_at, c3.resume = 0, True
+    train(c3)
+    resumed = ck.read(setup / "c")[1]
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
 
 
 def test_lora_only_leaves_the_shared_block_alone(setup):

