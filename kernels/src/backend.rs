@@ -7,7 +7,9 @@
 //! implements the same trait with device buffers.
 //!
 //! Row metadata (token ids, positions, block tables, loop-depth groups) is passed as host
-//! slices on every call; activations and weights stay in the backend's own types.
+//! slices, or, inside a pass, prepared once ([`HostRows`] -> [`Backend::prepare_rows`]) and
+//! shared by every layer's operations; activations and weights stay in the backend's own
+//! types.
 //!
 //! **Batch invariance:** every CPU operation computes a row's result without looking at the
 //! other rows of the batch, in the same arithmetic order whatever the batch size. A request's
@@ -62,6 +64,125 @@ pub struct KvSlot {
     pub slot: usize,
 }
 
+/// One row of a pass: its position, loop depth and its sequence's block table.
+#[derive(Clone, Copy, Debug)]
+pub struct PassRow<'a> {
+    pub pos: usize,
+    pub depth: usize,
+    pub blocks: &'a [u32],
+}
+
+/// A pass's rows as every layer of the pass uses them, built once per pass: positions (RoPE),
+/// loop-depth groups (LoRA), and each row's sequence block table (KV writes, attention).
+/// [`Backend::prepare_rows`] turns it into the backend's own form (one upload on a GPU);
+/// the `*_rows` operations then take that instead of host slices per layer.
+///
+/// Unrolled layer of shared layer `k` for a row at depth `d`: `d * shared + k`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostRows {
+    pub positions: Vec<u32>,
+    pub depths: Vec<u32>,
+    /// Maximal runs of consecutive rows at one depth.
+    pub groups: Vec<RowGroup>,
+    /// Per row, the offset of its block table in `tables` (tables shared by several rows of a
+    /// sequence are stored once) and its length.
+    pub table_of: Vec<(u32, u32)>,
+    pub tables: Vec<u32>,
+    /// K: shared layers per loop.
+    pub shared: usize,
+    pub block_size: usize,
+}
+
+impl HostRows {
+    /// `rows` of a pass over a model of `shared` layers per loop, KV blocks of `block_size`.
+    pub fn new(rows: &[PassRow<'_>], shared: usize, block_size: usize) -> Self {
+        let mut h = HostRows {
+            positions: Vec::with_capacity(rows.len()),
+            depths: Vec::with_capacity(rows.len()),
+            groups: Vec::new(),
+            table_of: Vec::with_capacity(rows.len()),
+            tables: Vec::new(),
+            shared,
+            block_size,
+        };
+        let mut seen: Vec<(usize, usize, u32)> = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            h.positions.push(r.pos as u32);
+            h.depths.push(r.depth as u32);
+            match h.groups.last_mut() {
+                Some(g) if g.adapter == r.depth => g.len += 1,
+                _ => h.groups.push(RowGroup {
+                    start: i,
+                    len: 1,
+                    adapter: r.depth,
+                }),
+            }
+            let key = (r.blocks.as_ptr() as usize, r.blocks.len());
+            let off = match seen.iter().find(|s| (s.0, s.1) == key) {
+                Some(s) => s.2,
+                None => {
+                    let o = h.tables.len() as u32;
+                    h.tables.extend_from_slice(r.blocks);
+                    seen.push((key.0, key.1, o));
+                    o
+                }
+            };
+            h.table_of.push((off, r.blocks.len() as u32));
+        }
+        h
+    }
+
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// Row `i`'s block table.
+    pub fn blocks(&self, i: usize) -> &[u32] {
+        let (o, l) = self.table_of[i];
+        &self.tables[o as usize..(o + l) as usize]
+    }
+
+    /// The unrolled layer of row `i` at shared layer `k`.
+    pub fn layer(&self, i: usize, k: usize) -> usize {
+        self.depths[i] as usize * self.shared + k
+    }
+
+    /// Where each row's key and value go at shared layer `k`.
+    pub fn slots(&self, k: usize) -> Vec<KvSlot> {
+        (0..self.len())
+            .map(|i| {
+                let pos = self.positions[i] as usize;
+                KvSlot {
+                    layer: self.layer(i, k),
+                    block: self.blocks(i)[pos / self.block_size],
+                    slot: pos % self.block_size,
+                }
+            })
+            .collect()
+    }
+
+    /// The attention rows at shared layer `k`.
+    pub fn attn_rows(&self, k: usize) -> Vec<AttnRow<'_>> {
+        (0..self.len())
+            .map(|i| AttnRow {
+                blocks: self.blocks(i),
+                pos: self.positions[i] as usize,
+                layer: self.layer(i, k),
+            })
+            .collect()
+    }
+}
+
+impl AsRef<HostRows> for HostRows {
+    fn as_ref(&self) -> &HostRows {
+        self
+    }
+}
+
 /// One row of LM-head logits reduced to what greedy decoding, its log-probability and the
 /// max-prob / margin exit tests need (so the logits need not leave a GPU).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -90,7 +211,8 @@ impl HeadTop {
                 b = v;
             }
         }
-        let sum_exp = row.iter().map(|v| ((v - a) as f64).exp()).sum();
+        // NaN counts as -inf everywhere (argmax, top two, the sum), as on the GPU.
+        let sum_exp = row.iter().filter(|v| !v.is_nan()).map(|v| ((v - a) as f64).exp()).sum();
         Self {
             id: id as u32,
             top: a,
@@ -99,12 +221,17 @@ impl HeadTop {
         }
     }
 
-    /// Softmax probability of the argmax.
+    /// Softmax probability of the argmax; NaN when the row has no finite maximum (all NaN,
+    /// or an infinity), so no exit threshold is ever met by a broken row.
     pub fn max_prob(&self) -> f32 {
-        (1.0 / self.sum_exp) as f32
+        if self.top.is_finite() && self.sum_exp.is_finite() && self.sum_exp >= 1.0 {
+            (1.0 / self.sum_exp) as f32
+        } else {
+            f32::NAN
+        }
     }
 
-    /// Top-1 minus top-2 probability.
+    /// Top-1 minus top-2 probability (NaN as [`HeadTop::max_prob`]).
     pub fn margin(&self) -> f32 {
         self.max_prob() - (((self.second - self.top) as f64).exp() / self.sum_exp) as f32
     }
@@ -124,6 +251,8 @@ pub trait Backend: Send + Sync + 'static {
     type Mat: Send + Sync;
     /// The paged KV cache storage.
     type Kv: Send;
+    /// A pass's rows prepared for this backend ([`Backend::prepare_rows`]).
+    type Rows: Send + Sync + AsRef<HostRows>;
 
     fn name(&self) -> &'static str;
 
@@ -223,6 +352,73 @@ pub trait Backend: Send + Sync + 'static {
     /// Cosine similarity of row `rows[i]` of `a` and of `b` (width `width`), per row: the
     /// hidden-state saturation exit criterion, which needs no LM head.
     fn cosine_rows(&self, a: &Self::Buf, b: &Self::Buf, width: usize, rows: &[u32]) -> Vec<f32>;
+    /// Prepares the row sets of one pass (the pass's rows and its KV-fill rows) for the
+    /// `*_rows` operations: a backend with its own memory uploads all of them at once.
+    fn prepare_rows(&self, sets: Vec<HostRows>) -> Vec<Self::Rows>;
+
+    /// [`Backend::linear_lora`] over the prepared rows (their depth groups pick the LoRAs).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_lora_rows(
+        &self,
+        x: &Self::Buf,
+        rows: &Self::Rows,
+        w: &Self::Mat,
+        bias: Option<&Self::Buf>,
+        loras: &[LoraColumns<'_, Self::Mat>],
+        y: &mut Self::Buf,
+        mode: MatmulMode,
+    ) {
+        let h = rows.as_ref();
+        self.linear_lora(x, h.len(), w, bias, loras, &h.groups, y, mode);
+    }
+
+    /// [`Backend::rope`] at the prepared rows' positions.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_rows(
+        &self,
+        rope: &RopeTable,
+        qkv: &mut Self::Buf,
+        ld: usize,
+        rows: &Self::Rows,
+        q_cols: usize,
+        k_col0: usize,
+        k_cols: usize,
+    ) {
+        self.rope(rope, qkv, ld, &rows.as_ref().positions, q_cols, k_col0, k_cols);
+    }
+
+    /// [`Backend::kv_write`] of the prepared rows at shared layer `k`.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_write_rows(
+        &self,
+        kv: &mut Self::Kv,
+        layout: &KvLayout,
+        src: &Self::Buf,
+        ld: usize,
+        k_col0: usize,
+        v_col0: usize,
+        rows: &Self::Rows,
+        k: usize,
+    ) {
+        self.kv_write(kv, layout, src, ld, k_col0, v_col0, &rows.as_ref().slots(k));
+    }
+
+    /// [`Backend::attention`] of the prepared rows at shared layer `k`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_rows(
+        &self,
+        qkv: &Self::Buf,
+        ld: usize,
+        rows: &Self::Rows,
+        k: usize,
+        kv: &Self::Kv,
+        layout: &KvLayout,
+        shape: AttnShape,
+        out: &mut Self::Buf,
+    ) {
+        self.attention(qkv, ld, &rows.as_ref().attn_rows(k), kv, layout, shape, out);
+    }
+
     /// Whether the engine should reduce LM-head rows here ([`Backend::head_top`]) when a step
     /// needs no full logits (greedy rows, no penalties, no top logprobs): true where moving
     /// logits to the host costs (a GPU: then only ids and four numbers per row cross).
@@ -309,6 +505,11 @@ impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Mat = CpuMatrix;
     type Kv = Vec<f32>;
+    type Rows = HostRows;
+
+    fn prepare_rows(&self, sets: Vec<HostRows>) -> Vec<HostRows> {
+        sets
+    }
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -616,6 +817,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// NaN logits count as -inf (argmax, top two and the softmax sum: the GPU's rule), and a
+    /// row without a finite maximum has no max-prob or margin, so it can never exit.
+    #[test]
+    fn head_top_over_nan_logits() {
+        let t = HeadTop::from_logits(&[1.0, f32::NAN, 3.0, 2.0, f32::NAN]);
+        assert_eq!((t.id, t.top, t.second), (2, 3.0, 2.0));
+        let want = 1.0 + (-1f64).exp() + (-2f64).exp();
+        assert!((t.sum_exp - want).abs() < 1e-12, "{}", t.sum_exp);
+        assert!((t.max_prob() - (1.0 / want) as f32).abs() < 1e-7);
+        for row in [vec![f32::NAN; 4], vec![f32::NEG_INFINITY; 3], vec![0.0, f32::INFINITY]] {
+            let t = HeadTop::from_logits(&row);
+            assert!(t.max_prob().is_nan() && t.margin().is_nan(), "{row:?}: {t:?}");
+            assert!(!(t.max_prob() >= 0.5), "a broken row must not pass a threshold");
+        }
+        // All NaN: argmax 0 (the lowest index among equal -inf), as argmax_rows on the GPU.
+        assert_eq!(HeadTop::from_logits(&[f32::NAN; 4]).id, 0);
     }
 
     /// A row's product does not depend on the batch around it (bit for bit).

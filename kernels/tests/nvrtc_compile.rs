@@ -11,7 +11,7 @@
 //! ptxas table as Markdown.
 #![cfg(feature = "cuda")]
 
-use rrt_kernels::cuda::{FAMILIES, compile_family, probe_nvrtc};
+use rrt_kernels::cuda::{FAMILIES, cache_key, compile_all, compile_family, nvrtc_version, probe_nvrtc};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -194,4 +194,44 @@ ptxas info    : Used 30 registers, used 0 barriers, 400 bytes cmem[0]\n";
     );
     assert_eq!((&u[1].name[..], u[1].registers, u[1].smem), ("rope_f32", 30, 0));
     assert!(must_not_spill("linear_gemv_bf16_r16") && !must_not_spill("attention_f32_d8"));
+}
+
+/// What the backend loads: every family as sm_90 machine code (CUBIN, an ELF image) in one
+/// parallel compile, stored in the kernel cache and read back from it on the next start.
+#[test]
+fn every_family_compiles_to_cubin_and_the_cache_serves_the_second_start() {
+    if probe_nvrtc().is_err() {
+        unavailable("libnvrtc.so is not on the library path");
+        return;
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kernel-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // SAFETY: set before any thread of this test reads the environment; the other tests of
+    // this binary do not read RRT_KERNEL_CACHE.
+    unsafe { std::env::set_var("RRT_KERNEL_CACHE", &dir) };
+    let first = compile_all((9, 0)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.len(), FAMILIES.len());
+    for img in &first {
+        assert!(!img.from_cache, "{} came from an empty cache", img.family.name);
+        assert!(img.cubin.starts_with(b"\x7fELF"), "{} is not a CUBIN", img.family.name);
+        assert!(
+            img.log.is_empty(),
+            "NVRTC warnings in {}.cu:\n{}",
+            img.family.name,
+            img.log
+        );
+        let key = cache_key(img.family, "sm_90", nvrtc_version().unwrap());
+        assert!(dir.join(&key).is_file(), "{key} not cached");
+    }
+    let second = compile_all((9, 0)).unwrap();
+    for (a, b) in first.iter().zip(&second) {
+        assert!(b.from_cache, "{} compiled again", b.family.name);
+        assert_eq!(a.cubin, b.cubin);
+    }
+    // A changed key (another architecture) misses the cache.
+    assert_ne!(
+        cache_key(&FAMILIES[0], "sm_90", (13, 0)),
+        cache_key(&FAMILIES[0], "sm_80", (13, 0))
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

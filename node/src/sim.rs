@@ -9,7 +9,7 @@
 //! model's did on average without computing logits.
 
 use crate::engine::{Engine, EngineConfig, EngineError, PassInfo, ResidentModel};
-use rrt_kernels::backend::{KvSlot, LoraColumns, RowGroup};
+use rrt_kernels::backend::{HostRows, KvSlot, LoraColumns, RowGroup};
 use rrt_kernels::matmul::MatmulMode;
 use rrt_kernels::rope::RopeTable;
 use rrt_kernels::{AttnRow, AttnShape, Backend, KvLayout, MatrixData, RopeScaling};
@@ -31,6 +31,11 @@ impl Backend for SimBackend {
     type Buf = usize;
     type Mat = (usize, usize);
     type Kv = ();
+    type Rows = HostRows;
+
+    fn prepare_rows(&self, sets: Vec<HostRows>) -> Vec<HostRows> {
+        sets
+    }
 
     fn name(&self) -> &'static str {
         "sim"

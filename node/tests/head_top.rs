@@ -28,6 +28,10 @@ impl Backend for Reducing {
     type Buf = Vec<f32>;
     type Mat = CpuMatrix;
     type Kv = Vec<f32>;
+    type Rows = rrt_kernels::backend::HostRows;
+    fn prepare_rows(&self, sets: Vec<rrt_kernels::backend::HostRows>) -> Vec<rrt_kernels::backend::HostRows> {
+        sets
+    }
     fn name(&self) -> &'static str {
         "reducing-cpu"
     }

@@ -33,6 +33,14 @@ def _train_parser(sub):
     p.add_argument("--no-progress", action="store_true")
 
 
+def rounded(tensors: dict, to: str) -> dict:
+    """The tensors with every float value rounded to bf16 or f16 (kept in their own dtype)."""
+    if to == "none":
+        return tensors
+    dt = {"bf16": torch.bfloat16, "f16": torch.float16}[to]
+    return {k: (v.to(dt).to(v.dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="rrt-train", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -59,6 +67,7 @@ def main(argv=None) -> int:
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--untied", action="store_true")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--round", choices=["none", "bf16", "f16"], default="none", help="round every weight to this type's values (still stored f32): a GPU that keeps bf16/f16 weights then computes the same model as the CPU")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "train":
@@ -102,7 +111,7 @@ def main(argv=None) -> int:
                 cfg["exit"] = {"criterion": None, "thresholds": [], "target_agreement": None, "calibration": None}
                 cfg["provenance"] = {"source": "random", "source_sha256": "0" * 64, "tool": "rrt-train tiny --like", "extra": {}}
                 m = random_model(cfg, a.seed)
-                ck.write(a.out, cfg, m.to_tensors(), a.like)
+                ck.write(a.out, cfg, rounded(m.to_tensors(), a.round), a.like)
                 print(json.dumps({"out": a.out}))
                 return 0
             if a.tokenizer_from:
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
                 tok_cfg, vocab = src["tokenizer"], src["architecture"]["vocab"]
             cfg = random_config(tok_cfg, vocab=vocab, layers=a.layers, loops=a.loops, rank=a.rank, tie=not a.untied)
             m = random_model(cfg, a.seed)
-            ck.write(a.out, cfg, m.to_tensors(), a.tokenizer_from)
+            ck.write(a.out, cfg, rounded(m.to_tensors(), a.round), a.tokenizer_from)
             print(json.dumps({"out": a.out}))
     except (ck.CheckpointError, DataError, TrainError, ValueError) as err:
         print(f"rrt-train: error: {err}", file=sys.stderr)

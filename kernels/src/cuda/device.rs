@@ -7,9 +7,17 @@
 //! export/import exact, at twice the bytes of a bf16 cache: see NOTES.md). Accumulation is f32
 //! everywhere.
 //!
-//! Every operation is queued on one stream; the host waits only where the trait returns host
-//! data (`to_host`, `logits`, `kv_export`, `cosine_rows`) and in [`CudaBackend::argmax_rows`]
-//! and [`CudaBackend::topk_rows`], which return token ids only.
+//! Every operation is queued on one stream the backend owns (non-blocking: it never
+//! serialises with the legacy default stream; cudarc's per-allocation event tracking is off, as
+//! everything runs on that one stream); the host waits only where the trait returns host data
+//! (`to_host`, `logits`, `head_top`, `kv_export`, `cosine_rows`) and in
+//! [`CudaBackend::argmax_rows`] and [`CudaBackend::topk_rows`], which return token ids only.
+//!
+//! Metadata: a pass's rows (positions, depth groups, shrink work, block tables) are uploaded
+//! once per pass by [`Backend::prepare_rows`] and read by every layer's kernels (unrolled
+//! layers and KV slots are computed on the device from depth and shared layer); LoRA descriptor
+//! tables depend only on the resident weights and are uploaded once, then cached; every upload
+//! goes through a ring of pinned staging buffers (asynchronous copies, no pageable staging).
 //!
 //! Errors: the constructor and the extra methods return [`CudaError`]. The trait methods cannot,
 //! so a failed launch or copy is logged once and kept: [`CudaBackend::check`] returns it, every
@@ -18,21 +26,23 @@
 //! `buffer`, `matrix` and `kv_pool` panic with the request size: they have no value to return
 //! and mean the engine was configured for more memory than the device has.
 
-use super::ffi::{Arena, AttnRowDev, LoraArgs, LoraDesc, ShrinkTask, SplitArgs};
+use super::compile::compile_all;
+use super::ffi::{Arena, HeadTopDev, LoraArgs, LoraDesc, RowDev, ShrinkItem, SplitArgs};
 use super::plan::{
-    EntryShape, MAX_WORKSPACE_FLOATS, ProductKernel, SHRINK_WARPS, SPLIT_COUNTERS, attention_dims_per_lane,
-    attention_smem_bytes, kv_export_offsets, kv_write_offsets, padded_ld, plan_lora, plan_product, row_offsets,
-    window_start,
+    EntryShape, MAX_WORKSPACE_FLOATS, ProductKernel, RowPlan, SPLIT_COUNTERS, attention_dims_per_lane,
+    attention_smem_bytes, kv_export_offsets, kv_write_offsets, padded_ld, plan_call, plan_product, plan_rows,
+    row_offsets,
 };
-use super::{CudaError, DeviceInfo, FAMILIES, compile_family, nvrtc_arch};
+use super::{CudaError, DeviceInfo};
 use crate::attention::{AttnRow, AttnShape, KvLayout};
-use crate::backend::{Backend, HeadTop, KvSlot, LoraColumns, MatrixData, RowGroup};
+use crate::backend::{Backend, HeadTop, HostRows, KvSlot, LoraColumns, MatrixData, RowGroup};
 use crate::matmul::MatmulMode;
 use crate::qmatmul::dequantize_rows;
 use crate::rope::RopeTable;
-use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -129,10 +139,56 @@ impl CudaKv {
 }
 
 /// Split-K workspace and its per-tile arrival counters (zero between launches: the last
-/// block of each tile resets its counter).
+/// block of each tile resets its counter), and the LoRA shrink results `t`. Reused by every
+/// call: the stream orders a call's use after the previous call's.
 struct Scratch {
     ws: Option<CudaSlice<f32>>,
     counters: CudaSlice<i32>,
+    t: Option<CudaSlice<f32>>,
+}
+
+/// Pinned staging buffers for uploads, used round-robin; a slot is rewritten only after the
+/// copy that last read it has run (its event).
+struct Staging {
+    slots: Vec<StageSlot>,
+    next: usize,
+}
+
+struct StageSlot {
+    buf: Option<PinnedHostSlice<u8>>,
+    done: CudaEvent,
+}
+
+/// Staging slots: uploads in flight before the host waits for the oldest one.
+const STAGE_SLOTS: usize = 8;
+/// Smallest staging buffer.
+const STAGE_MIN_BYTES: usize = 64 << 10;
+
+/// A pass's row set on the device ([`Backend::prepare_rows`]): the host description, its
+/// LoRA row plan, and the device addresses of its arrays inside the pass's single upload.
+pub struct CudaRows {
+    host: HostRows,
+    plan: RowPlan,
+    /// Keeps the upload alive while the pass's launches are queued (frees are stream-ordered).
+    _meta: Option<Arc<CudaSlice<u8>>>,
+    dev: RowsDev,
+}
+
+impl AsRef<HostRows> for CudaRows {
+    fn as_ref(&self) -> &HostRows {
+        &self.host
+    }
+}
+
+/// Device addresses of a row set's arrays (0 where empty).
+#[derive(Clone, Copy, Debug, Default)]
+struct RowsDev {
+    positions: u64,
+    row_adapter: u64,
+    small: u64,
+    tiles: u64,
+    rows: u64,
+    tables: u64,
 }
 
 /// The CUDA backend on one device. See the module documentation for memory and errors.
@@ -141,8 +197,12 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     info: DeviceInfo,
     wt: WeightType,
-    funcs: HashMap<&'static str, CudaFunction>,
+    funcs: Arc<HashMap<&'static str, CudaFunction>>,
     scratch: Mutex<Scratch>,
+    staging: Mutex<Staging>,
+    /// LoRA descriptor tables by content (they hold only resident weights' addresses and
+    /// shapes, so a table is uploaded once and reused by every later call).
+    descs: Mutex<HashMap<Vec<u8>, CudaSlice<u8>>>,
     /// Uploaded RoPE frequency tables, keyed by their bits (a model has one).
     rope: Mutex<Vec<(Vec<u64>, CudaSlice<f64>)>>,
     /// The first error of a trait method (sticky).
@@ -201,8 +261,9 @@ impl CudaBackend {
     }
 
     /// The backend on device `ordinal`: checks the driver and NVRTC libraries before any
-    /// cudarc call, creates the context, compiles every kernel family for the device's
-    /// architecture and loads it.
+    /// cudarc call, creates the context and the backend's own stream, and loads every kernel
+    /// family as machine code for the device ([`compile_all`]: compiled in parallel, or read
+    /// from the kernel cache).
     pub fn with_weight_type(ordinal: usize, wt: WeightType) -> Result<Self, CudaError> {
         super::probe_driver()?;
         super::probe_nvrtc()?;
@@ -214,24 +275,66 @@ impl CudaBackend {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(drv("cuDevicePrimaryCtxRetain"))?;
-        let stream = ctx.default_stream();
-        let arch = nvrtc_arch(info.compute_capability.0, info.compute_capability.1);
+        // SAFETY: every allocation and launch of this backend goes to its one stream (created
+        // next), so no buffer needs cudarc's cross-stream events; callers that add streams of
+        // their own (a baseline, a test) synchronise themselves.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
+        let t0 = std::time::Instant::now();
+        let images = compile_all(info.compute_capability)?;
         let mut funcs = HashMap::new();
-        for fam in FAMILIES {
-            let compiled = compile_family(fam, &arch)?;
-            if !compiled.log.is_empty() {
-                tracing::warn!(family = fam.name, log = %compiled.log, "NVRTC warnings");
+        for img in &images {
+            if !img.log.is_empty() {
+                tracing::warn!(family = img.family.name, log = %img.log, "NVRTC warnings");
             }
             let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(compiled.ptx))
+                .load_module(cudarc::nvrtc::Ptx::from_binary(img.cubin.clone()))
                 .map_err(drv("cuModuleLoadData"))?;
-            for &k in fam.kernels {
+            for &k in img.family.kernels {
                 funcs.insert(k, module.load_function(k).map_err(drv("cuModuleGetFunction"))?);
             }
         }
+        let cached = images.iter().filter(|i| i.from_cache).count();
+        tracing::info!(
+            seconds = t0.elapsed().as_secs_f64(),
+            families = images.len(),
+            from_cache = cached,
+            "CUDA kernels loaded"
+        );
+        Self::assemble(ctx, stream, info, wt, Arc::new(funcs))
+    }
+
+    /// A second backend on the same device, stream and loaded kernels with another weight
+    /// type (nothing is compiled or loaded again).
+    pub fn sibling(&self, wt: WeightType) -> Result<Self, CudaError> {
+        Self::assemble(
+            self.ctx.clone(),
+            self.stream.clone(),
+            self.info.clone(),
+            wt,
+            self.funcs.clone(),
+        )
+    }
+
+    fn assemble(
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        info: DeviceInfo,
+        wt: WeightType,
+        funcs: Arc<HashMap<&'static str, CudaFunction>>,
+    ) -> Result<Self, CudaError> {
         let counters = stream
             .alloc_zeros::<i32>(SPLIT_COUNTERS)
             .map_err(drv("split-K counters"))?;
+        let mut slots = Vec::with_capacity(STAGE_SLOTS);
+        for _ in 0..STAGE_SLOTS {
+            slots.push(StageSlot {
+                buf: None,
+                done: ctx
+                    .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                    .map_err(drv("cuEventCreate"))?,
+            });
+        }
         let sync_each = std::env::var("RRT_CUDA_SYNC").is_ok_and(|v| v == "1");
         Ok(Self {
             ctx,
@@ -239,7 +342,13 @@ impl CudaBackend {
             info,
             wt,
             funcs,
-            scratch: Mutex::new(Scratch { ws: None, counters }),
+            scratch: Mutex::new(Scratch {
+                ws: None,
+                counters,
+                t: None,
+            }),
+            staging: Mutex::new(Staging { slots, next: 0 }),
+            descs: Mutex::new(HashMap::new()),
             rope: Mutex::new(Vec::new()),
             error: Mutex::new(None),
             sync_each,
@@ -320,10 +429,58 @@ impl CudaBackend {
         if a.bytes.is_empty() {
             return Ok(None);
         }
-        self.stream
-            .clone_htod(&a.bytes)
-            .map(Some)
-            .map_err(drv("metadata upload"))
+        self.upload_bytes(&a.bytes).map(Some)
+    }
+
+    /// Copies `bytes` to a new device buffer through the pinned staging ring: the copy is
+    /// asynchronous; the host waits only when it comes back to a slot whose last copy has not
+    /// run yet (`STAGE_SLOTS` uploads later).
+    fn upload_bytes(&self, bytes: &[u8]) -> Result<CudaSlice<u8>, CudaError> {
+        let mut st = lock(&self.staging);
+        let i = st.next;
+        st.next = (i + 1) % STAGE_SLOTS;
+        let slot = &mut st.slots[i];
+        slot.done.synchronize().map_err(drv("staging event"))?;
+        if slot.buf.as_ref().is_none_or(|b| b.len() < bytes.len()) {
+            slot.buf = None;
+            let size = bytes.len().max(STAGE_MIN_BYTES).next_power_of_two();
+            // SAFETY: the contents are written below before any copy reads them.
+            let b = unsafe { self.ctx.alloc_pinned::<u8>(size) }.map_err(drv("cuMemHostAlloc"))?;
+            slot.buf = Some(b);
+        }
+        let host = slot
+            .buf
+            .as_mut()
+            .expect("allocated above")
+            .as_mut_slice()
+            .map_err(drv("staging buffer"))?;
+        host[..bytes.len()].copy_from_slice(bytes);
+        // SAFETY: filled completely by the copy queued next, before any kernel reads it.
+        let dst = unsafe { self.stream.alloc::<u8>(bytes.len()) }.map_err(drv("cuMemAlloc"))?;
+        let dp = self.ptr(&dst);
+        // SAFETY: `host[..len]` is pinned memory that stays untouched until `done` (recorded
+        // right after the copy on the same stream) has passed; `dst` holds `len` bytes.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dp, &host[..bytes.len()], self.stream.cu_stream()) }
+            .map_err(drv("metadata upload"))?;
+        slot.done.record(&self.stream).map_err(drv("staging event"))?;
+        Ok(dst)
+    }
+
+    /// The device address of this LoRA descriptor table, uploaded on first use.
+    fn desc_table(&self, descs: &[LoraDesc]) -> Result<u64, CudaError> {
+        let key = super::ffi::bytes_of(descs).to_vec();
+        let mut cache = lock(&self.descs);
+        if let Some(s) = cache.get(&key) {
+            return Ok(self.ptr(s));
+        }
+        if cache.len() >= 4096 {
+            // Another model's tables (a reload): start over rather than grow without bound.
+            cache.clear();
+        }
+        let s = self.upload_bytes(&key)?;
+        let p = self.ptr(&s);
+        cache.insert(key, s);
+        Ok(p)
     }
 
     fn alloc_f32(&self, len: usize) -> Result<CudaSlice<f32>, CudaError> {
@@ -428,6 +585,24 @@ impl CudaBackend {
         self.after_launch(name)
     }
 
+    /// The row plan's arrays for one call outside a pass, uploaded together.
+    fn upload_plan(&self, plan: &RowPlan) -> Result<(Option<CudaSlice<u8>>, RowsDev), CudaError> {
+        let mut arena = Arena::default();
+        let (oa, os, ot) = push_plan(&mut arena, plan);
+        let meta = self.upload_arena(&arena)?;
+        let base = meta.as_ref().map_or(0, |m| self.ptr(m));
+        let at = |o: Option<usize>| o.map_or(0, |o| base + o as u64);
+        Ok((
+            meta,
+            RowsDev {
+                row_adapter: at(oa),
+                small: at(os),
+                tiles: at(ot),
+                ..Default::default()
+            },
+        ))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn try_linear_lora(
         &self,
@@ -440,11 +615,38 @@ impl CudaBackend {
         y: &mut CudaBuf,
         mode: MatmulMode,
     ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let plan = plan_rows(n, groups).map_err(|e| unsupported(e.to_string()))?;
+        let (_meta, dev) = if loras.is_empty() {
+            (None, RowsDev::default())
+        } else {
+            self.upload_plan(&plan)?
+        };
+        self.linear_core(x, n, &plan, &dev, w, bias, loras, y, mode)
+    }
+
+    /// The fused product over `n` rows whose LoRA side is `plan` (on the device at `dev`):
+    /// at most one shrink launch (every group and entry) and one product launch.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_core(
+        &self,
+        x: &CudaBuf,
+        n: usize,
+        plan: &RowPlan,
+        dev: &RowsDev,
+        w: &CudaMat,
+        bias: Option<&CudaBuf>,
+        loras: &[LoraColumns<'_, CudaMat>],
+        y: &mut CudaBuf,
+        mode: MatmulMode,
+    ) -> Result<(), CudaError> {
         let (k, m) = (w.in_dim, w.out_dim);
         if n == 0 {
             return Ok(());
         }
-        if x.len() < n * k || y.len() < n * m || bias.is_some_and(|b| b.len() < m) {
+        if x.len() < n * k || y.len() < n * m || bias.is_some_and(|b| b.len() < m) || plan.row_adapter.len() != n {
             return Err(unsupported(format!(
                 "linear_lora shapes: x {} y {} for {n} x {k} -> {m}",
                 x.len(),
@@ -469,20 +671,16 @@ impl CudaBackend {
                 return Err(unsupported("LoRA columns outside the product"));
             }
         }
-        let lp = plan_lora(n, groups, &entries).map_err(|e| unsupported(e.to_string()))?;
         let xp = self.ptr(&x.data);
         let yp = self.ptr(&y.data);
         let bp = bias.map_or(0, |b| self.ptr(&b.data));
         let mut la = LoraArgs::default();
-        // Kept alive until the launches below are queued (frees are stream-ordered).
-        let mut _meta = None;
-        let mut _t = None;
-        if let Some(lp) = lp {
-            let na = lp.n_adapters;
+        if let Some(call) = plan_call(plan, &entries).map_err(|e| unsupported(e.to_string()))? {
+            let na = call.n_adapters;
             let mut descs = vec![LoraDesc::default(); entries.len() * na];
             for (e, lc) in loras.iter().enumerate() {
-                for (a, l) in lc.per_adapter.iter().enumerate().take(na - 1) {
-                    if let Some(l) = l {
+                for (a, l) in lc.per_adapter.iter().enumerate() {
+                    if let Some(l) = l.as_ref().filter(|l| l.rank > 0) {
                         descs[e * na + a] = LoraDesc {
                             a: l.a.device_ptr(),
                             b: l.b.device_ptr(),
@@ -494,29 +692,22 @@ impl CudaBackend {
                     }
                 }
             }
-            let tasks: Vec<ShrinkTask> = lp
-                .tasks
-                .iter()
-                .map(|t| ShrinkTask {
-                    row0: t.row0 as i32,
-                    rows: t.rows as i32,
-                    entry: t.entry as i32,
-                    adapter: t.adapter as i32,
-                })
-                .collect();
-            let mut arena = Arena::default();
-            let o_desc = arena.push(&descs);
-            let o_rows = arena.push(&lp.row_adapter);
-            let o_tasks = arena.push(&tasks);
-            let meta = self.upload_arena(&arena)?.expect("descriptors are never empty");
-            let base = self.ptr(&meta);
-            let t = self.alloc_f32(n * lp.ldt)?;
+            let descs_p = self.desc_table(&descs)?;
+            let t = {
+                let mut scratch = lock(&self.scratch);
+                let need = n * call.ldt;
+                if scratch.t.as_ref().is_none_or(|t| t.len() < need) {
+                    scratch.t = None;
+                    scratch.t = Some(self.alloc_f32(need.next_power_of_two())?);
+                }
+                self.ptr(scratch.t.as_ref().expect("allocated above"))
+            };
             la = LoraArgs {
-                descs: base + o_desc as u64,
-                row_adapter: base + o_rows as u64,
-                t: self.ptr(&t),
-                ldt: i32_of(lp.ldt, "ldt")?,
-                rmax: i32_of(lp.rmax, "rank")?,
+                descs: descs_p,
+                row_adapter: dev.row_adapter,
+                t,
+                ldt: i32_of(call.ldt, "ldt")?,
+                rmax: i32_of(call.rmax, "rank")?,
                 n_entries: entries.len() as i32,
                 n_adapters: na as i32,
                 col0: [0; 4],
@@ -526,35 +717,38 @@ impl CudaBackend {
                 la.col0[i] = i32_of(e.col0, "col0")?;
                 la.cols[i] = i32_of(e.cols, "cols")?;
             }
-            if !tasks.is_empty() {
+            let blocks = plan.small.len() + plan.tiles.len();
+            if blocks > 0 {
                 let name = match self.wt {
                     WeightType::Bf16 => "lora_shrink_bf16",
                     WeightType::F16 => "lora_shrink_f16",
                 };
+                let per_entry = call.rank_blocks.max(call.col_tiles);
                 let cfg = LaunchConfig {
-                    grid_dim: (tasks.len() as u32, lp.rmax.div_ceil(SHRINK_WARPS) as u32, 1),
-                    block_dim: (32 * SHRINK_WARPS as u32, 1, 1),
+                    grid_dim: (blocks as u32, (entries.len() * per_entry) as u32, 1),
+                    block_dim: (256, 1, 1),
                     shared_mem_bytes: 0,
                 };
                 let (ldx, k_) = (i32_of(k, "in_dim")?, i32_of(k, "in_dim")?);
-                let tp = base + o_tasks as u64;
+                let n_small = plan.small.len() as i32;
+                let (rb, ct) = (call.rank_blocks as i32, call.col_tiles as i32);
                 let mut b = self.stream.launch_builder(self.func(name)?);
-                b.arg(&xp).arg(&ldx).arg(&k_).arg(&tp).arg(&la);
-                // SAFETY: x holds n x k floats, the tasks and descriptors were uploaded above,
-                // `t` holds n x ldt floats; arguments match lora_shrink_* in linear.cu.
+                b.arg(&xp)
+                    .arg(&ldx)
+                    .arg(&k_)
+                    .arg(&dev.small)
+                    .arg(&n_small)
+                    .arg(&dev.tiles)
+                    .arg(&rb)
+                    .arg(&ct)
+                    .arg(&la);
+                // SAFETY: x holds n x k floats; the items and tiles (uploaded with the rows)
+                // cover rows below n; `t` holds n x ldt floats; the descriptors point at
+                // resident matrices of the shapes checked above; arguments match
+                // SHRINK_PARAMS in linear.cu.
                 unsafe { b.launch(cfg) }.map_err(drv(name))?;
                 self.after_launch(name)?;
             }
-            for bs in &lp.big {
-                let l = loras[bs.entry].per_adapter[bs.adapter]
-                    .as_ref()
-                    .expect("planned shrinks have an adapter");
-                let xo = xp + (bs.row0 * k * 4) as u64;
-                let yo = la.t + ((bs.row0 * lp.ldt + bs.entry * lp.rmax) * 4) as u64;
-                self.product(xo, k, bs.rows, &l.a, 0, yo, lp.ldt, false, LoraArgs::default())?;
-            }
-            _meta = Some(meta);
-            _t = Some(t);
         }
         self.product(xp, k, n, w, bp, yp, m, mode == MatmulMode::Accumulate, la)
     }
@@ -708,25 +902,25 @@ impl CudaBackend {
         }
         let logits = self.logits_device(x, width, select, norm, eps, head)?;
         let vocab = head.out_dim;
-        let ids = self.stream.alloc_zeros::<u32>(rows).map_err(drv("cuMemAlloc"))?;
-        let top2 = self.alloc_f32(2 * rows)?;
-        let sums = self.stream.alloc_zeros::<f64>(rows).map_err(drv("cuMemAlloc"))?;
-        let (lp, ip, tp, sp) = (self.ptr(&logits.data), self.ptr(&ids), self.ptr(&top2), self.ptr(&sums));
+        // SAFETY: every element is written by the kernel before the copy back reads it.
+        let out = unsafe { self.stream.alloc::<HeadTopDev>(rows) }.map_err(drv("cuMemAlloc"))?;
+        let (lp, op) = (self.ptr(&logits.data), self.ptr(&out));
         let v = i32_of(vocab, "vocab")?;
         let cfg = per_row(rows);
         let mut b = self.stream.launch_builder(self.func("head_top_rows_f32")?);
-        b.arg(&lp).arg(&v).arg(&ip).arg(&tp).arg(&sp);
-        // SAFETY: logits hold rows x vocab floats; ids and sums rows entries, top2 2 x rows.
+        b.arg(&lp).arg(&v).arg(&op);
+        // SAFETY: logits hold rows x vocab floats; `out` holds one HeadTopDev per row.
         unsafe { b.launch(cfg) }.map_err(drv("head_top_rows_f32"))?;
-        let ids = self.stream.clone_dtoh(&ids).map_err(drv("ids to host"))?;
-        let sums = self.stream.clone_dtoh(&sums).map_err(drv("sums to host"))?;
-        let top2 = self.download(&top2, 2 * rows)?;
-        Ok((0..rows)
-            .map(|r| HeadTop {
-                id: ids[r],
-                top: top2[2 * r],
-                second: top2[2 * r + 1],
-                sum_exp: sums[r],
+        // One copy back for all rows.
+        let host = self.stream.clone_dtoh(&out).map_err(drv("head top to host"))?;
+        self.synchronize()?;
+        Ok(host
+            .iter()
+            .map(|h| HeadTop {
+                id: h.id,
+                top: h.top,
+                second: h.second,
+                sum_exp: h.sum_exp,
             })
             .collect())
     }
@@ -817,6 +1011,67 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
+        // Outside a pass, a row's layer is its "depth" with one shared layer (layer = depth).
+        let mut tables: Vec<u32> = Vec::new();
+        let mut seen: HashMap<(usize, usize), usize> = HashMap::new();
+        let mut dev_rows = Vec::with_capacity(n);
+        for r in rows {
+            if r.blocks.len() < r.pos / layout.block_size + 1 || r.layer >= layout.n_layers {
+                return Err(unsupported("attention: block table shorter than the position"));
+            }
+            let key = (r.blocks.as_ptr() as usize, r.blocks.len());
+            let off = *seen.entry(key).or_insert_with(|| {
+                let o = tables.len();
+                tables.extend_from_slice(r.blocks);
+                o
+            });
+            dev_rows.push(RowDev {
+                pos: i32_of(r.pos, "position")?,
+                depth: i32_of(r.layer, "layer")?,
+                table: i32_of(off, "block table offset")?,
+                pad: 0,
+            });
+        }
+        let mut arena = Arena::default();
+        let or = arena.push(&dev_rows);
+        let ot = arena.push(&tables);
+        let meta = self.upload_arena(&arena)?.expect("rows are not empty");
+        let base = self.ptr(&meta);
+        self.attention_core(
+            qkv,
+            ld,
+            n,
+            base + or as u64,
+            base + ot as u64,
+            1,
+            0,
+            kv,
+            layout,
+            shape,
+            out,
+        )
+    }
+
+    /// Attention of `n` rows described on the device (`rows`: [`RowDev`], `tables`), each at
+    /// unrolled layer `depth * shared + k`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_core(
+        &self,
+        qkv: &CudaBuf,
+        ld: usize,
+        n: usize,
+        rows: u64,
+        tables: u64,
+        shared: usize,
+        k: usize,
+        kv: &CudaKv,
+        layout: &KvLayout,
+        shape: AttnShape,
+        out: &mut CudaBuf,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
         let hd = layout.head_dim;
         let nkv = layout.n_kv_heads;
         if nkv == 0 || !shape.n_heads.is_multiple_of(nkv) {
@@ -833,46 +1088,20 @@ impl CudaBackend {
         if qkv.len() < (n - 1) * ld + qd || out.len() < n * qd {
             return Err(unsupported("attention: buffers smaller than the rows"));
         }
-        let mut tables: Vec<u32> = Vec::new();
-        let mut seen: HashMap<(usize, usize), usize> = HashMap::new();
-        let mut dev_rows = Vec::with_capacity(n);
-        for r in rows {
-            let need = r.pos / layout.block_size + 1;
-            if r.blocks.len() < need || r.layer >= layout.n_layers {
-                return Err(unsupported("attention: block table shorter than the position"));
-            }
-            let key = (r.blocks.as_ptr() as usize, r.blocks.len());
-            let off = *seen.entry(key).or_insert_with(|| {
-                let o = tables.len();
-                tables.extend_from_slice(r.blocks);
-                o
-            });
-            dev_rows.push(AttnRowDev {
-                pos: i32_of(r.pos, "position")?,
-                start: window_start(r.pos, shape.window) as i32,
-                layer: r.layer as i32,
-                table: i32_of(off, "block table offset")?,
-            });
-        }
-        let mut arena = Arena::default();
-        let or = arena.push(&dev_rows);
-        let ot = arena.push(&tables);
-        let meta = self.upload_arena(&arena)?.expect("rows are not empty");
-        let base = self.ptr(&meta);
         let name = match dpl {
             2 => "attention_f32_d2",
             4 => "attention_f32_d4",
             _ => "attention_f32_d8",
         };
-        let (qp, rp, tp, pp, op) = (
-            self.ptr(&qkv.data),
-            base + or as u64,
-            base + ot as u64,
-            self.ptr(&kv.data),
-            self.ptr(&out.data),
-        );
-        let (ld_, nl, bs, nkv_, hd_, g_) = (
+        let (qp, pp, op) = (self.ptr(&qkv.data), self.ptr(&kv.data), self.ptr(&out.data));
+        let window: i32 = match shape.window {
+            None => -1,
+            Some(w) => i32::try_from(w).unwrap_or(i32::MAX),
+        };
+        let (ld_, sh, k_, nl, bs, nkv_, hd_, g_) = (
             i32_of(ld, "ld")?,
+            i32_of(shared, "shared layers")?,
+            i32_of(k, "shared layer")?,
             i32_of(layout.n_layers, "layers")?,
             i32_of(layout.block_size, "block size")?,
             nkv as i32,
@@ -887,8 +1116,11 @@ impl CudaBackend {
         let mut b = self.stream.launch_builder(self.func(name)?);
         b.arg(&qp)
             .arg(&ld_)
-            .arg(&rp)
-            .arg(&tp)
+            .arg(&rows)
+            .arg(&tables)
+            .arg(&sh)
+            .arg(&k_)
+            .arg(&window)
             .arg(&pp)
             .arg(&nl)
             .arg(&bs)
@@ -897,11 +1129,100 @@ impl CudaBackend {
             .arg(&g_)
             .arg(&shape.scale)
             .arg(&op);
-        // SAFETY: see the checks above: rows, block tables and positions are inside the
-        // uploaded metadata and the pool; the argument list matches ATTN_PARAMS.
+        // SAFETY: the rows' positions are inside their block tables and their layers below
+        // n_layers (checked where the rows were built); the argument list matches ATTN_PARAMS.
         unsafe { b.launch(cfg) }.map_err(drv(name))?;
         self.after_launch(name)
     }
+
+    /// RoPE of `n` rows at the positions on the device at `positions`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_core(
+        &self,
+        rope: &RopeTable,
+        qkv: &mut CudaBuf,
+        ld: usize,
+        n: usize,
+        positions: u64,
+        q_cols: usize,
+        k_col0: usize,
+        k_cols: usize,
+    ) -> Result<(), CudaError> {
+        let hd = rope.head_dim();
+        if n == 0 || rope.half() == 0 {
+            return Ok(());
+        }
+        if qkv.len() < (n - 1) * ld + q_cols.max(k_col0 + k_cols)
+            || !q_cols.is_multiple_of(hd)
+            || !k_cols.is_multiple_of(hd)
+        {
+            return Err(unsupported("rope: columns outside the rows"));
+        }
+        let inv = self.rope_table(rope)?;
+        let qp = self.ptr(&qkv.data);
+        let (ld_, half, hd_, qc, k0, kc) = (
+            i32_of(ld, "ld")?,
+            rope.half() as i32,
+            hd as i32,
+            i32_of(q_cols, "q_cols")?,
+            i32_of(k_col0, "k_col0")?,
+            i32_of(k_cols, "k_cols")?,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.func("rope_f32")?);
+        b.arg(&qp)
+            .arg(&ld_)
+            .arg(&positions)
+            .arg(&inv)
+            .arg(&half)
+            .arg(&hd_)
+            .arg(&qc)
+            .arg(&k0)
+            .arg(&kc);
+        // SAFETY: every rotated column lies inside its row (checked); `positions` holds n words
+        // and the frequency table `half` doubles.
+        unsafe { b.launch(cfg) }.map_err(drv("rope_f32"))?;
+        self.after_launch("rope_f32")
+    }
+
+    /// Checks a pass's row set against the KV layout before kernels index with it.
+    fn check_rows(&self, h: &HostRows, layout: &KvLayout) -> Result<(), CudaError> {
+        if h.block_size != layout.block_size {
+            return Err(unsupported("rows prepared for another KV block size"));
+        }
+        for i in 0..h.len() {
+            let pos = h.positions[i] as usize;
+            if h.blocks(i).len() <= pos / layout.block_size
+                || (h.depths[i] as usize + 1) * h.shared.max(1) > layout.n_layers
+            {
+                return Err(unsupported("a row's block table or depth is outside the KV layout"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pushes a row plan's arrays (row adapters, warp items, tensor-core tiles) to `arena`; the
+/// offsets of the non-empty ones.
+fn push_plan(arena: &mut Arena, plan: &RowPlan) -> (Option<usize>, Option<usize>, Option<usize>) {
+    let items = |v: &[super::plan::ShrinkItem]| -> Vec<ShrinkItem> {
+        v.iter()
+            .map(|t| ShrinkItem {
+                row0: t.row0 as i32,
+                rows: t.rows as i32,
+                adapter: t.adapter as i32,
+                pad: 0,
+            })
+            .collect()
+    };
+    let oa = (!plan.row_adapter.is_empty()).then(|| arena.push(&plan.row_adapter));
+    let os = (!plan.small.is_empty()).then(|| arena.push(&items(&plan.small)));
+    let ot = (!plan.tiles.is_empty()).then(|| arena.push(&items(&plan.tiles)));
+    (oa, os, ot)
 }
 
 fn gemv_name(wt: WeightType, rows: usize) -> Result<&'static str, CudaError> {
@@ -954,6 +1275,204 @@ impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Mat = CudaMat;
     type Kv = CudaKv;
+    type Rows = CudaRows;
+
+    /// One upload for every set: positions, row adapters, shrink items and tiles, rows and
+    /// block tables, all in one arena.
+    fn prepare_rows(&self, sets: Vec<HostRows>) -> Vec<CudaRows> {
+        let mut arena = Arena::default();
+        let mut planned = Vec::with_capacity(sets.len());
+        let mut bad = None;
+        for h in sets {
+            let plan = match plan_rows(h.len(), &h.groups) {
+                Ok(p) => p,
+                Err(e) => {
+                    bad.get_or_insert(unsupported(e.to_string()));
+                    RowPlan::default()
+                }
+            };
+            let offs = if h.is_empty() {
+                None
+            } else {
+                let op = arena.push(&h.positions);
+                let (oa, os, ot) = push_plan(&mut arena, &plan);
+                let rows: Vec<RowDev> = (0..h.len())
+                    .map(|i| RowDev {
+                        pos: h.positions[i] as i32,
+                        depth: h.depths[i] as i32,
+                        table: h.table_of[i].0 as i32,
+                        pad: 0,
+                    })
+                    .collect();
+                let or = arena.push(&rows);
+                let ot2 = (!h.tables.is_empty()).then(|| arena.push(&h.tables));
+                Some((op, oa, os, ot, or, ot2))
+            };
+            planned.push((h, plan, offs));
+        }
+        if let Some(e) = bad {
+            self.record("prepare_rows", Err(e));
+        }
+        let mut meta = None;
+        self.run("prepare_rows", || {
+            meta = self.upload_arena(&arena)?.map(Arc::new);
+            Ok(())
+        });
+        let base = meta.as_ref().map_or(0, |m| self.ptr(m));
+        let at = |o: Option<usize>| o.map_or(0, |o| if base == 0 { 0 } else { base + o as u64 });
+        planned
+            .into_iter()
+            .map(|(host, plan, offs)| {
+                let dev = match offs {
+                    Some((op, oa, os, ot, or, otab)) => RowsDev {
+                        positions: at(Some(op)),
+                        row_adapter: at(oa),
+                        small: at(os),
+                        tiles: at(ot),
+                        rows: at(Some(or)),
+                        tables: at(otab),
+                    },
+                    None => RowsDev::default(),
+                };
+                CudaRows {
+                    host,
+                    plan,
+                    _meta: meta.clone(),
+                    dev,
+                }
+            })
+            .collect()
+    }
+
+    fn linear_lora_rows(
+        &self,
+        x: &CudaBuf,
+        rows: &CudaRows,
+        w: &CudaMat,
+        bias: Option<&CudaBuf>,
+        loras: &[LoraColumns<'_, CudaMat>],
+        y: &mut CudaBuf,
+        mode: MatmulMode,
+    ) {
+        self.run("linear_lora", || {
+            self.linear_core(x, rows.host.len(), &rows.plan, &rows.dev, w, bias, loras, y, mode)
+        });
+    }
+
+    fn rope_rows(
+        &self,
+        rope: &RopeTable,
+        qkv: &mut CudaBuf,
+        ld: usize,
+        rows: &CudaRows,
+        q_cols: usize,
+        k_col0: usize,
+        k_cols: usize,
+    ) {
+        self.run("rope", || {
+            self.rope_core(
+                rope,
+                qkv,
+                ld,
+                rows.host.len(),
+                rows.dev.positions,
+                q_cols,
+                k_col0,
+                k_cols,
+            )
+        });
+    }
+
+    fn kv_write_rows(
+        &self,
+        kv: &mut CudaKv,
+        layout: &KvLayout,
+        src: &CudaBuf,
+        ld: usize,
+        k_col0: usize,
+        v_col0: usize,
+        rows: &CudaRows,
+        k: usize,
+    ) {
+        self.run("kv_write", || {
+            let h = &rows.host;
+            let n = h.len();
+            if n == 0 {
+                return Ok(());
+            }
+            let kd = layout.kv_dim();
+            self.check_rows(h, layout)?;
+            if k >= h.shared || src.len() < (n - 1) * ld + k_col0.max(v_col0) + kd {
+                return Err(unsupported("kv_write: shared layer or columns outside the rows"));
+            }
+            let (pp, rp, tp, sp) = (self.ptr(&kv.data), rows.dev.rows, rows.dev.tables, self.ptr(&src.data));
+            let (sh, k_, nl, bs, kd_, ld_, kc, vc) = (
+                i32_of(h.shared, "shared layers")?,
+                i32_of(k, "shared layer")?,
+                i32_of(layout.n_layers, "layers")?,
+                i32_of(layout.block_size, "block size")?,
+                i32_of(kd, "kv dim")?,
+                i32_of(ld, "ld")?,
+                i32_of(k_col0, "k_col0")?,
+                i32_of(v_col0, "v_col0")?,
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (kd.next_power_of_two().clamp(32, 256) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(self.func("kv_write_rows_f32")?);
+            b.arg(&pp)
+                .arg(&rp)
+                .arg(&tp)
+                .arg(&sh)
+                .arg(&k_)
+                .arg(&nl)
+                .arg(&bs)
+                .arg(&kd_)
+                .arg(&sp)
+                .arg(&ld_)
+                .arg(&kc)
+                .arg(&vc);
+            // SAFETY: every row's block and layer lie inside the pool (check_rows), its source
+            // columns inside `src`; arguments match kv_write_rows_f32.
+            unsafe { b.launch(cfg) }.map_err(drv("kv_write_rows_f32"))?;
+            self.after_launch("kv_write_rows_f32")
+        });
+    }
+
+    fn attention_rows(
+        &self,
+        qkv: &CudaBuf,
+        ld: usize,
+        rows: &CudaRows,
+        k: usize,
+        kv: &CudaKv,
+        layout: &KvLayout,
+        shape: AttnShape,
+        out: &mut CudaBuf,
+    ) {
+        self.run("attention", || {
+            let h = &rows.host;
+            self.check_rows(h, layout)?;
+            if k >= h.shared.max(1) {
+                return Err(unsupported("attention: shared layer outside the loop"));
+            }
+            self.attention_core(
+                qkv,
+                ld,
+                h.len(),
+                rows.dev.rows,
+                rows.dev.tables,
+                h.shared,
+                k,
+                kv,
+                layout,
+                shape,
+                out,
+            )
+        });
+    }
 
     fn fault(&self) -> Option<String> {
         self.check().err().map(|e| e.to_string())
@@ -1133,49 +1652,13 @@ impl Backend for CudaBackend {
         k_cols: usize,
     ) {
         self.run("rope", || {
-            let n = positions.len();
-            let hd = rope.head_dim();
-            if n == 0 || rope.half() == 0 {
+            if positions.is_empty() {
                 return Ok(());
             }
-            if qkv.len() < (n - 1) * ld + q_cols.max(k_col0 + k_cols)
-                || !q_cols.is_multiple_of(hd)
-                || !k_cols.is_multiple_of(hd)
-            {
-                return Err(unsupported("rope: columns outside the rows"));
-            }
-            let inv = self.rope_table(rope)?;
             let mut arena = Arena::default();
             arena.push(positions);
             let meta = self.upload_arena(&arena)?.expect("positions are not empty");
-            let (qp, pp) = (self.ptr(&qkv.data), self.ptr(&meta));
-            let (ld_, half, hd_, qc, k0, kc) = (
-                i32_of(ld, "ld")?,
-                rope.half() as i32,
-                hd as i32,
-                i32_of(q_cols, "q_cols")?,
-                i32_of(k_col0, "k_col0")?,
-                i32_of(k_cols, "k_cols")?,
-            );
-            let cfg = LaunchConfig {
-                grid_dim: (n as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = self.stream.launch_builder(self.func("rope_f32")?);
-            b.arg(&qp)
-                .arg(&ld_)
-                .arg(&pp)
-                .arg(&inv)
-                .arg(&half)
-                .arg(&hd_)
-                .arg(&qc)
-                .arg(&k0)
-                .arg(&kc);
-            // SAFETY: every rotated column lies inside its row (checked); the frequency table
-            // holds `half` doubles.
-            unsafe { b.launch(cfg) }.map_err(drv("rope_f32"))?;
-            self.after_launch("rope_f32")
+            self.rope_core(rope, qkv, ld, positions.len(), self.ptr(&meta), q_cols, k_col0, k_cols)
         });
     }
 
@@ -1364,7 +1847,7 @@ mod tests {
             for rows in 1..=crate::cuda::plan::GEMV_MAX_ROWS {
                 if let ProductKernel::Gemv { rows: r } = crate::cuda::plan::product_kernel(rows) {
                     let name = gemv_name(wt, r).unwrap();
-                    assert!(FAMILIES[0].kernels.contains(&name), "{name}");
+                    assert!(crate::cuda::FAMILIES[0].kernels.contains(&name), "{name}");
                 }
             }
         }

@@ -40,30 +40,45 @@ pub struct SplitArgs {
     pub pad: i32,
 }
 
-/// `ShrinkTask` of linear.cu.
+/// `ShrinkItem` of linear.cu: rows of one loop depth to shrink (every entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ShrinkTask {
+pub struct ShrinkItem {
     pub row0: i32,
     pub rows: i32,
-    pub entry: i32,
     pub adapter: i32,
+    pub pad: i32,
 }
 
-/// `AttnRowDev` of attention.cu.
+/// `RowDev` of prelude.cuh: one row of a pass as the attention and KV-write kernels read it.
+/// Its unrolled layer at shared layer `k` is `depth * shared + k`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct AttnRowDev {
+pub struct RowDev {
     pub pos: i32,
-    pub start: i32,
-    pub layer: i32,
+    pub depth: i32,
+    /// Offset of its block table in the pass's table array.
     pub table: i32,
+    pub pad: i32,
+}
+
+/// `HeadTopDev` of select.cu: one row's LM-head reduction (one copy back for all rows).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HeadTopDev {
+    pub id: u32,
+    pub top: f32,
+    pub second: f32,
+    pub pad: u32,
+    pub sum_exp: f64,
 }
 
 // SAFETY: plain `#[repr(C)]` structs of integers, no padding, no pointers the host
 // dereferences; their layout matches the CUDA structs of the same names.
 unsafe impl DeviceRepr for LoraArgs {}
 unsafe impl DeviceRepr for SplitArgs {}
+// SAFETY: as above; the host only reads it back as bytes the kernel wrote.
+unsafe impl DeviceRepr for HeadTopDev {}
 
 /// Marker for the structs whose bytes may be copied as they are (no padding, no invalid bit
 /// patterns).
@@ -73,8 +88,9 @@ unsafe impl DeviceRepr for SplitArgs {}
 pub unsafe trait Pod: Copy {}
 // SAFETY: the structs above and the integer types have no padding.
 unsafe impl Pod for LoraDesc {}
-unsafe impl Pod for ShrinkTask {}
-unsafe impl Pod for AttnRowDev {}
+unsafe impl Pod for ShrinkItem {}
+unsafe impl Pod for RowDev {}
+unsafe impl Pod for HeadTopDev {}
 unsafe impl Pod for i32 {}
 unsafe impl Pod for u32 {}
 unsafe impl Pod for i64 {}
@@ -86,7 +102,7 @@ pub fn bytes_of<T: Pod>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
-/// Per-call metadata packed into one upload: each `push` returns the byte offset of its
+/// Metadata packed into one upload (per pass, or per call outside a pass): each `push` returns the byte offset of its
 /// array (16-byte aligned) in the arena.
 #[derive(Default)]
 pub struct Arena {
@@ -111,8 +127,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<LoraDesc>(), 32);
         assert_eq!(std::mem::size_of::<LoraArgs>(), 72);
         assert_eq!(std::mem::size_of::<SplitArgs>(), 24);
-        assert_eq!(std::mem::size_of::<ShrinkTask>(), 16);
-        assert_eq!(std::mem::size_of::<AttnRowDev>(), 16);
+        assert_eq!(std::mem::size_of::<ShrinkItem>(), 16);
+        assert_eq!(std::mem::size_of::<RowDev>(), 16);
+        assert_eq!(std::mem::size_of::<HeadTopDev>(), 24);
     }
 
     #[test]

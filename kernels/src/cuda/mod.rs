@@ -20,9 +20,12 @@ mod device;
 mod ffi;
 
 #[cfg(feature = "cuda")]
-pub use compile::{CompiledFamily, FAMILIES, KernelFamily, compile_family, nvrtc_arch};
+pub use compile::{
+    CompiledFamily, FAMILIES, FamilyImage, KernelFamily, Output, cache_dir, cache_key, compile_all, compile_family,
+    nvrtc_arch, nvrtc_version, sm_arch,
+};
 #[cfg(feature = "cuda")]
-pub use device::{CudaBackend, CudaBuf, CudaKv, CudaMat, WeightType};
+pub use device::{CudaBackend, CudaBuf, CudaKv, CudaMat, CudaRows, WeightType};
 
 /// Why the CUDA backend is not available or an operation failed.
 #[derive(Clone, Debug, PartialEq, Eq)]

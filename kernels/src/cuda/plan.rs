@@ -1,7 +1,8 @@
 //! Host-side planning of the CUDA backend's launches, in plain Rust so it is tested without a
 //! GPU (and without the `cuda` feature): which product kernel a row count gets, how K is split
 //! so small products still fill the device, how the per-depth LoRAs of one `linear_lora` call
-//! are laid out for the kernels (row adapters, descriptor table, shrink tasks), and the
+//! are laid out for the kernels (per pass: row adapters and shrink work; per call: the
+//! descriptor table and `t`), and the
 //! offsets of the vector copies behind `copy_rows`, `kv_write`, `kv_export` and `kv_import`.
 //!
 //! The constants mirror the `#define`s of `kernels/*.cu`; a test keeps them in sync.
@@ -26,7 +27,7 @@ pub const SHRINK_WARPS: usize = 8;
 pub const SHRINK_MMA_MIN_ROWS: usize = 64;
 /// LoRA column entries one product can carry (q, k, v: 3; gate, up: 2).
 pub const MAX_ENTRIES: usize = 4;
-/// Adapters (loop depths) one product can distinguish, the "no adapter" slot included.
+/// Adapters (loop depths) one product can distinguish (a 64-bit mask in the tensor-core tile).
 pub const MAX_ADAPTERS: usize = 64;
 /// Most splits of K.
 pub const MAX_SPLITS: usize = 32;
@@ -109,39 +110,41 @@ pub struct EntryShape {
     pub ranks: Vec<Option<usize>>,
 }
 
-/// A decode shrink task: `rows` (<= 8) rows from `row0`, all of `adapter`, for `entry`.
+/// A shrink work item: `rows` rows from `row0`, all at loop depth `adapter`. One launch serves
+/// every item of a product, for every entry (the kernel's grid covers items x entries).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ShrinkTask {
+pub struct ShrinkItem {
     pub row0: usize,
     pub rows: usize,
-    pub entry: usize,
     pub adapter: usize,
 }
 
-/// A shrink of a long group through the tensor-core kernel: `t[row0 .. row0 + rows, entry]
-/// = x[rows] A^T`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BigShrink {
-    pub row0: usize,
-    pub rows: usize,
-    pub entry: usize,
-    pub adapter: usize,
-}
-
-/// The LoRA side of one `linear_lora` call.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LoraPlan {
-    /// Columns of the descriptor table: the adapters plus one "none" slot (the last), for
-    /// rows outside every group. Descriptor `(entry, adapter)` is at `entry * n_adapters +
-    /// adapter`.
-    pub n_adapters: usize,
-    /// The adapter of each row.
+/// The LoRA side of a pass's rows, shared by every product of the pass (computed and uploaded
+/// once per pass): each row's adapter (`-1`: in no group) and the shrink work, short groups in
+/// items of at most [`SHRINK_ROWS`] rows (the warp kernel), long groups in tiles of at most
+/// [`MMA_BM`] rows (the tensor cores). One launch runs both kinds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowPlan {
     pub row_adapter: Vec<i32>,
+    pub small: Vec<ShrinkItem>,
+    pub tiles: Vec<ShrinkItem>,
+    /// Loop depths present among the rows (ascending, each once).
+    pub adapters: Vec<usize>,
+}
+
+/// The LoRA side of one product over planned rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraCall {
+    /// Columns of the descriptor table: descriptor `(entry, adapter)` is at `entry *
+    /// n_adapters + adapter`.
+    pub n_adapters: usize,
     /// Rank slots per entry in `t` (a multiple of 32), and the row stride of `t`.
     pub rmax: usize,
     pub ldt: usize,
-    pub tasks: Vec<ShrinkTask>,
-    pub big: Vec<BigShrink>,
+    /// Blocks along the rank per entry: warp items (8 rank rows each), tensor-core tiles
+    /// ([`MMA_BN`] rank columns each).
+    pub rank_blocks: usize,
+    pub col_tiles: usize,
 }
 
 /// Why a call cannot run on the CUDA kernels.
@@ -156,7 +159,7 @@ impl std::fmt::Display for PlanError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PlanError::TooManyEntries(e) => write!(f, "{e} LoRA column entries (at most {MAX_ENTRIES})"),
-            PlanError::TooManyAdapters(a) => write!(f, "{a} adapters (at most {})", MAX_ADAPTERS - 1),
+            PlanError::TooManyAdapters(a) => write!(f, "{a} adapters (at most {MAX_ADAPTERS})"),
             PlanError::GroupOutOfRange { start, len, n } => {
                 write!(f, "row group {start}..+{len} outside the {n} rows")
             }
@@ -164,12 +167,12 @@ impl std::fmt::Display for PlanError {
     }
 }
 
-/// Plans the LoRAs of a product over `n` rows. `None` when no row has a LoRA in any entry
-/// (the product then runs without the LoRA machinery).
-pub fn plan_lora(n: usize, groups: &[RowGroup], entries: &[EntryShape]) -> Result<Option<LoraPlan>, PlanError> {
-    if entries.len() > MAX_ENTRIES {
-        return Err(PlanError::TooManyEntries(entries.len()));
-    }
+/// Plans the rows of a pass (`n` rows in `groups`; empty groups allowed).
+pub fn plan_rows(n: usize, groups: &[RowGroup]) -> Result<RowPlan, PlanError> {
+    let mut p = RowPlan {
+        row_adapter: vec![-1; n],
+        ..Default::default()
+    };
     for g in groups {
         if g.start + g.len > n {
             return Err(PlanError::GroupOutOfRange {
@@ -178,60 +181,62 @@ pub fn plan_lora(n: usize, groups: &[RowGroup], entries: &[EntryShape]) -> Resul
                 n,
             });
         }
-    }
-    let rank = |e: &EntryShape, a: usize| e.ranks.get(a).copied().flatten().filter(|&r| r > 0);
-    let used: Vec<&RowGroup> = groups
-        .iter()
-        .filter(|g| g.len > 0 && entries.iter().any(|e| rank(e, g.adapter).is_some()))
-        .collect();
-    if used.is_empty() {
-        return Ok(None);
-    }
-    let real = entries.iter().map(|e| e.ranks.len()).max().unwrap_or(0);
-    let n_adapters = real + 1;
-    if n_adapters > MAX_ADAPTERS {
-        return Err(PlanError::TooManyAdapters(real));
-    }
-    let none = (n_adapters - 1) as i32;
-    let mut row_adapter = vec![none; n];
-    let mut max_rank = 0;
-    let mut tasks = Vec::new();
-    let mut big = Vec::new();
-    for g in &used {
-        row_adapter[g.start..g.start + g.len].fill(g.adapter as i32);
-        for (ei, e) in entries.iter().enumerate() {
-            let Some(r) = rank(e, g.adapter) else { continue };
-            max_rank = max_rank.max(r);
-            if g.len >= SHRINK_MMA_MIN_ROWS {
-                big.push(BigShrink {
-                    row0: g.start,
-                    rows: g.len,
-                    entry: ei,
-                    adapter: g.adapter,
-                });
-            } else {
-                let mut r0 = g.start;
-                while r0 < g.start + g.len {
-                    let rows = SHRINK_ROWS.min(g.start + g.len - r0);
-                    tasks.push(ShrinkTask {
-                        row0: r0,
-                        rows,
-                        entry: ei,
-                        adapter: g.adapter,
-                    });
-                    r0 += rows;
-                }
-            }
+        if g.len == 0 {
+            continue;
+        }
+        if g.adapter >= MAX_ADAPTERS {
+            return Err(PlanError::TooManyAdapters(g.adapter + 1));
+        }
+        p.row_adapter[g.start..g.start + g.len].fill(g.adapter as i32);
+        if !p.adapters.contains(&g.adapter) {
+            p.adapters.push(g.adapter);
+        }
+        let (unit, out) = if g.len >= SHRINK_MMA_MIN_ROWS {
+            (MMA_BM, &mut p.tiles)
+        } else {
+            (SHRINK_ROWS, &mut p.small)
+        };
+        let mut r0 = g.start;
+        while r0 < g.start + g.len {
+            let rows = unit.min(g.start + g.len - r0);
+            out.push(ShrinkItem {
+                row0: r0,
+                rows,
+                adapter: g.adapter,
+            });
+            r0 += rows;
         }
     }
+    p.adapters.sort_unstable();
+    Ok(p)
+}
+
+/// Plans the LoRAs of one product over planned rows. `None` when no row has a LoRA in any
+/// entry (the product then runs without the LoRA machinery).
+pub fn plan_call(rows: &RowPlan, entries: &[EntryShape]) -> Result<Option<LoraCall>, PlanError> {
+    if entries.len() > MAX_ENTRIES {
+        return Err(PlanError::TooManyEntries(entries.len()));
+    }
+    let rank = |e: &EntryShape, a: usize| e.ranks.get(a).copied().flatten().filter(|&r| r > 0);
+    let n_adapters = entries.iter().map(|e| e.ranks.len()).max().unwrap_or(0);
+    if n_adapters > MAX_ADAPTERS {
+        return Err(PlanError::TooManyAdapters(n_adapters));
+    }
+    let max_rank = rows
+        .adapters
+        .iter()
+        .flat_map(|&a| entries.iter().filter_map(move |e| rank(e, a)))
+        .max();
+    let Some(max_rank) = max_rank else {
+        return Ok(None);
+    };
     let rmax = max_rank.div_ceil(32) * 32;
-    Ok(Some(LoraPlan {
+    Ok(Some(LoraCall {
         n_adapters,
-        row_adapter,
         rmax,
         ldt: entries.len() * rmax,
-        tasks,
-        big,
+        rank_blocks: rmax / SHRINK_WARPS,
+        col_tiles: rmax.div_ceil(MMA_BN),
     }))
 }
 
@@ -371,8 +376,11 @@ mod tests {
         assert_eq!((prefill.kernel, prefill.splits), (ProductKernel::Mma, 1));
     }
 
+    /// Every (row, entry) with a LoRA is shrunk by exactly one item or tile; short groups go
+    /// to the warp kernel, long ones to the tensor cores; empty groups and rows outside every
+    /// group get nothing.
     #[test]
-    fn lora_plan_assigns_rows_tasks_and_big_shrinks() {
+    fn row_plan_covers_every_row_once_and_call_plan_sizes_t() {
         // q, k, v entries; depth 1 has no LoRA on k; depth 2 none at all.
         let entries = vec![
             EntryShape {
@@ -391,75 +399,91 @@ mod tests {
                 ranks: vec![Some(16), Some(40), None],
             },
         ];
-        // Rows: 0..3 depth 0, 3..4 depth 2, 4..14 depth 1, 14..100 depth 0, 100..102 in no
-        // group.
-        let groups = [group(0, 3, 0), group(3, 1, 2), group(4, 10, 1), group(14, 86, 0)];
-        let p = plan_lora(102, &groups, &entries).unwrap().unwrap();
-        assert_eq!(p.n_adapters, 4);
-        assert_eq!(p.rmax, 64);
-        assert_eq!(p.ldt, 192);
-        let none = 3;
+        // Rows: 0..3 depth 0, 3..4 depth 2, an empty group, 4..14 depth 1, 14..100 depth 0,
+        // 100..102 in no group.
+        let groups = [
+            group(0, 3, 0),
+            group(3, 1, 2),
+            group(4, 0, 1),
+            group(4, 10, 1),
+            group(14, 86, 0),
+        ];
+        let p = plan_rows(102, &groups).unwrap();
         let want_rows: Vec<i32> = (0..102)
             .map(|i| match i {
                 0..3 => 0,
-                // depth 2 has no LoRA anywhere: its group is dropped, rows get "none".
-                3 => none,
+                3 => 2,
                 4..14 => 1,
                 14..100 => 0,
-                _ => none,
+                _ => -1,
             })
             .collect();
         assert_eq!(p.row_adapter, want_rows);
-        // Every (row, entry) with a LoRA is covered by exactly one task or big shrink.
-        let mut cover = vec![0u8; 102 * 3];
-        for t in &p.tasks {
+        assert_eq!(p.adapters, vec![0, 1, 2]);
+        let mut cover = vec![0u8; 102];
+        for t in &p.small {
             assert!(t.rows >= 1 && t.rows <= SHRINK_ROWS);
             for r in t.row0..t.row0 + t.rows {
                 assert_eq!(p.row_adapter[r], t.adapter as i32);
-                cover[r * 3 + t.entry] += 1;
+                cover[r] += 1;
             }
         }
-        for b in &p.big {
-            assert!(b.rows >= SHRINK_MMA_MIN_ROWS);
-            for r in b.row0..b.row0 + b.rows {
-                cover[r * 3 + b.entry] += 1;
+        for t in &p.tiles {
+            assert!(t.rows >= 1 && t.rows <= MMA_BM);
+            for r in t.row0..t.row0 + t.rows {
+                assert_eq!(p.row_adapter[r], t.adapter as i32);
+                cover[r] += 1;
             }
         }
-        for r in 0..102 {
-            for (e, ent) in entries.iter().enumerate() {
-                let a = p.row_adapter[r] as usize;
-                let want = u8::from(ent.ranks.get(a).copied().flatten().is_some());
-                assert_eq!(cover[r * 3 + e], want, "row {r} entry {e}");
-            }
+        for (r, c) in cover.iter().enumerate() {
+            assert_eq!(*c, u8::from(r < 100), "row {r}");
         }
-        // The long depth-0 group goes through the tensor cores, once per entry.
-        assert_eq!(p.big.len(), 3);
+        // The 86-row depth-0 group goes to the tensor cores in two tiles.
+        assert_eq!(p.tiles.len(), 2);
+        assert!(p.tiles.iter().all(|t| t.adapter == 0 && t.row0 >= 14));
+        let c = plan_call(&p, &entries).unwrap().unwrap();
+        assert_eq!(
+            (c.n_adapters, c.rmax, c.ldt, c.rank_blocks, c.col_tiles),
+            (3, 64, 192, 8, 1)
+        );
     }
 
     #[test]
-    fn lora_plan_none_and_limits() {
+    fn call_plan_none_and_limits() {
         let entries = vec![EntryShape {
             col0: 0,
             cols: 8,
             ranks: vec![None, Some(0)],
         }];
-        assert_eq!(plan_lora(4, &[group(0, 4, 1)], &entries), Ok(None));
-        assert_eq!(plan_lora(4, &[], &entries), Ok(None));
+        let rows = plan_rows(4, &[group(0, 4, 1)]).unwrap();
+        assert_eq!(plan_call(&rows, &entries), Ok(None));
+        assert_eq!(plan_call(&plan_rows(4, &[]).unwrap(), &entries), Ok(None));
         let five = vec![entries[0].clone(); 5];
-        assert_eq!(plan_lora(4, &[], &five), Err(PlanError::TooManyEntries(5)));
+        assert_eq!(plan_call(&rows, &five), Err(PlanError::TooManyEntries(5)));
         assert!(matches!(
-            plan_lora(4, &[group(2, 3, 0)], &entries),
+            plan_rows(4, &[group(2, 3, 0)]),
             Err(PlanError::GroupOutOfRange { .. })
         ));
+        assert_eq!(plan_rows(4, &[group(0, 4, 64)]), Err(PlanError::TooManyAdapters(65)));
         let many = vec![EntryShape {
             col0: 0,
             cols: 8,
-            ranks: vec![Some(4); 64],
+            ranks: vec![Some(4); 65],
         }];
         assert_eq!(
-            plan_lora(4, &[group(0, 4, 0)], &many),
-            Err(PlanError::TooManyAdapters(64))
+            plan_call(&plan_rows(4, &[group(0, 4, 0)]).unwrap(), &many),
+            Err(PlanError::TooManyAdapters(65))
         );
+        // Rank 256: two tensor-core column tiles, 32 warp blocks.
+        let big = vec![EntryShape {
+            col0: 0,
+            cols: 8,
+            ranks: vec![Some(256)],
+        }];
+        let c = plan_call(&plan_rows(4, &[group(0, 4, 0)]).unwrap(), &big)
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.rmax, c.rank_blocks, c.col_tiles), (256, 32, 2));
     }
 
     fn layout() -> KvLayout {

@@ -6,8 +6,9 @@
 //! (`Backend::linear_lora`), writes its keys/values into cache layer `d(i) * K + k` and attends
 //! there. A vanilla model is the case `B = 1`, `K = L`.
 
-use rrt_kernels::backend::{Backend, KvSlot, LoraColumns, LoraMats, MatrixData, RowGroup};
-use rrt_kernels::{AttnRow, AttnShape, KvLayout, MatmulMode, RopeTable};
+pub use rrt_kernels::backend::PassRow;
+use rrt_kernels::backend::{Backend, HostRows, LoraColumns, LoraMats, MatrixData};
+use rrt_kernels::{AttnShape, KvLayout, MatmulMode, RopeTable};
 use rrt_model::config::ModelConfig;
 use rrt_model::forward::Model;
 use rrt_model::weights::Linear;
@@ -38,14 +39,6 @@ struct SharedLayer<B: Backend> {
     lora: [Vec<Option<LoraMats<B::Mat>>>; 7],
 }
 
-/// One row of a pass: its position, loop depth and its sequence's block table.
-#[derive(Clone, Copy, Debug)]
-pub struct PassRow<'a> {
-    pub pos: usize,
-    pub depth: usize,
-    pub blocks: &'a [u32],
-}
-
 /// The model resident on a backend.
 pub struct ResidentModel<B: Backend> {
     pub backend: B,
@@ -70,22 +63,6 @@ fn dense<B: Backend>(be: &B, l: Linear, bytes: &mut usize) -> Dense<B> {
         w,
         bias: l.bias.map(|b| be.buffer(b)),
     }
-}
-
-/// Groups of consecutive rows with the same depth.
-fn depth_groups(depths: impl Iterator<Item = usize>) -> Vec<RowGroup> {
-    let mut out: Vec<RowGroup> = Vec::new();
-    for (i, d) in depths.enumerate() {
-        match out.last_mut() {
-            Some(g) if g.adapter == d => g.len += 1,
-            _ => out.push(RowGroup {
-                start: i,
-                len: 1,
-                adapter: d,
-            }),
-        }
-    }
-    out
 }
 
 impl<B: Backend> ResidentModel<B> {
@@ -216,19 +193,16 @@ impl<B: Backend> ResidentModel<B> {
             window: c.sliding_window,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
-        let groups = depth_groups(rows.iter().map(|r| r.depth));
-        let positions: Vec<u32> = rows.iter().map(|r| r.pos as u32).collect();
-        let fgroups = depth_groups(fills.iter().map(|r| r.depth));
-        let fpositions: Vec<u32> = fills.iter().map(|r| r.pos as u32).collect();
+        // The rows' metadata, prepared once for every layer of the pass (one upload on a GPU).
         let bs = layout.block_size;
-        let slots = |rs: &[PassRow<'_>], k: usize| -> Vec<KvSlot> {
-            rs.iter()
-                .map(|r| KvSlot {
-                    layer: r.depth * self.shared + k,
-                    block: r.blocks[r.pos / bs],
-                    slot: r.pos % bs,
-                })
-                .collect()
+        let mut sets = be
+            .prepare_rows(vec![
+                HostRows::new(rows, self.shared, bs),
+                HostRows::new(fills, self.shared, bs),
+            ])
+            .into_iter();
+        let (Some(prows), Some(pfills)) = (sets.next(), sets.next()) else {
+            unreachable!("prepare_rows returns one prepared set per set")
         };
         let mut hb = be.zeros(n * h);
         let mut qkv = be.zeros(n * qkvd);
@@ -240,77 +214,64 @@ impl<B: Backend> ResidentModel<B> {
             let qkv_loras = self.lora_cols(l, &[(Q, 0), (K, qd), (V, qd + kd)]);
             if n > 0 {
                 be.rmsnorm(x, &l.attn_norm, c.rms_eps, &mut hb);
-                be.linear_lora(
+                be.linear_lora_rows(
                     &hb,
-                    n,
+                    &prows,
                     &l.qkv.w,
                     l.qkv.bias.as_ref(),
                     &qkv_loras,
-                    &groups,
                     &mut qkv,
                     MatmulMode::Overwrite,
                 );
-                be.rope(&self.rope, &mut qkv, qkvd, &positions, qd, qd, kd);
-                be.kv_write(kv, layout, &qkv, qkvd, qd, qd + kd, &slots(rows, k));
-                let arows: Vec<AttnRow<'_>> = rows
-                    .iter()
-                    .map(|r| AttnRow {
-                        blocks: r.blocks,
-                        pos: r.pos,
-                        layer: r.depth * self.shared + k,
-                    })
-                    .collect();
-                be.attention(&qkv, qkvd, &arows, kv, layout, shape, &mut attn);
+                be.rope_rows(&self.rope, &mut qkv, qkvd, &prows, qd, qd, kd);
+                be.kv_write_rows(kv, layout, &qkv, qkvd, qd, qd + kd, &prows, k);
+                be.attention_rows(&qkv, qkvd, &prows, k, kv, layout, shape, &mut attn);
                 let o_loras = self.lora_cols(l, &[(O, 0)]);
-                be.linear_lora(
+                be.linear_lora_rows(
                     &attn,
-                    n,
+                    &prows,
                     &l.o.w,
                     l.o.bias.as_ref(),
                     &o_loras,
-                    &groups,
                     x,
                     MatmulMode::Accumulate,
                 );
                 be.rmsnorm(x, &l.ffn_norm, c.rms_eps, &mut hb);
                 let gu_loras = self.lora_cols(l, &[(GATE, 0), (UP, inter)]);
-                be.linear_lora(
+                be.linear_lora_rows(
                     &hb,
-                    n,
+                    &prows,
                     &l.gate_up.w,
                     l.gate_up.bias.as_ref(),
                     &gu_loras,
-                    &groups,
                     &mut gu,
                     MatmulMode::Overwrite,
                 );
                 be.silu_mul(&gu, n, inter, &mut act);
                 let down_loras = self.lora_cols(l, &[(DOWN, 0)]);
-                be.linear_lora(
+                be.linear_lora_rows(
                     &act,
-                    n,
+                    &prows,
                     &l.down.w,
                     l.down.bias.as_ref(),
                     &down_loras,
-                    &groups,
                     x,
                     MatmulMode::Accumulate,
                 );
             }
             if let (Some(fx), false) = (fill_x, fills.is_empty()) {
                 be.rmsnorm(fx, &l.attn_norm, c.rms_eps, &mut fh);
-                be.linear_lora(
+                be.linear_lora_rows(
                     &fh,
-                    fills.len(),
+                    &pfills,
                     &l.qkv.w,
                     l.qkv.bias.as_ref(),
                     &qkv_loras,
-                    &fgroups,
                     &mut fqkv,
                     MatmulMode::Overwrite,
                 );
-                be.rope(&self.rope, &mut fqkv, qkvd, &fpositions, qd, qd, kd);
-                be.kv_write(kv, layout, &fqkv, qkvd, qd, qd + kd, &slots(fills, k));
+                be.rope_rows(&self.rope, &mut fqkv, qkvd, &pfills, qd, qd, kd);
+                be.kv_write_rows(kv, layout, &fqkv, qkvd, qd, qd + kd, &pfills, k);
             }
         }
     }
@@ -321,11 +282,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn depth_groups_are_maximal_runs() {
-        let g = depth_groups([0, 0, 1, 1, 1, 0, 2].into_iter());
+    fn pass_rows_group_depths_in_maximal_runs() {
+        let table = [0u32, 1];
+        let rows: Vec<PassRow<'_>> = [0, 0, 1, 1, 1, 0, 2]
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| PassRow {
+                pos: i,
+                depth: d,
+                blocks: &table,
+            })
+            .collect();
+        let h = HostRows::new(&rows, 30, 16);
         assert_eq!(
-            g.iter().map(|g| (g.start, g.len, g.adapter)).collect::<Vec<_>>(),
+            h.groups.iter().map(|g| (g.start, g.len, g.adapter)).collect::<Vec<_>>(),
             vec![(0, 2, 0), (2, 3, 1), (5, 1, 0), (6, 1, 2)]
         );
+        // One table stored once for the seven rows; unrolled layer depth * K + k.
+        assert_eq!(h.tables, vec![0, 1]);
+        assert_eq!(h.layer(6, 4), 64);
     }
 }

@@ -68,6 +68,83 @@ pub struct EngineArgs {
     /// `cpu`, `cuda` or `cuda:N`: the engine's backend (CUDA needs a `--features cuda` build).
     #[arg(long, default_value = "cpu")]
     pub device: rrt_node::Device,
+    /// Run every setting's requests on the CPU backend too and compare the greedy tokens (with
+    /// a GPU `--device`; with `cpu` it checks the engine's determinism). A request may diverge only where the CPU model's two candidate
+    /// logits are a near tie (gap under `--tie-tolerance` logit standard deviations); any
+    /// other divergence fails the command.
+    #[arg(long)]
+    pub compare_cpu: bool,
+    /// Largest logit gap, in standard deviations of the row's logits, accepted as a near tie.
+    #[arg(long, default_value_t = 0.02)]
+    pub tie_tolerance: f64,
+}
+
+/// The device's tokens against the CPU backend's, for one setting and concurrency.
+#[derive(serde::Serialize, Clone, Debug)]
+struct Comparison {
+    setting: String,
+    concurrency: usize,
+    requests: usize,
+    identical: usize,
+    /// Tokens equal before each request's first divergence, over all tokens.
+    matched_tokens: usize,
+    tokens: usize,
+    /// Per diverging request: (request, position, logit gap / logit std at the CPU model).
+    divergences: Vec<(usize, usize, f64)>,
+    /// Divergences that are not near ties.
+    failures: usize,
+}
+
+/// Compares `dev` with `cpu` outputs; a divergence is explained by the CPU model's logits at
+/// that position (teacher-forced on the CPU tokens): the gap between the CPU's token and the
+/// device's, in standard deviations of the logits.
+fn compare_outputs(
+    lm: &LoadedModel,
+    setting: &str,
+    c: usize,
+    reqs: &[(Vec<u32>, usize)],
+    dev: &[Vec<u32>],
+    cpu: &[Vec<u32>],
+    tol: f64,
+) -> Result<Comparison> {
+    let mut r = Comparison {
+        setting: setting.to_string(),
+        concurrency: c,
+        requests: reqs.len(),
+        identical: 0,
+        matched_tokens: 0,
+        tokens: 0,
+        divergences: Vec::new(),
+        failures: 0,
+    };
+    let vocab = lm.model.config.vocab;
+    for (i, ((prompt, _), (d, h))) in reqs.iter().zip(dev.iter().zip(cpu)).enumerate() {
+        r.tokens += h.len();
+        let j = d.iter().zip(h).take_while(|(a, b)| a == b).count();
+        r.matched_tokens += j;
+        if j == h.len() && d.len() == h.len() {
+            r.identical += 1;
+            continue;
+        }
+        if j >= d.len().min(h.len()) {
+            // One output is a prefix of the other: a length difference, never a tie.
+            r.divergences.push((i, j, f64::INFINITY));
+            r.failures += 1;
+            continue;
+        }
+        let mut seq = prompt.clone();
+        seq.extend_from_slice(&h[..j]);
+        let logits = lm.model.sequence_logits(&seq, &[seq.len() - 1])?;
+        let row = &logits[..vocab];
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / vocab as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / vocab as f64;
+        let gap = (row[h[j] as usize] as f64 - row[d[j] as usize] as f64) / var.sqrt().max(1e-30);
+        if !(gap.abs() <= tol) {
+            r.failures += 1;
+        }
+        r.divergences.push((i, j, gap));
+    }
+    Ok(r)
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -304,6 +381,7 @@ pub fn run(a: EngineArgs) -> Result<()> {
         ..Default::default()
     };
     let mut lines: Vec<Line> = Vec::new();
+    let mut comparisons: Vec<Comparison> = Vec::new();
     for &c in &a.concurrency {
         let n = a.requests.unwrap_or((2 * c).max(8));
         let reqs = requests(&probe, &text, n, &a.prompt_tokens, &a.max_tokens)?;
@@ -350,6 +428,24 @@ pub fn run(a: EngineArgs) -> Result<()> {
                 }
             }
             let (line, outs) = best.expect("at least one run");
+            if a.compare_cpu && want(s) {
+                let (_, cpu_outs) = run_on(
+                    rrt_node::Device::Cpu,
+                    s,
+                    load_model(path)?,
+                    cfg.clone(),
+                    &reqs,
+                    schedules.as_deref(),
+                    c,
+                )?;
+                let host = load_model(path)?;
+                let cmp = compare_outputs(&host, s, c, &reqs, &outs, &cpu_outs, a.tie_tolerance)?;
+                eprintln!(
+                    "{} c={} vs cpu: {}/{} requests identical, {}/{} tokens before divergence, {} failure(s)",
+                    s, c, cmp.identical, cmp.requests, cmp.matched_tokens, cmp.tokens, cmp.failures
+                );
+                comparisons.push(cmp);
+            }
             if s == "c" {
                 c_outputs = Some(outs);
             }
@@ -369,7 +465,47 @@ pub fn run(a: EngineArgs) -> Result<()> {
     if !a.json {
         print_table(&lines);
     }
+    if !comparisons.is_empty() {
+        if a.json {
+            for cmp in &comparisons {
+                println!("{}", serde_json::to_string(cmp)?);
+            }
+        } else {
+            print_comparisons(&comparisons, a.tie_tolerance);
+        }
+        let bad: usize = comparisons.iter().map(|c| c.failures).sum();
+        if bad > 0 {
+            bail!("{bad} request(s) diverge from the CPU backend where the CPU model has no near tie");
+        }
+    }
     Ok(())
+}
+
+fn print_comparisons(cmps: &[Comparison], tol: f64) {
+    println!(
+        "\n| setting | concurrency | requests identical | tokens before divergence | divergences (request@position: gap/std) | beyond tie tolerance {tol} |"
+    );
+    println!("|---|---:|---:|---:|---|---:|");
+    for c in cmps {
+        let divs: Vec<String> = c
+            .divergences
+            .iter()
+            .take(6)
+            .map(|(r, p, g)| format!("{r}@{p}: {g:.4}"))
+            .collect();
+        println!(
+            "| ({}) | {} | {}/{} | {}/{} | {}{} | {} |",
+            c.setting,
+            c.concurrency,
+            c.identical,
+            c.requests,
+            c.matched_tokens,
+            c.tokens,
+            divs.join(", "),
+            if c.divergences.len() > 6 { ", ..." } else { "" },
+            c.failures
+        );
+    }
 }
 
 fn print_table(lines: &[Line]) {

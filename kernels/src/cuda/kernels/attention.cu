@@ -10,23 +10,25 @@
 #define ATT_WARPS 4
 #define ATT_MAXG 8
 
-struct AttnRowDev {
-    int pos;    // the row's position: attends to start..=pos
-    int start;  // first attended position (sliding window)
-    int layer;  // unrolled layer whose keys/values it reads
-    int table;  // offset of its sequence's block table in `tables`
-};
-
+// A row attends to positions start..=pos of unrolled layer depth * shared + k, start = pos + 1 -
+// window when a window is set (window < 0: none); window 0 leaves nothing to attend to, and
+// the output is then 0 (as on the CPU).
 template <int DPL>  // head dimensions per lane: head_dim <= 32 * DPL
 __device__ __forceinline__ void attention_body(const float* __restrict__ qkv, int ld,
-                                               const AttnRowDev* __restrict__ rows,
-                                               const unsigned* __restrict__ tables,
-                                               const float* __restrict__ pool, int n_layers, int block_size,
-                                               int n_kv_heads, int head_dim, int group, float scale,
-                                               float* __restrict__ out) {
+                                               const RowDev* __restrict__ rows,
+                                               const unsigned* __restrict__ tables, int shared, int k,
+                                               int window, const float* __restrict__ pool, int n_layers,
+                                               int block_size, int n_kv_heads, int head_dim, int group,
+                                               float scale, float* __restrict__ out) {
     extern __shared__ float smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const AttnRowDev row = rows[blockIdx.x];
+    const RowDev rd = rows[blockIdx.x];
+    struct {
+        int pos, start, layer;
+    } row;
+    row.pos = rd.pos;
+    row.start = (window >= 0 && rd.pos + 1 > window) ? rd.pos + 1 - window : 0;
+    row.layer = rd.depth * shared + k;
     const int kvh = blockIdx.y;
     const int kvd = n_kv_heads * head_dim;
     const int qd = n_kv_heads * group * head_dim;
@@ -38,7 +40,7 @@ __device__ __forceinline__ void attention_body(const float* __restrict__ qkv, in
     for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) qs[i] = q[i] * scale;
     __syncthreads();
 
-    const unsigned* table = tables + row.table;
+    const unsigned* table = tables + rd.table;
     const bool vec = (head_dim & 3) == 0;
     float m[ATT_MAXG], l[ATT_MAXG], acc[ATT_MAXG][DPL];
 #pragma unroll
@@ -150,15 +152,17 @@ __device__ __forceinline__ void attention_body(const float* __restrict__ qkv, in
             num = fmaf(f, pacc[(w * group + g) * head_dim + d], num);
             den = fmaf(f, pl[w * group + g], den);
         }
-        out[(size_t)blockIdx.x * qd + (size_t)(kvh * group + g) * head_dim + d] = num / den;
+        out[(size_t)blockIdx.x * qd + (size_t)(kvh * group + g) * head_dim + d] = den > 0.0f ? num / den : 0.0f;
     }
 }
 
 #define ATTN_PARAMS                                                                                   \
-    const float* __restrict__ qkv, int ld, const AttnRowDev* __restrict__ rows,                      \
-        const unsigned* __restrict__ tables, const float* __restrict__ pool, int n_layers, int block_size, \
-        int n_kv_heads, int head_dim, int group, float scale, float* __restrict__ out
-#define ATTN_ARGS qkv, ld, rows, tables, pool, n_layers, block_size, n_kv_heads, head_dim, group, scale, out
+    const float* __restrict__ qkv, int ld, const RowDev* __restrict__ rows,                          \
+        const unsigned* __restrict__ tables, int shared, int k, int window, const float* __restrict__ pool, \
+        int n_layers, int block_size, int n_kv_heads, int head_dim, int group, float scale,             \
+        float* __restrict__ out
+#define ATTN_ARGS \
+    qkv, ld, rows, tables, shared, k, window, pool, n_layers, block_size, n_kv_heads, head_dim, group, scale, out
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * WARP) attention_f32_d2(ATTN_PARAMS) {
     attention_body<2>(ATTN_ARGS);

@@ -1,5 +1,7 @@
-// Element-wise kernels: SwiGLU, embedding lookup, and one gather/scatter of vectors by offset
-// lists that serves copy_rows, KV writes (exited tokens' fills included), KV export and import.
+// Element-wise kernels: SwiGLU, embedding lookup, the KV write of a pass's rows (slots computed
+// here from the rows' positions, depths and block tables: no per-layer metadata), and one
+// gather/scatter of vectors by offset lists that serves copy_rows, KV writes outside a pass,
+// KV export and import.
 
 // out[i, c] = silu(gu[i, c]) * gu[i, inter + c] over `n` rows.
 extern "C" __global__ void silu_mul_f32(const float* __restrict__ gu, int n, int inter, float* __restrict__ out) {
@@ -39,4 +41,22 @@ extern "C" __global__ void copy_vecs_f32(float* __restrict__ dst, const i64* __r
     const float* s = src + src_off[blockIdx.x];
     float* d = dst + dst_off[blockIdx.x];
     for (int i = threadIdx.x; i < len; i += blockDim.x) d[i] = s[i];
+}
+
+// The keys and values of a pass's rows at shared layer k: row i's key (kvd floats from column
+// k_col0 of src, row stride ld) and value (from v_col0) go to its slot of unrolled layer
+// depth * shared + k. Pool layout [block][layer][k|v][slot][kvd]. One block per row.
+extern "C" __global__ void kv_write_rows_f32(float* __restrict__ pool, const RowDev* __restrict__ rows,
+                                             const unsigned* __restrict__ tables, int shared, int k, int n_layers,
+                                             int block_size, int kvd, const float* __restrict__ src, int ld,
+                                             int k_col0, int v_col0) {
+    const RowDev r = rows[blockIdx.x];
+    const i64 blk = tables[r.table + r.pos / block_size];
+    const i64 layer = (i64)r.depth * shared + k;
+    const i64 base = ((blk * n_layers + layer) * 2 * block_size + r.pos % block_size) * (i64)kvd;
+    const float* s = src + (size_t)blockIdx.x * ld;
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
+        pool[base + i] = s[k_col0 + i];
+        pool[base + (i64)block_size * kvd + i] = s[v_col0 + i];
+    }
 }

@@ -1,7 +1,9 @@
 // The fused shared + per-depth LoRA product (kernels/NOTES.md has the design):
 //   y (+)= x W^T + bias, then y[rows of depth d, entry columns] += (x A_d^T) B_d^T.
-// - lora_shrink_*: t[row, entry, 0..rank) = x_row A_{entry, adapter(row)}^T for groups of up
-//   to 8 rows of one adapter: each warp streams one row of A once for all rows of its task.
+// - lora_shrink_*: t[row, entry, 0..rank) = x_row A_{entry, adapter(row)}^T, every depth group
+//   and entry in one launch: items of up to 8 rows of one adapter on the warp path (each warp
+//   streams one row of A once for all rows of its item), tiles of up to 64 rows of long groups
+//   on the tensor cores (the same mma tile as the product, with W = A).
 // - linear_gemv_*_rN: decode-sized products (n <= N <= 16 rows). Each warp streams 2 rows of W
 //   with 16-byte loads and serves every row of x; the LoRA expand of each row's own adapter is
 //   added before the warp reduction; split-K over gridDim.y with a deterministic fix-up.
@@ -24,7 +26,7 @@ struct LoraDesc {
 
 struct LoraArgs {
     u64 descs;        // const LoraDesc*: [entry * n_adapters + adapter]
-    u64 row_adapter;  // const int*: adapter of each row
+    u64 row_adapter;  // const int*: adapter of each row (-1: none)
     u64 t;            // float*: shrink results, t[row * ldt + entry * rmax + q]
     int ldt;
     int rmax;
@@ -41,12 +43,19 @@ struct SplitArgs {
     int pad_;
 };
 
-struct ShrinkTask {
+struct ShrinkItem {
     int row0;
     int rows;
-    int entry;
     int adapter;
+    int pad_;
 };
+
+// The descriptor of (entry, row adapter `a`), or null when the row has none there.
+__device__ __forceinline__ const LoraDesc* lora_desc(const LoraArgs& la, int e, int a) {
+    if (a < 0 || a >= la.n_adapters) return nullptr;
+    const LoraDesc* d = reinterpret_cast<const LoraDesc*>(la.descs) + e * la.n_adapters + a;
+    return d->a == 0 ? nullptr : d;
+}
 
 // ---------------------------------------------------------------------------------------------
 // LoRA shrink for decode-sized groups.
@@ -54,15 +63,17 @@ struct ShrinkTask {
 #define SHRINK_ROWS 8
 #define SHRINK_WARPS 8
 
+// The warp path: block (item, entry * rank_blocks + rb), warp w computes rank row
+// rb * SHRINK_WARPS + w for the item's rows.
 template <class W>
-__device__ __forceinline__ void lora_shrink_body(const float* __restrict__ x, int ldx, int k,
-                                                 const ShrinkTask* __restrict__ tasks,
-                                                 const LoraArgs& la) {
+__device__ __forceinline__ void lora_shrink_warps(const float* __restrict__ x, int ldx, int k, const ShrinkItem item,
+                                                  int e, int rb, const LoraArgs& la) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const ShrinkTask task = tasks[blockIdx.x];
-    const LoraDesc d = reinterpret_cast<const LoraDesc*>(la.descs)[task.entry * la.n_adapters + task.adapter];
-    const int q = blockIdx.y * SHRINK_WARPS + warp;
-    if (d.a == 0 || q >= d.rank) return;
+    const LoraDesc* dp = lora_desc(la, e, item.adapter);
+    if (dp == nullptr) return;
+    const LoraDesc d = *dp;
+    const int q = rb * SHRINK_WARPS + warp;
+    if (q >= d.rank) return;
     const u16* ar = reinterpret_cast<const u16*>(d.a) + (size_t)q * d.lda;
     const bool vec = (ldx & 3) == 0;
     float acc[SHRINK_ROWS];
@@ -73,23 +84,23 @@ __device__ __forceinline__ void lora_shrink_body(const float* __restrict__ x, in
         unpack8<W>(__ldg(reinterpret_cast<const uint4*>(ar + kk)), wf);
 #pragma unroll
         for (int i = 0; i < SHRINK_ROWS; ++i) {
-            if (i < task.rows) {
+            if (i < item.rows) {
                 float xv[8];
-                load_x8(x + (size_t)(task.row0 + i) * ldx, kk, k, vec, xv);
+                load_x8(x + (size_t)(item.row0 + i) * ldx, kk, k, vec, xv);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc[i] = fmaf(xv[e], wf[e], acc[i]);
+                for (int el = 0; el < 8; ++el) acc[i] = fmaf(xv[el], wf[el], acc[i]);
             }
         }
     }
     float mine = 0.0f;
 #pragma unroll
     for (int i = 0; i < SHRINK_ROWS; ++i) {
-        const float s = warp_sum(acc[i]);
-        if (lane == i) mine = s;
+        const float sum = warp_sum(acc[i]);
+        if (lane == i) mine = sum;
     }
-    if (lane < task.rows) {
+    if (lane < item.rows) {
         float* t = reinterpret_cast<float*>(la.t);
-        t[(size_t)(task.row0 + lane) * la.ldt + task.entry * la.rmax + q] = mine;
+        t[(size_t)(item.row0 + lane) * la.ldt + e * la.rmax + q] = mine;
     }
 }
 
@@ -145,7 +156,6 @@ __device__ __forceinline__ void linear_gemv_body(const float* __restrict__ x, in
 
     // LoRA expand of each row's own adapter (the first split only).
     if (z == 0) {
-        const LoraDesc* descs = reinterpret_cast<const LoraDesc*>(la.descs);
         const int* row_adapter = reinterpret_cast<const int*>(la.row_adapter);
         const float* t = reinterpret_cast<const float*>(la.t);
 #pragma unroll
@@ -158,8 +168,9 @@ __device__ __forceinline__ void linear_gemv_body(const float* __restrict__ x, in
 #pragma unroll
                         for (int i = 0; i < NR; ++i) {
                             if (i < n) {
-                                const LoraDesc d = descs[e * la.n_adapters + row_adapter[i]];
-                                if (d.b != 0) {
+                                const LoraDesc* dp = lora_desc(la, e, row_adapter[i]);
+                                if (dp != nullptr) {
+                                    const LoraDesc d = *dp;
                                     const float* tr = t + (size_t)i * la.ldt + e * la.rmax;
                                     const u16* br = reinterpret_cast<const u16*>(d.b) + (size_t)jj * d.ldb;
                                     float s = 0.0f;
@@ -365,11 +376,10 @@ __device__ __forceinline__ void linear_mma_body(const float* __restrict__ x, int
         __syncthreads();
         if (threadIdx.x < MMA_BM && row0 + (int)threadIdx.x < n) {
             const int a = row_adapter[row0 + threadIdx.x];
-            if (a >= 0 && a < 64) atomicOr(&s_mask, 1ull << a);
+            if (a >= 0 && a < la.n_adapters && a < 64) atomicOr(&s_mask, 1ull << a);
         }
         __syncthreads();
         const unsigned long long mask = s_mask;
-        const LoraDesc* descs = reinterpret_cast<const LoraDesc*>(la.descs);
 #pragma unroll
         for (int e = 0; e < MAX_ENTRIES; ++e) {
             if (e >= la.n_entries) break;
@@ -377,8 +387,9 @@ __device__ __forceinline__ void linear_mma_body(const float* __restrict__ x, int
             if (jhi <= col0 || jlo >= col0 + MMA_BN) continue;
             for (unsigned long long mm = mask; mm != 0ull; mm &= mm - 1ull) {
                 const int a = __ffsll((long long)mm) - 1;
-                const LoraDesc d = descs[e * la.n_adapters + a];
-                if (d.b == 0) continue;
+                const LoraDesc* dp = lora_desc(la, e, a);
+                if (dp == nullptr) continue;
+                const LoraDesc d = *dp;
                 LoraLoader ll{reinterpret_cast<const float*>(la.t), la.ldt, e * la.rmax, row_adapter, a, n, row0,
                               reinterpret_cast<const u16*>(d.b), d.ldb, d.rank, jlo, jhi, col0};
                 mma_phase<W>(ll, (d.rank + MMA_BK - 1) / MMA_BK, sm, acc);
@@ -453,6 +464,67 @@ __device__ __forceinline__ void linear_mma_body(const float* __restrict__ x, int
 }
 
 // ---------------------------------------------------------------------------------------------
+// LoRA shrink, one launch for every group and entry. Blocks [0, n_small) take the warp items,
+// the rest the tensor-core tiles; blockIdx.y = entry * per_entry + (rank block or column tile).
+// Every early return below is uniform across the block (it depends on block indices and the
+// descriptor only), so the tile path's barriers are reached by all threads or none.
+
+template <class W>
+__device__ __forceinline__ void lora_shrink_tile(const float* __restrict__ x, int ldx, int k, const ShrinkItem tile,
+                                                 int e, int ct, const LoraArgs& la, MmaSmem& sm) {
+    const LoraDesc* dp = lora_desc(la, e, tile.adapter);
+    if (dp == nullptr) return;
+    const LoraDesc d = *dp;
+    if (ct * MMA_BN >= d.rank) return;
+    float acc[2][4][4];
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.0f;
+    const float* xt = x + (size_t)tile.row0 * ldx;
+    MainLoader ml{xt, ldx, tile.rows, reinterpret_cast<const u16*>(d.a), d.lda, d.rank, 0, k, 0, ct * MMA_BN,
+                  (ldx & 3) == 0};
+    mma_phase<W>(ml, (k + MMA_BK - 1) / MMA_BK, sm, acc);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t2 = (lane & 3) * 2;
+    const int wm = warp & 1, wn = warp >> 1;
+    float* t = reinterpret_cast<float*>(la.t);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = wm * 32 + mt * 16 + g + 8 * h;
+                if (r >= tile.rows) continue;
+#pragma unroll
+                for (int u = 0; u < 2; ++u) {
+                    const int q = ct * MMA_BN + wn * 32 + nt * 8 + t2 + u;
+                    if (q < d.rank) t[(size_t)(tile.row0 + r) * la.ldt + e * la.rmax + q] = acc[mt][nt][2 * h + u];
+                }
+            }
+}
+
+template <class W>
+__device__ __forceinline__ void lora_shrink_body(const float* __restrict__ x, int ldx, int k,
+                                                 const ShrinkItem* __restrict__ small, int n_small,
+                                                 const ShrinkItem* __restrict__ tiles, int rank_blocks,
+                                                 int col_tiles, const LoraArgs& la) {
+    __shared__ __align__(16) MmaSmem sm;
+    if ((int)blockIdx.x < n_small) {
+        const int e = blockIdx.y / rank_blocks, rb = blockIdx.y % rank_blocks;
+        if (e >= la.n_entries) return;
+        lora_shrink_warps<W>(x, ldx, k, small[blockIdx.x], e, rb, la);
+    } else {
+        const int e = blockIdx.y / col_tiles, ct = blockIdx.y % col_tiles;
+        if (e >= la.n_entries) return;
+        lora_shrink_tile<W>(x, ldx, k, tiles[blockIdx.x - n_small], e, ct, la, sm);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Entry points: {op}_{weight type}[_r{rows}].
 
 #define LINEAR_PARAMS                                                                          \
@@ -483,11 +555,14 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) linear_mma_f16(LINEAR_
     linear_mma_body<WF16>(LINEAR_ARGS);
 }
 
-extern "C" __global__ void __launch_bounds__(SHRINK_WARPS * WARP)
-    lora_shrink_bf16(const float* __restrict__ x, int ldx, int k, const ShrinkTask* __restrict__ tasks, LoraArgs la) {
-    lora_shrink_body<WBf16>(x, ldx, k, tasks, la);
+#define SHRINK_PARAMS                                                                              \
+    const float* __restrict__ x, int ldx, int k, const ShrinkItem* __restrict__ small, int n_small,   \
+        const ShrinkItem* __restrict__ tiles, int rank_blocks, int col_tiles, LoraArgs la
+#define SHRINK_ARGS x, ldx, k, small, n_small, tiles, rank_blocks, col_tiles, la
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) lora_shrink_bf16(SHRINK_PARAMS) {
+    lora_shrink_body<WBf16>(SHRINK_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(SHRINK_WARPS * WARP)
-    lora_shrink_f16(const float* __restrict__ x, int ldx, int k, const ShrinkTask* __restrict__ tasks, LoraArgs la) {
-    lora_shrink_body<WF16>(x, ldx, k, tasks, la);
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) lora_shrink_f16(SHRINK_PARAMS) {
+    lora_shrink_body<WF16>(SHRINK_ARGS);
 }

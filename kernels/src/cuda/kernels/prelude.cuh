@@ -11,6 +11,15 @@ typedef long long i64;
 typedef unsigned long long u64;
 
 #define WARP 32
+
+// One row of a pass (the attention and KV-write kernels): its unrolled layer at shared layer
+// k is depth * shared + k; its block table starts at `table` in the pass's table array.
+struct RowDev {
+    int pos;
+    int depth;
+    int table;
+    int pad_;
+};
 #define NEG_INF (__int_as_float(0xff800000))
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }

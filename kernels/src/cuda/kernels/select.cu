@@ -82,9 +82,16 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 // the argmax id, the largest and second-largest values (the same order as above: a repeated
 // maximum is its own second) and sum_j exp(x_j - max) accumulated in double (NaN counts as
 // -inf, contributing 0).
+struct HeadTopDev {
+    unsigned id;
+    float top;
+    float second;
+    unsigned pad_;
+    double sum_exp;
+};
+
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
-    head_top_rows_f32(const float* __restrict__ logits, int vocab, unsigned* __restrict__ ids,
-                      float* __restrict__ top2, double* __restrict__ sums) {
+    head_top_rows_f32(const float* __restrict__ logits, int vocab, HeadTopDev* __restrict__ out) {
     const float* x = logits + (size_t)blockIdx.x * vocab;
     float v1, v2;
     unsigned i1, i2;
@@ -105,9 +112,12 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         double t = 0.0;
 #pragma unroll
         for (int w = 0; w < SEL_THREADS / 32; ++w) t += ss[w];
-        ids[blockIdx.x] = i1;
-        top2[2 * (size_t)blockIdx.x] = v1;
-        top2[2 * (size_t)blockIdx.x + 1] = v2;
-        sums[blockIdx.x] = t;
+        HeadTopDev h;
+        h.id = i1;
+        h.top = v1;
+        h.second = v2;
+        h.pad_ = 0u;
+        h.sum_exp = t;
+        out[blockIdx.x] = h;
     }
 }
