@@ -35,6 +35,18 @@ if [[ "${1:-}" == "--build" ]]; then
     # Without debug sections: the two binaries go from 175 MB to 26 MB (a GPU call carries
     # 64 MiB in all).
     strip target/gpu-check/gpu_check target/gpu-check/rrt
+    # The kernels as sm_90 machine code, compiled here by the same NVRTC (13.0.88, from PyPI via
+    # scripts/check-kernels.sh's .venv-cuda) the GPU machine has: its check then loads them from
+    # this cache instead of compiling (the cache key holds the NVRTC version: another version
+    # there just compiles again).
+    nvrtc_lib="$(ls -d "$root"/.venv-cuda/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1)"
+    rm -rf target/gpu-check/kernel-cache
+    if [[ -n "$nvrtc_lib" ]]; then
+        LD_LIBRARY_PATH="$nvrtc_lib" RRT_KERNEL_CACHE="$root/target/gpu-check/kernel-cache" \
+            target/gpu-check/gpu_check --precompile 9.0
+    else
+        echo "no .venv-cuda (scripts/check-kernels.sh makes it): the GPU machine will compile the kernels"
+    fi
     # SmolLM2's architecture, tokenizer and chat template (not its weights: the model files
     # exceed what a GPU call can carry), for the end-to-end part on random weights.
     like="${RRT_LIKE:-$root/models/SmolLM2-135M-Instruct-teacher-b1}"
@@ -118,7 +130,13 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 out="${GPU_CHECK_OUT:-/tmp/gpu-check-out}"
 mkdir -p "$out"
 export RRT_CHECK_OUT="$out"
-export RRT_KERNEL_CACHE="${RRT_KERNEL_CACHE:-/tmp/rrt-kernel-cache}"
+# The kernel cache shipped with the binaries (see --build), else a fresh one.
+if [[ -z "${RRT_KERNEL_CACHE:-}" ]]; then
+    RRT_KERNEL_CACHE=/tmp/rrt-kernel-cache
+    mkdir -p "$RRT_KERNEL_CACHE"
+    [[ -d "$(dirname "$bin")/kernel-cache" ]] && cp "$(dirname "$bin")"/kernel-cache/*.cubin "$RRT_KERNEL_CACHE"/ 2>/dev/null
+fi
+export RRT_KERNEL_CACHE
 export RRT_CHECK_BUDGET_S="${RRT_CHECK_BUDGET_S:-240}"
 timeout 300 "$bin"
 rc=$?
@@ -141,16 +159,24 @@ if [[ -x "$rrt_bin" && -f "$like/rrt_checkpoint.json" ]] && command -v python3 >
         echo "gpu-check: could not write the random checkpoints"
         exit 1
     fi
-    echo "gpu-check: engine tokens, cuda:0 against cpu"
-    timeout 150 "$rrt_bin" bench engine --device cuda:0 --compare-cpu --model "$e2e/rand-b1" --checkpoint "$e2e/rand-b3" \
-        --settings a,c --concurrency 8 --requests 16 --max-tokens 24,40 --text data/calibration.txt \
-        | tee "$out/tokens.md" || { echo "gpu-check: token comparison FAILED or timed out"; e2e_rc=1; }
+    # Token comparisons. The GEMV path (16 rows per pass: f32 activations) and f16 weights on
+    # the tensor cores must diverge only at near ties; bf16 activations on the tensor cores
+    # perturb a looped random model more (GPU run 3: gaps up to 0.12 logit std), so that
+    # variant is reported, not judged.
+    cmp=(bench engine --device cuda:0 --compare-cpu --model "$e2e/rand-b1" --checkpoint "$e2e/rand-b3"
+         --settings a,c --concurrency 8 --requests 16 --max-tokens 24,40 --text data/calibration.txt)
+    for v in "bf16 16 0.02" "f16 256 0.02" "bf16 256 1000"; do
+        read -r w rows tol <<<"$v"
+        echo "gpu-check: engine tokens, cuda:0 ($w weights, $rows rows per pass) against cpu, tie tolerance $tol"
+        timeout 120 "$rrt_bin" "${cmp[@]}" --gpu-weights "$w" --max-step-rows "$rows" --tie-tolerance "$tol" \
+            | tee "$out/tokens-$w-$rows.md" || { echo "gpu-check: token comparison FAILED or timed out"; e2e_rc=1; }
+    done
     devices=(cuda:0)
     [[ "${GPU_CHECK_CPU_BENCH:-0}" == 1 ]] && devices+=(cpu)
     for dev in "${devices[@]}"; do
         echo "gpu-check: engine tokens/s, device $dev"
         timeout 120 "$rrt_bin" bench engine --device "$dev" --model "$e2e/rand-b1" --checkpoint "$e2e/rand-b3" \
-            --settings a,c --concurrency 1,8,32 --requests 32 --text data/calibration.txt | tee "$out/engine-$dev.md" \
+            --settings a,c --concurrency 1,8,32 --requests 32 --text data/calibration.txt | tee "$out/engine-${dev%%:*}.md" \
             || { echo "gpu-check: engine run on $dev failed or timed out"; e2e_rc=1; }
     done
 else

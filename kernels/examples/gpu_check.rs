@@ -1264,7 +1264,45 @@ fn write_out(name: &str, text: &str) {
     }
 }
 
+/// `gpu_check --precompile MAJOR.MINOR`: compiles every family for that compute capability
+/// into the kernel cache (`RRT_KERNEL_CACHE`) and exits; needs NVRTC, no GPU. The build
+/// machine fills the cache it ships with the check, so the GPU machine compiles nothing.
+fn precompile(cc: &str) -> ! {
+    let parsed = cc
+        .split_once('.')
+        .and_then(|(a, b)| Some((a.parse::<i32>().ok()?, b.parse::<i32>().ok()?)));
+    let Some(cc) = parsed else {
+        eprintln!("--precompile takes a compute capability such as 9.0");
+        std::process::exit(2);
+    };
+    let t = Instant::now();
+    match rrt_kernels::cuda::compile_all(cc) {
+        Ok(imgs) => {
+            let fresh = imgs.iter().filter(|i| !i.from_cache).count();
+            println!(
+                "precompiled {} families for sm_{}{} ({} compiled, {} already cached) in {:.1} s into {}",
+                imgs.len(),
+                cc.0,
+                cc.1,
+                fresh,
+                imgs.len() - fresh,
+                t.elapsed().as_secs_f64(),
+                rrt_kernels::cuda::cache_dir().map_or("(no cache)".into(), |d| d.display().to_string())
+            );
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("precompile failed: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "--precompile") {
+        precompile(args.get(2).map_or("9.0", String::as_str));
+    }
     let start = Instant::now();
     println!("== rrt-kernels CUDA backend check ==");
     println!(

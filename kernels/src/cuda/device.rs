@@ -31,7 +31,7 @@ use super::ffi::{Arena, HeadTopDev, LoraArgs, LoraDesc, RowDev, ShrinkItem, Spli
 use super::plan::{
     EntryShape, MAX_WORKSPACE_FLOATS, ProductKernel, RowPlan, SPLIT_COUNTERS, attention_dims_per_lane,
     attention_smem_bytes, kv_export_offsets, kv_write_offsets, padded_ld, plan_call, plan_product, plan_rows,
-    row_offsets,
+    plan_shrink_splits, row_offsets,
 };
 use super::{CudaError, DeviceInfo};
 use crate::attention::{AttnRow, AttnShape, KvLayout};
@@ -693,9 +693,13 @@ impl CudaBackend {
                 }
             }
             let descs_p = self.desc_table(&descs)?;
+            let blocks = plan.small.len() + plan.tiles.len();
+            let per_entry = call.rank_blocks.max(call.col_tiles);
+            let (splits, k_chunk) =
+                plan_shrink_splits(blocks * entries.len() * per_entry, k, self.info.multiprocessors);
             let t = {
                 let mut scratch = lock(&self.scratch);
-                let need = n * call.ldt;
+                let need = splits * n * call.ldt;
                 if scratch.t.as_ref().is_none_or(|t| t.len() < need) {
                     scratch.t = None;
                     scratch.t = Some(self.alloc_f32(need.next_power_of_two())?);
@@ -712,30 +716,32 @@ impl CudaBackend {
                 n_adapters: na as i32,
                 col0: [0; 4],
                 cols: [0; 4],
+                t_splits: splits as i32,
+                t_stride: i32_of(n * call.ldt, "t stride")?,
             };
             for (i, e) in entries.iter().enumerate() {
                 la.col0[i] = i32_of(e.col0, "col0")?;
                 la.cols[i] = i32_of(e.cols, "cols")?;
             }
-            let blocks = plan.small.len() + plan.tiles.len();
             if blocks > 0 {
                 let name = match self.wt {
                     WeightType::Bf16 => "lora_shrink_bf16",
                     WeightType::F16 => "lora_shrink_f16",
                 };
-                let per_entry = call.rank_blocks.max(call.col_tiles);
                 let cfg = LaunchConfig {
-                    grid_dim: (blocks as u32, (entries.len() * per_entry) as u32, 1),
+                    grid_dim: (blocks as u32, (entries.len() * per_entry) as u32, splits as u32),
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: 0,
                 };
                 let (ldx, k_) = (i32_of(k, "in_dim")?, i32_of(k, "in_dim")?);
                 let n_small = plan.small.len() as i32;
                 let (rb, ct) = (call.rank_blocks as i32, call.col_tiles as i32);
+                let kc = i32_of(k_chunk, "k chunk")?;
                 let mut b = self.stream.launch_builder(self.func(name)?);
                 b.arg(&xp)
                     .arg(&ldx)
                     .arg(&k_)
+                    .arg(&kc)
                     .arg(&dev.small)
                     .arg(&n_small)
                     .arg(&dev.tiles)

@@ -28,6 +28,9 @@ pub struct LoraArgs {
     pub n_adapters: i32,
     pub col0: [i32; 4],
     pub cols: [i32; 4],
+    /// Shrink splits of K: `t` holds this many partials, `t_stride` floats apart.
+    pub t_splits: i32,
+    pub t_stride: i32,
 }
 
 /// `SplitArgs` of linear.cu, passed by value.
@@ -125,7 +128,7 @@ mod tests {
     #[test]
     fn struct_sizes_match_the_cuda_layouts() {
         assert_eq!(std::mem::size_of::<LoraDesc>(), 32);
-        assert_eq!(std::mem::size_of::<LoraArgs>(), 72);
+        assert_eq!(std::mem::size_of::<LoraArgs>(), 80);
         assert_eq!(std::mem::size_of::<SplitArgs>(), 24);
         assert_eq!(std::mem::size_of::<ShrinkItem>(), 16);
         assert_eq!(std::mem::size_of::<RowDev>(), 16);

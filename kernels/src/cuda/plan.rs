@@ -25,6 +25,12 @@ pub const SHRINK_ROWS: usize = 8;
 pub const SHRINK_WARPS: usize = 8;
 /// Groups at least this long get their shrink from the tensor-core kernel.
 pub const SHRINK_MMA_MIN_ROWS: usize = 64;
+/// K elements per shrink split: a multiple of the warp path's stride (32 lanes x 8) and of
+/// the tensor-core K step; at least this many per split keep a split's work above its cost.
+pub const SHRINK_K_UNIT: usize = 256;
+pub const SHRINK_MIN_K_PER_SPLIT: usize = 1024;
+/// Most splits of K in one shrink launch.
+pub const MAX_SHRINK_SPLITS: usize = 16;
 /// LoRA column entries one product can carry (q, k, v: 3; gate, up: 2).
 pub const MAX_ENTRIES: usize = 4;
 /// Adapters (loop depths) one product can distinguish (a 64-bit mask in the tensor-core tile).
@@ -240,6 +246,20 @@ pub fn plan_call(rows: &RowPlan, entries: &[EntryShape]) -> Result<Option<LoraCa
     }))
 }
 
+/// Splits of K for a shrink launch of `blocks` blocks (per split) over `k` inputs on a device
+/// with `sms` multiprocessors: `(splits, k_chunk)`. A long K with few blocks (a decode shrink of
+/// a 16384-wide `down`: a handful of blocks each streaming 32 KiB rows) is split so the launch
+/// fills the device; each split writes its own partial `t`, and the products sum the partials
+/// in split order when they read `t` (deterministic, no atomics).
+pub fn plan_shrink_splits(blocks: usize, k: usize, sms: usize) -> (usize, usize) {
+    let by_k = (k / SHRINK_MIN_K_PER_SPLIT).max(1);
+    let by_fill = (2 * sms).div_ceil(blocks.max(1));
+    let splits = by_k.min(by_fill).clamp(1, MAX_SHRINK_SPLITS);
+    let k_chunk = k.div_ceil(splits).div_ceil(SHRINK_K_UNIT) * SHRINK_K_UNIT;
+    let k_chunk = k_chunk.max(SHRINK_K_UNIT);
+    (k.div_ceil(k_chunk).max(1), k_chunk)
+}
+
 /// Row stride of a resident 16-bit matrix: rows padded to 8 elements (16 bytes) so every row
 /// starts aligned for the kernels' vector loads; the padding holds zeros.
 pub fn padded_ld(in_dim: usize) -> usize {
@@ -448,6 +468,30 @@ mod tests {
         );
     }
 
+    /// Shrink splits cover K exactly once in unit multiples; short K or many blocks: no split.
+    #[test]
+    fn shrink_splits_cover_k_and_fill_the_device() {
+        for (blocks, k) in [
+            (1, 16384),
+            (4, 16384),
+            (8, 2048),
+            (300, 16384),
+            (2, 576),
+            (1, 1536),
+            (3, 5),
+            (16, 5632),
+        ] {
+            let (s, kc) = plan_shrink_splits(blocks, k, 132);
+            assert!((1..=MAX_SHRINK_SPLITS).contains(&s), "{blocks} {k}: {s}");
+            assert_eq!(kc % SHRINK_K_UNIT, 0);
+            assert!(s * kc >= k && (s - 1) * kc < k.max(1), "{blocks} {k}: {s} x {kc}");
+        }
+        assert_eq!(plan_shrink_splits(4, 16384, 132).0, 16);
+        assert_eq!(plan_shrink_splits(300, 16384, 132).0, 1);
+        assert_eq!(plan_shrink_splits(2, 576, 132).0, 1);
+        assert_eq!(plan_shrink_splits(2, 2048, 132).0, 2);
+    }
+
     #[test]
     fn call_plan_none_and_limits() {
         let entries = vec![EntryShape {
@@ -579,6 +623,7 @@ mod tests {
             ("MAX_ENTRIES", MAX_ENTRIES),
             ("SHRINK_ROWS", SHRINK_ROWS),
             ("SHRINK_WARPS", SHRINK_WARPS),
+            ("SHRINK_K_UNIT", SHRINK_K_UNIT),
             ("MMA_BM", MMA_BM),
             ("MMA_BN", MMA_BN),
             ("MMA_BK", MMA_BK),

@@ -74,6 +74,9 @@ pub struct EngineArgs {
     /// other divergence fails the command.
     #[arg(long)]
     pub compare_cpu: bool,
+    /// Weight precision on a GPU `--device` (`bf16` or `f16`; f32 accumulation either way).
+    #[arg(long, default_value = "bf16")]
+    pub gpu_weights: String,
     /// Largest logit gap, in standard deviations of the row's logits, accepted as a near tie.
     #[arg(long, default_value_t = 0.02)]
     pub tie_tolerance: f64,
@@ -214,9 +217,11 @@ fn load_model(path: &std::path::Path) -> Result<LoadedModel> {
 
 /// Runs `reqs` through a fresh engine at concurrency `c`; returns the measurement and every
 /// request's output ids.
-/// [`run_setting`] on the backend of `device`.
+/// [`run_setting`] on the backend of `device` (`f16`: f16 weights on a GPU, else bf16).
+#[allow(clippy::too_many_arguments)]
 fn run_on(
     device: rrt_node::Device,
+    f16: bool,
     name: &str,
     lm: LoadedModel,
     cfg: EngineConfig,
@@ -229,11 +234,22 @@ fn run_on(
         rrt_node::Device::Cuda(n) => {
             #[cfg(feature = "cuda")]
             {
-                let b = rrt_kernels::cuda::CudaBackend::new(n).map_err(|e| anyhow::anyhow!("cuda:{n}: {e}"))?;
+                let wt = if f16 {
+                    rrt_kernels::cuda::WeightType::F16
+                } else {
+                    rrt_kernels::cuda::WeightType::Bf16
+                };
+                let b = rrt_kernels::cuda::CudaBackend::with_weight_type(n, wt)
+                    .map_err(|e| anyhow::anyhow!("cuda:{n}: {e}"))?;
                 run_setting(b, name, lm, cfg, reqs, schedules, c)
             }
             #[cfg(not(feature = "cuda"))]
-            bail!("--device cuda:{n}: this rrt was built without CUDA support (cargo build --release --features cuda)")
+            {
+                let _ = f16;
+                bail!(
+                    "--device cuda:{n}: this rrt was built without CUDA support (cargo build --release --features cuda)"
+                )
+            }
         }
     }
 }
@@ -380,6 +396,11 @@ pub fn run(a: EngineArgs) -> Result<()> {
         kv_fill: fill,
         ..Default::default()
     };
+    let f16 = match a.gpu_weights.as_str() {
+        "bf16" => false,
+        "f16" => true,
+        other => bail!("--gpu-weights {other}: expected bf16 or f16"),
+    };
     let mut lines: Vec<Line> = Vec::new();
     let mut comparisons: Vec<Comparison> = Vec::new();
     for &c in &a.concurrency {
@@ -422,7 +443,7 @@ pub fn run(a: EngineArgs) -> Result<()> {
             let mut best: Option<(Line, Vec<Vec<u32>>)> = None;
             for _ in 0..a.reps.max(1) {
                 let lm = load_model(path)?;
-                let r = run_on(a.device, s, lm, cfg.clone(), &reqs, schedules.as_deref(), c)?;
+                let r = run_on(a.device, f16, s, lm, cfg.clone(), &reqs, schedules.as_deref(), c)?;
                 if best.as_ref().is_none_or(|b| r.0.tok_s > b.0.tok_s) {
                     best = Some(r);
                 }
@@ -431,6 +452,7 @@ pub fn run(a: EngineArgs) -> Result<()> {
             if a.compare_cpu && want(s) {
                 let (_, cpu_outs) = run_on(
                     rrt_node::Device::Cpu,
+                    false,
                     s,
                     load_model(path)?,
                     cfg.clone(),

@@ -34,7 +34,28 @@ struct LoraArgs {
     int n_adapters;
     int col0[MAX_ENTRIES];
     int cols[MAX_ENTRIES];
+    int t_splits;  // the shrink's K splits: t holds this many partials ...
+    int t_stride;  // ... this many floats apart; readers sum them in split order
 };
+
+// t[row, entry, q] as the expand reads it: the sum of the shrink's partials in split order.
+__device__ __forceinline__ float t_value(const float* t, const LoraArgs& la, size_t idx) {
+    float v = t[idx];
+    for (int z = 1; z < la.t_splits; ++z) v += t[idx + (size_t)z * la.t_stride];
+    return v;
+}
+
+__device__ __forceinline__ float4 t_value4(const float* t, int splits, int stride, size_t idx, int q, int rank) {
+    float4 v = load_x4(t + idx, q, rank, true);
+    for (int z = 1; z < splits; ++z) {
+        const float4 w = load_x4(t + idx + (size_t)z * stride, q, rank, true);
+        v.x += w.x;
+        v.y += w.y;
+        v.z += w.z;
+        v.w += w.w;
+    }
+    return v;
+}
 
 struct SplitArgs {
     u64 ws;        // float*: splits x n x m partial sums
@@ -62,12 +83,13 @@ __device__ __forceinline__ const LoraDesc* lora_desc(const LoraArgs& la, int e, 
 
 #define SHRINK_ROWS 8
 #define SHRINK_WARPS 8
+#define SHRINK_K_UNIT 256
 
 // The warp path: block (item, entry * rank_blocks + rb), warp w computes rank row
 // rb * SHRINK_WARPS + w for the item's rows.
 template <class W>
-__device__ __forceinline__ void lora_shrink_warps(const float* __restrict__ x, int ldx, int k, const ShrinkItem item,
-                                                  int e, int rb, const LoraArgs& la) {
+__device__ __forceinline__ void lora_shrink_warps(const float* __restrict__ x, int ldx, int kb, int ke,
+                                                  const ShrinkItem item, int e, int rb, const LoraArgs& la) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const LoraDesc* dp = lora_desc(la, e, item.adapter);
     if (dp == nullptr) return;
@@ -79,14 +101,14 @@ __device__ __forceinline__ void lora_shrink_warps(const float* __restrict__ x, i
     float acc[SHRINK_ROWS];
 #pragma unroll
     for (int i = 0; i < SHRINK_ROWS; ++i) acc[i] = 0.0f;
-    for (int kk = lane * 8; kk < k; kk += WARP * 8) {
+    for (int kk = kb + lane * 8; kk < ke; kk += WARP * 8) {
         float wf[8];
         unpack8<W>(__ldg(reinterpret_cast<const uint4*>(ar + kk)), wf);
 #pragma unroll
         for (int i = 0; i < SHRINK_ROWS; ++i) {
             if (i < item.rows) {
                 float xv[8];
-                load_x8(x + (size_t)(item.row0 + i) * ldx, kk, k, vec, xv);
+                load_x8(x + (size_t)(item.row0 + i) * ldx, kk, ke, vec, xv);
 #pragma unroll
                 for (int el = 0; el < 8; ++el) acc[i] = fmaf(xv[el], wf[el], acc[i]);
             }
@@ -99,7 +121,7 @@ __device__ __forceinline__ void lora_shrink_warps(const float* __restrict__ x, i
         if (lane == i) mine = sum;
     }
     if (lane < item.rows) {
-        float* t = reinterpret_cast<float*>(la.t);
+        float* t = reinterpret_cast<float*>(la.t) + (size_t)blockIdx.z * la.t_stride;
         t[(size_t)(item.row0 + lane) * la.ldt + e * la.rmax + q] = mine;
     }
 }
@@ -171,10 +193,11 @@ __device__ __forceinline__ void linear_gemv_body(const float* __restrict__ x, in
                                 const LoraDesc* dp = lora_desc(la, e, row_adapter[i]);
                                 if (dp != nullptr) {
                                     const LoraDesc d = *dp;
-                                    const float* tr = t + (size_t)i * la.ldt + e * la.rmax;
+                                    const size_t tr = (size_t)i * la.ldt + e * la.rmax;
                                     const u16* br = reinterpret_cast<const u16*>(d.b) + (size_t)jj * d.ldb;
                                     float s = 0.0f;
-                                    for (int q = lane; q < d.rank; q += WARP) s = fmaf(tr[q], W::load(br[q]), s);
+                                    for (int q = lane; q < d.rank; q += WARP)
+                                        s = fmaf(t_value(t, la, tr + q), W::load(br[q]), s);
                                     acc[i][r] += s;
                                 }
                             }
@@ -260,6 +283,7 @@ struct MainLoader {
 // (other rows zero) and the same 32 columns of B for the tile's columns inside the entry.
 struct LoraLoader {
     const float* t;
+    int t_splits, t_stride;
     int ldt, toff;
     const int* row_adapter;
     int adapter, n, row0;
@@ -271,9 +295,8 @@ struct LoraLoader {
         for (int s = 0; s < 2; ++s) {
             const int idx = threadIdx.x + MMA_THREADS * s;
             const int r = row0 + (idx >> 3), qq = q0 + (idx & 7) * 4;
-            xr[s] = (r < n && row_adapter[r] == adapter)
-                        ? load_x4(t + (size_t)r * ldt + toff, qq, rank, true)
-                        : make_float4(0.f, 0.f, 0.f, 0.f);
+            xr[s] = (r < n && row_adapter[r] == adapter) ? t_value4(t, t_splits, t_stride, (size_t)r * ldt + toff, qq, rank)
+                                                          : make_float4(0.f, 0.f, 0.f, 0.f);
             const int j = col0 + (idx >> 2), qw = q0 + (idx & 3) * 8;
             wr[s] = (j >= jlo && j < jhi && qw < rank)
                         ? __ldg(reinterpret_cast<const uint4*>(b + (size_t)(j - jlo) * ldb + qw))
@@ -390,7 +413,7 @@ __device__ __forceinline__ void linear_mma_body(const float* __restrict__ x, int
                 const LoraDesc* dp = lora_desc(la, e, a);
                 if (dp == nullptr) continue;
                 const LoraDesc d = *dp;
-                LoraLoader ll{reinterpret_cast<const float*>(la.t), la.ldt, e * la.rmax, row_adapter, a, n, row0,
+                LoraLoader ll{reinterpret_cast<const float*>(la.t), la.t_splits, la.t_stride, la.ldt, e * la.rmax, row_adapter, a, n, row0,
                               reinterpret_cast<const u16*>(d.b), d.ldb, d.rank, jlo, jhi, col0};
                 mma_phase<W>(ll, (d.rank + MMA_BK - 1) / MMA_BK, sm, acc);
             }
@@ -470,8 +493,9 @@ __device__ __forceinline__ void linear_mma_body(const float* __restrict__ x, int
 // descriptor only), so the tile path's barriers are reached by all threads or none.
 
 template <class W>
-__device__ __forceinline__ void lora_shrink_tile(const float* __restrict__ x, int ldx, int k, const ShrinkItem tile,
-                                                 int e, int ct, const LoraArgs& la, MmaSmem& sm) {
+__device__ __forceinline__ void lora_shrink_tile(const float* __restrict__ x, int ldx, int kb, int ke,
+                                                 const ShrinkItem tile, int e, int ct, const LoraArgs& la,
+                                                 MmaSmem& sm) {
     const LoraDesc* dp = lora_desc(la, e, tile.adapter);
     if (dp == nullptr) return;
     const LoraDesc d = *dp;
@@ -484,13 +508,13 @@ __device__ __forceinline__ void lora_shrink_tile(const float* __restrict__ x, in
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.0f;
     const float* xt = x + (size_t)tile.row0 * ldx;
-    MainLoader ml{xt, ldx, tile.rows, reinterpret_cast<const u16*>(d.a), d.lda, d.rank, 0, k, 0, ct * MMA_BN,
+    MainLoader ml{xt, ldx, tile.rows, reinterpret_cast<const u16*>(d.a), d.lda, d.rank, kb, ke, 0, ct * MMA_BN,
                   (ldx & 3) == 0};
-    mma_phase<W>(ml, (k + MMA_BK - 1) / MMA_BK, sm, acc);
+    mma_phase<W>(ml, (ke - kb + MMA_BK - 1) / MMA_BK, sm, acc);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t2 = (lane & 3) * 2;
     const int wm = warp & 1, wn = warp >> 1;
-    float* t = reinterpret_cast<float*>(la.t);
+    float* t = reinterpret_cast<float*>(la.t) + (size_t)blockIdx.z * la.t_stride;
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -507,20 +531,23 @@ __device__ __forceinline__ void lora_shrink_tile(const float* __restrict__ x, in
             }
 }
 
+// blockIdx.z is the split of K: inputs [z * k_chunk, min(k, (z + 1) * k_chunk)), written to
+// partial z of t.
 template <class W>
-__device__ __forceinline__ void lora_shrink_body(const float* __restrict__ x, int ldx, int k,
+__device__ __forceinline__ void lora_shrink_body(const float* __restrict__ x, int ldx, int k, int k_chunk,
                                                  const ShrinkItem* __restrict__ small, int n_small,
                                                  const ShrinkItem* __restrict__ tiles, int rank_blocks,
                                                  int col_tiles, const LoraArgs& la) {
     __shared__ __align__(16) MmaSmem sm;
+    const int kb = blockIdx.z * k_chunk, ke = min(k, kb + k_chunk);
     if ((int)blockIdx.x < n_small) {
         const int e = blockIdx.y / rank_blocks, rb = blockIdx.y % rank_blocks;
         if (e >= la.n_entries) return;
-        lora_shrink_warps<W>(x, ldx, k, small[blockIdx.x], e, rb, la);
+        lora_shrink_warps<W>(x, ldx, kb, ke, small[blockIdx.x], e, rb, la);
     } else {
         const int e = blockIdx.y / col_tiles, ct = blockIdx.y % col_tiles;
         if (e >= la.n_entries) return;
-        lora_shrink_tile<W>(x, ldx, k, tiles[blockIdx.x - n_small], e, ct, la, sm);
+        lora_shrink_tile<W>(x, ldx, kb, ke, tiles[blockIdx.x - n_small], e, ct, la, sm);
     }
 }
 
@@ -555,10 +582,10 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) linear_mma_f16(LINEAR_
     linear_mma_body<WF16>(LINEAR_ARGS);
 }
 
-#define SHRINK_PARAMS                                                                              \
-    const float* __restrict__ x, int ldx, int k, const ShrinkItem* __restrict__ small, int n_small,   \
+#define SHRINK_PARAMS                                                                                  \
+    const float* __restrict__ x, int ldx, int k, int k_chunk, const ShrinkItem* __restrict__ small, int n_small, \
         const ShrinkItem* __restrict__ tiles, int rank_blocks, int col_tiles, LoraArgs la
-#define SHRINK_ARGS x, ldx, k, small, n_small, tiles, rank_blocks, col_tiles, la
+#define SHRINK_ARGS x, ldx, k, k_chunk, small, n_small, tiles, rank_blocks, col_tiles, la
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) lora_shrink_bf16(SHRINK_PARAMS) {
     lora_shrink_body<WBf16>(SHRINK_ARGS);
