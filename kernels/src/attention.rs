@@ -222,5 +222,15 @@ mod tests {
         for (g, w) in out[..32].iter().zip(&rw) {
             assert!((*g as f64 - w).abs() < 1e-5);
         }
+        // A window of 0 leaves nothing to attend to: the output is 0, not NaN (the CUDA
+        // kernel follows the same rule; the GPU check compares them).
+        let shape = AttnShape {
+            n_heads,
+            window: Some(0),
+            scale: 0.35,
+        };
+        out.fill(f32::NAN);
+        attention_paged(&q, &rows, &pool, &layout, shape, &mut out);
+        assert!(out.iter().all(|&v| v == 0.0), "{out:?}");
     }
 }
