@@ -822,8 +822,8 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
         // logits + selection + head_top + cosine on up to 64 selected rows; the last selected
         // row is NaN (an all-NaN logit row).
         let sel: Vec<u32> = (0..n.min(64) as u32).map(|i| (i * 7) % n as u32).collect();
-        let lc = cpu.logits(&src, h, &sel, &nw_c, eps, &emb_c);
-        let lg = gpu.logits(&sg, h, &sel, &nw_g, eps, &emb_g);
+        let lc = cpu.logits(&src, h, &sel, Some(&nw_c), eps, &emb_c);
+        let lg = gpu.logits(&sg, h, &sel, Some(&nw_g), eps, &emb_g);
         cx.rep.add(Row {
             op: "logits",
             shape: tag,
@@ -834,7 +834,50 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
             guard: None,
             repeat: None,
         });
-        match gpu.logits_device(&sg, h, &sel, &nw_g, eps, &emb_g) {
+        // Without the final norm (a model whose loop output is already normed).
+        let lc0 = cpu.logits(&src, h, &sel, None, eps, &emb_c);
+        let lg0 = gpu.logits(&sg, h, &sel, None, eps, &emb_g);
+        cx.rep.add(Row {
+            op: "logits (no final norm)",
+            shape: tag,
+            rows: sel.len(),
+            rel: rel_err(&lg0, &lc0),
+            elem: elem_err(&lg0, &lc0),
+            tol: if wt == WeightType::Bf16 { 3e-2 } else { 1e-2 },
+            guard: None,
+            repeat: None,
+        });
+        // The sandwich norm's residual branch: x += rmsnorm(t) * w.
+        let t = rand_vec(cx.rng, n * h, 2.0);
+        let mut xb_c = src.clone();
+        cpu.add_normed_branch(&t, &nw_c, eps, &mut xb_c);
+        let mut xb_g = gpu.buffer(guarded(src.clone()));
+        gpu.add_normed_branch(&gpu.buffer(t), &nw_g, eps, &mut xb_g);
+        let xb = gpu.to_host(&xb_g);
+        cx.rep.add(Row {
+            op: "add_normed_branch",
+            shape: tag,
+            rows: n,
+            rel: rel_err(&xb[..n * h], &xb_c),
+            elem: elem_err(&xb[..n * h], &xb_c),
+            tol: 1e-5,
+            guard: Some(guard_ok(&xb, n * h)),
+            repeat: None,
+        });
+        // The exit gate's dot product.
+        let dc = cpu.dot_rows(&src, h, &sel, &nw_c);
+        let dg = gpu.dot_rows(&sg, h, &sel, &nw_g);
+        cx.rep.add(Row {
+            op: "dot_rows (exit gate)",
+            shape: tag,
+            rows: sel.len(),
+            rel: rel_err(&dg, &dc),
+            elem: elem_err(&dg, &dc),
+            tol: 1e-5,
+            guard: None,
+            repeat: None,
+        });
+        match gpu.logits_device(&sg, h, &sel, Some(&nw_g), eps, &emb_g) {
             Ok(dev) => {
                 let host = gpu.to_host(&dev);
                 let ids = gpu.argmax_rows(&dev, sel.len(), s.vocab).unwrap_or_default();
@@ -924,12 +967,12 @@ fn head_top_check(
     let last = *sel.last().expect("rows selected") as usize;
     x[last * h..(last + 1) * h].fill(f32::NAN);
     let xg = gpu.buffer(x);
-    let logits = match gpu.logits_device(&xg, h, sel, norm, eps, head) {
+    let logits = match gpu.logits_device(&xg, h, sel, Some(norm), eps, head) {
         Ok(l) => gpu.to_host(&l),
         Err(_) => Vec::new(),
     };
     let want: Vec<HeadTop> = logits.chunks_exact(s.vocab).map(HeadTop::from_logits).collect();
-    let got = gpu.head_top(&xg, h, sel, norm, eps, head);
+    let got = gpu.head_top(&xg, h, sel, Some(norm), eps, head);
     let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan();
     let mut err = 0f64;
     let mut bad = got.len() != want.len() || want.len() != sel.len();

@@ -338,17 +338,24 @@ pub trait Backend: Send + Sync + 'static {
     );
     /// `out = silu(gate) * up` for `n` rows, each row of `gu` being `gate | up` (`inter` each).
     fn silu_mul(&self, gu: &Self::Buf, n: usize, inter: usize, out: &mut Self::Buf);
-    /// Final norm and LM head of the rows `select` of `x`: `select.len() x vocab` logits on the
+    /// Final norm (when `norm` is given; a model whose loop output is already normed has none
+    /// here) and LM head of the rows `select` of `x`: `select.len() x vocab` logits on the
     /// host (sampling and exit tests run there).
     fn logits(
         &self,
         x: &Self::Buf,
         width: usize,
         select: &[u32],
-        norm: &Self::Buf,
+        norm: Option<&Self::Buf>,
         eps: f32,
         head: &Self::Mat,
     ) -> Vec<f32>;
+    /// `x[i] += rmsnorm(t[i]) * w` for every row of `t` (`w.len()` wide): a residual branch
+    /// normed before it is added (the second norms of sandwich-norm layers).
+    fn add_normed_branch(&self, t: &Self::Buf, w: &Self::Buf, eps: f32, x: &mut Self::Buf);
+    /// `x[rows[i]] . w` per row (`width` wide, f64 accumulation): a linear exit gate with one
+    /// output, no LM head.
+    fn dot_rows(&self, x: &Self::Buf, width: usize, rows: &[u32], w: &Self::Buf) -> Vec<f32>;
     /// Cosine similarity of row `rows[i]` of `a` and of `b` (width `width`), per row: the
     /// hidden-state saturation exit criterion, which needs no LM head.
     fn cosine_rows(&self, a: &Self::Buf, b: &Self::Buf, width: usize, rows: &[u32]) -> Vec<f32>;
@@ -433,7 +440,7 @@ pub trait Backend: Send + Sync + 'static {
         x: &Self::Buf,
         width: usize,
         select: &[u32],
-        norm: &Self::Buf,
+        norm: Option<&Self::Buf>,
         eps: f32,
         head: &Self::Mat,
     ) -> Vec<HeadTop> {
@@ -689,7 +696,7 @@ impl Backend for CpuBackend {
         x: &Vec<f32>,
         width: usize,
         select: &[u32],
-        norm: &Vec<f32>,
+        norm: Option<&Vec<f32>>,
         eps: f32,
         head: &CpuMatrix,
     ) -> Vec<f32> {
@@ -698,11 +705,32 @@ impl Backend for CpuBackend {
             let r = r as usize;
             picked[i * width..(i + 1) * width].copy_from_slice(&x[r * width..(r + 1) * width]);
         }
-        let mut normed = vec![0f32; picked.len()];
-        rmsnorm(&picked, norm, eps, &mut normed);
+        let normed = match norm {
+            Some(norm) => {
+                let mut normed = vec![0f32; picked.len()];
+                rmsnorm(&picked, norm, eps, &mut normed);
+                normed
+            }
+            None => picked,
+        };
         let mut out = vec![0f32; select.len() * head.out_dim];
         head.matmul(&normed, &mut out, select.len(), MatmulMode::Overwrite);
         out
+    }
+
+    fn add_normed_branch(&self, t: &Vec<f32>, w: &Vec<f32>, eps: f32, x: &mut Vec<f32>) {
+        let mut normed = vec![0f32; t.len()];
+        rmsnorm(t, w, eps, &mut normed);
+        x[..t.len()].iter_mut().zip(&normed).for_each(|(a, b)| *a += b);
+    }
+
+    fn dot_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], w: &Vec<f32>) -> Vec<f32> {
+        rows.iter()
+            .map(|&r| {
+                let r = r as usize;
+                dot_f64(&x[r * width..(r + 1) * width], &w[..width]) as f32
+            })
+            .collect()
     }
 
     fn cosine_rows(&self, a: &Vec<f32>, b: &Vec<f32>, width: usize, rows: &[u32]) -> Vec<f32> {
@@ -713,6 +741,11 @@ impl Backend for CpuBackend {
             })
             .collect()
     }
+}
+
+/// Dot product accumulated in f64.
+pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
 }
 
 /// Cosine similarity in f64 (0 for a zero vector).

@@ -157,6 +157,12 @@ impl Architecture {
     }
 
     fn to_config(&self, path: &Path) -> Result<ModelConfig> {
+        if self.family == crate::config::Family::Ouro {
+            return Err(ModelError::unsupported(
+                path,
+                "an rrt checkpoint of an Ouro model: Ouro is natively looped; serve its Hugging Face directory",
+            ));
+        }
         Ok(ModelConfig {
             family: self.family,
             hidden: self.hidden,
@@ -174,6 +180,7 @@ impl Architecture {
             sliding_window: self.sliding_window,
             qkv_bias: false,
             tie_embeddings: self.tie_embeddings,
+            looped: None,
         })
     }
 }
@@ -369,6 +376,7 @@ pub fn load(dir: &Path) -> Result<LoadedModel> {
                 ffn_norm: src.load(&format!("{p}.ffn_norm"), &[h])?,
                 gate_up: Linear::stack(vec![lin(&format!("{p}.gate"), i, h)?, lin(&format!("{p}.up"), i, h)?]),
                 down: lin(&format!("{p}.down"), h, i)?,
+                branch_norms: None,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -416,6 +424,7 @@ pub fn load(dir: &Path) -> Result<LoadedModel> {
         layers,
         norm: src.load("norm", &[h])?,
         lm_head,
+        exit_gate: None,
     };
     let recursion = Recursion {
         loops: cfg.recursion.loops,

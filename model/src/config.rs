@@ -1,5 +1,10 @@
 //! The architecture hyper-parameters of a Llama-family decoder, read from GGUF metadata or a
 //! Hugging Face `config.json`, validated once.
+//!
+//! A family's structural differences are answered here, by [`ModelConfig`]'s methods
+//! ([`ModelConfig::branch_norms`], [`ModelConfig::loop_end_norm`],
+//! [`ModelConfig::has_exit_gate`]); the forward pass, the engine and the kernels ask those
+//! methods and never match on the family themselves.
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
@@ -14,6 +19,20 @@ pub enum Family {
     Llama,
     Mistral,
     Qwen2,
+    /// ByteDance's Ouro: natively looped (all L layers run `total_ut_steps` times), sandwich
+    /// norms in every layer, the final norm at the end of every loop, a learned exit gate.
+    Ouro,
+}
+
+/// The loop of a natively looped family (Ouro): how many steps it was trained with and its
+/// configured early-exit threshold.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Looped {
+    /// Loop steps (Ouro's `total_ut_steps`): `n_layers` = steps x stored layers.
+    pub steps: usize,
+    /// Exit when the cumulative exit probability reaches this (Ouro's
+    /// `early_exit_threshold`; 1.0 runs every step).
+    pub exit_threshold: f32,
 }
 
 /// Hyper-parameters of a decoder-only Llama-family transformer.
@@ -39,9 +58,37 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// The LM head is the token embedding matrix.
     pub tie_embeddings: bool,
+    /// Natively looped families: `n_layers` counts unrolled layers (steps x stored layers).
+    pub looped: Option<Looped>,
 }
 
 impl ModelConfig {
+    /// Every layer norms each residual branch before adding it (Ouro's `input_layernorm_2` and
+    /// `post_attention_layernorm_2`): `h = x + n2(attn(n1(x)))`, `out = h + n4(mlp(n3(h)))`.
+    pub fn branch_norms(&self) -> bool {
+        self.family == Family::Ouro
+    }
+
+    /// Each loop ends with the final norm, and that normed state is both the loop's output (the
+    /// LM head reads it as it is, with no norm of its own) and the next loop's input.
+    pub fn loop_end_norm(&self) -> bool {
+        self.family == Family::Ouro
+    }
+
+    /// The model carries a learned exit gate (`model.early_exit_gate`: hidden -> 1 with bias)
+    /// read on each loop's output.
+    pub fn has_exit_gate(&self) -> bool {
+        self.family == Family::Ouro
+    }
+
+    /// Layers stored in the weights (`n_layers` / loop steps for a natively looped model).
+    pub fn stored_layers(&self) -> usize {
+        match self.looped {
+            Some(l) if l.steps > 0 => self.n_layers / l.steps,
+            _ => self.n_layers,
+        }
+    }
+
     /// The RoPE table of this model.
     pub fn rope_table(&self) -> rrt_kernels::RopeTable {
         rrt_kernels::RopeTable::new(self.head_dim, self.rope_dim, self.rope_theta, &self.rope_scaling)
@@ -67,7 +114,7 @@ impl ModelConfig {
             + bias
             + self.q_dim() * self.hidden
             + 3 * self.hidden * self.intermediate
-            + 2 * self.hidden
+            + if self.branch_norms() { 4 } else { 2 } * self.hidden
     }
 
     /// Checks the invariants every kernel relies on.
@@ -102,6 +149,17 @@ impl ModelConfig {
         }
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return bad(format!("RoPE theta {} is not a positive number", self.rope_theta));
+        }
+        if let Some(l) = self.looped {
+            if l.steps == 0 || !self.n_layers.is_multiple_of(l.steps) {
+                return bad(format!(
+                    "{} layers do not unroll into {} loop steps",
+                    self.n_layers, l.steps
+                ));
+            }
+            if !(l.exit_threshold > 0.0 && l.exit_threshold <= 1.0) {
+                return bad(format!("early_exit_threshold {} is not in (0, 1]", l.exit_threshold));
+            }
         }
         if let RopeScaling::Factors(f) = &self.rope_scaling
             && f.len() != self.rope_dim / 2
@@ -179,21 +237,23 @@ impl ModelConfig {
             sliding_window: None,
             qkv_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
             tie_embeddings: g.tensor_info("output.weight").is_none(),
+            looped: None,
         };
         Ok(cfg)
     }
 
-    /// Reads a Hugging Face `config.json` (Llama, Mistral, Qwen2 and SmolLM models).
+    /// Reads a Hugging Face `config.json` (Llama, Mistral, Qwen2, SmolLM and Ouro models).
     pub fn from_hf_json(path: &Path, json: &Json) -> Result<Self> {
         let model_type = json.get("model_type").and_then(Json::as_str).unwrap_or("");
         let family = match model_type {
             "llama" => Family::Llama,
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
+            "ouro" => Family::Ouro,
             other => {
                 return Err(ModelError::unsupported(
                     path,
-                    format!("model_type `{other}` (supported: llama, mistral, qwen2)"),
+                    format!("model_type `{other}` (supported: llama, mistral, qwen2, ouro)"),
                 ));
             }
         };
@@ -205,6 +265,21 @@ impl ModelConfig {
         };
         let opt_num = |k: &str| json.get(k).and_then(Json::as_u64).map(|v| v as usize);
         let opt_f = |k: &str| json.get(k).and_then(Json::as_f64);
+        let looped = if family == Family::Ouro {
+            let threshold = match json.get("early_exit_threshold") {
+                None | Some(Json::Null) => 1.0,
+                Some(v) => v
+                    .as_f64()
+                    .ok_or_else(|| ModelError::format(path, "`early_exit_threshold` is not a number"))?
+                    as f32,
+            };
+            Some(Looped {
+                steps: num("total_ut_steps")?,
+                exit_threshold: threshold,
+            })
+        } else {
+            None
+        };
         let hidden = num("hidden_size")?;
         let n_heads = num("num_attention_heads")?;
         let head_dim = opt_num("head_dim").unwrap_or(hidden.checked_div(n_heads).unwrap_or(0));
@@ -241,11 +316,12 @@ impl ModelConfig {
             }
             _ => None,
         };
+        let stored = num("num_hidden_layers")?;
         Ok(ModelConfig {
             family,
             hidden,
             intermediate: num("intermediate_size")?,
-            n_layers: num("num_hidden_layers")?,
+            n_layers: stored * looped.map_or(1, |l| l.steps),
             n_heads,
             n_kv_heads: opt_num("num_key_value_heads").unwrap_or(n_heads),
             head_dim,
@@ -258,6 +334,7 @@ impl ModelConfig {
             sliding_window,
             qkv_bias: family == Family::Qwen2 || json.get("attention_bias").and_then(Json::as_bool) == Some(true),
             tie_embeddings: json.get("tie_word_embeddings").and_then(Json::as_bool).unwrap_or(false),
+            looped,
         })
     }
 }

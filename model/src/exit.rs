@@ -23,6 +23,10 @@ pub enum Criterion {
     /// Cosine similarity of this loop's hidden state with the previous loop's (the embedding
     /// for the first loop); CALM's state saturation, no LM head needed.
     Saturation,
+    /// A learned exit gate (Ouro): the cumulative probability of having exited by this loop,
+    /// `1 - prod_{j <= t} (1 - sigmoid(g_j))`, from one dot product per loop, no LM head. A
+    /// threshold of 1 never exits before the last loop.
+    Gate,
 }
 
 impl Criterion {
@@ -31,8 +35,31 @@ impl Criterion {
             Criterion::MaxProb => "max-prob",
             Criterion::Margin => "margin",
             Criterion::Saturation => "saturation",
+            Criterion::Gate => "gate",
         }
     }
+}
+
+/// `-ln(1 - sigmoid(g))`: what one loop adds to a token's accumulated exit hazard, exact where
+/// `sigmoid(g)` rounds to 1 (the survival `prod (1 - lambda)` is `exp(-hazard)`).
+pub fn gate_hazard(g: f32) -> f64 {
+    let g = g as f64;
+    if g > 0.0 {
+        g + (-g).exp().ln_1p()
+    } else {
+        g.exp().ln_1p()
+    }
+}
+
+/// The cumulative exit probability after loops whose hazards sum to `hazard`.
+pub fn gate_exit_probability(hazard: f64) -> f64 {
+    -(-hazard).exp_m1()
+}
+
+/// Whether a token whose accumulated hazard is `hazard` exits at `threshold` (on the
+/// cumulative exit probability; 1 or more never exits, whatever the rounding of the gate).
+pub fn gate_exits(hazard: f64, threshold: f32) -> bool {
+    threshold < 1.0 && (threshold <= 0.0 || hazard >= -(1.0 - threshold as f64).ln())
 }
 
 /// Max softmax probability and top-1 minus top-2 probability of one row of logits (the
@@ -96,7 +123,19 @@ pub fn collect_samples(lm: &LoadedModel, tokens: &[u32], window: usize, criterio
         let embed = model.embed(win.iter().copied())?;
         let last = model.logits(&hidden[loops - 1], &select);
         let last_top: Vec<u32> = last.chunks_exact(vocab).map(crate::sampling::argmax).collect();
+        let mut hazard = vec![0f64; win.len()];
         for b in 0..loops - 1 {
+            if criterion == Criterion::Gate {
+                let g = model
+                    .gate_logits(&hidden[b], &select)
+                    .ok_or_else(|| ModelError::InvalidArgument {
+                        field: "criterion",
+                        msg: "the gate criterion needs a model with a learned exit gate (Ouro)".into(),
+                    })?;
+                for (hz, g) in hazard.iter_mut().zip(g) {
+                    *hz += gate_hazard(g);
+                }
+            }
             let logits = model.logits(&hidden[b], &select);
             for (i, row) in logits.chunks_exact(vocab).enumerate() {
                 let agrees = crate::sampling::argmax(row) == last_top[i];
@@ -111,6 +150,7 @@ pub fn collect_samples(lm: &LoadedModel, tokens: &[u32], window: usize, criterio
                         };
                         cosine(&hidden[b][i * h..(i + 1) * h], prev)
                     }
+                    Criterion::Gate => gate_exit_probability(hazard[i]) as f32,
                 };
                 samples[b].push((score, agrees));
             }
@@ -224,5 +264,35 @@ mod tests {
     fn probability_scores() {
         let (p, m) = prob_scores(&[0.0, (3f32).ln(), f32::NEG_INFINITY]);
         assert!((p - 0.75).abs() < 1e-6 && (m - 0.5).abs() < 1e-6);
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+
+    /// The hazard form equals the product form where both are exact, and stays exact where
+    /// the sigmoid rounds to 1 in f32.
+    #[test]
+    fn gate_hazard_is_the_log_survival() {
+        let gs = [-3.0f32, 0.5, 2.0];
+        let mut surv = 1f64;
+        let mut hz = 0f64;
+        for g in gs {
+            let lambda = 1.0 / (1.0 + (-(g as f64)).exp());
+            surv *= 1.0 - lambda;
+            hz += gate_hazard(g);
+            assert!((gate_exit_probability(hz) - (1.0 - surv)).abs() < 1e-12);
+        }
+        // sigmoid(40) is 1.0 in f32 (and f64): the product says "exited for sure", the hazard
+        // keeps the difference, and a threshold of 1 still never exits.
+        assert_eq!(1.0f32 / (1.0 + (-40f32).exp()), 1.0);
+        let h = gate_hazard(40.0);
+        assert!((h - 40.0).abs() < 1e-9, "{h}");
+        assert!(!gate_exits(h, 1.0));
+        assert!(gate_exits(h, 0.999_999));
+        assert!(!gate_exits(gate_hazard(-2.0), 0.5));
+        assert!(gate_exits(gate_hazard(0.1), 0.5));
+        assert!(gate_exits(0.0, 0.0));
     }
 }

@@ -14,6 +14,13 @@ use rayon::prelude::*;
 use rrt_kernels::attention::{AttnRow, AttnShape};
 use rrt_kernels::{KvLayout, MatmulMode, RopeTable, attention_paged, rmsnorm, silu_mul};
 
+/// `x += rmsnorm(t) * w` row by row (a residual branch normed before it is added).
+fn add_normed(x: &mut [f32], t: &[f32], w: &[f32], eps: f32) {
+    let mut normed = vec![0f32; t.len()];
+    rmsnorm(t, w, eps, &mut normed);
+    x.iter_mut().zip(&normed).for_each(|(a, b)| *a += b);
+}
+
 /// A loaded model ready to run.
 pub struct Model {
     pub config: ModelConfig,
@@ -87,6 +94,8 @@ pub(crate) fn linear(l: &Linear, x: &[f32], y: &mut [f32], n: usize, mode: Matmu
 /// Per-batch buffers, sized for `n` rows.
 struct Buffers {
     h: Vec<f32>,
+    /// A branch's output before its norm (families with branch norms).
+    branch: Vec<f32>,
     qkv: Vec<f32>,
     q: Vec<f32>,
     attn: Vec<f32>,
@@ -174,6 +183,11 @@ impl Model {
         }
         Buffers {
             h: vec![0f32; n * c.hidden],
+            branch: if c.branch_norms() {
+                vec![0f32; n * c.hidden]
+            } else {
+                Vec::new()
+            },
             qkv: vec![0f32; n * c.qkv_dim()],
             q: vec![0f32; n * c.q_dim()],
             attn: vec![0f32; n * c.q_dim()],
@@ -238,9 +252,20 @@ impl Model {
         if let Some(t) = tap.as_mut() {
             t(li, Tap::AttnOut, &b.attn);
         }
-        linear(&w.o, &b.attn, x, n, MatmulMode::Accumulate);
-        if let Some(lora) = self.lora(li, 3) {
-            apply_lora(lora, &b.attn, n, x, c.hidden, 0);
+        match &w.branch_norms {
+            None => {
+                linear(&w.o, &b.attn, x, n, MatmulMode::Accumulate);
+                if let Some(lora) = self.lora(li, 3) {
+                    apply_lora(lora, &b.attn, n, x, c.hidden, 0);
+                }
+            }
+            Some(bn) => {
+                linear(&w.o, &b.attn, &mut b.branch, n, MatmulMode::Overwrite);
+                if let Some(lora) = self.lora(li, 3) {
+                    apply_lora(lora, &b.attn, n, &mut b.branch, c.hidden, 0);
+                }
+                add_normed(x, &b.branch, &bn.attn, c.rms_eps);
+            }
         }
 
         if let Some(t) = tap.as_mut() {
@@ -257,9 +282,20 @@ impl Model {
         if let Some(t) = tap.as_mut() {
             t(li, Tap::Act, &b.act);
         }
-        linear(&w.down, &b.act, x, n, MatmulMode::Accumulate);
-        if let Some(lora) = self.lora(li, 6) {
-            apply_lora(lora, &b.act, n, x, c.hidden, 0);
+        match &w.branch_norms {
+            None => {
+                linear(&w.down, &b.act, x, n, MatmulMode::Accumulate);
+                if let Some(lora) = self.lora(li, 6) {
+                    apply_lora(lora, &b.act, n, x, c.hidden, 0);
+                }
+            }
+            Some(bn) => {
+                linear(&w.down, &b.act, &mut b.branch, n, MatmulMode::Overwrite);
+                if let Some(lora) = self.lora(li, 6) {
+                    apply_lora(lora, &b.act, n, &mut b.branch, c.hidden, 0);
+                }
+                add_normed(x, &b.branch, &bn.ffn, c.rms_eps);
+            }
         }
     }
 
@@ -312,21 +348,48 @@ impl Model {
         for li in 0..self.config.n_layers {
             self.layer(li, &mut x, rows, pool, &mut b, tap.as_deref_mut());
             if (li + 1) % per_loop == 0 {
+                if self.config.loop_end_norm() {
+                    // The normed state is the loop's output and the next loop's input.
+                    let mut normed = vec![0f32; x.len()];
+                    rmsnorm(&x, &self.weights.norm, self.config.rms_eps, &mut normed);
+                    x = normed;
+                }
                 loop_end(&x);
             }
         }
         Ok(x)
     }
 
-    /// Final norm and LM head for the rows `select` of `hidden` (`select.len() x vocab`).
+    /// The exit gate's logit (`w . h + b`) of the rows `select` of a loop's output `hidden`,
+    /// or `None` for a model without a gate. `sigmoid` of it is the loop's exit probability
+    /// given the token has not exited before.
+    pub fn gate_logits(&self, hidden: &[f32], select: &[usize]) -> Option<Vec<f32>> {
+        let g = self.weights.exit_gate.as_ref()?;
+        let h = self.config.hidden;
+        Some(
+            select
+                .iter()
+                .map(|&r| (rrt_kernels::backend::dot_f64(&hidden[r * h..(r + 1) * h], &g.w) + g.b as f64) as f32)
+                .collect(),
+        )
+    }
+
+    /// Final norm and LM head for the rows `select` of `hidden` (`select.len() x vocab`). A
+    /// model whose loops end with the final norm ([`ModelConfig::loop_end_norm`]) has normed
+    /// its state already: the head reads it as it is.
     pub fn logits(&self, hidden: &[f32], select: &[usize]) -> Vec<f32> {
         let h = self.config.hidden;
         let mut picked = vec![0f32; select.len() * h];
         for (i, &r) in select.iter().enumerate() {
             picked[i * h..(i + 1) * h].copy_from_slice(&hidden[r * h..(r + 1) * h]);
         }
-        let mut normed = vec![0f32; picked.len()];
-        rmsnorm(&picked, &self.weights.norm, self.config.rms_eps, &mut normed);
+        let normed = if self.config.loop_end_norm() {
+            picked
+        } else {
+            let mut normed = vec![0f32; picked.len()];
+            rmsnorm(&picked, &self.weights.norm, self.config.rms_eps, &mut normed);
+            normed
+        };
         let mut out = vec![0f32; select.len() * self.config.vocab];
         self.weights
             .head()

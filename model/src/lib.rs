@@ -22,6 +22,7 @@ pub mod quant;
 pub mod recursive;
 pub mod sampling;
 pub mod sources;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 

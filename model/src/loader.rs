@@ -135,13 +135,30 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     let chat_template = template_src.as_deref().map(ChatTemplate::new).transpose()?;
     let src = SafetensorsSource::open_dir(dir)?;
     let weights = load_weights(&config, &src)?;
+    let model = match config.looped {
+        None => Model::new(config, weights),
+        Some(l) => native_loop(config, weights, l.steps)?,
+    };
     Ok(LoadedModel {
-        model: Model::new(config, weights),
+        model,
         tokenizer,
         chat_template,
         path: dir.to_path_buf(),
         kind: SourceKind::HuggingFace,
     })
+}
+
+/// A natively looped model (Ouro) as a recursive model: its stored layers are the shared
+/// block, looped `steps` times, with no LoRA (one KV layer per step and layer).
+fn native_loop(config: ModelConfig, weights: crate::weights::Weights, steps: usize) -> Result<Model> {
+    let n = config.n_layers;
+    let recursion = crate::recursive::Recursion {
+        loops: steps,
+        init: crate::recursive::Init::Native,
+        ranks: [0; 7],
+        lora: (0..n).map(|_| Default::default()).collect(),
+    };
+    Model::recursive(config, weights, recursion)
 }
 
 /// Loads only the tokenizer of a model (no weights): what `rrt tokenize` needs.

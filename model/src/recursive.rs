@@ -28,6 +28,8 @@ pub enum Init {
     Average,
     /// The first K layers.
     Lower,
+    /// Not converted: a natively looped model (Ouro) trained with its layers shared.
+    Native,
 }
 
 /// A low-rank correction `y += B (A x)`: `a` is `rank x in`, `b` is `out x rank`.
@@ -110,7 +112,7 @@ fn init_sources(init: Init, k: usize, n_shared: usize, loops: usize) -> Vec<usiz
             vec![idx]
         }
         Init::Average => (0..loops).map(|b| b * n_shared + k).collect(),
-        Init::Lower => vec![k],
+        Init::Lower | Init::Native => vec![k],
     }
 }
 
@@ -421,6 +423,7 @@ pub fn convert(
                 ffn_norm: shared_norms[k].1.clone(),
                 gate_up: Linear::stack(vec![Linear::f32(inter, h, g, None), Linear::f32(inter, h, u, None)]),
                 down: Linear::f32(h, inter, d, None),
+                branch_norms: None,
             }
         })
         .collect();

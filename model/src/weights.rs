@@ -160,6 +160,25 @@ pub struct Layer {
     /// Fused `gate | up` projection, `2 * intermediate x hidden`.
     pub gate_up: Linear,
     pub down: Linear,
+    /// The norms of the attention and MLP branches before their residual adds, in families
+    /// with [`ModelConfig::branch_norms`] (Ouro's `input_layernorm_2` and
+    /// `post_attention_layernorm_2`); `None` elsewhere.
+    pub branch_norms: Option<BranchNorms>,
+}
+
+/// Scales of the branch norms of one layer (see [`Layer::branch_norms`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BranchNorms {
+    pub attn: Vec<f32>,
+    pub ffn: Vec<f32>,
+}
+
+/// A learned exit gate (Ouro's `model.early_exit_gate`): `lambda = sigmoid(w . h + b)` on a
+/// loop's output `h`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExitGate {
+    pub w: Vec<f32>,
+    pub b: f32,
 }
 
 /// All weights of a decoder.
@@ -171,6 +190,8 @@ pub struct Weights {
     pub norm: Vec<f32>,
     /// `None` when the head is tied to `embed`.
     pub lm_head: Option<Linear>,
+    /// The learned exit gate of a family with [`ModelConfig::has_exit_gate`].
+    pub exit_gate: Option<ExitGate>,
 }
 
 impl Weights {
@@ -189,9 +210,16 @@ impl Weights {
                 .layers
                 .iter()
                 .map(|l| {
-                    l.attn_norm.len() + l.ffn_norm.len() + lin(&l.qkv) + lin(&l.o) + lin(&l.gate_up) + lin(&l.down)
+                    l.attn_norm.len()
+                        + l.ffn_norm.len()
+                        + l.branch_norms.as_ref().map_or(0, |b| b.attn.len() + b.ffn.len())
+                        + lin(&l.qkv)
+                        + lin(&l.o)
+                        + lin(&l.gate_up)
+                        + lin(&l.down)
                 })
                 .sum::<usize>()
+            + self.exit_gate.as_ref().map_or(0, |g| g.w.len() + 1)
     }
 }
 
@@ -224,7 +252,7 @@ pub fn check_finite(path: &Path, tensor: &str, data: &[f32]) -> Result<()> {
     }
 }
 
-/// Loads all weights of `cfg` from `src`.
+/// Loads all weights of `cfg` from `src` (the stored layers: [`ModelConfig::stored_layers`]).
 pub fn load_weights(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
     let h = cfg.hidden;
     let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
@@ -246,7 +274,7 @@ pub fn load_weights(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights
             bias,
         })
     };
-    let layers = (0..cfg.n_layers)
+    let layers = (0..cfg.stored_layers())
         .map(|i| -> Result<Layer> {
             let p = format!("model.layers.{i}");
             let q = lin(&format!("{p}.self_attn.q_proj"), cfg.q_dim(), h, cfg.qkv_bias)?;
@@ -261,6 +289,14 @@ pub fn load_weights(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights
                 ffn_norm: src.load(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 gate_up: Linear::stack(vec![gate, up]),
                 down: lin(&format!("{p}.mlp.down_proj"), h, cfg.intermediate, false)?,
+                branch_norms: if cfg.branch_norms() {
+                    Some(BranchNorms {
+                        attn: src.load(&format!("{p}.input_layernorm_2.weight"), &[h])?,
+                        ffn: src.load(&format!("{p}.post_attention_layernorm_2.weight"), &[h])?,
+                    })
+                } else {
+                    None
+                },
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -270,10 +306,18 @@ pub fn load_weights(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights
     } else {
         Some(lin("lm_head", cfg.vocab, h, false)?)
     };
+    let exit_gate = if cfg.has_exit_gate() {
+        let w = src.load("model.early_exit_gate.weight", &[1, h])?;
+        let b = src.load("model.early_exit_gate.bias", &[1])?;
+        Some(ExitGate { w, b: b[0] })
+    } else {
+        None
+    };
     Ok(Weights {
         embed,
         layers,
         norm: src.load("model.norm.weight", &[h])?,
         lm_head,
+        exit_gate,
     })
 }

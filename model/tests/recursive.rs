@@ -23,6 +23,7 @@ fn converted(spec: &RecursiveSpec) -> Result<Model, ModelError> {
         layers,
         norm: w.norm.clone(),
         lm_head: w.lm_head.clone(),
+        exit_gate: None,
     };
     Model::recursive(lm.model.config.clone(), weights, rec)
 }

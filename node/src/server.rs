@@ -85,8 +85,9 @@ fn launch(
     Ok((h, t, k, "cpu".into()))
 }
 
-/// Moves the model onto the CPU backend and starts the engine actor. With `early_exit`, a
-/// recursive checkpoint's calibrated exit rule is used (vanilla models always run B = 1).
+/// Moves the model onto the CPU backend and starts the engine actor. With `early_exit`, the
+/// model's exit rule is used ([`ExitRule::for_model`]: a natively looped model's gate, a
+/// recursive checkpoint's calibration; vanilla models always run B = 1).
 pub fn start(lm: LoadedModel, cfg: EngineConfig, early_exit: bool, node_id: &str) -> Result<Node, EngineError> {
     start_on(lm, cfg, early_exit, node_id, Placement::default())
 }
@@ -99,11 +100,7 @@ pub fn start_on(
     node_id: &str,
     place: Placement,
 ) -> Result<Node, EngineError> {
-    if early_exit && lm.kind == SourceKind::Recursive {
-        cfg.exit = ExitRule::from_checkpoint(&lm.path)?;
-    } else {
-        cfg.exit = None;
-    }
+    cfg.exit = if early_exit { ExitRule::for_model(&lm)? } else { None };
     let name = lm
         .path
         .file_name()

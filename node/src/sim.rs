@@ -114,11 +114,15 @@ impl Backend for SimBackend {
         _x: &usize,
         _width: usize,
         select: &[u32],
-        _norm: &usize,
+        _norm: Option<&usize>,
         _eps: f32,
         head: &(usize, usize),
     ) -> Vec<f32> {
         vec![0.0; select.len() * head.0]
+    }
+    fn add_normed_branch(&self, _t: &usize, _w: &usize, _eps: f32, _x: &mut usize) {}
+    fn dot_rows(&self, _x: &usize, _width: usize, rows: &[u32], _w: &usize) -> Vec<f32> {
+        vec![0.0; rows.len()]
     }
     fn cosine_rows(&self, _a: &usize, _b: &usize, _width: usize, rows: &[u32]) -> Vec<f32> {
         vec![1.0; rows.len()]
@@ -183,6 +187,7 @@ pub fn engine(
         sliding_window: None,
         qkv_bias: false,
         tie_embeddings: true,
+        looped: None,
     };
     let lin = |o: usize, i: usize| Linear::f32(o, i, vec![0.0; o * i], None);
     let vocab = vocab.max(2);
@@ -193,12 +198,14 @@ pub fn engine(
         ffn_norm: vec![1.0; h],
         gate_up: lin(2 * h, h),
         down: lin(h, h),
+        branch_norms: None,
     };
     let weights = Weights {
         embed: lin(vocab, h),
         layers: vec![layer],
         norm: vec![1.0; h],
         lm_head: None,
+        exit_gate: None,
     };
     let model = if loops == 1 {
         Model::new(config, weights)

@@ -115,9 +115,23 @@ impl Backend for Reducing {
     fn silu_mul(&self, gu: &Vec<f32>, n: usize, inter: usize, out: &mut Vec<f32>) {
         self.cpu.silu_mul(gu, n, inter, out)
     }
-    fn logits(&self, x: &Vec<f32>, w: usize, sel: &[u32], norm: &Vec<f32>, eps: f32, head: &CpuMatrix) -> Vec<f32> {
+    fn logits(
+        &self,
+        x: &Vec<f32>,
+        w: usize,
+        sel: &[u32],
+        norm: Option<&Vec<f32>>,
+        eps: f32,
+        head: &CpuMatrix,
+    ) -> Vec<f32> {
         self.logit_rows.fetch_add(sel.len(), Ordering::Relaxed);
         self.cpu.logits(x, w, sel, norm, eps, head)
+    }
+    fn add_normed_branch(&self, t: &Vec<f32>, w: &Vec<f32>, eps: f32, x: &mut Vec<f32>) {
+        self.cpu.add_normed_branch(t, w, eps, x)
+    }
+    fn dot_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], w: &Vec<f32>) -> Vec<f32> {
+        self.cpu.dot_rows(x, width, rows, w)
     }
     fn cosine_rows(&self, a: &Vec<f32>, b: &Vec<f32>, w: usize, rows: &[u32]) -> Vec<f32> {
         self.cpu.cosine_rows(a, b, w, rows)
@@ -130,7 +144,7 @@ impl Backend for Reducing {
         x: &Vec<f32>,
         w: usize,
         sel: &[u32],
-        norm: &Vec<f32>,
+        norm: Option<&Vec<f32>>,
         eps: f32,
         head: &CpuMatrix,
     ) -> Vec<HeadTop> {

@@ -47,6 +47,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Capacity planning from traces: fit a node's step costs, simulate, size the cluster.
     Capacity(cmd::capacity::Args),
+    /// Write a random-weight model shaped like a published one (`--like ouro-1.4b`).
+    RandomModel(cmd::random_model::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -78,6 +80,7 @@ fn main() -> std::process::ExitCode {
         }),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Capacity(a) => cmd::capacity::run(a),
+        Command::RandomModel(a) => cmd::random_model::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

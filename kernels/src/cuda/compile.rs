@@ -49,7 +49,13 @@ pub const FAMILIES: &[KernelFamily] = &[
     KernelFamily {
         name: "norm",
         source: include_str!("kernels/norm.cu"),
-        kernels: &["rmsnorm_f32", "add_rmsnorm_f32", "cosine_rows_f32"],
+        kernels: &[
+            "rmsnorm_f32",
+            "add_rmsnorm_f32",
+            "add_normed_branch_f32",
+            "cosine_rows_f32",
+            "dot_rows_f32",
+        ],
     },
     KernelFamily {
         name: "elementwise",

@@ -790,14 +790,14 @@ impl CudaBackend {
     // -----------------------------------------------------------------------------------------
     // Extra operations (not in the trait).
 
-    /// Final norm + LM head of rows `select` of `x`, left on the device (`select.len() x
-    /// vocab`), for [`CudaBackend::argmax_rows`] / [`CudaBackend::topk_rows`].
+    /// Final norm (if given) + LM head of rows `select` of `x`, left on the device
+    /// (`select.len() x vocab`), for [`CudaBackend::argmax_rows`] / [`CudaBackend::topk_rows`].
     pub fn logits_device(
         &self,
         x: &CudaBuf,
         width: usize,
         select: &[u32],
-        norm: &CudaBuf,
+        norm: Option<&CudaBuf>,
         eps: f32,
         head: &CudaMat,
     ) -> Result<CudaBuf, CudaError> {
@@ -807,22 +807,34 @@ impl CudaBackend {
         if s == 0 {
             return Ok(CudaBuf { data: out });
         }
-        if head.in_dim != width || norm.len() < width || select.iter().any(|&r| (r as usize + 1) * width > x.len()) {
+        if head.in_dim != width
+            || norm.is_some_and(|n| n.len() < width)
+            || select.iter().any(|&r| (r as usize + 1) * width > x.len())
+        {
             return Err(unsupported("logits: rows or widths outside the buffers"));
         }
         let normed = self.alloc_f32(s * width)?;
-        let mut arena = Arena::default();
-        arena.push(select);
-        let meta = self.upload_arena(&arena)?.expect("select is not empty");
-        self.launch_rmsnorm(
-            self.ptr(&x.data),
-            self.ptr(&meta),
-            &norm.data,
-            eps,
-            self.ptr(&normed),
-            s,
-            width,
-        )?;
+        match norm {
+            Some(norm) => {
+                let mut arena = Arena::default();
+                arena.push(select);
+                let meta = self.upload_arena(&arena)?.expect("select is not empty");
+                self.launch_rmsnorm(
+                    self.ptr(&x.data),
+                    self.ptr(&meta),
+                    &norm.data,
+                    eps,
+                    self.ptr(&normed),
+                    s,
+                    width,
+                )?;
+            }
+            None => {
+                let so = row_offsets(select.iter().map(|&r| r as usize), width);
+                let d = row_offsets(0..s, width);
+                self.copy_vecs(self.ptr(&normed), &d, self.ptr(&x.data), &so, width)?;
+            }
+        }
         self.product(
             self.ptr(&normed),
             width,
@@ -897,7 +909,7 @@ impl CudaBackend {
         x: &CudaBuf,
         width: usize,
         select: &[u32],
-        norm: &CudaBuf,
+        norm: Option<&CudaBuf>,
         eps: f32,
         head: &CudaMat,
     ) -> Result<Vec<HeadTop>, CudaError> {
@@ -1493,7 +1505,7 @@ impl Backend for CudaBackend {
         x: &CudaBuf,
         width: usize,
         select: &[u32],
-        norm: &CudaBuf,
+        norm: Option<&CudaBuf>,
         eps: f32,
         head: &CudaMat,
     ) -> Vec<HeadTop> {
@@ -1772,7 +1784,60 @@ impl Backend for CudaBackend {
         });
     }
 
-    fn logits(&self, x: &CudaBuf, width: usize, select: &[u32], norm: &CudaBuf, eps: f32, head: &CudaMat) -> Vec<f32> {
+    fn add_normed_branch(&self, t: &CudaBuf, w: &CudaBuf, eps: f32, x: &mut CudaBuf) {
+        self.run("add_normed_branch", || {
+            let dim = w.len();
+            let rows = t.len() / dim.max(1);
+            if dim == 0 || rows == 0 {
+                return Ok(());
+            }
+            if x.len() < rows * dim {
+                return Err(unsupported("add_normed_branch: x smaller than the branch"));
+            }
+            let (xp, tp, wp) = (self.ptr(&x.data), self.ptr(&t.data), self.ptr(&w.data));
+            let dim_ = i32_of(dim, "width")?;
+            let mut b = self.stream.launch_builder(self.func("add_normed_branch_f32")?);
+            b.arg(&xp).arg(&tp).arg(&wp).arg(&eps).arg(&dim_);
+            // SAFETY: x and t hold rows x dim floats, w dim.
+            unsafe { b.launch(per_row(rows)) }.map_err(drv("add_normed_branch_f32"))?;
+            self.after_launch("add_normed_branch_f32")
+        });
+    }
+
+    fn dot_rows(&self, x: &CudaBuf, width: usize, rows: &[u32], w: &CudaBuf) -> Vec<f32> {
+        let mut out = vec![f32::NAN; rows.len()];
+        self.run("dot_rows", || {
+            if rows.is_empty() || width == 0 {
+                return Ok(());
+            }
+            if w.len() < width || rows.iter().any(|&r| (r as usize + 1) * width > x.len()) {
+                return Err(unsupported("dot_rows: rows outside the buffers"));
+            }
+            let mut arena = Arena::default();
+            arena.push(rows);
+            let meta = self.upload_arena(&arena)?.expect("rows are not empty");
+            let res = self.alloc_f32(rows.len())?;
+            let (xp, rp, wp, op) = (self.ptr(&x.data), self.ptr(&meta), self.ptr(&w.data), self.ptr(&res));
+            let w_ = i32_of(width, "width")?;
+            let mut b = self.stream.launch_builder(self.func("dot_rows_f32")?);
+            b.arg(&xp).arg(&rp).arg(&wp).arg(&w_).arg(&op);
+            // SAFETY: every row lies inside x (checked), w holds width floats.
+            unsafe { b.launch(per_row(rows.len())) }.map_err(drv("dot_rows_f32"))?;
+            out = self.download(&res, rows.len())?;
+            Ok(())
+        });
+        out
+    }
+
+    fn logits(
+        &self,
+        x: &CudaBuf,
+        width: usize,
+        select: &[u32],
+        norm: Option<&CudaBuf>,
+        eps: f32,
+        head: &CudaMat,
+    ) -> Vec<f32> {
         let len = select.len() * head.out_dim;
         let mut out = vec![f32::NAN; len];
         self.run("logits", || {

@@ -28,7 +28,7 @@ pub mod stop;
 use rrt_kernels::KvLayout;
 use rrt_kernels::backend::Backend;
 use rrt_model::ModelError;
-use rrt_model::exit::{Criterion, prob_scores};
+use rrt_model::exit::{Criterion, gate_exits, gate_hazard, prob_scores};
 use rrt_model::kv::SeqKv;
 use rrt_model::sampling::Sampler;
 use rrt_model::tokenizer::Tokenizer;
@@ -90,6 +90,29 @@ pub struct ExitRule {
 }
 
 impl ExitRule {
+    /// The rule a natively looped model ships with: its learned gate at the config's
+    /// threshold on every loop (Ouro's `early_exit_threshold`; 1.0 runs every loop unless a
+    /// request asks for a lower `exit_threshold`).
+    pub fn from_model_config(cfg: &rrt_model::config::ModelConfig) -> Option<Self> {
+        let l = cfg.looped?;
+        cfg.has_exit_gate().then(|| ExitRule {
+            criterion: Criterion::Gate,
+            thresholds: vec![Some(l.exit_threshold); l.steps.saturating_sub(1)],
+        })
+    }
+
+    /// The exit rule of a loaded model: its own (a natively looped model's gate) or, for an
+    /// rrt checkpoint, the calibrated one; `None` when it has neither.
+    pub fn for_model(lm: &rrt_model::LoadedModel) -> Result<Option<Self>, EngineError> {
+        if let Some(r) = Self::from_model_config(&lm.model.config) {
+            return Ok(Some(r));
+        }
+        if lm.kind == rrt_model::loader::SourceKind::Recursive {
+            return Self::from_checkpoint(&lm.path);
+        }
+        Ok(None)
+    }
+
     /// The checkpoint's calibrated rule, if it has one.
     pub fn from_checkpoint(dir: &std::path::Path) -> Result<Option<Self>, EngineError> {
         let cfg = rrt_model::checkpoint::read_config(dir)?;
@@ -235,6 +258,9 @@ struct Seq {
     resumed: usize,
     /// Being exported: takes no new rows; leaves once nothing of it is in flight.
     exporting: bool,
+    /// The exit gate's accumulated hazard (`-ln` of the survival) over the loops the token in
+    /// flight has run (gate criterion); reset when it is produced.
+    gate_hazard: f64,
 }
 
 impl Seq {
@@ -369,6 +395,15 @@ impl<B: Backend> Engine<B> {
                     model.loops,
                     model.loops - 1
                 ),
+            );
+        }
+        if let Some(e) = &cfg.exit
+            && e.criterion == Criterion::Gate
+            && !model.has_gate()
+        {
+            return cerr(
+                "exit.criterion",
+                "the gate criterion needs a model with a learned exit gate (Ouro)".into(),
             );
         }
         let layout = model.kv_layout(cfg.block_size);
@@ -513,6 +548,7 @@ impl<B: Backend> Engine<B> {
                 prefill_end: 0,
                 resumed,
                 exporting: false,
+                gate_hazard: 0.0,
             },
         );
         let s = self.seqs.get_mut(&id).expect("just inserted");
@@ -642,6 +678,7 @@ impl<B: Backend> Engine<B> {
             s.kv.len = 0;
             s.fed = 0;
             s.emit_in_flight = false;
+            s.gate_hazard = 0.0;
             s.running = false;
         }
         self.flights.retain(|f| f.seq != id);
@@ -945,10 +982,25 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The exit threshold of `s` after loop `depth` (`None`: no exit test).
+    ///
+    /// The gate criterion accumulates over every loop of a token, so it is tested after every
+    /// loop but the last whenever the token can exit at all (some loop's threshold below 1);
+    /// a loop without a threshold of its own then gets 1 (accumulate, never exit there).
     fn threshold(&self, s: &Seq, depth: usize) -> Option<(Criterion, f32)> {
         let rule = self.cfg.exit.as_ref()?;
         if s.params.exit.full_depth || depth + 1 >= self.model.loops {
             return None;
+        }
+        if rule.criterion == Criterion::Gate {
+            let last = self.model.loops - 1;
+            let t_at = |d: usize| {
+                s.params
+                    .exit
+                    .threshold
+                    .or_else(|| rule.thresholds.get(d).copied().flatten())
+            };
+            let can_exit = (0..last).any(|d| t_at(d).is_some_and(|t| t < 1.0));
+            return can_exit.then(|| (Criterion::Gate, t_at(depth).unwrap_or(1.0)));
         }
         let t = s
             .params
@@ -971,6 +1023,7 @@ impl<B: Backend> Engine<B> {
         let mut decode: Vec<usize> = Vec::new();
         let mut test_head: Vec<(usize, Criterion, f32)> = Vec::new();
         let mut test_sat: Vec<(usize, f32)> = Vec::new();
+        let mut test_gate: Vec<(usize, f32)> = Vec::new();
         for (i, &(id, pos, depth, emit)) in meta.iter().enumerate() {
             let Some(s) = self.seqs.get(&id) else { continue };
             if !emit {
@@ -991,6 +1044,7 @@ impl<B: Backend> Engine<B> {
             }
             match self.threshold(s, depth) {
                 Some((Criterion::Saturation, t)) => test_sat.push((i, t)),
+                Some((Criterion::Gate, t)) => test_gate.push((i, t)),
                 Some((c, t)) => test_head.push((i, c, t)),
                 None => {}
             }
@@ -1001,6 +1055,25 @@ impl<B: Backend> Engine<B> {
             for ((i, t), c) in test_sat.iter().zip(cos) {
                 if c >= *t {
                     decode.push(*i);
+                }
+            }
+        }
+        if !test_gate.is_empty() {
+            // One dot product per row on the loop's output (no LM head): accumulate each
+            // token's hazard, exit once its cumulative exit probability reaches the threshold.
+            let rows: Vec<u32> = test_gate.iter().map(|t| t.0 as u32).collect();
+            let g = self.model.gate_logits(x, &rows);
+            if g.len() != rows.len() {
+                return Err(EngineError::Backend(
+                    "the gate exit criterion needs a model with a learned exit gate".into(),
+                ));
+            }
+            for (&(i, t), g) in test_gate.iter().zip(g) {
+                if let Some(s) = self.seqs.get_mut(&meta[i].0) {
+                    s.gate_hazard += gate_hazard(g);
+                    if gate_exits(s.gate_hazard, t) {
+                        decode.push(i);
+                    }
                 }
             }
         }
@@ -1118,6 +1191,7 @@ impl<B: Backend> Engine<B> {
         };
         s.loops += loops;
         s.emit_in_flight = false;
+        s.gate_hazard = 0.0;
         self.stats.tokens += 1;
         self.stats.exits[loops - 1] += 1;
         if s.params.stop_ids.contains(&token) {

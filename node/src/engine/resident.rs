@@ -35,6 +35,8 @@ struct SharedLayer<B: Backend> {
     ffn_norm: B::Buf,
     gate_up: Dense<B>,
     down: Dense<B>,
+    /// The attention and MLP branch norms of families with `branch_norms` (Ouro).
+    branch_norms: Option<(B::Buf, B::Buf)>,
     /// `lora[module][depth]`.
     lora: [Vec<Option<LoraMats<B::Mat>>>; 7],
 }
@@ -50,6 +52,8 @@ pub struct ResidentModel<B: Backend> {
     embed: B::Mat,
     norm: B::Buf,
     head: Option<B::Mat>,
+    /// The learned exit gate (weights, bias) of families that have one (Ouro).
+    gate: Option<(B::Buf, f32)>,
     layers: Vec<SharedLayer<B>>,
     rope: RopeTable,
     /// Resident weight bytes (capacity planning).
@@ -94,6 +98,9 @@ impl<B: Backend> ResidentModel<B> {
                 }
             }
             layers.push(SharedLayer {
+                branch_norms: layer
+                    .branch_norms
+                    .map(|b| (backend.buffer(b.attn), backend.buffer(b.ffn))),
                 attn_norm: backend.buffer(layer.attn_norm),
                 qkv: dense(&backend, layer.qkv, &mut bytes),
                 o: dense(&backend, layer.o, &mut bytes),
@@ -110,7 +117,9 @@ impl<B: Backend> ResidentModel<B> {
             bytes += backend.matrix_bytes(h);
         }
         let rope = config.rope_table();
+        let gate = weights.exit_gate.map(|g| (backend.buffer(g.w), g.b));
         Self {
+            gate,
             norm: backend.buffer(weights.norm),
             backend,
             config,
@@ -139,14 +148,25 @@ impl<B: Backend> ResidentModel<B> {
         self.backend.embed(&self.embed, tokens, out);
     }
 
+    /// The final norm the LM head applies: none where every loop already ends with it.
+    fn head_norm(&self) -> Option<&B::Buf> {
+        (!self.config.loop_end_norm()).then_some(&self.norm)
+    }
+
     /// Final norm + LM head of the rows `select` of `x` (host logits, `select.len() x vocab`).
     pub fn logits(&self, x: &B::Buf, select: &[u32]) -> Vec<f32> {
         if select.is_empty() {
             return Vec::new();
         }
         let head = self.head.as_ref().unwrap_or(&self.embed);
-        self.backend
-            .logits(x, self.config.hidden, select, &self.norm, self.config.rms_eps, head)
+        self.backend.logits(
+            x,
+            self.config.hidden,
+            select,
+            self.head_norm(),
+            self.config.rms_eps,
+            head,
+        )
     }
 
     /// [`Self::logits`] reduced on the backend to each row's [`rrt_kernels::HeadTop`].
@@ -155,8 +175,33 @@ impl<B: Backend> ResidentModel<B> {
             return Vec::new();
         }
         let head = self.head.as_ref().unwrap_or(&self.embed);
-        self.backend
-            .head_top(x, self.config.hidden, select, &self.norm, self.config.rms_eps, head)
+        self.backend.head_top(
+            x,
+            self.config.hidden,
+            select,
+            self.head_norm(),
+            self.config.rms_eps,
+            head,
+        )
+    }
+
+    /// Whether the model has a learned exit gate.
+    pub fn has_gate(&self) -> bool {
+        self.gate.is_some()
+    }
+
+    /// The exit gate's logit (`w . h + b`) of the rows `select` of a loop's output `x`: one
+    /// dot product per row, no LM head. Empty without a gate.
+    pub fn gate_logits(&self, x: &B::Buf, select: &[u32]) -> Vec<f32> {
+        match (&self.gate, select.is_empty()) {
+            (Some((w, b)), false) => self
+                .backend
+                .dot_rows(x, self.config.hidden, select, w)
+                .into_iter()
+                .map(|v| v + b)
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn lora_cols<'a>(&'a self, l: &'a SharedLayer<B>, mods: &[(usize, usize)]) -> Vec<LoraColumns<'a, B::Mat>> {
@@ -227,15 +272,29 @@ impl<B: Backend> ResidentModel<B> {
                 be.kv_write_rows(kv, layout, &qkv, qkvd, qd, qd + kd, &prows, k);
                 be.attention_rows(&qkv, qkvd, &prows, k, kv, layout, shape, &mut attn);
                 let o_loras = self.lora_cols(l, &[(O, 0)]);
-                be.linear_lora_rows(
-                    &attn,
-                    &prows,
-                    &l.o.w,
-                    l.o.bias.as_ref(),
-                    &o_loras,
-                    x,
-                    MatmulMode::Accumulate,
-                );
+                match &l.branch_norms {
+                    None => be.linear_lora_rows(
+                        &attn,
+                        &prows,
+                        &l.o.w,
+                        l.o.bias.as_ref(),
+                        &o_loras,
+                        x,
+                        MatmulMode::Accumulate,
+                    ),
+                    Some((attn_bn, _)) => {
+                        be.linear_lora_rows(
+                            &attn,
+                            &prows,
+                            &l.o.w,
+                            l.o.bias.as_ref(),
+                            &o_loras,
+                            &mut hb,
+                            MatmulMode::Overwrite,
+                        );
+                        be.add_normed_branch(&hb, attn_bn, c.rms_eps, x);
+                    }
+                }
                 be.rmsnorm(x, &l.ffn_norm, c.rms_eps, &mut hb);
                 let gu_loras = self.lora_cols(l, &[(GATE, 0), (UP, inter)]);
                 be.linear_lora_rows(
@@ -249,15 +308,29 @@ impl<B: Backend> ResidentModel<B> {
                 );
                 be.silu_mul(&gu, n, inter, &mut act);
                 let down_loras = self.lora_cols(l, &[(DOWN, 0)]);
-                be.linear_lora_rows(
-                    &act,
-                    &prows,
-                    &l.down.w,
-                    l.down.bias.as_ref(),
-                    &down_loras,
-                    x,
-                    MatmulMode::Accumulate,
-                );
+                match &l.branch_norms {
+                    None => be.linear_lora_rows(
+                        &act,
+                        &prows,
+                        &l.down.w,
+                        l.down.bias.as_ref(),
+                        &down_loras,
+                        x,
+                        MatmulMode::Accumulate,
+                    ),
+                    Some((_, ffn_bn)) => {
+                        be.linear_lora_rows(
+                            &act,
+                            &prows,
+                            &l.down.w,
+                            l.down.bias.as_ref(),
+                            &down_loras,
+                            &mut hb,
+                            MatmulMode::Overwrite,
+                        );
+                        be.add_normed_branch(&hb, ffn_bn, c.rms_eps, x);
+                    }
+                }
             }
             if let (Some(fx), false) = (fill_x, fills.is_empty()) {
                 be.rmsnorm(fx, &l.attn_norm, c.rms_eps, &mut fh);
@@ -273,6 +346,12 @@ impl<B: Backend> ResidentModel<B> {
                 be.rope_rows(&self.rope, &mut fqkv, qkvd, &pfills, qd, qd, kd);
                 be.kv_write_rows(kv, layout, &fqkv, qkvd, qd, qd + kd, &pfills, k);
             }
+        }
+        if n > 0 && c.loop_end_norm() {
+            // Every row just finished a loop: the normed state is the loop's output (the LM
+            // head and the exit gate read it as it is) and the next loop's input.
+            be.rmsnorm(x, &self.norm, c.rms_eps, &mut hb);
+            std::mem::swap(x, &mut hb);
         }
     }
 }

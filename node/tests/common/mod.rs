@@ -59,6 +59,7 @@ pub fn tiny_model(layers: usize, loops: usize, rank: usize, seed: u64) -> Model 
         sliding_window: None,
         qkv_bias: false,
         tie_embeddings: true,
+        looped: None,
     };
     let mut mat = |o: usize, i: usize, scale: f32| -> Linear {
         let w = (0..o * i).map(|_| rng.random_range(-scale..scale)).collect();
@@ -74,6 +75,7 @@ pub fn tiny_model(layers: usize, loops: usize, rank: usize, seed: u64) -> Model 
             ffn_norm: vec![1.0; h],
             gate_up: mat(2 * inter, h, 0.3),
             down: mat(h, inter, 0.3),
+            branch_norms: None,
         });
     }
     let weights = Weights {
@@ -81,6 +83,7 @@ pub fn tiny_model(layers: usize, loops: usize, rank: usize, seed: u64) -> Model 
         layers: ls,
         norm: vec![1.0; h],
         lm_head: None,
+        exit_gate: None,
     };
     if loops <= 1 {
         return Model::new(cfg, weights);

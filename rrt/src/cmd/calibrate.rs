@@ -10,6 +10,8 @@ pub enum CriterionArg {
     MaxProb,
     Margin,
     Saturation,
+    /// The model's learned exit gate (Ouro).
+    Gate,
 }
 
 #[derive(clap::Args)]
@@ -55,6 +57,7 @@ pub fn run(a: Args) -> Result<()> {
         CriterionArg::MaxProb => Criterion::MaxProb,
         CriterionArg::Margin => Criterion::Margin,
         CriterionArg::Saturation => Criterion::Saturation,
+        CriterionArg::Gate => Criterion::Gate,
     };
     let ids = lm.tokenizer.encode(&text, false, false)?;
     let ids = &ids[..ids.len().min(a.tokens)];

@@ -153,6 +153,7 @@ pub fn run(a: Args) -> Result<()> {
         layers,
         norm: w.norm.clone(),
         lm_head: w.lm_head.clone(),
+        exit_gate: None,
     };
     let model = Model::recursive(lm.model.config.clone(), weights, rec)?;
     let provenance = Provenance {

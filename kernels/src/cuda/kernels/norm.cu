@@ -1,5 +1,6 @@
 // Row-wise reductions: RMSNorm (optionally over selected rows, optionally fused with the
-// residual add) and the cosine similarity of the saturation exit test. One block per row.
+// residual add), a normed residual branch (sandwich norms), the cosine similarity of the
+// saturation exit test and the dot product of the exit gate. One block per row.
 
 #define NORM_THREADS 256
 
@@ -43,6 +44,39 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     for (int i = threadIdx.x; i < dim; i += NORM_THREADS) xr[i] += rr[i];
     __syncthreads();
     rmsnorm_row(xr, w, eps, out + (size_t)blockIdx.x * dim, dim);
+}
+
+// x[i] += rmsnorm(t[i]) * w: a residual branch normed before it is added (Ouro's second norms).
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    add_normed_branch_f32(float* __restrict__ x, const float* __restrict__ t, const float* __restrict__ w,
+                          float eps, int dim) {
+    __shared__ float red[NORM_THREADS / 32];
+    const float* tr = t + (size_t)blockIdx.x * dim;
+    float* xr = x + (size_t)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += NORM_THREADS) ss = fmaf(tr[i], tr[i], ss);
+    const float total = block_sum(ss, red);
+    const float scale = 1.0f / sqrtf(total / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += NORM_THREADS) xr[i] += (tr[i] * scale) * w[i];
+}
+
+// out[i] = sum_j x[rows[i], j] * w[j], accumulated in f64 like the CPU oracle.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    dot_rows_f32(const float* __restrict__ x, const unsigned* __restrict__ rows, const float* __restrict__ w,
+                 int width, float* __restrict__ out) {
+    __shared__ double red[NORM_THREADS / 32];
+    const float* xr = x + (size_t)rows[blockIdx.x] * width;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < width; i += NORM_THREADS) s += (double)xr[i] * (double)w[i];
+    s = warp_sum_f64(s);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int i = 0; i < NORM_THREADS / 32; ++i) t += red[i];
+        out[blockIdx.x] = (float)t;
+    }
 }
 
 // out[i] = cos(a[rows[i]], b[rows[i]]), accumulated in f64 like the CPU oracle.
