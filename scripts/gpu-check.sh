@@ -143,17 +143,29 @@ rc=$?
 [[ $rc == 124 ]] && echo "gpu-check: TIMED OUT after 300 s"
 [[ $rc == 2 ]] && { echo "gpu-check: no usable GPU or library: stopping here"; exit 2; }
 
-# End to end on SmolLM2-shaped models with random weights (B = 1, and B = 3 with rank-64
-# LoRAs, made here by PyTorch): (1) the GPU engine's greedy tokens against the CPU engine's on
-# the same requests at concurrency 8 (depth-wise batches mixing depths); a request may diverge
-# only where the CPU model's two candidates are a near tie; (2) tokens/s of settings a and c of
-# `rrt bench engine` on the GPU (and on the CPU with GPU_CHECK_CPU_BENCH=1).
+# End to end (GPU_CHECK_E2E: which parts, default "smollm2,ouro"):
+# - smollm2: SmolLM2-shaped models with random weights (B = 1, and B = 3 with rank-64 LoRAs,
+#   made here by PyTorch): (1) the GPU engine's greedy tokens against the CPU engine's on the
+#   same requests at concurrency 8 (depth-wise batches mixing depths); a request may diverge
+#   only where the CPU model's two candidates are a near tie; (2) tokens/s of settings a and c
+#   of `rrt bench engine` on the GPU (and on the CPU with GPU_CHECK_CPU_BENCH=1).
+# - ouro: a tiny random Ouro (bf16 weights, `rrt random-model`): GPU tokens against CPU tokens
+#   at every step and with a replayed exit mix; then a random Ouro-1.4B (written here): all
+#   steps sequence-wise (b) and depth-wise (c) against depth-wise with 40/30/20/10 % of tokens
+#   exiting after steps 1/2/3/4 (m), tokens/s at concurrency 32.
 rrt_bin="$(dirname "$bin")/rrt"
 like="$(dirname "$bin")/like"
+parts="${GPU_CHECK_E2E:-smollm2,ouro}"
 e2e_rc=0
-if [[ -x "$rrt_bin" && -f "$like/rrt_checkpoint.json" ]] && command -v python3 >/dev/null; then
-    e2e=/tmp/rrt-e2e
-    mkdir -p "$e2e"
+e2e=/tmp/rrt-e2e
+mkdir -p "$e2e"
+have_rrt=0
+[[ -x "$rrt_bin" && -f "$like/rrt_checkpoint.json" ]] && have_rrt=1
+if [[ $have_rrt == 0 ]]; then
+    echo "gpu-check: no rrt binary or model config next to $bin: end-to-end part skipped (counts as a failure)"
+    e2e_rc=1
+fi
+if [[ $have_rrt == 1 && ",$parts," == *",smollm2,"* ]]; then
     if ! { PYTHONPATH="$root/train" python3 -m rrt_train tiny --like "$like" --loops 1 --round bf16 --out "$e2e/rand-b1" >/dev/null &&
            PYTHONPATH="$root/train" python3 -m rrt_train tiny --like "$like" --loops 3 --rank 64 --round bf16 --out "$e2e/rand-b3" >/dev/null; }; then
         echo "gpu-check: could not write the random checkpoints"
@@ -179,9 +191,26 @@ if [[ -x "$rrt_bin" && -f "$like/rrt_checkpoint.json" ]] && command -v python3 >
             --settings a,c --concurrency 1,8,32 --requests 32 --text data/calibration.txt | tee "$out/engine-${dev%%:*}.md" \
             || { echo "gpu-check: engine run on $dev failed or timed out"; e2e_rc=1; }
     done
-else
-    echo "gpu-check: no rrt binary or model config next to $bin: end-to-end part skipped (counts as a failure)"
-    e2e_rc=1
+fi
+if [[ $have_rrt == 1 && ",$parts," == *",ouro,"* ]]; then
+    if ! "$rrt_bin" random-model --like ouro-tiny --model "$like" --seed 5 --out "$e2e/ouro-tiny" >/dev/null; then
+        echo "gpu-check: could not write the tiny Ouro"
+        exit 1
+    fi
+    echo "gpu-check: Ouro engine tokens, cuda:0 (16 rows per pass) against cpu: every step (c), exit mix (m)"
+    timeout 120 "$rrt_bin" bench engine --device cuda:0 --compare-cpu --model "$like" --checkpoint "$e2e/ouro-tiny" \
+        --settings c,m --exit-mix 0.4,0.3,0.2,0.1 --concurrency 8 --requests 16 --max-tokens 24,40 --max-step-rows 16 \
+        --text data/calibration.txt | tee "$out/ouro-tokens.md" || { echo "gpu-check: Ouro token comparison FAILED or timed out"; e2e_rc=1; }
+    if "$rrt_bin" random-model --like ouro-1.4b --model "$like" --seed 1 --out "$e2e/ouro-1.4b"; then
+        echo "gpu-check: Ouro-1.4B (random) engine tokens/s, cuda:0"
+        timeout 240 "$rrt_bin" bench engine --device cuda:0 --model "$like" --checkpoint "$e2e/ouro-1.4b" \
+            --settings b,c,m --exit-mix 0.4,0.3,0.2,0.1 --concurrency 32 --requests 64 --prompt-tokens 16,32 \
+            --max-tokens 64,96 --text data/calibration.txt \
+            | tee "$out/ouro-1.4b-engine.md" || { echo "gpu-check: Ouro-1.4B engine run failed or timed out"; e2e_rc=1; }
+    else
+        echo "gpu-check: could not write the random Ouro-1.4B"
+        e2e_rc=1
+    fi
 fi
 [[ $rc == 0 && $e2e_rc == 0 ]] && echo "gpu-check: ALL PASSED" || echo "gpu-check: FAILURES (kernel check exit $rc, end to end $e2e_rc)"
 [[ $rc == 0 ]] && exit $e2e_rc

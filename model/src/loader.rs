@@ -114,25 +114,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     };
     let tokenizer = Tokenizer::from_hf_dir(dir, &cfg_json, &tok_config)?;
     check_vocab(&cfg_path, &config, &tokenizer)?;
-    let template_src = match tok_config.get("chat_template") {
-        Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(serde_json::Value::Array(list)) => list
-            .iter()
-            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .or_else(|| list.first())
-            .and_then(|t| t.get("template"))
-            .and_then(|t| t.as_str())
-            .map(str::to_string),
-        _ => {
-            let jinja = dir.join("chat_template.jinja");
-            jinja
-                .exists()
-                .then(|| std::fs::read_to_string(&jinja))
-                .transpose()
-                .map_err(|e| ModelError::io(&jinja, e))?
-        }
-    };
-    let chat_template = template_src.as_deref().map(ChatTemplate::new).transpose()?;
+    let chat_template = hf_chat_template(dir, &tok_config)?;
     let src = SafetensorsSource::open_dir(dir)?;
     let weights = load_weights(&config, &src)?;
     let model = match config.looped {
@@ -159,6 +141,59 @@ fn native_loop(config: ModelConfig, weights: crate::weights::Weights, steps: usi
         lora: (0..n).map(|_| Default::default()).collect(),
     };
     Model::recursive(config, weights, recursion)
+}
+
+/// The chat template of a Hugging Face directory: `tokenizer_config.json`'s `chat_template`
+/// (a string, or a list whose `default` entry wins), else `chat_template.jinja`.
+fn hf_chat_template(dir: &Path, tok_config: &serde_json::Value) -> Result<Option<ChatTemplate>> {
+    let template_src = match tok_config.get("chat_template") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => {
+            let jinja = dir.join("chat_template.jinja");
+            jinja
+                .exists()
+                .then(|| std::fs::read_to_string(&jinja))
+                .transpose()
+                .map_err(|e| ModelError::io(&jinja, e))?
+        }
+    };
+    template_src.as_deref().map(ChatTemplate::new).transpose()
+}
+
+/// The tokenizer and chat template of a model, without its weights (GGUF file, Hugging Face
+/// directory, or rrt checkpoint).
+pub fn load_tokenizer_and_template(path: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    if meta.is_dir() && path.join(crate::checkpoint::CONFIG_FILE).exists() {
+        let cfg = crate::checkpoint::read_config(path)?;
+        let t = cfg.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
+        Ok((
+            Tokenizer::from_json_file(&path.join("tokenizer.json"), cfg.tokenizer)?,
+            t,
+        ))
+    } else if meta.is_dir() {
+        let tc_path = path.join("tokenizer_config.json");
+        let tok_config = if tc_path.exists() {
+            read_json(&tc_path)?
+        } else {
+            serde_json::json!({})
+        };
+        Ok((load_tokenizer(path)?, hf_chat_template(path, &tok_config)?))
+    } else {
+        let g = GgufFile::open(path)?;
+        let t = g
+            .opt_str("tokenizer.chat_template")?
+            .map(ChatTemplate::new)
+            .transpose()?;
+        Ok((Tokenizer::from_gguf(&g)?, t))
+    }
 }
 
 /// Loads only the tokenizer of a model (no weights): what `rrt tokenize` needs.

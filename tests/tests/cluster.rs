@@ -5,6 +5,8 @@
 //! get the right error; and clients that are not ours (Python `grpcio` with stubs generated
 //! from our .proto files, the official `openai` package) get the same answers.
 //!
+//! An Ouro model (natively looped) goes through the same cluster, failover and drain.
+//!
 //! Node loss: `kill -9` or SIGSTOP of the busiest of three nodes mid-stream loses no request
 //! and changes no token (the coordinator resumes each request elsewhere from its prompt and
 //! streamed tokens).
@@ -602,10 +604,19 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Starts `n` nodes and a coordinator in front of them: (processes, node addresses, gRPC URL).
 fn cluster(n: usize, kv_mib: &str, extra: &[&str]) -> (Vec<Proc>, Vec<String>, String, String) {
+    cluster_of(None, n, kv_mib, extra)
+}
+
+/// [`cluster`] of nodes serving `model` (the default model when `None`).
+fn cluster_of(model: Option<&str>, n: usize, kv_mib: &str, extra: &[&str]) -> (Vec<Proc>, Vec<String>, String, String) {
     let mut procs = Vec::new();
     let mut nodes = Vec::new();
     for _ in 0..n {
-        let (p, l) = spawn(&["node", "--listen", "127.0.0.1:0", "--kv-mib", kv_mib]);
+        let mut args = vec!["node", "--listen", "127.0.0.1:0", "--kv-mib", kv_mib];
+        if let Some(m) = model {
+            args.extend(["--model", m]);
+        }
+        let (p, l) = spawn(&args);
         nodes.push(word_after(&l, " listening on ").to_string());
         procs.push(p);
     }
@@ -771,6 +782,95 @@ async fn node_loss_mid_stream_loses_nothing() {
             drop(procs);
         }
     }
+}
+
+/// An Ouro model (natively looped, gate exits; a tiny random one written by `rrt random-model
+/// --like ouro-tiny`) behind the cluster: `rrt serve --model DIR` answers like `rrt generate`;
+/// through a coordinator and three nodes, 30 concurrent streams equal `rrt generate`, and
+/// stay equal when the busiest node is killed (`kill -9`) or drained (SIGTERM: its requests
+/// move with their keys/values, every loop step's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ouro_cluster_matches_rrt_generate_through_failover_and_drain() {
+    let _serial = SERIAL.lock().await;
+    let dir = std::env::temp_dir().join(format!("rrt-cluster-ouro-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let st = Command::new(rrt_bin())
+        .args([
+            "random-model",
+            "--like",
+            "ouro-tiny",
+            "--dtype",
+            "f32",
+            "--seed",
+            "5",
+            "--out",
+        ])
+        .arg(&dir)
+        .current_dir(root())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let d = dir.to_str().unwrap();
+    // `rrt generate` (the CPU forward pass, every step) for each failover prompt.
+    let refs: Vec<Vec<u32>> = FAILOVER_PROMPTS
+        .iter()
+        .map(|p| {
+            let out = Command::new(rrt_bin())
+                .args(["generate", "--model", d, "--prompt", p, "--max-tokens", "32", "--json"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+
+    // One process.
+    let (_serve, line) = spawn(&[
+        "serve",
+        "--model",
+        d,
+        "--nodes",
+        "1",
+        "--kv-mib",
+        "32",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ]);
+    let http = word_after(&line, "OpenAI HTTP on ").to_string();
+    let v: Value = post_json(
+        &reqwest::Client::new(),
+        &format!("{http}/v1/completions"),
+        &json!({"prompt": FAILOVER_PROMPTS[0], "max_tokens": 8, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(v["usage"]["completion_tokens"], 8.min(refs[0].len()), "{v}");
+    drop(_serve);
+
+    // A coordinator and three nodes; a node lost or drained mid-stream.
+    for how in ["-KILL", "-TERM"] {
+        let (procs, nodes, grpc, _http) = cluster_of(Some(d), 3, "32", &[]);
+        let pids: Vec<u32> = procs[..3].iter().map(|p| p.0.id()).collect();
+        let (undisturbed, _, _) = thirty_streams(&grpc, None).await;
+        for (i, (got, _)) in undisturbed.iter().enumerate() {
+            let want = &refs[i % 6];
+            let n = want.len().min(got.len());
+            assert_eq!(&got[..n], &want[..n], "stream {i} differs from rrt generate");
+        }
+        let (disturbed, _, _) = thirty_streams(&grpc, Some((how, &nodes, &pids))).await;
+        for (i, ((want, _), (got, _))) in undisturbed.iter().zip(&disturbed).enumerate() {
+            assert_eq!(got, want, "{how}: stream {i} differs from its undisturbed output");
+        }
+        drop(procs);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn rss_kib(pid: u32) -> u64 {

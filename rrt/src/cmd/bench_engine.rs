@@ -6,7 +6,10 @@
 //! - (c) the checkpoint with continuous depth-wise batching;
 //! - (d) (c) with early exit at the checkpoint's calibrated thresholds;
 //! - (e) (c) with oracle exit: each token leaves at the first loop whose argmax equals the
-//!   final one (measured beforehand on (c)'s outputs, replayed as a per-request schedule).
+//!   final one (measured beforehand on (c)'s outputs, replayed as a per-request schedule);
+//! - (m) (c) with a replayed exit mix: each token leaves after loop `b` with the probability
+//!   `--exit-mix` gives loop `b` (seeded draws, the same for every run): the gate exits of a
+//!   natively looped model (Ouro) at a known exit pattern, with random weights.
 //!
 //! Requests are closed-loop at each concurrency: `c` in flight, a new one submitted as soon as
 //! one finishes. Prompts are cut from tinyshakespeare; greedy, `ignore_eos`, so every setting
@@ -31,7 +34,7 @@ pub struct EngineArgs {
     /// The relaxed recursive checkpoint (settings b-e; d needs calibrated thresholds).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
-    /// Settings to run, from a, b, c, d, e.
+    /// Settings to run, from a, b, c, d, e, m.
     #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e")]
     pub settings: Vec<String>,
     /// Concurrency levels (requests in flight).
@@ -74,6 +77,10 @@ pub struct EngineArgs {
     /// other divergence fails the command.
     #[arg(long)]
     pub compare_cpu: bool,
+    /// Setting (m)'s exit pattern: the fraction of tokens leaving after each loop, e.g.
+    /// `0.4,0.3,0.2,0.1` (one per loop; normalised).
+    #[arg(long, value_delimiter = ',')]
+    pub exit_mix: Vec<f64>,
     /// Weight precision on a GPU `--device` (`bf16` or `f16`; f32 accumulation either way).
     #[arg(long, default_value = "bf16")]
     pub gpu_weights: String,
@@ -191,13 +198,13 @@ fn default_text() -> PathBuf {
 
 /// The benchmark's requests: prompt ids and output lengths.
 fn requests(
-    lm: &LoadedModel,
+    tok: &rrt_model::tokenizer::Tokenizer,
     text: &str,
     n: usize,
     prompts: &[usize],
     outs: &[usize],
 ) -> Result<Vec<(Vec<u32>, usize)>> {
-    let ids = lm.tokenizer.encode(&text[..text.len().min(400_000)], false, false)?;
+    let ids = tok.encode(&text[..text.len().min(400_000)], false, false)?;
     let longest = prompts.iter().copied().max().unwrap_or(1);
     if ids.len() < longest + n {
         bail!("the text is too short for {n} prompts of {longest} tokens");
@@ -346,6 +353,31 @@ fn run_setting<B: rrt_kernels::Backend>(
     ))
 }
 
+/// Per request, the loops each output token runs, drawn from `mix` (fractions per loop).
+fn mix_schedules(reqs: &[(Vec<u32>, usize)], mix: &[f64], seed: u64) -> Vec<Vec<u8>> {
+    use rand::{Rng, SeedableRng};
+    let total: f64 = mix.iter().sum();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    reqs.iter()
+        .map(|(_, n)| {
+            (0..*n)
+                .map(|_| {
+                    let mut u = rng.random_range(0.0..total);
+                    let mut l = mix.len();
+                    for (i, f) in mix.iter().enumerate() {
+                        if u < *f {
+                            l = i + 1;
+                            break;
+                        }
+                        u -= f;
+                    }
+                    l as u8
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Oracle exit loops of each output token: the first loop whose argmax equals the last
 /// loop's, on the full-depth outputs (teacher-forced through the host forward pass).
 fn oracle_schedules(lm: &LoadedModel, reqs: &[(Vec<u32>, usize)], outputs: &[Vec<u32>]) -> Result<Vec<Vec<u8>>> {
@@ -365,14 +397,22 @@ fn oracle_schedules(lm: &LoadedModel, reqs: &[(Vec<u32>, usize)], outputs: &[Vec
 
 pub fn run(a: EngineArgs) -> Result<()> {
     let want = |s: &str| a.settings.iter().any(|x| x == s);
-    let needs_ckpt = ["b", "c", "d", "e"].iter().any(|s| want(s));
+    let needs_ckpt = ["b", "c", "d", "e", "m"].iter().any(|s| want(s));
+    if want("m")
+        && (a.exit_mix.is_empty() || a.exit_mix.iter().any(|f| !(*f >= 0.0)) || a.exit_mix.iter().sum::<f64>() <= 0.0)
+    {
+        bail!("setting m needs --exit-mix with one non-negative fraction per loop, e.g. 0.4,0.3,0.2,0.1");
+    }
     if needs_ckpt && a.checkpoint.is_none() {
         bail!("settings b-e need --checkpoint DIR (a relaxed recursive checkpoint from `rrt convert`)");
     }
     let vanilla_path = a.model.path()?;
     let text_path = a.text.clone().unwrap_or_else(default_text);
     let text = std::fs::read_to_string(&text_path).with_context(|| format!("reading {}", text_path.display()))?;
-    let probe = load_model(&vanilla_path)?;
+    // Only the tokenizer cuts the prompts (the checkpoint's when there is one: no weights read).
+    let tok_path = a.checkpoint.clone().unwrap_or_else(|| vanilla_path.clone());
+    let probe = rrt_model::loader::load_tokenizer(&tok_path)
+        .with_context(|| format!("reading the tokenizer of {}", tok_path.display()))?;
     let exit_rule = match &a.checkpoint {
         Some(d) if want("d") => {
             let r = ExitRule::from_checkpoint(d)?;
@@ -407,7 +447,7 @@ pub fn run(a: EngineArgs) -> Result<()> {
         let n = a.requests.unwrap_or((2 * c).max(8));
         let reqs = requests(&probe, &text, n, &a.prompt_tokens, &a.max_tokens)?;
         let mut c_outputs: Option<Vec<Vec<u32>>> = None;
-        for s in ["a", "a32", "b", "c", "d", "e"] {
+        for s in ["a", "a32", "b", "c", "d", "e", "m"] {
             if s == "a32" && a.baseline_f32.is_none() {
                 continue;
             }
@@ -437,6 +477,8 @@ pub fn run(a: EngineArgs) -> Result<()> {
                 let host = load_model(path)?;
                 let c_out = c_outputs.as_ref().expect("c runs before e");
                 Some(oracle_schedules(&host, &reqs, c_out)?)
+            } else if s == "m" {
+                Some(mix_schedules(&reqs, &a.exit_mix, 20_261_204))
             } else {
                 None
             };
@@ -532,9 +574,9 @@ fn print_comparisons(cmps: &[Comparison], tol: f64) {
 
 fn print_table(lines: &[Line]) {
     println!(
-        "| setting | concurrency | requests | out tokens | tok/s | TPOT ms | TTFT ms | mean loops | head rows/token | LM head share | head row / loop row | vs (a) | vs (a32) |"
+        "| setting | concurrency | requests | out tokens | tok/s | TPOT ms | TTFT ms | mean loops | head rows/token | LM head share | head row / loop row | vs (a) | vs (a32) | vs (b) |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for l in lines {
         let vs = |name: &str| {
             lines
@@ -544,7 +586,7 @@ fn print_table(lines: &[Line]) {
                 .unwrap_or_else(|| "-".into())
         };
         println!(
-            "| ({}) | {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.0}% | {:.1} | {} | {} |",
+            "| ({}) | {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.0}% | {:.1} | {} | {} | {} |",
             l.setting,
             l.concurrency,
             l.requests,
@@ -557,7 +599,8 @@ fn print_table(lines: &[Line]) {
             100.0 * l.head_share,
             l.head_row_ms / l.loop_row_ms.max(1e-12),
             vs("a"),
-            vs("a32")
+            vs("a32"),
+            vs("b")
         );
     }
 }

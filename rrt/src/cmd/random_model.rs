@@ -17,7 +17,8 @@ pub struct Args {
     /// The directory to write.
     #[arg(long)]
     pub out: PathBuf,
-    /// The model whose tokenizer and chat template to copy.
+    /// The model whose tokenizer and chat template to copy (its weights are not read: an rrt
+    /// checkpoint's `rrt_checkpoint.json` + `tokenizer.json` suffice).
     #[command(flatten)]
     pub tokenizer_from: ModelArg,
     /// Tensor type: bf16 (the real checkpoints' type) or f32.
@@ -49,13 +50,15 @@ pub fn run(a: Args) -> Result<()> {
     if !(a.exit_threshold > 0.0 && a.exit_threshold <= 1.0) {
         bail!("--exit-threshold {}: must be in (0, 1]", a.exit_threshold);
     }
-    let src = a.tokenizer_from.load()?;
+    let from = a.tokenizer_from.path()?;
+    let (tokenizer, template) = rrt_model::loader::load_tokenizer_and_template(&from)
+        .with_context(|| format!("reading the tokenizer of {}", from.display()))?;
     let t = std::time::Instant::now();
     write_ouro(
         &a.out,
         &shape,
-        &src.tokenizer,
-        src.chat_template.as_ref().map(|c| c.source.as_str()),
+        &tokenizer,
+        template.as_ref().map(|c| c.source.as_str()),
         a.seed,
         store,
         a.exit_threshold,
