@@ -6,11 +6,14 @@
 //! dropped) cancels the request on its node at once.
 
 use crate::error::CoordError;
-use crate::metrics::{ExitLoop, Metrics};
+use crate::metrics::Metrics;
+use crate::pump::RequestPump;
 use crate::registry::Registry;
-use crate::request::{Alt, Finish, GenEvent, GenRequest, GenToken, GenUsage, Input};
+use crate::request::{Finish, GenEvent, GenRequest, Input};
 use crate::routing::route_with;
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use rrt_proto::refusal::Refusal;
 use rrt_proto::v1 as api;
 use rrt_proto::v1::node as pb;
 use std::sync::Arc;
@@ -20,6 +23,8 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 type NodeClient = pb::node_client::NodeClient<tonic::transport::Channel>;
+/// An opened Run: its node, client, stream, and the node's pending count it holds.
+pub(crate) type Opened = (String, NodeClient, tonic::Streaming<pb::RunEvent>, Pending);
 
 /// How often a request is re-routed when its node refuses the connection.
 const START_ATTEMPTS: usize = 3;
@@ -121,16 +126,90 @@ impl Generation {
     }
 }
 
-fn node_error(node: &str, status: tonic::Status) -> CoordError {
+pub(crate) fn node_error(node: &str, status: tonic::Status) -> CoordError {
     CoordError::Node {
         node: node.to_string(),
         status,
     }
 }
 
-/// A node error that means the node itself is gone (not the request's fault).
-fn node_is_down(status: &tonic::Status) -> bool {
-    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) && !status.message().contains("draining")
+/// A node error that means the node itself is gone (not the request's fault; a node that
+/// refuses because it drains is not gone: [`Refusal`]).
+pub(crate) fn node_is_down(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) && Refusal::of(status).is_none()
+}
+
+/// How a request's pump ended (the `rrt_requests_total` outcome label, the span's finish
+/// reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The node finished it (length, stop, end of generation, or cancelled there).
+    Finished(Finish),
+    /// The client went away.
+    Cancelled,
+    /// Its deadline passed.
+    Deadline,
+    /// It failed and could not be moved (or it was its own fault).
+    Error,
+    /// Refused before it started.
+    Rejected,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Finished(f) => f.label(),
+            Outcome::Cancelled => "cancelled",
+            Outcome::Deadline => "deadline",
+            Outcome::Error => "error",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// A request counted in its node's pending load from when it is sent there until it ends or
+/// leaves the node: the count goes down exactly once, whatever path the request takes.
+pub(crate) struct Pending {
+    registry: Registry,
+    node: String,
+}
+
+impl Pending {
+    fn new(registry: &Registry, node: &str) -> Self {
+        registry.add_pending(node, 1);
+        Self {
+            registry: registry.clone(),
+            node: node.to_string(),
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.registry.add_pending(&self.node, -1);
+    }
+}
+
+/// An id reserved in the request table (the atomic check-and-insert of an id); released
+/// again when dropped before [`Reservation::keep`] (a request refused after reserving).
+struct Reservation<'a> {
+    table: &'a DashMap<String, Tracked>,
+    id: String,
+    kept: bool,
+}
+
+impl Reservation<'_> {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.table.remove(&self.id);
+        }
+    }
 }
 
 /// `run` as a call carrying the current span's trace context.
@@ -141,7 +220,7 @@ fn traced(run: &pb::RunRequest) -> tonic::Request<pb::RunRequest> {
 }
 
 /// What came of trying to move a request with its keys/values.
-enum KvMove {
+pub(crate) enum KvMove {
     /// Its state is staged on `node` under `ticket`; the old stream ends with "moved".
     Staged { node: String, ticket: String },
     /// The old node let go of it but no peer took its state: the old stream ends with
@@ -186,6 +265,29 @@ impl Coordinator {
     /// A snapshot of one request's state (node, prompt, tokens so far).
     pub fn tracked(&self, id: &str) -> Option<Tracked> {
         self.requests.get(id).map(|t| t.clone())
+    }
+
+    /// The tokens request `id` has streamed so far.
+    pub(crate) fn tracked_generated(&self, id: &str) -> Vec<u32> {
+        self.requests.get(id).map(|t| t.generated.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn push_generated(&self, id: &str, token: u32) {
+        if let Some(mut t) = self.requests.get_mut(id) {
+            t.generated.push(token);
+        }
+    }
+
+    pub(crate) fn set_tracked_node(&self, id: &str, node: &str, migrations: u32) {
+        if let Some(mut t) = self.requests.get_mut(id) {
+            t.node = node.to_string();
+            t.migrations = migrations;
+        }
+    }
+
+    /// Removes a finished request from the table.
+    pub(crate) fn forget(&self, id: &str) {
+        self.requests.remove(id);
     }
 
     /// Starts shutting down: readiness turns 503 / NOT_SERVING and new requests are refused
@@ -396,7 +498,7 @@ impl Coordinator {
         req.trace.set_parent_of(&span);
         let r = self.start(&mut req, arrived).instrument(span.clone()).await;
         if let Err(e) = &r {
-            self.metrics.outcome("rejected");
+            self.metrics.outcome(Outcome::Rejected);
             self.metrics.rejected(e);
             span.record("finish_reason", format!("rejected: {e}"));
         }
@@ -436,12 +538,28 @@ impl Coordinator {
     ) -> Result<Generation, CoordError> {
         if req.id.is_empty() {
             req.id = self.new_id();
-        } else if self.requests.contains_key(&req.id) {
-            return Err(CoordError::invalid(
-                "request_id",
-                format!("`{}` is already in flight", req.id),
-            ));
         }
+        let move_now = Arc::new(tokio::sync::Notify::new());
+        // Reserve the id at once (check and insert in one step): a second request with the
+        // same id, however close behind, is refused here.
+        let reservation = match self.requests.entry(req.id.clone()) {
+            Entry::Occupied(_) => return Err(CoordError::AlreadyExists(req.id.clone())),
+            Entry::Vacant(v) => {
+                v.insert(Tracked {
+                    node: String::new(),
+                    prompt: Arc::new(Vec::new()),
+                    generated: Vec::new(),
+                    arrived,
+                    migrations: 0,
+                    move_now: move_now.clone(),
+                });
+                Reservation {
+                    table: &self.requests,
+                    id: req.id.clone(),
+                    kept: false,
+                }
+            }
+        };
         let prompt = self.prompt_ids(&req.input).await?;
         if prompt.is_empty() {
             return Err(CoordError::invalid("prompt", "tokenizes to no tokens"));
@@ -503,20 +621,13 @@ impl Coordinator {
             rng_draws: 0,
             kv_ticket: String::new(),
         };
-        let (node, client, stream) = self.open_run(&run).await?;
+        let (node, client, stream, pending) = self.open_run(&run).await?;
         let prompt = Arc::new(prompt);
-        let move_now = Arc::new(tokio::sync::Notify::new());
-        self.requests.insert(
-            req.id.clone(),
-            Tracked {
-                node: node.clone(),
-                prompt: prompt.clone(),
-                generated: Vec::new(),
-                arrived,
-                migrations: 0,
-                move_now: move_now.clone(),
-            },
-        );
+        if let Some(mut t) = self.requests.get_mut(&req.id) {
+            t.node = node.clone();
+            t.prompt = prompt.clone();
+        }
+        reservation.keep();
         self.metrics.prompt_tokens.inc_by(prompt.len() as u64);
         self.metrics.running.inc();
         self.metrics.queued.inc();
@@ -528,10 +639,26 @@ impl Coordinator {
         span.record("node", node.as_str());
         span.record("prompt_tokens", prompt.len() as i64);
         span.record("queue_ms", arrived.elapsed().as_secs_f64() * 1e3);
+        let pump = RequestPump {
+            coord: me,
+            id,
+            run,
+            node: n,
+            client,
+            stream,
+            pending,
+            tx,
+            arrived,
+            move_now,
+            last_token: None,
+            loops: 0,
+            tokens: 0,
+            migrations: 0,
+            switching: None,
+        };
         tokio::spawn(
             async move {
-                me.pump(id, run, n, client, stream, tx, arrived, deadline, move_now)
-                    .await;
+                pump.run(deadline).await;
                 drop(permit);
             }
             .instrument(span),
@@ -546,10 +673,7 @@ impl Coordinator {
 
     /// Routes `run` (by its prompt plus generated tokens) and opens its stream, trying another
     /// node when one refuses the connection.
-    async fn open_run(
-        &self,
-        run: &pb::RunRequest,
-    ) -> Result<(String, NodeClient, tonic::Streaming<pb::RunEvent>), CoordError> {
+    pub(crate) async fn open_run(&self, run: &pb::RunRequest) -> Result<Opened, CoordError> {
         let mut last = CoordError::Unavailable(String::new());
         let mut tokens = run.prompt.clone();
         tokens.extend_from_slice(&run.generated);
@@ -563,12 +687,17 @@ impl Coordinator {
             let Some(mut client) = self.registry.client(&node) else {
                 continue;
             };
-            self.registry.add_pending(&node, 1);
+            let pending = Pending::new(&self.registry, &node);
             match client.run(traced(run)).await {
-                Ok(stream) => return Ok((node, client, stream.into_inner())),
+                Ok(stream) => return Ok((node, client, stream.into_inner(), pending)),
                 Err(s) => {
-                    self.registry.add_pending(&node, -1);
-                    if node_is_down(&s) {
+                    drop(pending);
+                    if Refusal::of(&s) == Some(Refusal::Draining) {
+                        // It started draining after the last load report: route elsewhere.
+                        tracing::info!(node, "node is draining; routing the request again");
+                        self.registry.mark_draining(&node);
+                        last = node_error(&node, s);
+                    } else if node_is_down(&s) {
                         tracing::warn!(node, error = %s, "node refused a request; routing again");
                         self.registry.mark_failed(&node);
                         last = node_error(&node, s);
@@ -584,7 +713,14 @@ impl Coordinator {
     /// Moves request `id` off node `from` with its state: `Export` there, piped into `Import`
     /// on the peer the request would be routed to now (the coordinator holds one chunk at a
     /// time).
-    async fn move_kv(&self, id: &str, from: &str, client: &mut NodeClient, tokens: &[u32], remaining: usize) -> KvMove {
+    pub(crate) async fn move_kv(
+        &self,
+        id: &str,
+        from: &str,
+        client: &mut NodeClient,
+        tokens: &[u32],
+        remaining: usize,
+    ) -> KvMove {
         let snap: Vec<_> = self.registry.snapshot().into_iter().filter(|n| n.id != from).collect();
         let Some(target) = route_with(&snap, tokens, remaining, self.cfg.prefix_affinity).map(|n| n.id.clone()) else {
             return KvMove::Kept(tonic::Status::unavailable("no peer to move to"));
@@ -623,282 +759,21 @@ impl Coordinator {
 
     /// Opens `run` on `node` (a peer holding its staged state); anywhere else by replay
     /// when that fails.
-    async fn open_run_on(
-        &self,
-        node: &str,
-        run: &mut pb::RunRequest,
-    ) -> Result<(String, NodeClient, tonic::Streaming<pb::RunEvent>), CoordError> {
+    pub(crate) async fn open_run_on(&self, node: &str, run: &mut pb::RunRequest) -> Result<Opened, CoordError> {
         if let Some(mut client) = self.registry.client(node) {
-            self.registry.add_pending(node, 1);
+            let pending = Pending::new(&self.registry, node);
             match client.run(traced(run)).await {
                 Ok(s) => {
                     run.kv_ticket.clear();
-                    return Ok((node.to_string(), client, s.into_inner()));
+                    return Ok((node.to_string(), client, s.into_inner(), pending));
                 }
                 Err(e) => {
-                    self.registry.add_pending(node, -1);
+                    drop(pending);
                     tracing::warn!(node, error = %e, "peer holding the keys/values refused the run; replaying");
                 }
             }
         }
         run.kv_ticket.clear();
         self.open_run(run).await
-    }
-
-    /// Relays one request's node stream to its client; cancels on the node when the client
-    /// goes away.
-    #[allow(clippy::too_many_arguments)]
-    async fn pump(
-        self: Arc<Self>,
-        id: String,
-        mut run: pb::RunRequest,
-        mut node: String,
-        mut client: NodeClient,
-        mut stream: tonic::Streaming<pb::RunEvent>,
-        tx: mpsc::Sender<Result<GenEvent, CoordError>>,
-        arrived: Instant,
-        deadline: Option<Instant>,
-        move_now: Arc<tokio::sync::Notify>,
-    ) {
-        let mut last_token: Option<Instant> = None;
-        let deadline = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(deadline);
-        let (mut loops, mut tokens) = (0u64, 0u64);
-        let mut migrations = 0u32;
-        // A peer holding the request's keys/values, waiting for the old stream's "moved".
-        let mut switching: Option<(String, String)> = None;
-        let outcome: String = loop {
-            let msg = tokio::select! {
-                _ = tx.closed() => break "cancelled".into(),
-                _ = move_now.notified(), if switching.is_none() => {
-                    // The node is draining: move the request to a peer with its keys/values
-                    // (by replay when that cannot be done), if there is a peer (otherwise it
-                    // finishes where it is).
-                    let snap = self.registry.snapshot();
-                    // A notification stored while the request was already moving is stale:
-                    // only a request on a draining node moves.
-                    if !snap.iter().any(|n| n.id == node && n.draining) {
-                        continue;
-                    }
-                    if !snap.iter().any(|n| n.id != node && n.healthy && !n.draining) {
-                        continue;
-                    }
-                    let mut tokens = run.prompt.clone();
-                    tokens.extend(self.requests.get(&id).map(|t| t.generated.clone()).unwrap_or_default());
-                    let remaining = (run.max_new_tokens as usize + run.prompt.len()).saturating_sub(tokens.len());
-                    match self.move_kv(&id, &node, &mut client, &tokens, remaining).await {
-                        KvMove::Staged { node: to, ticket } => switching = Some((to, ticket)),
-                        KvMove::HandedOff => {}
-                        KvMove::Kept(s) if matches!(s.code(), tonic::Code::NotFound | tonic::Code::DeadlineExceeded) => {}
-                        KvMove::Kept(s) => {
-                            tracing::info!(request = id, node, error = %s, "cannot move keys/values; replaying");
-                            run.generated = self.requests.get(&id).map(|t| t.generated.clone()).unwrap_or_default();
-                            match self.open_run(&run).await {
-                                Ok((n, c, st)) => {
-                                    let old = std::mem::replace(&mut client, c);
-                                    drop(std::mem::replace(&mut stream, st));
-                                    self.registry.add_pending(&node, -1);
-                                    let req = pb::CancelRequest { request_id: id.clone() };
-                                    let timeout = self.cfg.node_timeout;
-                                    tokio::spawn(async move {
-                                        let mut old = old;
-                                        let _ = tokio::time::timeout(timeout, old.cancel(req)).await;
-                                    });
-                                    tracing::info!(request = id, from = node, to = n, "moved off a draining node by replay");
-                                    node = n;
-                                    migrations += 1;
-                                    self.metrics.migrations.inc();
-                                    if let Some(mut t) = self.requests.get_mut(&id) {
-                                        t.node = node.clone();
-                                        t.migrations = migrations;
-                                    }
-                                }
-                                Err(e) => tracing::warn!(request = id, error = %e, "could not move off a draining node"),
-                            }
-                        }
-                    }
-                    continue;
-                }
-                _ = &mut deadline => {
-                    let e = CoordError::DeadlineExceeded(arrived.elapsed());
-                    let _ = tokio::time::timeout(Duration::from_millis(100), tx.send(Err(e))).await;
-                    break "deadline".into();
-                }
-                m = stream.message() => m,
-            };
-            let failure = match msg {
-                Ok(Some(pb::RunEvent { event: Some(e) })) => Ok(e),
-                Ok(Some(pb::RunEvent { event: None })) => continue,
-                Ok(None) => Err(CoordError::Unavailable(format!(
-                    " (node {node} ended the stream before the request finished)"
-                ))),
-                Err(s) => Err(node_error(&node, s)),
-            };
-            let ev = match failure {
-                Ok(e) => e,
-                Err(e) => {
-                    // The node failed the request (died, froze past the keepalive, or broke
-                    // the stream): resume it elsewhere from its prompt and the tokens already
-                    // streamed, unless the error is the request's own fault.
-                    let own_fault = matches!(&e, CoordError::Node { status, .. } if matches!(
-                        status.code(),
-                        tonic::Code::InvalidArgument | tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
-                    ));
-                    if own_fault || migrations >= self.cfg.max_migrations {
-                        let _ = tx.send(Err(e)).await;
-                        break "error".into();
-                    }
-                    self.registry.mark_failed(&node);
-                    self.registry.add_pending(&node, -1);
-                    tracing::warn!(request = id, node, error = %e, "node failed mid-request; migrating");
-                    run.generated = self.requests.get(&id).map(|t| t.generated.clone()).unwrap_or_default();
-                    match self.open_run(&run).await {
-                        Ok((n, c, s)) => {
-                            migrations += 1;
-                            self.metrics.migrations.inc();
-                            if let Some(mut t) = self.requests.get_mut(&id) {
-                                t.node = n.clone();
-                                t.migrations = migrations;
-                            }
-                            (node, client, stream) = (n, c, s);
-                            continue;
-                        }
-                        Err(e2) => {
-                            // Nothing left to move to: the client hears it now, not later.
-                            self.registry.add_pending(&node, 1);
-                            let _ = tx.send(Err(e2)).await;
-                            break "error".into();
-                        }
-                    }
-                }
-            };
-            match ev {
-                pb::run_event::Event::Finished(f) if f.finish_reason == "moved" => {
-                    // The old node let go of the request after its last token: continue on
-                    // the peer holding its keys/values, or replay it anywhere.
-                    run.generated = self.requests.get(&id).map(|t| t.generated.clone()).unwrap_or_default();
-                    let opened = match switching.take() {
-                        Some((to, ticket)) => {
-                            run.kv_ticket = ticket;
-                            self.open_run_on(&to, &mut run).await
-                        }
-                        None => self.open_run(&run).await,
-                    };
-                    match opened {
-                        Ok((n, c, st)) => {
-                            self.registry.add_pending(&node, -1);
-                            tracing::info!(request = id, from = node, to = n, "moved off a draining node");
-                            (node, client, stream) = (n, c, st);
-                            migrations += 1;
-                            self.metrics.migrations.inc();
-                            if let Some(mut t) = self.requests.get_mut(&id) {
-                                t.node = node.clone();
-                                t.migrations = migrations;
-                            }
-                            continue;
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            break "error".into();
-                        }
-                    }
-                }
-                pb::run_event::Event::Token(t) => {
-                    let now = Instant::now();
-                    if last_token.is_none() {
-                        self.metrics.queued.dec();
-                    }
-                    match last_token {
-                        None => self
-                            .metrics
-                            .time_to_first_token
-                            .observe(now.duration_since(arrived).as_secs_f64()),
-                        Some(p) => self
-                            .metrics
-                            .time_per_output_token
-                            .observe(now.duration_since(p).as_secs_f64()),
-                    }
-                    last_token = Some(now);
-                    self.metrics.generation_tokens.inc();
-                    loops += t.exit_loop as u64;
-                    tokens += 1;
-                    self.metrics
-                        .token_exits
-                        .get_or_create(&ExitLoop { exit_loop: t.exit_loop })
-                        .inc();
-                    if let Some(mut e) = self.requests.get_mut(&id) {
-                        e.generated.push(t.token_id);
-                    }
-                    let token_text = t.token;
-                    let g = GenToken {
-                        id: t.token_id,
-                        text: t.text,
-                        token_text,
-                        logprob: t.logprob,
-                        exit_loop: t.exit_loop,
-                        top: t
-                            .top_logprobs
-                            .into_iter()
-                            .map(|a| Alt {
-                                id: a.token_id,
-                                text: a.token,
-                                logprob: a.logprob,
-                            })
-                            .collect(),
-                    };
-                    if tx.send(Ok(GenEvent::Token(g))).await.is_err() {
-                        break "cancelled".into();
-                    }
-                }
-                pb::run_event::Event::Finished(f) => {
-                    let finish = Finish::parse(&f.finish_reason);
-                    // After a migration the node saw the earlier output as prompt.
-                    let moved = run.generated.len() as u32;
-                    let usage = GenUsage {
-                        prompt_tokens: f.prompt_tokens - moved.min(f.prompt_tokens),
-                        completion_tokens: f.completion_tokens + moved,
-                        // Over the tokens streamed (the node's count also has the end token's).
-                        mean_loops: if tokens > 0 { loops as f32 / tokens as f32 } else { 0.0 },
-                    };
-                    self.metrics.e2e_latency.observe(arrived.elapsed().as_secs_f64());
-                    let _ = tx
-                        .send(Ok(GenEvent::Done {
-                            finish,
-                            text: f.text,
-                            usage,
-                        }))
-                        .await;
-                    break f.finish_reason;
-                }
-            }
-        };
-        // Dropping the node stream resets it (the node cancels when it next sends); the
-        // explicit Cancel frees the request's rows and KV at once.
-        drop(stream);
-        if outcome == "cancelled" || outcome == "deadline" {
-            let req = pb::CancelRequest { request_id: id.clone() };
-            let _ = tokio::time::timeout(self.cfg.node_timeout, client.cancel(req)).await;
-        }
-        self.requests.remove(&id);
-        self.registry.add_pending(&node, -1);
-        self.metrics.running.dec();
-        if last_token.is_none() {
-            self.metrics.queued.dec();
-        }
-        self.metrics.outcome(&outcome);
-        let span = tracing::Span::current();
-        span.record("node", node.as_str());
-        span.record("migrations", migrations as i64);
-        span.record("tokens", tokens as i64);
-        span.record("finish_reason", outcome.as_str());
-        span.record(
-            "mean_loops",
-            if tokens > 0 { loops as f64 / tokens as f64 } else { 0.0 },
-        );
     }
 }

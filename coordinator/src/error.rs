@@ -22,6 +22,9 @@ pub enum CoordError {
     /// The request's deadline passed.
     #[error("the request's deadline passed after {0:?}")]
     DeadlineExceeded(std::time::Duration),
+    /// A request with this id is already in flight.
+    #[error("request_id: `{0}` is already in flight")]
+    AlreadyExists(String),
     /// No valid API key.
     #[error("a valid API key is required: `Authorization: Bearer KEY`")]
     Unauthenticated,
@@ -50,6 +53,7 @@ impl CoordError {
             },
             Self::Overloaded { .. } => Code::ResourceExhausted,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::Unauthenticated => Code::Unauthenticated,
             Self::Internal(_) => Code::Internal,
         }
@@ -64,6 +68,7 @@ impl CoordError {
             Code::Unavailable => 503,
             Code::Cancelled => 499,
             Code::DeadlineExceeded => 504,
+            Code::AlreadyExists => 409,
             Code::Unauthenticated => 401,
             _ => 500,
         }
@@ -72,7 +77,9 @@ impl CoordError {
     /// The OpenAI error `type`.
     pub fn openai_type(&self) -> &'static str {
         match self.code() {
-            Code::InvalidArgument | Code::NotFound | Code::Unauthenticated => "invalid_request_error",
+            Code::InvalidArgument | Code::NotFound | Code::Unauthenticated | Code::AlreadyExists => {
+                "invalid_request_error"
+            }
             Code::ResourceExhausted => "rate_limit_error",
             Code::DeadlineExceeded => "timeout_error",
             _ => "server_error",
@@ -84,6 +91,7 @@ impl CoordError {
         match self {
             Self::InvalidArgument { field, .. } => Some(field.clone()),
             Self::ModelNotFound { .. } => Some("model".into()),
+            Self::AlreadyExists(_) => Some("request_id".into()),
             // Nodes name the field the same way: "field: message".
             Self::Node { status, .. } if status.code() == Code::InvalidArgument => status
                 .message()

@@ -10,13 +10,14 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
-    /// length, stop, eos, cancelled, error, rejected.
+    /// length, stop, eos, cancelled, deadline, error, rejected ([`crate::core::Outcome`]).
     pub outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
-    /// invalid, model_not_found, unavailable, overloaded, deadline, unauthenticated, internal.
+    /// invalid, model_not_found, unavailable, overloaded, deadline, duplicate_id,
+    /// unauthenticated, internal.
     pub reason: String,
 }
 
@@ -190,16 +191,17 @@ impl Metrics {
             E::Unavailable(_) | E::Node { .. } => "unavailable",
             E::Overloaded { .. } => "overloaded",
             E::DeadlineExceeded(_) => "deadline",
+            E::AlreadyExists(_) => "duplicate_id",
             E::Unauthenticated => "unauthenticated",
             E::Internal(_) => "internal",
         };
         self.rejections.get_or_create(&Reason { reason: reason.into() }).inc();
     }
 
-    pub fn outcome(&self, outcome: &str) {
+    pub fn outcome(&self, outcome: crate::core::Outcome) {
         self.requests
             .get_or_create(&Outcome {
-                outcome: outcome.into(),
+                outcome: outcome.label().into(),
             })
             .inc();
     }

@@ -90,6 +90,14 @@ impl Registry {
         }
     }
 
+    /// Marks a node draining at once (it refused a request with the typed drain refusal);
+    /// its next load report confirms or clears it.
+    pub fn mark_draining(&self, id: &str) {
+        if let Some(e) = self.nodes.write().expect("registry lock").get_mut(id) {
+            e.view.draining = true;
+        }
+    }
+
     /// Marks a node unhealthy at once (e.g. its stream broke).
     pub fn mark_failed(&self, id: &str) {
         if let Some(e) = self.nodes.write().expect("registry lock").get_mut(id) {

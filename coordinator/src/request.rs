@@ -165,12 +165,26 @@ pub enum Finish {
 }
 
 impl Finish {
-    pub fn parse(s: &str) -> Self {
-        match s {
-            "length" => Self::Length,
-            "stop" => Self::Stop,
-            "eos" => Self::Eos,
-            _ => Self::Cancelled,
+    /// A node's finish reason as the client sees it (`Moved` is not an end for the client:
+    /// the coordinator continues the request elsewhere, so it has no `Finish`).
+    pub fn from_node(r: rrt_proto::v1::node::FinishReason) -> Option<Self> {
+        use rrt_proto::v1::node::FinishReason as R;
+        match r {
+            R::Length => Some(Self::Length),
+            R::Stop => Some(Self::Stop),
+            R::Eos => Some(Self::Eos),
+            R::Cancelled | R::Unspecified => Some(Self::Cancelled),
+            R::Moved => None,
+        }
+    }
+
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Length => "length",
+            Self::Stop => "stop",
+            Self::Eos => "eos",
+            Self::Cancelled => "cancelled",
         }
     }
 

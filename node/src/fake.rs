@@ -25,6 +25,8 @@ pub struct FakeNode {
 struct Inner {
     id: String,
     step: Duration,
+    /// Refuses new runs (the typed drain refusal) and reports draining.
+    draining: std::sync::atomic::AtomicBool,
     loops: u32,
     epoch: Instant,
     running: AtomicU64,
@@ -39,6 +41,7 @@ impl FakeNode {
             inner: Arc::new(Inner {
                 id: id.into(),
                 step,
+                draining: std::sync::atomic::AtomicBool::new(false),
                 loops: loops.max(1),
                 epoch,
                 running: AtomicU64::new(0),
@@ -50,6 +53,22 @@ impl FakeNode {
     }
 }
 
+impl FakeNode {
+    /// Starts (or stops) draining: new runs are refused with the typed drain refusal, running
+    /// ones go on.
+    pub fn set_draining(&self, on: bool) {
+        self.inner.draining.store(on, Ordering::Relaxed);
+    }
+
+    /// Requests started, and requests running now.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.inner.requests.load(Ordering::Relaxed),
+            self.inner.running.load(Ordering::Relaxed),
+        )
+    }
+}
+
 type RunStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -57,6 +76,9 @@ impl pb::node_server::Node for FakeNode {
     type RunStream = RunStream;
 
     async fn run(&self, req: Request<pb::RunRequest>) -> Result<Response<RunStream>, Status> {
+        if self.inner.draining.load(Ordering::Relaxed) {
+            return Err(rrt_proto::refusal::Refusal::Draining.status("the node is draining"));
+        }
         let r = req.into_inner();
         let n = r.max_new_tokens.saturating_sub(r.generated.len() as u32);
         let (tx, rx) = mpsc::channel(16);
@@ -102,7 +124,7 @@ impl pb::node_server::Node for FakeNode {
             }
             if finished {
                 let f = pb::Finished {
-                    finish_reason: "length".into(),
+                    reason: pb::FinishReason::Length as i32,
                     text: String::new(),
                     prompt_tokens,
                     completion_tokens: n,
@@ -144,6 +166,7 @@ impl pb::node_server::Node for FakeNode {
             loops: self.inner.loops,
             requests_total: self.inner.requests.load(Ordering::Relaxed),
             tokens_total: self.inner.tokens.load(Ordering::Relaxed),
+            draining: self.inner.draining.load(Ordering::Relaxed),
             ..Default::default()
         }))
     }

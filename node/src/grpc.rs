@@ -78,6 +78,9 @@ struct Inner {
     served: ServedModel,
     engine: EngineHandle,
     draining: AtomicBool,
+    /// Set when the engine thread died (its panic message): every call is refused from then
+    /// on, and streams in flight end with UNAVAILABLE (the coordinator moves them).
+    dead: OnceLock<String>,
     /// Coordinator request id -> engine request id, for `Cancel`.
     ids: Mutex<HashMap<String, u64>>,
     /// Output tokens since start (also for the recent rate), requests accepted and cancelled.
@@ -213,7 +216,7 @@ fn to_event(e: Event, prompter: &Prompter) -> pb::RunEvent {
             text,
             usage,
         } => pb::run_event::Event::Finished(pb::Finished {
-            finish_reason: finish_reason.as_str().into(),
+            reason: finish_to_pb(finish_reason) as i32,
             text,
             prompt_tokens: usage.prompt_tokens as u32,
             completion_tokens: usage.completion_tokens as u32,
@@ -222,6 +225,18 @@ fn to_event(e: Event, prompter: &Prompter) -> pb::RunEvent {
         }),
     };
     pb::RunEvent { event: Some(event) }
+}
+
+/// The engine's finish reason on the wire.
+pub fn finish_to_pb(f: crate::engine::FinishReason) -> pb::FinishReason {
+    use crate::engine::FinishReason as F;
+    match f {
+        F::Length => pb::FinishReason::Length,
+        F::Stop => pb::FinishReason::Stop,
+        F::Eos => pb::FinishReason::Eos,
+        F::Cancelled => pb::FinishReason::Cancelled,
+        F::Moved => pb::FinishReason::Moved,
+    }
 }
 
 fn to_load(node_id: &str, loops: usize, l: LoadReport, rate: f32, draining: bool) -> pb::LoadReport {
@@ -254,6 +269,7 @@ impl NodeService {
                 served,
                 engine,
                 draining: AtomicBool::new(false),
+                dead: OnceLock::new(),
                 ids: Mutex::new(HashMap::new()),
                 tokens: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
@@ -315,6 +331,19 @@ impl NodeService {
         }
     }
 
+    /// The engine thread died (called by its supervisor): refuse everything from now on.
+    pub fn engine_died(&self, message: &str) {
+        let _ = self.inner.dead.set(message.to_string());
+    }
+
+    /// UNAVAILABLE when the engine died.
+    fn alive(&self) -> Result<(), Status> {
+        match self.inner.dead.get() {
+            Some(m) => Err(Status::unavailable(format!("the node's engine died: {m}"))),
+            None => Ok(()),
+        }
+    }
+
     /// Refuses new requests from now on (in-flight ones continue).
     pub fn start_draining(&self) {
         self.inner.draining.store(true, Ordering::Relaxed);
@@ -353,8 +382,9 @@ impl pb::node_server::Node for NodeService {
     type RunStream = RunStream;
 
     async fn run(&self, req: GrpcRequest<pb::RunRequest>) -> Result<Response<RunStream>, Status> {
+        self.alive()?;
         if self.inner.draining.load(Ordering::Relaxed) {
-            return Err(Status::unavailable("the node is draining"));
+            return Err(rrt_proto::refusal::Refusal::Draining.status("the node is draining"));
         }
         let span = tracing::info_span!(
             target: "rrt_node",
@@ -409,6 +439,7 @@ impl pb::node_server::Node for NodeService {
         tokio::spawn(async move {
             let mut phase = tracing::info_span!(target: "rrt_node", parent: &span, "prefill");
             let mut first = true;
+            let mut finished = false;
             while let Some(e) = stream.next().await {
                 let done = matches!(e, Event::Done { .. });
                 if matches!(e, Event::Token(_)) {
@@ -429,11 +460,29 @@ impl pb::node_server::Node for NodeService {
                 if tx.send(Ok(to_event(e, &inner.served.prompter))).await.is_err() {
                     // The client went away: dropping `stream` cancels the request.
                     inner.cancelled.fetch_add(1, Ordering::Relaxed);
+                    finished = true;
                     break;
                 }
                 if done {
+                    finished = true;
                     break;
                 }
+            }
+            if !finished {
+                // The engine went away under the request (it died): say so, so the
+                // coordinator moves the request instead of waiting. Its supervisor records
+                // the cause a moment after the channels closed.
+                for _ in 0..40 {
+                    if inner.dead.get().is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let why = match inner.dead.get() {
+                    Some(m) => format!("the node's engine died: {m}"),
+                    None => "the node's engine stopped".to_string(),
+                };
+                let _ = tx.send(Err(Status::unavailable(why))).await;
             }
             drop(phase);
             inner.ids.lock().expect("ids lock").remove(&rid);
@@ -457,6 +506,7 @@ impl pb::node_server::Node for NodeService {
     }
 
     async fn load(&self, _req: GrpcRequest<pb::LoadRequest>) -> Result<Response<pb::LoadReport>, Status> {
+        self.alive()?;
         let l = self.inner.engine.load().await.map_err(status)?;
         let draining = self.inner.draining.load(Ordering::Relaxed);
         let mut r = to_load(&self.inner.node_id, self.inner.loops, l, self.recent_rate(), draining);
@@ -531,7 +581,7 @@ impl pb::node_server::Node for NodeService {
         req: GrpcRequest<tonic::Streaming<pb::KvChunk>>,
     ) -> Result<Response<pb::ImportResponse>, Status> {
         if self.inner.draining.load(Ordering::Relaxed) {
-            return Err(Status::unavailable("the node is draining"));
+            return Err(rrt_proto::refusal::Refusal::Draining.status("the node is draining"));
         }
         let fingerprint = self.fingerprint().await?;
         let (_, geo) = self.inner.engine.stats().await.map_err(status)?;
@@ -589,22 +639,30 @@ impl pb::node_server::Node for NodeService {
         Ok(Response::new(pb::ImportResponse { ticket }))
     }
 
+    /// Tokenization and chat templating run on tokio's blocking pool (as TGI runs its
+    /// tokenizers on their own workers): a long prompt never stalls the node's two async
+    /// workers, which also carry every token stream.
     async fn tokenize(&self, req: GrpcRequest<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let r = req.into_inner();
-        let p = &self.inner.served.prompter;
-        let ids = match r.input {
-            Some(pb::tokenize_request::Input::Text(t)) => p.text(&t, r.add_special, r.parse_special),
-            Some(pb::tokenize_request::Input::Chat(c)) => {
-                let msgs: Vec<Message> = c
-                    .messages
-                    .into_iter()
-                    .map(|m| Message::new(m.role, m.content))
-                    .collect();
-                p.chat(&msgs)
+        let inner = self.inner.clone();
+        let ids = tokio::task::spawn_blocking(move || {
+            let p = &inner.served.prompter;
+            match r.input {
+                Some(pb::tokenize_request::Input::Text(t)) => p.text(&t, r.add_special, r.parse_special),
+                Some(pb::tokenize_request::Input::Chat(c)) => {
+                    let msgs: Vec<Message> = c
+                        .messages
+                        .into_iter()
+                        .map(|m| Message::new(m.role, m.content))
+                        .collect();
+                    p.chat(&msgs)
+                }
+                None => return Err(Status::invalid_argument("input: give text or a chat")),
             }
-            None => return Err(Status::invalid_argument("input: give text or a chat")),
-        }
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenizer task: {e}")))??;
         Ok(Response::new(pb::TokenizeResponse { token_ids: ids }))
     }
 

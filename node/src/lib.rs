@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod server;
 pub mod sim;
+pub mod supervisor;
 
 pub use device::{Device, GpuWeights};
 pub use engine::{

@@ -9,6 +9,7 @@
 
 use crate::engine_actor::EngineHandle;
 use crate::grpc::{NodeService, ServedModel};
+use crate::supervisor::{EngineExit, EngineWatch};
 use crate::{Device, Engine, EngineConfig, EngineError, ExitRule, GpuWeights, ResidentModel};
 use rrt_kernels::{Backend, CpuBackend};
 use rrt_model::LoadedModel;
@@ -23,7 +24,9 @@ use std::time::Duration;
 pub struct Node {
     pub service: NodeService,
     pub engine: EngineHandle,
-    pub engine_thread: std::thread::JoinHandle<()>,
+    /// How the engine thread is doing (it is supervised: a dead engine makes the node stop
+    /// serving, see [`crate::supervisor`]).
+    pub engine_exit: EngineWatch,
     pub loops: usize,
     /// The backend the engine runs on, e.g. `cpu` or `cuda:0 (NVIDIA H100 ...)`.
     pub backend: String,
@@ -136,6 +139,14 @@ pub fn start_on(
     )
     .in_scope(|| ());
     let service = NodeService::new(node_id, served, handle.clone());
+    let engine_exit = {
+        let service = service.clone();
+        EngineWatch::spawn(engine_thread, move |e| {
+            if let EngineExit::Died(m) = e {
+                service.engine_died(m);
+            }
+        })
+    };
     {
         // Hashing the weights takes a while: start it now; a KV move asked for before it is
         // done waits for the same computation.
@@ -150,19 +161,21 @@ pub fn start_on(
     Ok(Node {
         service,
         engine: handle,
-        engine_thread,
+        engine_exit,
         loops,
         backend,
     })
 }
 
-/// Serves the node on `listener` until `shutdown` fires, then drains (see the module docs).
-/// With `tls`, only TLS clients (and, when it names a client CA, only those with a
-/// certificate that CA signed) get through.
+/// Serves the node on `listener` until `shutdown` fires, then drains (see the module docs),
+/// or until its engine dies: then health turns NOT_SERVING at once and the server stops (the
+/// caller sees the death in `engine_exit` and exits non-zero). With `tls`, only TLS clients
+/// (and, when it names a client CA, only those with a certificate that CA signed) get through.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: NodeService,
     engine: EngineHandle,
+    engine_exit: EngineWatch,
     drain: Duration,
     tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -176,13 +189,23 @@ pub async fn serve(
     let stop = {
         let service = service.clone();
         async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: draining");
-            health_reporter.set_not_serving::<NodeServer<NodeService>>().await;
-            service.start_draining();
-            if tokio::time::timeout(drain, engine.shutdown(true)).await.is_err() {
-                tracing::warn!("drain deadline passed; cancelling what is left");
-                let _ = engine.shutdown(false).await;
+            tokio::select! {
+                _ = shutdown => {
+                    tracing::info!("shutdown requested: draining");
+                    health_reporter.set_not_serving::<NodeServer<NodeService>>().await;
+                    service.start_draining();
+                    if tokio::time::timeout(drain, engine.shutdown(true)).await.is_err() {
+                        tracing::warn!("drain deadline passed; cancelling what is left");
+                        let _ = engine.shutdown(false).await;
+                    }
+                }
+                e = engine_exit.ended() => {
+                    tracing::error!(exit = ?e, "the engine stopped: the node stops serving");
+                    health_reporter.set_not_serving::<NodeServer<NodeService>>().await;
+                    health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                    // Let the failed streams' last messages go out before the server closes.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
     };

@@ -14,6 +14,44 @@ pub mod v1 {
     }
 }
 
+/// Typed refusals of the node protocol, carried as gRPC metadata (so nobody matches error
+/// message strings).
+pub mod refusal {
+    /// The metadata key of a refusal's kind.
+    pub const KEY: &str = "rrt-refusal";
+
+    /// Why a node refused a call while healthy.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Refusal {
+        /// The node is draining: it takes no new requests; route the request elsewhere.
+        Draining,
+    }
+
+    impl Refusal {
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Refusal::Draining => "draining",
+            }
+        }
+
+        /// The status a node answers with.
+        pub fn status(self, message: &str) -> tonic::Status {
+            let mut s = tonic::Status::unavailable(message.to_string());
+            s.metadata_mut()
+                .insert(KEY, tonic::metadata::MetadataValue::from_static(self.as_str()));
+            s
+        }
+
+        /// The refusal a status carries, if any.
+        pub fn of(status: &tonic::Status) -> Option<Refusal> {
+            match status.metadata().get(KEY)?.to_str().ok()? {
+                "draining" => Some(Refusal::Draining),
+                _ => None,
+            }
+        }
+    }
+}
+
 /// The encoded `FileDescriptorSet` of both services, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rrt_descriptor.bin"));
 
@@ -70,5 +108,15 @@ mod tests {
             })),
         };
         assert_eq!(v1::node::RunEvent::decode(ev.encode_to_vec().as_slice()).unwrap(), ev);
+    }
+
+    #[test]
+    fn refusals_round_trip_through_a_status() {
+        use super::refusal::Refusal;
+        let s = Refusal::Draining.status("the node is draining");
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(Refusal::of(&s), Some(Refusal::Draining));
+        // A message saying "draining" is not a refusal: only the typed key is.
+        assert_eq!(Refusal::of(&tonic::Status::unavailable("draining")), None);
     }
 }

@@ -127,3 +127,133 @@ pub fn served(model: &Model, tok: Arc<Tokenizer>) -> rrt_node::grpc::ServedModel
     let p = rrt_model::chat::Prompter::new(tok, None).unwrap();
     rrt_node::grpc::ServedModel::new("tiny", "recursive", model, p, None)
 }
+
+/// The CPU backend that panics at the next pass once `armed` is set: an engine thread dying
+/// the way a failed GPU allocation would kill it.
+#[allow(dead_code)]
+pub struct Faulty {
+    pub cpu: CpuBackend,
+    pub armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+mod faulty {
+    use super::Faulty;
+    use rrt_kernels::attention::{AttnRow, AttnShape, KvLayout};
+    use rrt_kernels::backend::{HostRows, KvSlot, LoraColumns, RowGroup};
+    use rrt_kernels::matmul::MatmulMode;
+    use rrt_kernels::{Backend, CpuMatrix, MatrixData, RopeTable};
+    use std::sync::atomic::Ordering;
+
+    impl Backend for Faulty {
+        type Buf = Vec<f32>;
+        type Mat = CpuMatrix;
+        type Kv = Vec<f32>;
+        type Rows = HostRows;
+        fn prepare_rows(&self, sets: Vec<HostRows>) -> Vec<HostRows> {
+            if self.armed.load(Ordering::Relaxed) {
+                panic!("CUDA: cannot allocate 8589934592 floats (a simulated device failure)");
+            }
+            sets
+        }
+        fn name(&self) -> &'static str {
+            "faulty-cpu"
+        }
+        fn matrix(&self, o: usize, i: usize, d: MatrixData) -> CpuMatrix {
+            self.cpu.matrix(o, i, d)
+        }
+        fn buffer(&self, v: Vec<f32>) -> Vec<f32> {
+            v
+        }
+        fn zeros(&self, n: usize) -> Vec<f32> {
+            self.cpu.zeros(n)
+        }
+        fn to_host(&self, b: &Vec<f32>) -> Vec<f32> {
+            b.clone()
+        }
+        fn kv_pool(&self, l: KvLayout, n: usize) -> Vec<f32> {
+            self.cpu.kv_pool(l, n)
+        }
+        fn matrix_bytes(&self, m: &CpuMatrix) -> usize {
+            self.cpu.matrix_bytes(m)
+        }
+        fn embed(&self, t: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) {
+            self.cpu.embed(t, tokens, out)
+        }
+        fn copy_rows(&self, s: &Vec<f32>, r: &[u32], d: &mut Vec<f32>, r0: usize, w: usize) {
+            self.cpu.copy_rows(s, r, d, r0, w)
+        }
+        fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) {
+            self.cpu.rmsnorm(x, w, eps, out)
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn linear_lora(
+            &self,
+            x: &Vec<f32>,
+            n: usize,
+            w: &CpuMatrix,
+            bias: Option<&Vec<f32>>,
+            loras: &[LoraColumns<'_, CpuMatrix>],
+            groups: &[RowGroup],
+            y: &mut Vec<f32>,
+            mode: MatmulMode,
+        ) {
+            self.cpu.linear_lora(x, n, w, bias, loras, groups, y, mode)
+        }
+        fn rope(&self, r: &RopeTable, qkv: &mut Vec<f32>, ld: usize, p: &[u32], q: usize, k0: usize, k: usize) {
+            self.cpu.rope(r, qkv, ld, p, q, k0, k)
+        }
+        fn kv_write(
+            &self,
+            kv: &mut Vec<f32>,
+            l: &KvLayout,
+            s: &Vec<f32>,
+            ld: usize,
+            k0: usize,
+            v0: usize,
+            slots: &[KvSlot],
+        ) {
+            self.cpu.kv_write(kv, l, s, ld, k0, v0, slots)
+        }
+        fn kv_export(&self, kv: &Vec<f32>, l: &KvLayout, b: &[u32], p: usize) -> Vec<f32> {
+            self.cpu.kv_export(kv, l, b, p)
+        }
+        fn kv_import(&self, kv: &mut Vec<f32>, l: &KvLayout, b: &[u32], d: &[f32]) {
+            self.cpu.kv_import(kv, l, b, d)
+        }
+        fn attention(
+            &self,
+            qkv: &Vec<f32>,
+            ld: usize,
+            rows: &[AttnRow<'_>],
+            kv: &Vec<f32>,
+            l: &KvLayout,
+            s: AttnShape,
+            out: &mut Vec<f32>,
+        ) {
+            self.cpu.attention(qkv, ld, rows, kv, l, s, out)
+        }
+        fn silu_mul(&self, gu: &Vec<f32>, n: usize, inter: usize, out: &mut Vec<f32>) {
+            self.cpu.silu_mul(gu, n, inter, out)
+        }
+        fn logits(
+            &self,
+            x: &Vec<f32>,
+            w: usize,
+            sel: &[u32],
+            norm: Option<&Vec<f32>>,
+            eps: f32,
+            head: &CpuMatrix,
+        ) -> Vec<f32> {
+            self.cpu.logits(x, w, sel, norm, eps, head)
+        }
+        fn add_normed_branch(&self, t: &Vec<f32>, w: &Vec<f32>, eps: f32, x: &mut Vec<f32>) {
+            self.cpu.add_normed_branch(t, w, eps, x)
+        }
+        fn dot_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], w: &Vec<f32>) -> Vec<f32> {
+            self.cpu.dot_rows(x, width, rows, w)
+        }
+        fn cosine_rows(&self, a: &Vec<f32>, b: &Vec<f32>, w: usize, rows: &[u32]) -> Vec<f32> {
+            self.cpu.cosine_rows(a, b, w, rows)
+        }
+    }
+}

@@ -65,7 +65,7 @@ pub fn run(a: SimArgs) -> Result<()> {
                 ..Default::default()
             };
             let engine = sim::engine(f.loops, cfg, f.kv_blocks, tok.clone(), sim::SIM_VOCAB)?;
-            let (handle, _thread) = EngineHandle::spawn_paced(engine, 1024, Some(f.cost));
+            let (handle, thread) = EngineHandle::spawn_paced(engine, 1024, Some(f.cost));
             let served = ServedModel {
                 prompter: prompter.clone(),
                 info: rrt_proto::v1::ModelInfoResponse {
@@ -94,10 +94,19 @@ pub fn run(a: SimArgs) -> Result<()> {
             ));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             sources.push(NodeSource::Static(listener.local_addr()?.to_string()));
+            let exit = {
+                let svc = svc.clone();
+                rrt_node::supervisor::EngineWatch::spawn(thread, move |e| {
+                    if let rrt_node::supervisor::EngineExit::Died(m) = e {
+                        svc.engine_died(m);
+                    }
+                })
+            };
             tokio::spawn(rrt_node::server::serve(
                 listener,
                 svc,
                 handle,
+                exit,
                 Duration::from_secs(5),
                 None,
                 std::future::pending(),

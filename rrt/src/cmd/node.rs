@@ -148,14 +148,17 @@ pub fn run(a: Args) -> Result<()> {
             listener,
             node.service,
             node.engine,
+            node.engine_exit.clone(),
             Duration::from_secs(n.drain_seconds),
             tls,
             wait_for_signal(),
         )
         .await?;
-        node.engine_thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("the engine thread panicked"))
+        // A dead engine stopped the server: exit non-zero (the supervisor restarts the pod).
+        match node.engine_exit.ended().await {
+            rrt_node::supervisor::EngineExit::Died(m) => anyhow::bail!("the engine thread died: {m}"),
+            _ => Ok(()),
+        }
     })
 }
 

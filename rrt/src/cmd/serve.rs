@@ -178,6 +178,7 @@ pub fn run(a: Args) -> Result<()> {
                 listener,
                 node.service,
                 node.engine,
+                node.engine_exit.clone(),
                 Duration::from_secs(cfg.node.drain_seconds),
                 // In-process nodes listen on loopback only.
                 None,
@@ -185,7 +186,7 @@ pub fn run(a: Args) -> Result<()> {
                     let _ = rx.wait_for(|s| *s).await;
                 },
             )));
-            threads.push(node.engine_thread);
+            threads.push(node.engine_exit);
         }
         let c = &cfg.coordinator;
         let discovery = Discovery {
@@ -214,7 +215,9 @@ pub fn run(a: Args) -> Result<()> {
             t.await??;
         }
         for t in threads {
-            t.join().map_err(|_| anyhow::anyhow!("an engine thread panicked"))?;
+            if let rrt_node::supervisor::EngineExit::Died(m) = t.ended().await {
+                anyhow::bail!("an engine thread died: {m}");
+            }
         }
         Ok(())
     })
