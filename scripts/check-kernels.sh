@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU-only CI check of the CUDA kernels (issue G): installs NVRTC and ptxas 13.0 from PyPI into
+# CPU-only CI check of the CUDA kernels: installs NVRTC and ptxas 13.0 from PyPI into
 # .venv-cuda (no GPU, no CUDA toolkit needed), compiles every kernel family with NVRTC for
 # sm_90 through cudarc, fails on any compile error or warning, runs `ptxas -arch=sm_90 -v` on
 # each PTX, fails if a product kernel spills, and writes the table to kernels/PTXAS.md.

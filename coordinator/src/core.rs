@@ -2,7 +2,7 @@
 //! coordinator holds no model files), routing, and one pump task per request that relays the
 //! node's token stream to the client while recording every token in the request table (a
 //! dashmap: request id -> node, prompt, tokens so far), so that a request can be moved to
-//! another node with its tokens (issue E). A client that goes away (its [`Generation`]
+//! another node with its tokens. A client that goes away (its [`Generation`]
 //! dropped) cancels the request on its node at once.
 
 use crate::error::CoordError;

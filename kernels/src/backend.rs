@@ -3,7 +3,7 @@
 //! One engine step runs one pass of the shared block over a batch of rows at mixed loop depths.
 //! Everything that pass needs is an operation of [`Backend`]: the engine (node crate) drives
 //! the step, the backend owns the memory (activations, resident weights, the paged KV cache).
-//! [`CpuBackend`] is the embedded default and the oracle of the CUDA backend (issue G), which
+//! [`CpuBackend`] is the embedded default and the oracle of the CUDA backend, which
 //! implements the same trait with device buffers.
 //!
 //! Row metadata (token ids, positions, block tables, loop-depth groups) is passed as host
@@ -864,7 +864,8 @@ mod tests {
         for row in [vec![f32::NAN; 4], vec![f32::NEG_INFINITY; 3], vec![0.0, f32::INFINITY]] {
             let t = HeadTop::from_logits(&row);
             assert!(t.max_prob().is_nan() && t.margin().is_nan(), "{row:?}: {t:?}");
-            assert!(!(t.max_prob() >= 0.5), "a broken row must not pass a threshold");
+            let passes = t.max_prob() >= 0.5;
+            assert!(!passes, "a broken row must not pass a threshold");
         }
         // All NaN: argmax 0 (the lowest index among equal -inf), as argmax_rows on the GPU.
         assert_eq!(HeadTop::from_logits(&[f32::NAN; 4]).id, 0);

@@ -2,7 +2,7 @@
 //!
 //! Everything here works on plain row-major `f32` slices so that the model crate, the engine
 //! and the tests can call it without any tensor framework. The CPU implementations are the
-//! embedded default backend and the test oracle for the GPU kernels (issue G).
+//! embedded default backend and the test oracle for the GPU kernels.
 //!
 //! Conventions:
 //! - A weight matrix of a linear map `in -> out` is stored `out x in`, row-major (the layout of

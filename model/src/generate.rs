@@ -1,6 +1,6 @@
 //! Autoregressive generation on one model: single sequences (`rrt generate`) and a simple
 //! static batch of sequences decoded in lock-step (the forward benchmark, batching tests).
-//! The continuous-batching engine of the node (issue C) builds on the same forward pass.
+//! The continuous-batching engine of the node builds on the same forward pass.
 
 use crate::error::{ModelError, Result};
 use crate::forward::{Model, Row};

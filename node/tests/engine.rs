@@ -1,6 +1,6 @@
 //! The engine against the reference forward pass on the real model (SmolLM2-135M-Instruct):
 //! with exits off, greedy output of 32 concurrent requests equals each request run alone and
-//! equals `rrt_model::generate` (the issue A/B forward pass), token for token, for the vanilla
+//! equals `rrt_model::generate` (the reference forward pass), token for token, for the vanilla
 //! model and for a relaxed recursive conversion, with depth-wise and sequence-wise batching.
 
 mod common;

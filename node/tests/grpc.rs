@@ -63,8 +63,8 @@ async fn run_load_cancel_over_loopback() {
     assert_eq!(got, want);
     let fin = fin.unwrap();
     assert_eq!(
-        (fin.finish_reason.as_str(), fin.completion_tokens, fin.loops),
-        ("length", 9, 18)
+        (fin.reason(), fin.completion_tokens, fin.loops),
+        (pb::FinishReason::Length, 9, 18)
     );
 
     // A moved request: 4 tokens generated elsewhere continue to the same output.

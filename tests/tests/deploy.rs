@@ -1,4 +1,4 @@
-//! The deployment files (issue H).
+//! The deployment files.
 //!
 //! `local_launcher_starts_serves_and_stops`: `deploy/local/cluster.sh start` runs a coordinator
 //! and two `rrt node` processes; one greedy request through the OpenAI HTTP API and one through

@@ -1,4 +1,4 @@
-"""Uptraining for relaxed recursive checkpoints (issue I).
+"""Uptraining for relaxed recursive checkpoints.
 
 The checkpoint directory written by `rrt convert` is the contract: `checkpoint` reads and
 writes it, `model` is its forward pass in PyTorch (equal to `rrt`'s, see the round-trip test in

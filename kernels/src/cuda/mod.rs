@@ -1,4 +1,4 @@
-//! The CUDA backend (issue G): [`CudaBackend`] implements [`crate::Backend`] on one GPU with
+//! The CUDA backend: [`CudaBackend`] implements [`crate::Backend`] on one GPU with
 //! cudarc (libraries opened at run time) and kernels compiled by NVRTC for the device's
 //! architecture. Design, predictions and measurements: `kernels/NOTES.md`.
 //!

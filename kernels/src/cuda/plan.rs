@@ -440,20 +440,17 @@ mod tests {
             .collect();
         assert_eq!(p.row_adapter, want_rows);
         assert_eq!(p.adapters, vec![0, 1, 2]);
-        let mut cover = vec![0u8; 102];
-        for t in &p.small {
-            assert!(t.rows >= 1 && t.rows <= SHRINK_ROWS);
-            for r in t.row0..t.row0 + t.rows {
-                assert_eq!(p.row_adapter[r], t.adapter as i32);
-                cover[r] += 1;
-            }
-        }
-        for t in &p.tiles {
-            assert!(t.rows >= 1 && t.rows <= MMA_BM);
-            for r in t.row0..t.row0 + t.rows {
-                assert_eq!(p.row_adapter[r], t.adapter as i32);
-                cover[r] += 1;
-            }
+        let mut cover = [0u8; 102];
+        for (t, max) in p
+            .small
+            .iter()
+            .map(|t| (t, SHRINK_ROWS))
+            .chain(p.tiles.iter().map(|t| (t, MMA_BM)))
+        {
+            assert!(t.rows >= 1 && t.rows <= max);
+            let rows = t.row0..t.row0 + t.rows;
+            assert!(p.row_adapter[rows.clone()].iter().all(|&a| a == t.adapter as i32));
+            cover[rows].iter_mut().for_each(|c| *c += 1);
         }
         for (r, c) in cover.iter().enumerate() {
             assert_eq!(*c, u8::from(r < 100), "row {r}");

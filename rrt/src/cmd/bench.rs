@@ -21,14 +21,14 @@ pub enum What {
     /// Prefill and decode tokens/s of the forward pass.
     Forward(ForwardArgs),
     /// Throughput of the node engine: vanilla vs recursive, sequence-wise vs depth-wise
-    /// batching, calibrated and oracle early exit (issue C).
+    /// batching, calibrated and oracle early exit.
     Engine(super::bench_engine::EngineArgs),
     /// The coordinator's overhead against fake nodes: added latency per streamed token and
-    /// tokens/s per coordinator core (issue D).
+    /// tokens/s per coordinator core.
     Coordinator(super::bench_coordinator::CoordArgs),
     /// A load generator against a running coordinator (gRPC or HTTP): open loop at Poisson
     /// rates or closed loop at concurrencies; TTFT, TPOT, throughput, errors, exit loops
-    /// (issue F).
+    /// .
     Load(super::bench_load::LoadArgs),
     /// A cluster of simulated nodes (the real engine on a compute-free backend, paced by the
     /// costs `rrt capacity` fitted) behind a real coordinator, for `rrt bench load`.

@@ -1,4 +1,4 @@
-//! `rrt bench load`: a load generator against a running coordinator (issue F), through the
+//! `rrt bench load`: a load generator against a running coordinator, through the
 //! client gRPC API (`rrt.v1.Generation/GenerateStream`) or the OpenAI-compatible HTTP API
 //! (`POST /v1/completions` with `stream: true`).
 //!

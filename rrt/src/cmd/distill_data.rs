@@ -1,4 +1,4 @@
-//! `rrt distill-data`: the uptraining corpus of issue I, built with no download at train time.
+//! `rrt distill-data`: the uptraining corpus, built with no download at train time.
 //!
 //! Two sources, both tokenized here so the trainer (`train/`, PyTorch) needs no tokenizer:
 //! - text the **original model writes itself**, sampled through the serving engine

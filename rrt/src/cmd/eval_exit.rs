@@ -1,5 +1,5 @@
 //! `rrt eval-exit`: what early exit costs in quality when served by the engine, and how the two
-//! ways of filling an exited token's missing keys/values compare (issue C).
+//! ways of filling an exited token's missing keys/values compare.
 //!
 //! Each window of the text is split into a prompt and a continuation; the engine scores the
 //! continuation by teacher forcing (every window in flight at once). The full-depth run is the
