@@ -306,15 +306,16 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>,
         if let Some(p) = pass
             && !step.is_disabled()
         {
+            use rrt_telemetry::span_fields::step as f;
             let list = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
-            step.record("rows", p.rows_per_depth.iter().sum::<usize>() as i64);
-            step.record("rows_per_depth", list(&p.rows_per_depth));
-            step.record("fill_rows", p.fill_rows as i64);
-            step.record("head_rows", p.head_rows as i64);
-            step.record("ctx", p.ctx as i64);
-            step.record("tokens", p.tokens as i64);
-            step.record("exits_per_loop", list(&p.exits));
-            step.record("step_ms", p.seconds * 1e3);
+            step.record(f::ROWS, p.rows_per_depth.iter().sum::<usize>() as i64);
+            step.record(f::ROWS_PER_DEPTH, list(&p.rows_per_depth));
+            step.record(f::FILL_ROWS, p.fill_rows as i64);
+            step.record(f::HEAD_ROWS, p.head_rows as i64);
+            step.record(f::CTX, p.ctx as i64);
+            step.record(f::TOKENS, p.tokens as i64);
+            step.record(f::EXITS_PER_LOOP, list(&p.exits));
+            step.record(f::STEP_MS, p.seconds * 1e3);
             for id in &p.requests {
                 if let Some(s) = spans.get(id) {
                     step.follows_from(s);

@@ -20,6 +20,58 @@
 mod file;
 pub mod propagate;
 
+/// The span names and attribute keys above, as constants: the code that records them (the
+/// engine, the node, the coordinator) and the code that reads them back (`rrt capacity`) name
+/// them through these, so a rename cannot break the planner silently. `tracing`'s span macros
+/// declare fields by identifier; a test in the node crate checks that the declared fields of
+/// each span include every key listed here.
+pub mod span_fields {
+    /// `engine.step`: one pass of the engine.
+    pub mod step {
+        pub const NAME: &str = "engine.step";
+        pub const ROWS: &str = "rows";
+        pub const ROWS_PER_DEPTH: &str = "rows_per_depth";
+        pub const FILL_ROWS: &str = "fill_rows";
+        pub const HEAD_ROWS: &str = "head_rows";
+        pub const CTX: &str = "ctx";
+        pub const TOKENS: &str = "tokens";
+        pub const EXITS_PER_LOOP: &str = "exits_per_loop";
+        pub const STEP_MS: &str = "step_ms";
+        pub const ALL: [&str; 8] = [
+            ROWS,
+            ROWS_PER_DEPTH,
+            FILL_ROWS,
+            HEAD_ROWS,
+            CTX,
+            TOKENS,
+            EXITS_PER_LOOP,
+            STEP_MS,
+        ];
+    }
+    /// `request`: the coordinator's span of one request.
+    pub mod request {
+        pub const NAME: &str = "request";
+        pub const PROMPT_TOKENS: &str = "prompt_tokens";
+        pub const TOKENS: &str = "tokens";
+    }
+    /// `node.request`: a node's span of one request.
+    pub mod node_request {
+        pub const NAME: &str = "node.request";
+        pub const PROMPT_TOKENS: &str = "prompt_tokens";
+        pub const GENERATED: &str = "generated";
+        pub const TOKENS: &str = "tokens";
+    }
+    /// `node.start`: a node's scheduling settings, once at start.
+    pub mod node_start {
+        pub const NAME: &str = "node.start";
+        pub const LOOPS: &str = "loops";
+        pub const KV_BLOCKS: &str = "kv_blocks";
+        pub const BLOCK_SIZE: &str = "block_size";
+        pub const MAX_STEP_ROWS: &str = "max_step_rows";
+        pub const MAX_RUNNING: &str = "max_running";
+    }
+}
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;

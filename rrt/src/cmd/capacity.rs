@@ -170,53 +170,51 @@ pub fn fit(paths: &[PathBuf], a: &Args) -> Result<Fitted> {
             }
             let v: Value =
                 serde_json::from_str(line).with_context(|| format!("{}:{}: not a JSON span", p.display(), i + 1))?;
-            match v["name"].as_str().unwrap_or_default() {
-                "engine.step" => {
-                    let depth = list(&v, "rows_per_depth");
-                    let (Some(ms), Some(ctx)) = (num(&v, "step_ms"), num(&v, "ctx")) else {
-                        continue;
-                    };
-                    let rows: usize = depth.iter().sum();
-                    if rows == 0 {
-                        continue;
-                    }
-                    let f = CostModel::features(
-                        rows as f64,
-                        ctx,
-                        num(&v, "head_rows").unwrap_or(0.0),
-                        num(&v, "fill_rows").unwrap_or(0.0),
-                    );
-                    let (s, e) = (
-                        v["start_ns"].as_f64().unwrap_or(0.0) / 1e9,
-                        v["end_ns"].as_f64().unwrap_or(0.0) / 1e9,
-                    );
-                    steps.push((s, e, f, ms / 1e3));
-                    for (l, n) in list(&v, "exits_per_loop").into_iter().enumerate() {
-                        if exits.len() <= l {
-                            exits.resize(l + 1, 0);
-                        }
-                        exits[l] += n as u64;
-                    }
+            use rrt_telemetry::span_fields::{node_request as nr, node_start as ns, request as rq, step as st};
+            let name = v["name"].as_str().unwrap_or_default();
+            if name == st::NAME {
+                let depth = list(&v, st::ROWS_PER_DEPTH);
+                let (Some(ms), Some(ctx)) = (num(&v, st::STEP_MS), num(&v, st::CTX)) else {
+                    continue;
+                };
+                let rows: usize = depth.iter().sum();
+                if rows == 0 {
+                    continue;
                 }
-                "request" => {
-                    if let (Some(pt), Some(t)) = (num(&v, "prompt_tokens"), num(&v, "tokens"))
-                        && t >= 1.0
-                    {
-                        prompts.push(pt as u32);
-                        outputs.push(t as u32);
+                let f = CostModel::features(
+                    rows as f64,
+                    ctx,
+                    num(&v, st::HEAD_ROWS).unwrap_or(0.0),
+                    num(&v, st::FILL_ROWS).unwrap_or(0.0),
+                );
+                let (s, e) = (
+                    v["start_ns"].as_f64().unwrap_or(0.0) / 1e9,
+                    v["end_ns"].as_f64().unwrap_or(0.0) / 1e9,
+                );
+                steps.push((s, e, f, ms / 1e3));
+                for (l, n) in list(&v, st::EXITS_PER_LOOP).into_iter().enumerate() {
+                    if exits.len() <= l {
+                        exits.resize(l + 1, 0);
                     }
+                    exits[l] += n as u64;
                 }
-                "node.request" => {
-                    if let (Some(pt), Some(t)) = (num(&v, "prompt_tokens"), num(&v, "tokens"))
-                        && t >= 1.0
-                        && num(&v, "generated").unwrap_or(0.0) == 0.0
-                    {
-                        node_prompts.push(pt as u32);
-                        node_outputs.push(t as u32);
-                    }
+            } else if name == rq::NAME {
+                if let (Some(pt), Some(t)) = (num(&v, rq::PROMPT_TOKENS), num(&v, rq::TOKENS))
+                    && t >= 1.0
+                {
+                    prompts.push(pt as u32);
+                    outputs.push(t as u32);
                 }
-                "node.start" => start = Some(v),
-                _ => {}
+            } else if name == nr::NAME {
+                if let (Some(pt), Some(t)) = (num(&v, nr::PROMPT_TOKENS), num(&v, nr::TOKENS))
+                    && t >= 1.0
+                    && num(&v, nr::GENERATED).unwrap_or(0.0) == 0.0
+                {
+                    node_prompts.push(pt as u32);
+                    node_outputs.push(t as u32);
+                }
+            } else if name == ns::NAME {
+                start = Some(v);
             }
         }
     }
@@ -301,7 +299,7 @@ pub fn fit(paths: &[PathBuf], a: &Args) -> Result<Fitted> {
     // The span covers the pass; the step's bookkeeping outside it is the gap's share.
     cost.intercept += overhead_s;
     let at = |k: &str| start.as_ref().and_then(|v| num(v, k)).map(|x| x as usize);
-    let loops = at("loops").unwrap_or_else(|| exits.len().max(1));
+    let loops = at(rrt_telemetry::span_fields::node_start::LOOPS).unwrap_or_else(|| exits.len().max(1));
     let total_exits: u64 = exits.iter().sum();
     let mut exit_shares: Vec<f64> = exits.iter().map(|&n| n as f64 / total_exits.max(1) as f64).collect();
     exit_shares.resize(loops, 0.0);
@@ -315,10 +313,19 @@ pub fn fit(paths: &[PathBuf], a: &Args) -> Result<Fitted> {
         mean_abs_rel_err: rel / steps.len() as f64,
         steps: steps.len(),
         loops,
-        kv_blocks: a.kv_blocks.or(at("kv_blocks")).unwrap_or(1456),
-        block_size: at("block_size").unwrap_or(16),
-        max_step_rows: a.max_step_rows.or(at("max_step_rows")).unwrap_or(256),
-        max_running: a.max_running.or(at("max_running")).unwrap_or(64),
+        kv_blocks: a
+            .kv_blocks
+            .or(at(rrt_telemetry::span_fields::node_start::KV_BLOCKS))
+            .unwrap_or(1456),
+        block_size: at(rrt_telemetry::span_fields::node_start::BLOCK_SIZE).unwrap_or(16),
+        max_step_rows: a
+            .max_step_rows
+            .or(at(rrt_telemetry::span_fields::node_start::MAX_STEP_ROWS))
+            .unwrap_or(256),
+        max_running: a
+            .max_running
+            .or(at(rrt_telemetry::span_fields::node_start::MAX_RUNNING))
+            .unwrap_or(64),
         prompt_lengths: prompts,
         output_lengths: outputs,
         exit_shares,
