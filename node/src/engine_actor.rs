@@ -55,6 +55,10 @@ pub enum ActorError {
     Engine(#[from] EngineError),
 }
 
+/// How long a pass should last at least (seconds), from what it did: a simulated node paces
+/// its passes with a cost model this way (`crate::sim`, feature `sim`).
+pub type Pace = Box<dyn Fn(&crate::engine::PassInfo) -> f64 + Send>;
+
 /// A cloneable handle to the engine task.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -94,12 +98,12 @@ impl EngineHandle {
         Self::spawn_paced(engine, capacity, None)
     }
 
-    /// Like [`EngineHandle::spawn`]; with `pace`, every pass lasts at least the time that cost
-    /// model gives it (a simulated node on [`crate::sim::SimBackend`] then runs in real time).
+    /// Like [`EngineHandle::spawn`]; with `pace`, every pass lasts at least the time it gives
+    /// (a simulated node then runs in real time).
     pub fn spawn_paced<B: Backend>(
         engine: Engine<B>,
         capacity: usize,
-        pace: Option<crate::sim::CostModel>,
+        pace: Option<Pace>,
     ) -> (Self, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let join = std::thread::Builder::new()
@@ -190,7 +194,7 @@ impl EngineHandle {
 }
 
 /// The task: apply commands, run a pass when there is work, route events.
-fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>, pace: Option<crate::sim::CostModel>) {
+fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>, pace: Option<Pace>) {
     let mut streams: HashMap<RequestId, mpsc::UnboundedSender<Event>> = HashMap::new();
     let mut closing: Option<(bool, oneshot::Sender<()>)> = None;
     let mut exports: HashMap<RequestId, oneshot::Sender<Option<KvState>>> = HashMap::new();
@@ -297,7 +301,7 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>,
         let stepped = step.in_scope(|| engine.step());
         let mut pass = engine.take_last_pass();
         if let (Some(c), Some(p)) = (&pace, pass.as_mut()) {
-            let want = c.seconds(p);
+            let want = c(p);
             if want > p.seconds {
                 step.in_scope(|| std::thread::sleep(std::time::Duration::from_secs_f64(want - p.seconds)));
             }

@@ -148,6 +148,11 @@ impl CostModel {
         [rows, ctx, head_rows, fill_rows]
     }
 
+    /// The engine actor's pacing by this model.
+    pub fn pace(self) -> crate::engine_actor::Pace {
+        Box::new(move |p| self.seconds(p))
+    }
+
     pub fn seconds(&self, p: &PassInfo) -> f64 {
         let rows: usize = p.rows_per_depth.iter().sum();
         self.intercept

@@ -65,7 +65,7 @@ pub fn run(a: SimArgs) -> Result<()> {
                 ..Default::default()
             };
             let engine = sim::engine(f.loops, cfg, f.kv_blocks, tok.clone(), sim::SIM_VOCAB)?;
-            let (handle, thread) = EngineHandle::spawn_paced(engine, 1024, Some(f.cost));
+            let (handle, thread) = EngineHandle::spawn_paced(engine, 1024, Some(f.cost.pace()));
             let served = ServedModel {
                 prompter: prompter.clone(),
                 info: rrt_proto::v1::ModelInfoResponse {
