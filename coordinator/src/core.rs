@@ -29,7 +29,7 @@ pub(crate) type Opened = (String, NodeClient, tonic::Streaming<pb::RunEvent>, Pe
 /// How often a request is re-routed when its node refuses the connection.
 const START_ATTEMPTS: usize = 3;
 
-/// The served model, as nodes describe it.
+/// A served model, as its nodes describe it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ModelInfo {
     pub model: String,
@@ -41,13 +41,20 @@ pub struct ModelInfo {
     pub loops: u32,
     pub lora_ranks: Vec<u32>,
     pub exit_criterion: String,
+    /// Healthy nodes serving it now.
     pub nodes: u32,
+    /// Parameters held (embeddings, LM head and LoRAs included).
+    pub parameters: u64,
+    /// Loops per token its exit calibration expects (0: unknown, or no exits).
+    pub expected_mean_loops: f32,
 }
 
 /// What the request table keeps per request.
 #[derive(Clone, Debug)]
 pub struct Tracked {
     pub node: String,
+    /// The model answering it.
+    pub model: String,
     pub prompt: Arc<Vec<u32>>,
     pub generated: Vec<u32>,
     pub arrived: Instant,
@@ -60,8 +67,10 @@ pub struct Tracked {
 /// Coordinator settings.
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
-    /// Extra model name clients may use (besides the model's own name).
+    /// Extra name clients may use for the default model (besides its own name).
     pub served_model_name: Option<String>,
+    /// The model that answers requests naming none (default: the first served, by name).
+    pub default_model: Option<String>,
     /// Deadline of the coordinator's small calls to nodes (tokenize, info, cancel).
     pub node_timeout: Duration,
     /// Most times one request moves to another node after its node failed.
@@ -85,6 +94,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             served_model_name: None,
+            default_model: None,
             node_timeout: Duration::from_secs(5),
             max_migrations: 3,
             max_in_flight: 256,
@@ -101,7 +111,8 @@ pub struct Coordinator {
     pub registry: Registry,
     pub metrics: Metrics,
     requests: DashMap<String, Tracked>,
-    info: tokio::sync::RwLock<Option<ModelInfo>>,
+    /// Each served model's description, asked of one of its nodes once.
+    info: tokio::sync::RwLock<std::collections::HashMap<String, ModelInfo>>,
     cfg: CoordinatorConfig,
     /// Set when the coordinator is shutting down: readiness fails, new requests are refused.
     shutting_down: std::sync::atomic::AtomicBool,
@@ -240,7 +251,7 @@ impl Coordinator {
             registry,
             metrics: Metrics::default(),
             requests: DashMap::new(),
-            info: tokio::sync::RwLock::new(None),
+            info: tokio::sync::RwLock::new(std::collections::HashMap::new()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             admission: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight.max(1))),
             cfg,
@@ -360,9 +371,63 @@ impl Coordinator {
         });
     }
 
-    /// The least loaded healthy node for a call that is not a generation.
+    /// Every model a healthy node serves: the default first, then by name.
+    pub fn served_models(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .registry
+            .snapshot()
+            .into_iter()
+            .filter(|n| n.healthy && !n.model.is_empty())
+            .map(|n| n.model)
+            .collect();
+        names.sort();
+        names.dedup();
+        if let Some(d) = &self.cfg.default_model
+            && let Some(i) = names.iter().position(|n| n == d)
+        {
+            let d = names.remove(i);
+            names.insert(0, d);
+        }
+        names
+    }
+
+    /// The served model a client's `model` field names: empty or the configured
+    /// `served_model_name` is the default model; an unknown name is
+    /// [`CoordError::ModelNotFound`] listing what is served.
+    pub fn resolve_model(&self, asked: &str) -> Result<String, CoordError> {
+        let served = self.served_models();
+        let Some(default) = served.first() else {
+            return Err(CoordError::Unavailable(String::new()));
+        };
+        if asked.is_empty() || self.cfg.served_model_name.as_deref() == Some(asked) {
+            return Ok(default.clone());
+        }
+        if served.iter().any(|n| n == asked) {
+            return Ok(asked.to_string());
+        }
+        let mut names = served;
+        if let Some(alias) = &self.cfg.served_model_name {
+            names.insert(0, alias.clone());
+        }
+        Err(CoordError::ModelNotFound {
+            asked: asked.into(),
+            served: names.join("`, `"),
+        })
+    }
+
+    /// The nodes a request for `model` on the weights `fingerprint` (empty: any) may go to.
+    pub fn nodes_for(&self, model: &str, fingerprint: &str) -> Vec<crate::routing::NodeView> {
+        self.registry
+            .snapshot()
+            .into_iter()
+            .filter(|n| n.serves(model, fingerprint))
+            .collect()
+    }
+
+    /// The least loaded healthy node of `model` for a call that is not a generation.
     fn any_node(
         &self,
+        model: &str,
     ) -> Result<
         (
             String,
@@ -370,7 +435,7 @@ impl Coordinator {
         ),
         CoordError,
     > {
-        let snap = self.registry.snapshot();
+        let snap = self.nodes_for(model, "");
         let n = route_with(&snap, &[], 1, false).ok_or_else(|| CoordError::Unavailable(String::new()))?;
         let c = self
             .registry
@@ -379,11 +444,12 @@ impl Coordinator {
         Ok((n.id.clone(), c))
     }
 
-    /// Tokenizes on a node (the least loaded), retrying on another when one is down.
-    pub async fn tokenize(&self, req: pb::TokenizeRequest) -> Result<Vec<u32>, CoordError> {
+    /// Tokenizes with `model`'s tokenizer on one of its nodes (the least loaded), retrying on
+    /// another when one is down.
+    pub async fn tokenize(&self, model: &str, req: pb::TokenizeRequest) -> Result<Vec<u32>, CoordError> {
         let mut last = CoordError::Unavailable(String::new());
         for _ in 0..START_ATTEMPTS {
-            let (node, mut c) = self.any_node()?;
+            let (node, mut c) = self.any_node(model)?;
             match tokio::time::timeout(self.cfg.node_timeout, c.tokenize(req.clone())).await {
                 Ok(Ok(r)) => return Ok(r.into_inner().token_ids),
                 Ok(Err(s)) if node_is_down(&s) => {
@@ -400,7 +466,7 @@ impl Coordinator {
         Err(last)
     }
 
-    async fn prompt_ids(&self, input: &Input) -> Result<Vec<u32>, CoordError> {
+    async fn prompt_ids(&self, model: &str, input: &Input) -> Result<Vec<u32>, CoordError> {
         let req = match input {
             Input::Prompt(p) => pb::TokenizeRequest {
                 input: Some(pb::tokenize_request::Input::Text(p.clone())),
@@ -420,23 +486,26 @@ impl Coordinator {
                 ..Default::default()
             },
         };
-        self.tokenize(req).await
+        self.tokenize(model, req).await
     }
 
-    /// The served model (asked of a node once, then cached; `nodes` is current).
-    pub async fn model_info(&self) -> Result<ModelInfo, CoordError> {
-        let cached = self.info.read().await.clone();
+    /// The served model `asked` names (see [`Self::resolve_model`]; asked of one of its
+    /// nodes once, then cached; `nodes` is current).
+    pub async fn model_info(&self, asked: &str) -> Result<ModelInfo, CoordError> {
+        let model = self.resolve_model(asked)?;
+        let cached = self.info.read().await.get(&model).cloned();
         let mut info = match cached {
             Some(i) => i,
             None => {
-                let (node, mut c) = self.any_node()?;
+                let (node, mut c) = self.any_node(&model)?;
                 let r = tokio::time::timeout(self.cfg.node_timeout, c.info(pb::InfoRequest {}))
                     .await
                     .map_err(|_| CoordError::Unavailable(format!(" (node {node} did not answer in time)")))?
                     .map_err(|s| node_error(&node, s))?
                     .into_inner();
                 let i = ModelInfo {
-                    model: r.model,
+                    // The name routing knows it by (what the node reports in its load).
+                    model: model.clone(),
                     source: r.source,
                     vocab_size: r.vocab_size,
                     context_length: r.context_length,
@@ -446,38 +515,28 @@ impl Coordinator {
                     lora_ranks: r.lora_ranks,
                     exit_criterion: r.exit_criterion,
                     nodes: 0,
+                    parameters: r.parameters,
+                    expected_mean_loops: r.expected_mean_loops,
                 };
-                *self.info.write().await = Some(i.clone());
+                self.info.write().await.insert(model.clone(), i.clone());
                 i
             }
         };
-        info.nodes = self.healthy_nodes() as u32;
+        info.nodes = self
+            .nodes_for(&model, "")
+            .iter()
+            .filter(|n| n.healthy && !n.draining)
+            .count() as u32;
         Ok(info)
     }
 
-    /// The names clients may use for the model.
-    pub async fn model_names(&self) -> Result<Vec<String>, CoordError> {
-        let mut v = vec![self.model_info().await?.model];
-        if let Some(n) = &self.cfg.served_model_name {
-            v.insert(0, n.clone());
+    /// Every served model, described (the default first).
+    pub async fn all_model_info(&self) -> Result<Vec<ModelInfo>, CoordError> {
+        let mut out = Vec::new();
+        for m in self.served_models() {
+            out.push(self.model_info(&m).await?);
         }
-        Ok(v)
-    }
-
-    /// Checks a client's `model` field (empty is accepted).
-    pub async fn check_model(&self, asked: &str) -> Result<(), CoordError> {
-        if asked.is_empty() {
-            return Ok(());
-        }
-        let names = self.model_names().await?;
-        if names.iter().any(|n| n == asked) {
-            Ok(())
-        } else {
-            Err(CoordError::ModelNotFound {
-                asked: asked.into(),
-                served: names.join("`, `"),
-            })
-        }
+        Ok(out)
     }
 
     /// Validates, tokenizes, routes and starts a generation.
@@ -487,6 +546,7 @@ impl Coordinator {
             target: "rrt_coordinator",
             "request",
             request_id = tracing::field::Empty,
+            model = tracing::field::Empty,
             node = tracing::field::Empty,
             queue_ms = tracing::field::Empty,
             migrations = tracing::field::Empty,
@@ -547,6 +607,7 @@ impl Coordinator {
             Entry::Vacant(v) => {
                 v.insert(Tracked {
                     node: String::new(),
+                    model: String::new(),
                     prompt: Arc::new(Vec::new()),
                     generated: Vec::new(),
                     arrived,
@@ -560,11 +621,16 @@ impl Coordinator {
                 }
             }
         };
-        let prompt = self.prompt_ids(&req.input).await?;
+        let model = self.resolve_model(&req.model)?;
+        if let Some(mut t) = self.requests.get_mut(&req.id) {
+            t.model = model.clone();
+        }
+        tracing::Span::current().record("model", model.as_str());
+        let prompt = self.prompt_ids(&model, &req.input).await?;
         if prompt.is_empty() {
             return Err(CoordError::invalid("prompt", "tokenizes to no tokens"));
         }
-        let info = self.model_info().await?;
+        let info = self.model_info(&model).await?;
         if let Some((i, &t)) = req
             .stop_token_ids
             .iter()
@@ -620,8 +686,11 @@ impl Coordinator {
             max_loops: req.max_loops,
             rng_draws: 0,
             kv_ticket: String::new(),
+            model: model.clone(),
+            model_fingerprint: String::new(),
         };
-        let (node, client, stream, pending) = self.open_run(&run).await?;
+        let mut run = run;
+        let (node, client, stream, pending) = self.open_run(&mut run).await?;
         let prompt = Arc::new(prompt);
         if let Some(mut t) = self.requests.get_mut(&req.id) {
             t.node = node.clone();
@@ -671,19 +740,24 @@ impl Coordinator {
         })
     }
 
-    /// Routes `run` (by its prompt plus generated tokens) and opens its stream, trying another
-    /// node when one refuses the connection.
-    pub(crate) async fn open_run(&self, run: &pb::RunRequest) -> Result<Opened, CoordError> {
+    /// Routes `run` (by its prompt plus generated tokens, among the nodes of its model and
+    /// weights) and opens its stream, trying another node when one refuses the connection.
+    /// The first node it opens on pins the request's weights (`run.model_fingerprint`, once
+    /// that node has hashed them): it moves only between nodes of the same weights.
+    pub(crate) async fn open_run(&self, run: &mut pb::RunRequest) -> Result<Opened, CoordError> {
         let mut last = CoordError::Unavailable(String::new());
         let mut tokens = run.prompt.clone();
         tokens.extend_from_slice(&run.generated);
         let remaining = run.max_new_tokens.saturating_sub(run.generated.len() as u32) as usize;
         for _ in 0..START_ATTEMPTS {
-            let snap = self.registry.snapshot();
-            let Some(node) = route_with(&snap, &tokens, remaining, self.cfg.prefix_affinity).map(|n| n.id.clone())
-            else {
+            let snap = self.nodes_for(&run.model, &run.model_fingerprint);
+            let Some(view) = route_with(&snap, &tokens, remaining, self.cfg.prefix_affinity) else {
                 break;
             };
+            let node = view.id.clone();
+            if run.model_fingerprint.is_empty() {
+                run.model_fingerprint = view.fingerprint.clone();
+            }
             let Some(mut client) = self.registry.client(&node) else {
                 continue;
             };
@@ -715,13 +789,18 @@ impl Coordinator {
     /// time).
     pub(crate) async fn move_kv(
         &self,
-        id: &str,
+        run: &pb::RunRequest,
         from: &str,
         client: &mut NodeClient,
         tokens: &[u32],
         remaining: usize,
     ) -> KvMove {
-        let snap: Vec<_> = self.registry.snapshot().into_iter().filter(|n| n.id != from).collect();
+        let id = run.request_id.as_str();
+        let snap: Vec<_> = self
+            .nodes_for(&run.model, &run.model_fingerprint)
+            .into_iter()
+            .filter(|n| n.id != from)
+            .collect();
         let Some(target) = route_with(&snap, tokens, remaining, self.cfg.prefix_affinity).map(|n| n.id.clone()) else {
             return KvMove::Kept(tonic::Status::unavailable("no peer to move to"));
         };

@@ -67,6 +67,7 @@ pub fn to_gen_request(r: api::GenerateRequest) -> Result<GenRequest, CoordError>
     };
     let mut g = GenRequest::new(input);
     g.id = r.request_id;
+    g.model = r.model;
     if let Some(v) = r.max_new_tokens {
         g.max_new_tokens = Some(v);
     }
@@ -206,20 +207,23 @@ impl api::generation_server::Generation for GenerationService {
         let r = req.into_inner();
         let ids = self
             .coord
-            .tokenize(pb::TokenizeRequest {
-                input: Some(pb::tokenize_request::Input::Text(r.text)),
-                add_special: r.add_special,
-                parse_special: r.parse_special,
-            })
+            .tokenize(
+                &self.coord.resolve_model(&r.model)?,
+                pb::TokenizeRequest {
+                    input: Some(pb::tokenize_request::Input::Text(r.text)),
+                    add_special: r.add_special,
+                    parse_special: r.parse_special,
+                },
+            )
             .await?;
         Ok(Response::new(api::TokenizeResponse { token_ids: ids }))
     }
 
     async fn model_info(
         &self,
-        _req: Request<api::ModelInfoRequest>,
+        req: Request<api::ModelInfoRequest>,
     ) -> Result<Response<api::ModelInfoResponse>, Status> {
-        let i = self.coord.model_info().await?;
+        let i = self.coord.model_info(&req.into_inner().model).await?;
         Ok(Response::new(api::ModelInfoResponse {
             model: i.model,
             source: i.source,
@@ -231,6 +235,9 @@ impl api::generation_server::Generation for GenerationService {
             lora_ranks: i.lora_ranks,
             exit_criterion: i.exit_criterion,
             nodes: i.nodes,
+            parameters: i.parameters,
+            served_models: self.coord.served_models(),
+            expected_mean_loops: i.expected_mean_loops,
         }))
     }
 }

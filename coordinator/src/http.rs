@@ -372,9 +372,15 @@ pub fn validate_body(chat: bool, body: &[u8]) -> Result<GenRequest, CoordError> 
 }
 
 async fn answer(coord: Arc<Coordinator>, headers: &HeaderMap, p: Parsed, prefix: &str) -> Result<Response, ApiError> {
-    coord.check_model(&p.model).await?;
-    let model = coord.model_names().await?.remove(0);
+    // Echo the name the client used (the served name when it gave none).
+    let resolved = coord.resolve_model(&p.model)?;
+    let model = if p.model.is_empty() {
+        resolved.clone()
+    } else {
+        p.model.clone()
+    };
     let mut g = p.gen_req;
+    g.model = resolved;
     g.id = request_id(headers);
     g.trace = rrt_telemetry::propagate::TraceHeaders::from_http(headers);
     let generation = coord.generate(g).await?;
@@ -584,18 +590,24 @@ fn sse(mut g: Generation, id: String, model: String, kind: Kind, include_usage: 
 }
 
 async fn models(State(coord): State<Arc<Coordinator>>) -> Result<Response, ApiError> {
-    let info = coord.model_info().await?;
-    let names = coord.model_names().await?;
-    let data: Vec<Value> = names
-        .iter()
-        .map(|n| {
-            json!({
-                "id": n, "object": "model", "created": 0, "owned_by": "rrt",
-                "max_model_len": info.context_length,
-                "loops": info.loops,
-            })
+    let infos = coord.all_model_info().await?;
+    let entry = |id: &str, i: &crate::core::ModelInfo| {
+        json!({
+            "id": id, "object": "model", "created": 0, "owned_by": "rrt",
+            "max_model_len": i.context_length,
+            "loops": i.loops,
+            "parameters": i.parameters,
+            "expected_mean_loops": (i.expected_mean_loops > 0.0).then_some(i.expected_mean_loops),
+            "exit_criterion": (!i.exit_criterion.is_empty()).then_some(i.exit_criterion.as_str()),
+            "source": i.source,
+            "nodes": i.nodes,
         })
-        .collect();
+    };
+    let mut data: Vec<Value> = infos.iter().map(|i| entry(&i.model, i)).collect();
+    // The configured extra name of the default model is listed as a model of its own.
+    if let (Some(alias), Some(first)) = (&coord.config().served_model_name, infos.first()) {
+        data.insert(0, entry(alias, first));
+    }
     Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 

@@ -196,7 +196,7 @@ impl RequestPump {
                 self.run.kv_ticket = ticket;
                 self.coord.open_run_on(&to, &mut self.run).await
             }
-            None => self.coord.open_run(&self.run).await,
+            None => self.coord.open_run(&mut self.run).await,
         };
         match opened {
             Ok(o) => {
@@ -231,7 +231,7 @@ impl RequestPump {
         self.coord.registry.mark_failed(&self.node);
         tracing::warn!(request = self.id, node = self.node, error = %e, "node failed mid-request; migrating");
         self.run.generated = self.generated();
-        match self.coord.open_run(&self.run).await {
+        match self.coord.open_run(&mut self.run).await {
             Ok(o) => {
                 self.switch_to(o);
                 Next::Continue
@@ -253,7 +253,9 @@ impl RequestPump {
         if !snap.iter().any(|n| n.id == self.node && n.draining) {
             return;
         }
-        if !snap.iter().any(|n| n.id != self.node && n.healthy && !n.draining) {
+        if !snap.iter().any(|n| {
+            n.id != self.node && n.healthy && !n.draining && n.serves(&self.run.model, &self.run.model_fingerprint)
+        }) {
             return;
         }
         let mut tokens = self.run.prompt.clone();
@@ -261,7 +263,7 @@ impl RequestPump {
         let remaining = (self.run.max_new_tokens as usize + self.run.prompt.len()).saturating_sub(tokens.len());
         match self
             .coord
-            .move_kv(&self.id, &self.node, &mut self.client, &tokens, remaining)
+            .move_kv(&self.run, &self.node, &mut self.client, &tokens, remaining)
             .await
         {
             KvMove::Staged { node: to, ticket } => self.switching = Some((to, ticket)),
@@ -270,7 +272,7 @@ impl RequestPump {
             KvMove::Kept(s) => {
                 tracing::info!(request = self.id, node = self.node, error = %s, "cannot move keys/values; replaying");
                 self.run.generated = self.generated();
-                match self.coord.open_run(&self.run).await {
+                match self.coord.open_run(&mut self.run).await {
                     Ok(o) => {
                         let old_node = self.node.clone();
                         let mut old = self.client.clone();

@@ -182,6 +182,8 @@ impl Registry {
                     e.failures = 0;
                     e.view = NodeView {
                         id: u.clone(),
+                        model: l.model,
+                        fingerprint: l.model_fingerprint,
                         healthy: true,
                         draining: l.draining,
                         loops: l.loops as usize,

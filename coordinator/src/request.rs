@@ -24,6 +24,8 @@ pub enum Input {
 pub struct GenRequest {
     /// Caller's id (empty: the coordinator makes one).
     pub id: String,
+    /// The served model that answers (empty: the default model).
+    pub model: String,
     pub input: Input,
     /// `None`: up to the model's context.
     pub max_new_tokens: Option<u32>,
@@ -55,6 +57,7 @@ impl GenRequest {
     pub fn new(input: Input) -> Self {
         Self {
             id: String::new(),
+            model: String::new(),
             input,
             max_new_tokens: Some(256),
             temperature: 0.0,

@@ -22,6 +22,10 @@ pub const AFFINITY_SLACK: f64 = 0.25;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeView {
     pub id: String,
+    /// The model it serves (what clients put in `model`) and its weights' fingerprint (empty
+    /// until the node has hashed them).
+    pub model: String,
+    pub fingerprint: String,
     pub healthy: bool,
     pub draining: bool,
     pub loops: usize,
@@ -55,6 +59,11 @@ impl NodeView {
 
     fn usable(&self) -> bool {
         self.healthy && !self.draining
+    }
+
+    /// Whether it serves `model` with the weights `fingerprint` (empty: any weights).
+    pub fn serves(&self, model: &str, fingerprint: &str) -> bool {
+        self.model == model && (fingerprint.is_empty() || self.fingerprint == fingerprint)
     }
 }
 

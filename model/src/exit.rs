@@ -104,6 +104,17 @@ pub type LoopSamples = Vec<Vec<(f32, bool)>>;
 /// Runs the model over `tokens` in windows and collects, per loop before the last, each
 /// token's score under `criterion` and whether its top-1 prediction equals the last loop's.
 pub fn collect_samples(lm: &LoadedModel, tokens: &[u32], window: usize, criterion: Criterion) -> Result<LoopSamples> {
+    collect_samples_with(lm, tokens, window, criterion, |_, _| {})
+}
+
+/// [`collect_samples`], calling `progress(windows done, windows)` after each window.
+pub fn collect_samples_with(
+    lm: &LoadedModel,
+    tokens: &[u32],
+    window: usize,
+    criterion: Criterion,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<LoopSamples> {
     let model = &lm.model;
     let loops = model.loops();
     if loops < 2 {
@@ -115,7 +126,9 @@ pub fn collect_samples(lm: &LoadedModel, tokens: &[u32], window: usize, criterio
     let h = model.config.hidden;
     let vocab = model.config.vocab;
     let mut samples: LoopSamples = vec![Vec::new(); loops - 1];
-    for win in tokens.chunks(window).filter(|w| w.len() >= 2) {
+    let windows = tokens.chunks(window.max(1)).filter(|w| w.len() >= 2).count();
+    for (done, win) in tokens.chunks(window.max(1)).filter(|w| w.len() >= 2).enumerate() {
+        progress(done, windows);
         let (mut pool, seq) = single_sequence(model.kv_layout(DEFAULT_BLOCK_SIZE), win.len())?;
         let rows = sequence_rows(win, &seq.blocks);
         let select: Vec<usize> = (0..win.len()).collect();
@@ -156,6 +169,7 @@ pub fn collect_samples(lm: &LoadedModel, tokens: &[u32], window: usize, criterio
             }
         }
     }
+    progress(windows, windows);
     Ok(samples)
 }
 

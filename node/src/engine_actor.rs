@@ -105,10 +105,21 @@ impl EngineHandle {
         capacity: usize,
         pace: Option<Pace>,
     ) -> (Self, std::thread::JoinHandle<()>) {
+        Self::spawn_named(engine, capacity, pace, String::new())
+    }
+
+    /// Like [`EngineHandle::spawn_paced`]; its `engine.step` spans name the served `model`
+    /// (one trace file may hold several models' nodes: `rrt capacity` plans each).
+    pub fn spawn_named<B: Backend>(
+        engine: Engine<B>,
+        capacity: usize,
+        pace: Option<Pace>,
+        model: String,
+    ) -> (Self, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let join = std::thread::Builder::new()
             .name("rrt-engine".into())
-            .spawn(move || run(engine, rx, pace))
+            .spawn(move || run(engine, rx, pace, model))
             .expect("spawning the engine thread");
         (Self { tx }, join)
     }
@@ -194,7 +205,7 @@ impl EngineHandle {
 }
 
 /// The task: apply commands, run a pass when there is work, route events.
-fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>, pace: Option<Pace>) {
+fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>, pace: Option<Pace>, model: String) {
     let mut streams: HashMap<RequestId, mpsc::UnboundedSender<Event>> = HashMap::new();
     let mut closing: Option<(bool, oneshot::Sender<()>)> = None;
     let mut exports: HashMap<RequestId, oneshot::Sender<Option<KvState>>> = HashMap::new();
@@ -289,6 +300,7 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>,
         let step = tracing::info_span!(
             target: "rrt_node",
             "engine.step",
+            model = model.as_str(),
             rows = tracing::field::Empty,
             rows_per_depth = tracing::field::Empty,
             fill_rows = tracing::field::Empty,

@@ -167,6 +167,7 @@ impl pb::node_server::Node for FakeNode {
             requests_total: self.inner.requests.load(Ordering::Relaxed),
             tokens_total: self.inner.tokens.load(Ordering::Relaxed),
             draining: self.inner.draining.load(Ordering::Relaxed),
+            model: "fake".into(),
             ..Default::default()
         }))
     }

@@ -54,6 +54,17 @@ impl ServedModel {
                     .unwrap_or_else(|| format!("{c:?}"))
             })
             .unwrap_or_default();
+        let lora_params: usize = model
+            .recursion
+            .as_ref()
+            .map(|r| {
+                r.lora
+                    .iter()
+                    .flat_map(|mods| mods.iter().flatten())
+                    .map(|l| l.rank * (l.in_dim + l.out_dim))
+                    .sum()
+            })
+            .unwrap_or(0);
         Self {
             prompter,
             info: rrt_proto::v1::ModelInfoResponse {
@@ -67,8 +78,18 @@ impl ServedModel {
                 lora_ranks,
                 exit_criterion,
                 nodes: 0,
+                parameters: (model.weights.n_params() + lora_params) as u64,
+                served_models: Vec::new(),
+                expected_mean_loops: 0.0,
             },
         }
+    }
+
+    /// The loops per token the checkpoint's calibration expects (`expected_mean_loops` of its
+    /// `exit.calibration`), when it has one.
+    pub fn with_expected_mean_loops(mut self, loops: Option<f64>) -> Self {
+        self.info.expected_mean_loops = loops.unwrap_or(0.0) as f32;
+        self
     }
 }
 
@@ -310,6 +331,40 @@ impl NodeService {
         )
     }
 
+    /// What the node serves (the `Info` answer).
+    pub fn info(&self) -> &rrt_proto::v1::ModelInfoResponse {
+        &self.inner.served.info
+    }
+
+    /// The fingerprint if it has been computed.
+    fn known_fingerprint(&self) -> Option<String> {
+        match self.inner.fingerprint.get() {
+            Some(Ok(f)) => Some(f.clone()),
+            _ => None,
+        }
+    }
+
+    /// Refuses a run meant for another model or other weights.
+    fn check_model(&self, r: &pb::RunRequest) -> Result<(), Status> {
+        let mine = &self.inner.served.info.model;
+        if !r.model.is_empty() && r.model != *mine {
+            return Err(Status::failed_precondition(format!(
+                "model: this node serves `{mine}`, not `{}`",
+                r.model
+            )));
+        }
+        if !r.model_fingerprint.is_empty()
+            && let Some(f) = self.known_fingerprint()
+            && f != r.model_fingerprint
+        {
+            return Err(Status::failed_precondition(format!(
+                "model_fingerprint: this node's weights are {f}, the request's {}",
+                r.model_fingerprint
+            )));
+        }
+        Ok(())
+    }
+
     /// The fingerprint, computed now (off the async runtime) if the node's background hashing
     /// has not finished: a KV move right after start is not refused.
     async fn fingerprint(&self) -> Result<String, Status> {
@@ -355,6 +410,8 @@ impl NodeService {
         let (stats, _) = self.inner.engine.stats().await?;
         let draining = self.inner.draining.load(Ordering::Relaxed);
         let mut r = to_load(&self.inner.node_id, self.inner.loops, l, self.recent_rate(), draining);
+        r.model = self.inner.served.info.model.clone();
+        r.model_fingerprint = self.known_fingerprint().unwrap_or_default();
         r.requests_total = self.inner.requests.load(Ordering::Relaxed);
         r.cancelled_total = self.inner.cancelled.load(Ordering::Relaxed);
         r.tokens_total = self.inner.tokens.load(Ordering::Relaxed);
@@ -389,6 +446,7 @@ impl pb::node_server::Node for NodeService {
         let span = tracing::info_span!(
             target: "rrt_node",
             "node.request",
+            model = self.inner.served.info.model.as_str(),
             request_id = tracing::field::Empty,
             prompt_tokens = tracing::field::Empty,
             generated = tracing::field::Empty,
@@ -400,6 +458,7 @@ impl pb::node_server::Node for NodeService {
         rrt_telemetry::propagate::TraceHeaders::from_metadata(req.metadata()).set_parent_of(&span);
         let admission = tracing::info_span!(target: "rrt_node", parent: &span, "admission");
         let r = req.into_inner();
+        self.check_model(&r)?;
         span.record("request_id", r.request_id.as_str());
         span.record("prompt_tokens", r.prompt.len() as i64);
         span.record("generated", r.generated.len() as i64);
@@ -510,6 +569,8 @@ impl pb::node_server::Node for NodeService {
         let l = self.inner.engine.load().await.map_err(status)?;
         let draining = self.inner.draining.load(Ordering::Relaxed);
         let mut r = to_load(&self.inner.node_id, self.inner.loops, l, self.recent_rate(), draining);
+        r.model = self.inner.served.info.model.clone();
+        r.model_fingerprint = self.known_fingerprint().unwrap_or_default();
         r.requests_total = self.inner.requests.load(Ordering::Relaxed);
         r.cancelled_total = self.inner.cancelled.load(Ordering::Relaxed);
         r.tokens_total = self.inner.tokens.load(Ordering::Relaxed);

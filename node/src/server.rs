@@ -28,6 +28,12 @@ pub struct Node {
     /// serving, see [`crate::supervisor`]).
     pub engine_exit: EngineWatch,
     pub loops: usize,
+    /// The name the model is served under.
+    pub model: String,
+    /// Parameters the model holds (embeddings, LM head and LoRAs included).
+    pub parameters: u64,
+    /// Loops per token its exit calibration expects (`None`: no calibration, or no exits).
+    pub expected_mean_loops: Option<f64>,
     /// The backend the engine runs on, e.g. `cpu` or `cuda:0 (NVIDIA H100 ...)`.
     pub backend: String,
 }
@@ -46,10 +52,11 @@ fn spawn_engine<B: Backend>(
     model: rrt_model::Model,
     tokenizer: Arc<rrt_model::tokenizer::Tokenizer>,
     cfg: &EngineConfig,
+    name: &str,
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>, usize), EngineError> {
     let engine = Engine::new(ResidentModel::new(backend, model), tokenizer, cfg.clone())?;
     let blocks = engine.kv_blocks().0;
-    let (handle, thread) = EngineHandle::spawn(engine, 1024);
+    let (handle, thread) = EngineHandle::spawn_named(engine, 1024, None, name.to_string());
     Ok((handle, thread, blocks))
 }
 
@@ -60,6 +67,7 @@ fn launch(
     model: rrt_model::Model,
     tokenizer: Arc<rrt_model::tokenizer::Tokenizer>,
     cfg: &EngineConfig,
+    name: &str,
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>, usize, String), EngineError> {
     if let Device::Cuda(n) = place.device {
         #[cfg(feature = "cuda")]
@@ -73,7 +81,7 @@ fn launch(
                 Ok(b) => {
                     let desc = format!("cuda:{n} ({})", b.info());
                     tracing::info!(backend = %desc, "engine on the CUDA backend");
-                    let (h, t, k) = spawn_engine(b, model, tokenizer, cfg)?;
+                    let (h, t, k) = spawn_engine(b, model, tokenizer, cfg, name)?;
                     return Ok((h, t, k, desc));
                 }
                 Err(e) => tracing::warn!("cuda:{n} cannot be used ({e}): falling back to the CPU backend"),
@@ -84,7 +92,7 @@ fn launch(
             "device cuda:{n} asked for, but this rrt was built without CUDA support (cargo build --release --features cuda): falling back to the CPU backend"
         );
     }
-    let (h, t, k) = spawn_engine(CpuBackend, model, tokenizer, cfg)?;
+    let (h, t, k) = spawn_engine(CpuBackend, model, tokenizer, cfg, name)?;
     Ok((h, t, k, "cpu".into()))
 }
 
@@ -98,17 +106,47 @@ pub fn start(lm: LoadedModel, cfg: EngineConfig, early_exit: bool, node_id: &str
 /// [`start`] on the device `place` names (falling back to the CPU, see [`Placement`]).
 pub fn start_on(
     lm: LoadedModel,
-    mut cfg: EngineConfig,
+    cfg: EngineConfig,
     early_exit: bool,
     node_id: &str,
     place: Placement,
 ) -> Result<Node, EngineError> {
-    cfg.exit = if early_exit { ExitRule::for_model(&lm)? } else { None };
-    let name = lm
-        .path
-        .file_name()
+    start_as(lm, cfg, early_exit, node_id, place, None)
+}
+
+/// The name a model is served under by default: its file or directory name.
+pub fn default_name(path: &std::path::Path) -> String {
+    path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| lm.path.display().to_string());
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// The loops per token a recursive checkpoint's calibration expects at its thresholds.
+fn expected_mean_loops(lm: &LoadedModel) -> Option<f64> {
+    if lm.kind != SourceKind::Recursive {
+        return None;
+    }
+    let cfg = rrt_model::checkpoint::read_config(&lm.path).ok()?;
+    cfg.exit.calibration.get("expected_mean_loops")?.as_f64()
+}
+
+/// [`start_on`], serving the model under `name` (what clients put in `model`; default: the
+/// file or directory name).
+pub fn start_as(
+    lm: LoadedModel,
+    mut cfg: EngineConfig,
+    early_exit: bool,
+    node_id: &str,
+    place: Placement,
+    name: Option<&str>,
+) -> Result<Node, EngineError> {
+    cfg.exit = if early_exit { ExitRule::for_model(&lm)? } else { None };
+    let name = name.map(str::to_string).unwrap_or_else(|| default_name(&lm.path));
+    let mean_loops = if cfg.exit.is_some() {
+        expected_mean_loops(&lm)
+    } else {
+        None
+    };
     let source = match lm.kind {
         SourceKind::Gguf => "gguf",
         SourceKind::HuggingFace => "huggingface",
@@ -122,14 +160,16 @@ pub fn start_on(
         &lm.model,
         prompter,
         cfg.exit.as_ref().map(|e| e.criterion),
-    );
+    )
+    .with_expected_mean_loops(mean_loops);
     let loops = lm.model.loops();
-    let (handle, engine_thread, kv_blocks, backend) = launch(place, lm.model, tokenizer, &cfg)?;
+    let (handle, engine_thread, kv_blocks, backend) = launch(place, lm.model, tokenizer, &cfg, &name)?;
     // What `rrt capacity` needs to simulate this node: its scheduling settings.
     tracing::info_span!(
         target: "rrt_node",
         "node.start",
         node_id,
+        model = name.as_str(),
         backend = backend.as_str(),
         loops = loops as i64,
         kv_blocks = kv_blocks as i64,
@@ -159,6 +199,9 @@ pub fn start_on(
         });
     }
     Ok(Node {
+        model: name,
+        parameters: service.info().parameters,
+        expected_mean_loops: mean_loops,
         service,
         engine: handle,
         engine_exit,

@@ -10,6 +10,7 @@
 //! | `model` | the cached SmolLM2 | GGUF file, Hugging Face directory or recursive checkpoint |
 //! | `node.listen` | `127.0.0.1:7301` | address of the node's gRPC service (port 0: any) |
 //! | `node.id` | the listen address | the node's id in load reports |
+//! | `node.model_name` | the model's file or directory name | the name clients put in `model` to reach this node's model |
 //! | `node.kv_mib` | 1024 | KV cache budget, MiB |
 //! | `node.block_size` | 16 | positions per KV block |
 //! | `node.max_step_rows` | 256 | most rows (tokens x loops) per pass |
@@ -28,7 +29,8 @@
 //! | `coordinator.dns` | `[]` | DNS names (`name:port`, e.g. a headless service) re-resolved for nodes |
 //! | `coordinator.poll_ms` | 1000 | load-poll and DNS re-resolution interval |
 //! | `coordinator.node_timeout_ms` | 5000 | deadline of polls and small calls to nodes |
-//! | `coordinator.served_model_name` | none | extra model name clients may send |
+//! | `coordinator.served_model_name` | none | extra name clients may send for the default model |
+//! | `coordinator.default_model` | the first served, by name | the model answering requests that name none |
 //! | `coordinator.shutdown_seconds` | 30 | time open streams get after SIGTERM |
 //! | `coordinator.max_migrations` | 3 | times a request may move after its node fails |
 //! | `coordinator.max_in_flight` | 256 | admission limit: requests running or queued at once (429 past it) |
@@ -45,7 +47,8 @@
 //! | `telemetry.sample_ratio` | 1.0 | fraction of new traces recorded (callers' sampled traces are always followed) |
 //! | `telemetry.queue` | 8192 | spans waiting for export; past it spans are dropped and counted, serving never waits |
 //! | `telemetry.service_name` | the command | `service.name` of exported spans |
-//! | `serve.nodes` | 1 | in-process nodes of `rrt serve` |
+//! | `serve.models` | `[]` | models `rrt serve` serves side by side, each `NAME=PATH` or `PATH` (name: the file name); the first is the default; empty: `model`, or the default pair below |
+//! | `serve.nodes` | 1 | in-process nodes of `rrt serve`, per model |
 //! | `serve.loops` | 2 | B of the default model's conversion (first run, cached) |
 //! | `serve.init` | `average` | `stepwise`, `average` or `lower` |
 //! | `serve.lora_rank` | 256 | LoRA rank of every module |
@@ -53,8 +56,9 @@
 //! | `serve.calibration` | `data/calibration.txt` | text for the activation SVD and exit calibration |
 //! | `serve.cache` | the model cache | where converted checkpoints are kept |
 //!
-//! `rrt serve` serves `model` as given when it is set; otherwise it converts the default
-//! SmolLM2 with the `serve.*` recipe on first run (minutes) and reuses the checkpoint after.
+//! `rrt serve` serves `serve.models` (or `model`) as given when set; otherwise it serves the
+//! default SmolLM2 as is (`smollm2-135m`) beside its conversion by the `serve.*` recipe
+//! (`smollm2-135m-rrt-b2-r256`), converted on first run (minutes) and reused after.
 
 use anyhow::{Result, bail};
 use figment::Figment;
@@ -83,6 +87,7 @@ pub struct CoordinatorConfig {
     pub poll_ms: u64,
     pub node_timeout_ms: u64,
     pub served_model_name: Option<String>,
+    pub default_model: Option<String>,
     pub shutdown_seconds: u64,
     pub max_migrations: u32,
     pub max_in_flight: usize,
@@ -108,6 +113,7 @@ impl Default for CoordinatorConfig {
             poll_ms: 1000,
             node_timeout_ms: 5000,
             served_model_name: None,
+            default_model: None,
             shutdown_seconds: 30,
             max_migrations: 3,
             max_in_flight: 256,
@@ -128,6 +134,7 @@ impl Default for CoordinatorConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
+    pub models: Vec<String>,
     pub nodes: usize,
     pub loops: usize,
     pub init: String,
@@ -140,6 +147,7 @@ pub struct ServeConfig {
 impl Default for ServeConfig {
     fn default() -> Self {
         Self {
+            models: Vec::new(),
             nodes: 1,
             loops: 2,
             init: "average".into(),
@@ -156,6 +164,7 @@ impl Default for ServeConfig {
 pub struct NodeConfig {
     pub listen: SocketAddr,
     pub id: Option<String>,
+    pub model_name: Option<String>,
     pub kv_mib: usize,
     pub block_size: usize,
     pub max_step_rows: usize,
@@ -176,6 +185,7 @@ impl Default for NodeConfig {
         Self {
             listen: "127.0.0.1:7301".parse().expect("valid default address"),
             id: None,
+            model_name: None,
             kv_mib: 1024,
             block_size: 16,
             max_step_rows: 256,
@@ -252,6 +262,32 @@ impl Config {
     }
 }
 
+/// One entry of `serve.models`: `NAME=PATH`, or `PATH` (named by its file name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedSpec {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl ServedSpec {
+    pub fn parse(s: &str) -> Result<Self> {
+        let (name, path) = match s.split_once('=') {
+            Some((n, p)) => (n.trim().to_string(), PathBuf::from(p.trim())),
+            None => {
+                let p = PathBuf::from(s.trim());
+                (rrt_node::server::default_name(&p), p)
+            }
+        };
+        if name.is_empty() || path.as_os_str().is_empty() {
+            bail!("configuration: `serve.models`: `{s}` is not NAME=PATH or PATH");
+        }
+        if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!("configuration: `serve.models`: the name `{name}` has spaces or control characters");
+        }
+        Ok(Self { name, path })
+    }
+}
+
 /// Extracts and validates.
 pub fn extract(f: &Figment) -> Result<Config> {
     let c: Config = f.extract().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
@@ -267,6 +303,16 @@ pub fn extract(f: &Figment) -> Result<Config> {
         }
     }
     c.telemetry.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut names = std::collections::HashSet::new();
+    for m in &c.serve.models {
+        let s = ServedSpec::parse(m)?;
+        if !names.insert(s.name.clone()) {
+            bail!("configuration: `serve.models`: the name `{}` is given twice", s.name);
+        }
+    }
+    if c.node.model_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        bail!("configuration: `node.model_name` must not be empty");
+    }
     let co = &c.coordinator;
     for (key, v) in [
         ("coordinator.poll_ms", co.poll_ms),
@@ -379,6 +425,26 @@ mod tests {
             assert_eq!(c.node.kv_fill, rrt_node::KvFill::Recompute);
             assert_eq!(c.node.max_step_rows, 9, "flags beat everything");
             assert_eq!(c.node.block_size, 16, "defaults");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn served_models_parse_and_names_must_differ() {
+        let a = ServedSpec::parse("orig=models/x.gguf").unwrap();
+        assert_eq!((a.name.as_str(), a.path.to_str().unwrap()), ("orig", "models/x.gguf"));
+        let b = ServedSpec::parse("models/b2-r64").unwrap();
+        assert_eq!(b.name, "b2-r64", "no name: the file name");
+        for bad in ["=x", "name=", "two words=x"] {
+            assert!(ServedSpec::parse(bad).is_err(), "{bad}");
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("rrt.toml", "[serve]\nmodels = [\"a=x.gguf\", \"b=y\"]\n")?;
+            let c = extract(&figment(None)).map_err(|e| e.to_string())?;
+            assert_eq!(c.serve.models, vec!["a=x.gguf".to_string(), "b=y".to_string()]);
+            jail.create_file("rrt.toml", "[serve]\nmodels = [\"a=x.gguf\", \"a=y\"]\n")?;
+            let e = extract(&figment(None)).unwrap_err().to_string();
+            assert!(e.contains("serve.models") && e.contains("`a`"), "{e}");
             Ok(())
         });
     }

@@ -29,6 +29,8 @@ pub mod span_fields {
     /// `engine.step`: one pass of the engine.
     pub mod step {
         pub const NAME: &str = "engine.step";
+        /// The served model's name (empty: unnamed).
+        pub const MODEL: &str = "model";
         pub const ROWS: &str = "rows";
         pub const ROWS_PER_DEPTH: &str = "rows_per_depth";
         pub const FILL_ROWS: &str = "fill_rows";
@@ -37,7 +39,8 @@ pub mod span_fields {
         pub const TOKENS: &str = "tokens";
         pub const EXITS_PER_LOOP: &str = "exits_per_loop";
         pub const STEP_MS: &str = "step_ms";
-        pub const ALL: [&str; 8] = [
+        pub const ALL: [&str; 9] = [
+            MODEL,
             ROWS,
             ROWS_PER_DEPTH,
             FILL_ROWS,
@@ -51,12 +54,14 @@ pub mod span_fields {
     /// `request`: the coordinator's span of one request.
     pub mod request {
         pub const NAME: &str = "request";
+        pub const MODEL: &str = "model";
         pub const PROMPT_TOKENS: &str = "prompt_tokens";
         pub const TOKENS: &str = "tokens";
     }
     /// `node.request`: a node's span of one request.
     pub mod node_request {
         pub const NAME: &str = "node.request";
+        pub const MODEL: &str = "model";
         pub const PROMPT_TOKENS: &str = "prompt_tokens";
         pub const GENERATED: &str = "generated";
         pub const TOKENS: &str = "tokens";
@@ -64,6 +69,7 @@ pub mod span_fields {
     /// `node.start`: a node's scheduling settings, once at start.
     pub mod node_start {
         pub const NAME: &str = "node.start";
+        pub const MODEL: &str = "model";
         pub const LOOPS: &str = "loops";
         pub const KV_BLOCKS: &str = "kv_blocks";
         pub const BLOCK_SIZE: &str = "block_size";

@@ -245,7 +245,11 @@ async fn cluster_of_processes_matches_rrt_generate() {
         .unwrap();
     assert_serving(&channel).await;
     let mut client = api::generation_client::GenerationClient::new(channel);
-    let info = client.model_info(api::ModelInfoRequest {}).await.unwrap().into_inner();
+    let info = client
+        .model_info(api::ModelInfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.model, "SmolLM2-135M-Instruct.Q4_1.gguf");
     assert_eq!((info.loops, info.nodes, info.vocab_size), (1, 2, 49152));
 
@@ -873,6 +877,258 @@ async fn ouro_cluster_matches_rrt_generate_through_failover_and_drain() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Two models behind one coordinator: the SmolLM2 original on two nodes (`smol`, the default)
+/// and a tiny random Ouro on one (`ouro`). `/v1/models` and `ModelInfo` list both; each request
+/// is answered by its model, token-equal to `rrt generate` on that model; an unknown model is
+/// 404 / NOT_FOUND naming both; a request whose node dies mid-stream moves to the other node of
+/// its model, never to the other model's (which is idle, so least loaded); a model whose only
+/// node is gone is unavailable rather than answered by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_models_are_routed_by_name_and_fail_over_within_their_model() {
+    let _serial = SERIAL.lock().await;
+    let dir = std::env::temp_dir().join(format!("rrt-cluster-two-models-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let st = Command::new(rrt_bin())
+        .args([
+            "random-model",
+            "--like",
+            "ouro-tiny",
+            "--dtype",
+            "f32",
+            "--seed",
+            "7",
+            "--out",
+        ])
+        .arg(&dir)
+        .current_dir(root())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let ouro = dir.to_str().unwrap().to_string();
+    let prompt = "The capital of France is";
+    let generate = |model: Option<&str>, n: u32| -> Vec<u32> {
+        let mut args = vec!["generate".to_string()];
+        if let Some(m) = model {
+            args.extend(["--model".into(), m.to_string()]);
+        }
+        args.extend([
+            "--prompt".into(),
+            prompt.into(),
+            "--max-tokens".into(),
+            n.to_string(),
+            "--json".into(),
+        ]);
+        let out = Command::new(rrt_bin()).args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let want_smol = generate(None, 24);
+    let want_ouro = generate(Some(&ouro), 12);
+    assert_ne!(want_smol[..4], want_ouro[..4.min(want_ouro.len())]);
+
+    let mut procs = Vec::new();
+    let mut nodes = Vec::new();
+    for (model, name) in [(None, "smol"), (None, "smol"), (Some(ouro.as_str()), "ouro")] {
+        let mut args = vec![
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-mib",
+            "32",
+            "--model-name",
+            name,
+        ];
+        if let Some(m) = model {
+            args.extend(["--model", m]);
+        }
+        let (p, l) = spawn(&args);
+        assert!(l.contains(&format!("(model {name},")), "{l}");
+        nodes.push(word_after(&l, " listening on ").to_string());
+        procs.push(p);
+    }
+    let joined = nodes.join(",");
+    let (c, lc) = spawn(&[
+        "coordinator",
+        "--nodes",
+        &joined,
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--default-model",
+        "smol",
+    ]);
+    procs.push(c);
+    let grpc = format!("http://{}", word_after(&lc, "gRPC on "));
+    let http = word_after(&lc, "OpenAI HTTP on ").to_string();
+    let hc = reqwest::Client::new();
+
+    // The registry learns each node's model from its load report.
+    let t = Instant::now();
+    let listed = loop {
+        let v: Value = reqwest::get(format!("{http}/v1/models"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<String> = v["data"]
+            .as_array()
+            .map(|d| d.iter().map(|m| m["id"].as_str().unwrap_or("").to_string()).collect())
+            .unwrap_or_default();
+        if ids.len() == 2 || t.elapsed() > Duration::from_secs(10) {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(listed["data"][0]["id"], "smol", "{listed}");
+    assert_eq!(listed["data"][1]["id"], "ouro", "{listed}");
+    assert_eq!(listed["data"][0]["loops"], 1, "{listed}");
+    assert_eq!(listed["data"][0]["nodes"], 2, "{listed}");
+    assert_eq!(listed["data"][1]["nodes"], 1, "{listed}");
+    assert!(listed["data"][1]["loops"].as_u64().unwrap() > 1, "{listed}");
+    assert!(
+        listed["data"][0]["parameters"].as_u64().unwrap() > 100_000_000,
+        "{listed}"
+    );
+
+    let mut client = api::generation_client::GenerationClient::connect(grpc.clone())
+        .await
+        .unwrap();
+    let info = client
+        .model_info(api::ModelInfoRequest { model: "ouro".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.model, "ouro");
+    assert_eq!(info.served_models, vec!["smol".to_string(), "ouro".to_string()]);
+    assert!(info.parameters > 0 && info.loops > 1, "{info:?}");
+    let info = client
+        .model_info(api::ModelInfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.model, "smol", "no model: the default");
+
+    // Each model answers its own requests, token-equal to `rrt generate` on it.
+    let ids_of = |model: &str, n: u32| {
+        let mut c = client.clone();
+        let mut req = grpc_request(&Prompt::Raw(prompt), n, false);
+        req.model = model.to_string();
+        async move {
+            let mut s = c.generate_stream(req).await?.into_inner();
+            let mut ids = Vec::new();
+            while let Some(m) = s.message().await? {
+                ids.extend(m.token_id);
+            }
+            Ok::<_, tonic::Status>(ids)
+        }
+    };
+    assert_eq!(ids_of("smol", 24).await.unwrap(), want_smol);
+    assert_eq!(ids_of("", 24).await.unwrap(), want_smol, "no model: the default");
+    assert_eq!(ids_of("ouro", 12).await.unwrap(), want_ouro);
+    let v = post_json(
+        &hc,
+        &format!("{http}/v1/completions"),
+        &json!({"model": "ouro", "prompt": prompt, "max_tokens": 12, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(v["model"], "ouro", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], want_ouro.len(), "{v}");
+
+    // Unknown models are refused, naming what is served.
+    let r = hc
+        .post(format!("{http}/v1/completions"))
+        .json(&json!({"model": "gpt-4", "prompt": prompt, "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let v: Value = r.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("gpt-4") && msg.contains("smol") && msg.contains("ouro"),
+        "{v}"
+    );
+    let e = ids_of("gpt-4", 2).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+
+    // A `smol` request whose node is killed mid-stream continues on the other `smol` node (the
+    // idle `ouro` node is the least loaded: routing by load alone would pick it).
+    let mut c = client.clone();
+    let mut req = grpc_request(&Prompt::Raw(prompt), 24, false);
+    req.model = "smol".into();
+    let mut s = c.generate_stream(req).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    let mut killed = None;
+    while let Some(m) = s.message().await.unwrap() {
+        got.extend(m.token_id);
+        if killed.is_none() && got.len() >= 4 {
+            for (i, addr) in nodes[..2].iter().enumerate() {
+                let mut nc = pb::node_client::NodeClient::connect(format!("http://{addr}"))
+                    .await
+                    .unwrap();
+                let l = nc.load(pb::LoadRequest {}).await.unwrap().into_inner();
+                if l.running_requests > 0 {
+                    let st = Command::new("kill")
+                        .args(["-KILL", &procs[i].0.id().to_string()])
+                        .status()
+                        .unwrap();
+                    assert!(st.success());
+                    killed = Some(i);
+                    break;
+                }
+            }
+            assert!(killed.is_some(), "no smol node runs the request");
+        }
+    }
+    assert_eq!(got, want_smol, "the moved request continues token-equal on its model");
+    let mut oc = pb::node_client::NodeClient::connect(format!("http://{}", nodes[2]))
+        .await
+        .unwrap();
+    let l = oc.load(pb::LoadRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        l.requests_total, 2,
+        "the ouro node ran only the two ouro requests: {l:?}"
+    );
+
+    // The `ouro` model's only node gone: its requests are unavailable, not served by `smol`.
+    let st = Command::new("kill")
+        .args(["-KILL", &procs[2].0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t = Instant::now();
+    let e = loop {
+        match ids_of("ouro", 4).await {
+            Err(e) if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::NotFound => break e,
+            r => {
+                assert!(t.elapsed() < Duration::from_secs(10), "ouro still answers: {r:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // Once the registry has marked the node unhealthy the name is no longer served (404);
+    // before, its dead node refuses (503). Either way the other model did not answer.
+    assert!(
+        matches!(e.code(), tonic::Code::Unavailable | tonic::Code::NotFound),
+        "{e}"
+    );
+    assert_eq!(
+        ids_of("smol", 24).await.unwrap(),
+        want_smol,
+        "the other model still serves"
+    );
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
@@ -1066,7 +1322,7 @@ async fn api_keys_cover_every_endpoint_but_liveness() {
         .unwrap();
     let mut client = api::generation_client::GenerationClient::new(channel.clone());
     let call = |key: Option<&str>| {
-        let mut r = tonic::Request::new(api::ModelInfoRequest {});
+        let mut r = tonic::Request::new(api::ModelInfoRequest::default());
         if let Some(k) = key {
             r.metadata_mut()
                 .insert("authorization", format!("Bearer {k}").parse().unwrap());
@@ -1331,7 +1587,7 @@ async fn tls_and_mutual_tls() {
     let plain = api::generation_client::GenerationClient::connect(format!("http://{grpc}")).await;
     let plain_failed = match plain {
         Err(_) => true,
-        Ok(mut c) => c.model_info(api::ModelInfoRequest {}).await.is_err(),
+        Ok(mut c) => c.model_info(api::ModelInfoRequest::default()).await.is_err(),
     };
     assert!(plain_failed, "a plaintext gRPC client got through");
     let wrong = tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))

@@ -122,9 +122,10 @@ pub struct LoadArgs {
     /// gRPC connections (HTTP/2) the requests are spread over.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
-    /// Model name sent in HTTP requests (empty: the served one).
-    #[arg(long, default_value = "")]
-    pub model: String,
+    /// Served model(s) to load, comma-separated: each is measured in turn at every load
+    /// point and reported on its own (none: the coordinator's default model).
+    #[arg(long, value_delimiter = ',')]
+    pub model: Vec<String>,
     /// Run every loop for every token (no early exit).
     #[arg(long)]
     pub full_depth: bool,
@@ -221,15 +222,26 @@ pub fn run(a: LoadArgs) -> Result<()> {
         full_depth: a.full_depth,
         max_loops: a.max_loops,
         exit_threshold: a.exit_threshold,
-        model: a.model.clone(),
+        model: String::new(),
+    };
+    let models: Vec<String> = if a.model.is_empty() {
+        vec![String::new()]
+    } else {
+        a.model.clone()
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut results: Vec<PointResult> = Vec::new();
     let (tpw, tpw_source, outcome) = rt.block_on(async {
         let mut workload = Workload::from_text(&text, a.prompt_tokens, a.output_tokens)?;
+        let mut measured = (1.3, "assumed");
+        let n = loads.len() * models.len();
+        let mut k = 0;
+        for model in &models {
+        let mut gen_settings = gen_settings.clone();
+        gen_settings.model = model.clone();
         let (tpw, source) = match a.tokens_per_word {
             Some(r) => (r, "--tokens-per-word"),
-            None => match calibrate_tokens_per_word(&target, &workload.words).await {
+            None => match calibrate_tokens_per_word(&target, model, &workload.words).await {
                 Ok(r) => (r, "measured"),
                 Err(e) => {
                     eprintln!("warning: could not measure tokens per word ({e:#}); assuming 1.3");
@@ -237,43 +249,49 @@ pub fn run(a: LoadArgs) -> Result<()> {
                 }
             },
         };
+        measured = (tpw, source);
         ensure!(
             tpw.is_finite() && tpw > 0.0,
             "tokens per word must be positive, not {tpw}"
         );
         workload.tokens_per_word = tpw;
         eprintln!(
-            "{} {} | prompts {} tokens (mean {:.0}; {tpw:.3} tokens/word, {source}) | outputs {} tokens (mean {:.0})",
+            "{} {}{} | prompts {} tokens (mean {:.0}; {tpw:.3} tokens/word, {source}) | outputs {} tokens (mean {:.0})",
             match a.api {
                 Api::Grpc => "gRPC",
                 Api::Http => "HTTP",
             },
             target.url,
+            if model.is_empty() { String::new() } else { format!(" model {model}") },
             a.prompt_tokens,
             a.prompt_tokens.mean(),
             a.output_tokens,
             a.output_tokens.mean()
         );
-        let workload = Arc::new(workload);
-        let n = loads.len();
-        for (i, &load) in loads.iter().enumerate() {
-            if i > 0 && a.cooldown > 0.0 {
+        let shared = Arc::new(workload.clone());
+        for &load in loads.iter() {
+            if k > 0 && a.cooldown > 0.0 {
                 tokio::time::sleep(Duration::from_secs_f64(a.cooldown)).await;
             }
+            k += 1;
             let cfg = PointConfig {
                 target: target.clone(),
                 load,
                 duration_s: duration,
                 requests: a.requests,
                 warmup_s: a.warmup,
-                workload: workload.clone(),
+                workload: shared.clone(),
                 generation: gen_settings.clone(),
                 seed: a.seed,
                 timeout_s: a.timeout_s,
                 connections: a.connections,
                 keep_requests: a.per_request,
                 progress: !a.quiet,
-                label: format!("[{}/{n}] {load}", i + 1),
+                label: if model.is_empty() {
+                    format!("[{k}/{n}] {load}")
+                } else {
+                    format!("[{k}/{n}] {model} {load}")
+                },
             };
             match run_point(&cfg).await {
                 Ok(r) => {
@@ -281,13 +299,21 @@ pub fn run(a: LoadArgs) -> Result<()> {
                     results.push(r);
                 }
                 // Keep what was measured: the outputs are written, then the error returned.
-                Err(e) => return Ok((tpw, source, Err(e.context(format!("load point {load}"))))),
+                Err(e) => return Ok((measured.0, measured.1, Err(e.context(format!("load point {load}"))))),
             }
         }
+        }
+        let (tpw, source) = measured;
         Ok((tpw, source, Ok(())))
     })?;
-    if !results.is_empty() {
-        print_table(&results);
+    let mut models_seen: Vec<&str> = results.iter().map(|r| r.model.as_str()).collect();
+    models_seen.dedup();
+    for m in &models_seen {
+        let of_model: Vec<PointResult> = results.iter().filter(|r| r.model == *m).cloned().collect();
+        if models_seen.len() > 1 {
+            say!("\nmodel {m}:");
+        }
+        print_table(&of_model);
     }
     if let Some(path) = &a.json {
         let report = Report {
@@ -316,9 +342,20 @@ pub fn run(a: LoadArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     if let Some(prefix) = &a.plot {
-        for (path, svg) in plots(&results, a.plot_x, prefix) {
-            std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
-            eprintln!("wrote {}", path.display());
+        for m in &models_seen {
+            let of_model: Vec<PointResult> = results.iter().filter(|r| r.model == *m).cloned().collect();
+            // One set of plots per model (the model's name joins the prefix when there are several).
+            let prefix = if models_seen.len() > 1 {
+                let mut p = prefix.as_os_str().to_os_string();
+                p.push(format!("-{m}"));
+                PathBuf::from(p)
+            } else {
+                prefix.clone()
+            };
+            for (path, svg) in plots(&of_model, a.plot_x, &prefix) {
+                std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
         }
     }
     outcome
@@ -851,6 +888,7 @@ fn grpc_request(spec: &Spec, g: &GenSettings) -> api::GenerateRequest {
         seed: Some(spec.seed),
         ignore_eos: true,
         depth,
+        model: g.model.clone(),
         ..Default::default()
     }
 }
@@ -1128,7 +1166,7 @@ async fn one(
 
 /// Tokens per word of `words` under the target's tokenizer: the gRPC `Tokenize` RPC on a
 /// sample, or over HTTP the prompt tokens in the `usage` of one-token completions.
-pub async fn calibrate_tokens_per_word(target: &Target, words: &[String]) -> Result<f64> {
+pub async fn calibrate_tokens_per_word(target: &Target, model: &str, words: &[String]) -> Result<f64> {
     const WINDOWS: usize = 6;
     const WORDS: usize = 300;
     let samples: Vec<(String, usize)> = (0..WINDOWS)
@@ -1149,6 +1187,7 @@ pub async fn calibrate_tokens_per_word(target: &Target, words: &[String]) -> Res
             for (text, n) in samples {
                 let mut r = tonic::Request::new(api::TokenizeRequest {
                     text,
+                    model: model.to_string(),
                     add_special: false,
                     parse_special: false,
                 });
@@ -1162,9 +1201,11 @@ pub async fn calibrate_tokens_per_word(target: &Target, words: &[String]) -> Res
         Api::Http => {
             let client = target.http_client()?;
             for (text, n) in samples.into_iter().take(3) {
-                let mut rb = client.post(target.completions_url()).json(&json!({
-                    "prompt": text, "max_tokens": 1, "temperature": 0.0,
-                }));
+                let mut body = json!({"prompt": text, "max_tokens": 1, "temperature": 0.0});
+                if !model.is_empty() {
+                    body["model"] = json!(model);
+                }
+                let mut rb = client.post(target.completions_url()).json(&body);
                 if let Some(b) = target.bearer() {
                     rb = rb.header(reqwest::header::AUTHORIZATION, b);
                 }
@@ -1244,6 +1285,9 @@ pub struct PointConfig {
 /// The measurements of one load point.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PointResult {
+    /// The served model measured (empty: the default one).
+    #[serde(default)]
+    pub model: String,
     pub load: Load,
     /// Measured requests (sent after the warmup): sent, finished without error, failed.
     pub sent: u64,
@@ -1570,6 +1614,7 @@ fn summarize(cfg: &PointConfig, clock: Clock, records: Vec<RequestRecord>, max_l
     };
     let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     PointResult {
+        model: cfg.generation.model.clone(),
         load: cfg.load,
         sent: measured.len() as u64,
         completed: ok.len() as u64,
@@ -2158,7 +2203,7 @@ mod tests {
             cfg.target.url = format!("http://{grpc}");
             let mut w = Workload::from_text(text, Dist::Uniform(4, 40), Dist::Fixed(5)).unwrap();
             // The fake node's tokenizer: one token per byte.
-            let tpw = calibrate_tokens_per_word(&cfg.target, &w.words).await.unwrap();
+            let tpw = calibrate_tokens_per_word(&cfg.target, "", &w.words).await.unwrap();
             assert!(tpw > 3.0 && tpw < 7.0, "tokens per word {tpw}");
             w.tokens_per_word = tpw;
             cfg.workload = Arc::new(w);

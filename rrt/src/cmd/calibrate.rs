@@ -2,7 +2,7 @@
 
 use super::ModelArg;
 use anyhow::{Context, Result, bail};
-use rrt_model::exit::{Criterion, calibrate, collect_samples};
+use rrt_model::exit::{Criterion, calibrate, collect_samples_with};
 use std::path::PathBuf;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -40,6 +40,9 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Print nothing but the progress bar (callers that report themselves).
+    #[arg(skip)]
+    pub quiet: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -61,11 +64,23 @@ pub fn run(a: Args) -> Result<()> {
     };
     let ids = lm.tokenizer.encode(&text, false, false)?;
     let ids = &ids[..ids.len().min(a.tokens)];
-    let samples = collect_samples(&lm, ids, 256, criterion)?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} calibrating exits: window {pos}/{len} of 256 tokens [{elapsed_precise} < {eta}] {wide_bar}",
+        )
+        .expect("valid template"),
+    );
+    let samples = collect_samples_with(&lm, ids, 256, criterion, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
     let c = calibrate(&samples, a.agreement);
     for (i, &t) in std::iter::once(&a.agreement).chain(&a.also_agreement).enumerate() {
         let ci = if i == 0 { c.clone() } else { calibrate(&samples, t) };
-        if a.json {
+        if a.quiet {
+            continue;
+        } else if a.json {
             println!("{}", serde_json::to_string(&ci)?);
         } else {
             print_table(&ci, criterion, t);

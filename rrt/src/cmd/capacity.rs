@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Args {
     /// JSON-lines span files (several: merged).
     #[arg(long, value_delimiter = ',', required = true)]
@@ -88,6 +88,40 @@ pub struct Args {
     /// Model whose tokenizer the simulated engines use (default: the cached SmolLM2).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Plan for these served models (comma-separated names, as in requests' `model`), each
+    /// from its own nodes' spans. Default: every model the traces hold, in turn.
+    #[arg(long, value_delimiter = ',')]
+    pub served_model: Vec<String>,
+}
+
+/// The served models named in the traces' `engine.step` spans, sorted.
+pub fn models_in(paths: &[PathBuf]) -> Result<Vec<String>> {
+    use rrt_telemetry::span_fields::step as st;
+    let mut out = std::collections::BTreeSet::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if v["name"].as_str() == Some(st::NAME)
+                && let Some(m) = v["attributes"][st::MODEL].as_str()
+                && !m.is_empty()
+            {
+                out.insert(m.to_string());
+            }
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Whether a span belongs to the model being planned: every span when no model is chosen,
+/// else those naming it (spans without a model name belong to unnamed nodes: excluded).
+fn of_model(v: &Value, key: &str, model: Option<&str>) -> bool {
+    match model {
+        None => true,
+        Some(m) => v["attributes"][key].as_str() == Some(m),
+    }
 }
 
 /// What the traces say about the node and its traffic.
@@ -172,6 +206,17 @@ pub fn fit(paths: &[PathBuf], a: &Args) -> Result<Fitted> {
                 serde_json::from_str(line).with_context(|| format!("{}:{}: not a JSON span", p.display(), i + 1))?;
             use rrt_telemetry::span_fields::{node_request as nr, node_start as ns, request as rq, step as st};
             let name = v["name"].as_str().unwrap_or_default();
+            let model = a.served_model.first().map(String::as_str);
+            let keep = match name {
+                n if n == st::NAME => of_model(&v, st::MODEL, model),
+                n if n == rq::NAME => of_model(&v, rq::MODEL, model),
+                n if n == nr::NAME => of_model(&v, nr::MODEL, model),
+                n if n == ns::NAME => of_model(&v, ns::MODEL, model),
+                _ => false,
+            };
+            if !keep {
+                continue;
+            }
             if name == st::NAME {
                 let depth = list(&v, st::ROWS_PER_DEPTH);
                 let (Some(ms), Some(ctx)) = (num(&v, st::STEP_MS), num(&v, st::CTX)) else {
@@ -539,6 +584,7 @@ fn simulate(
                         total_kv_blocks: l.total_blocks,
                         kv_block_size: l.block_size,
                         pending: 0,
+                        ..Default::default()
                     }
                 })
                 .collect();
@@ -687,6 +733,34 @@ struct Report<'a> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let models = if a.served_model.is_empty() {
+        models_in(&a.traces)?
+    } else {
+        a.served_model.clone()
+    };
+    if models.len() <= 1 {
+        let mut one = a.clone();
+        one.served_model = models;
+        return run_one(&one);
+    }
+    // Several models: plan each from its own nodes' spans; outputs get the model's name.
+    for m in &models {
+        say!("\n== model {m} ==");
+        let mut one = a.clone();
+        one.served_model = vec![m.clone()];
+        one.json = a.json.as_ref().map(|p| {
+            let mut s = p.as_os_str().to_os_string();
+            s.push(format!(".{m}.json"));
+            PathBuf::from(s)
+        });
+        one.plot = a.plot.as_ref().map(|p| format!("{p}-{m}"));
+        run_one(&one).with_context(|| format!("planning model `{m}`"))?;
+    }
+    Ok(())
+}
+
+fn run_one(a: &Args) -> Result<()> {
+    let a = a.clone();
     let f = fit(&a.traces, &a)?;
     let tok = Arc::new(rrt_model::loader::load_tokenizer(&match &a.model {
         Some(p) => p.clone(),

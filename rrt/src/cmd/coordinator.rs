@@ -30,6 +30,10 @@ pub struct Args {
     /// Extra model name clients may use (`coordinator.served_model_name`).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// The model answering requests that name none (`coordinator.default_model`; default: the
+    /// first served, by name).
+    #[arg(long)]
+    pub default_model: Option<String>,
     /// Admission limit: requests in flight at once (`coordinator.max_in_flight`).
     #[arg(long)]
     pub max_in_flight: Option<usize>,
@@ -67,6 +71,7 @@ impl Args {
         let f = flag(f, "coordinator.nodes", &self.nodes);
         let f = flag(f, "coordinator.dns", &self.dns);
         let f = flag(f, "coordinator.served_model_name", &self.served_model_name);
+        let f = flag(f, "coordinator.default_model", &self.default_model);
         let f = flag(f, "coordinator.max_in_flight", &self.max_in_flight);
         let f = flag(f, "coordinator.api_keys_file", &self.api_keys_file);
         let f = flag(f, "coordinator.shutdown_seconds", &self.shutdown_seconds);
@@ -110,6 +115,7 @@ pub fn settings(c: &crate::config::CoordinatorConfig) -> Result<rrt_coordinator:
         api_keys: rrt_coordinator::auth::ApiKeys::new(keys),
         max_body_bytes: c.max_body_bytes,
         served_model_name: c.served_model_name.clone(),
+        default_model: c.default_model.clone(),
         node_timeout: Duration::from_millis(c.node_timeout_ms),
         max_migrations: c.max_migrations,
         max_in_flight: c.max_in_flight,

@@ -20,6 +20,10 @@ pub struct Args {
     /// GGUF file, Hugging Face directory or recursive checkpoint (key `model`).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The name clients put in `model` to reach this node's model (`node.model_name`;
+    /// default: the model's file or directory name).
+    #[arg(long)]
+    pub model_name: Option<String>,
     /// Address to listen on; port 0 picks a free port, printed at start (`node.listen`).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -79,6 +83,7 @@ impl Args {
         }
         flag!(model, "model");
         flag!(listen, "node.listen");
+        flag!(model_name, "node.model_name");
         flag!(node_id, "node.id");
         flag!(kv_mib, "node.kv_mib");
         flag!(max_step_rows, "node.max_step_rows");
@@ -126,7 +131,14 @@ pub fn run(a: Args) -> Result<()> {
             }
             _ => None,
         };
-        let node = server::start_on(lm, n.engine_config(), n.early_exit, &id, n.placement())?;
+        let node = server::start_as(
+            lm,
+            n.engine_config(),
+            n.early_exit,
+            &id,
+            n.placement(),
+            n.model_name.as_deref(),
+        )?;
         let mut metrics = String::new();
         if let Some(m) = n.metrics_listen {
             let l = tokio::net::TcpListener::bind(m)
@@ -140,7 +152,8 @@ pub fn run(a: Args) -> Result<()> {
             ));
         }
         say!(
-            "rrt node {id} listening on {addr} ({} loops, backend {}){metrics}",
+            "rrt node {id} listening on {addr} (model {}, {} loops, backend {}){metrics}",
+            node.model,
             node.loops,
             node.backend
         );
