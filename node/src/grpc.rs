@@ -404,17 +404,27 @@ impl NodeService {
         self.inner.draining.store(true, Ordering::Relaxed);
     }
 
+    /// The engine's load as the `Node/Load` report: what the node serves and its counters.
+    fn report(&self, l: LoadReport) -> pb::LoadReport {
+        let draining = self.inner.draining.load(Ordering::Relaxed);
+        let info = &self.inner.served.info;
+        pb::LoadReport {
+            model: info.model.clone(),
+            model_fingerprint: self.known_fingerprint().unwrap_or_default(),
+            parameters: info.parameters,
+            expected_mean_loops: info.expected_mean_loops,
+            requests_total: self.inner.requests.load(Ordering::Relaxed),
+            cancelled_total: self.inner.cancelled.load(Ordering::Relaxed),
+            tokens_total: self.inner.tokens.load(Ordering::Relaxed),
+            ..to_load(&self.inner.node_id, self.inner.loops, l, self.recent_rate(), draining)
+        }
+    }
+
     /// The load report (as `Node/Load` answers) and the engine's counters, for `/metrics`.
     pub async fn snapshot(&self) -> Result<(pb::LoadReport, crate::EngineStats), ActorError> {
         let l = self.inner.engine.load().await?;
         let (stats, _) = self.inner.engine.stats().await?;
-        let draining = self.inner.draining.load(Ordering::Relaxed);
-        let mut r = to_load(&self.inner.node_id, self.inner.loops, l, self.recent_rate(), draining);
-        r.model = self.inner.served.info.model.clone();
-        r.model_fingerprint = self.known_fingerprint().unwrap_or_default();
-        r.requests_total = self.inner.requests.load(Ordering::Relaxed);
-        r.cancelled_total = self.inner.cancelled.load(Ordering::Relaxed);
-        r.tokens_total = self.inner.tokens.load(Ordering::Relaxed);
+        let r = self.report(l);
         Ok((r, stats))
     }
 
@@ -567,13 +577,7 @@ impl pb::node_server::Node for NodeService {
     async fn load(&self, _req: GrpcRequest<pb::LoadRequest>) -> Result<Response<pb::LoadReport>, Status> {
         self.alive()?;
         let l = self.inner.engine.load().await.map_err(status)?;
-        let draining = self.inner.draining.load(Ordering::Relaxed);
-        let mut r = to_load(&self.inner.node_id, self.inner.loops, l, self.recent_rate(), draining);
-        r.model = self.inner.served.info.model.clone();
-        r.model_fingerprint = self.known_fingerprint().unwrap_or_default();
-        r.requests_total = self.inner.requests.load(Ordering::Relaxed);
-        r.cancelled_total = self.inner.cancelled.load(Ordering::Relaxed);
-        r.tokens_total = self.inner.tokens.load(Ordering::Relaxed);
+        let r = self.report(l);
         Ok(Response::new(r))
     }
 
