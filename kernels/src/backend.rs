@@ -18,7 +18,7 @@
 use crate::attention::{AttnRow, AttnShape, KvLayout, attention_paged};
 use crate::elementwise::{rmsnorm, silu_mul};
 use crate::matmul::{MatmulMode, matmul_nt};
-use crate::qmatmul::{QFormat, dequantize_rows, matmul_q};
+use crate::qmatmul::{QFormat, dequantize_rows};
 use crate::rope::RopeTable;
 use rayon::prelude::*;
 
@@ -473,7 +473,7 @@ impl CpuMatrix {
     pub fn matmul(&self, x: &[f32], y: &mut [f32], n: usize, mode: MatmulMode) {
         match &self.data {
             MatrixData::F32(v) => matmul_nt(x, v, y, n, self.in_dim, self.out_dim, mode),
-            MatrixData::Quant(f, b) => matmul_q(x, *f, b, y, n, self.in_dim, self.out_dim, mode),
+            MatrixData::Quant(f, b) => crate::qdot::matmul_quant(x, *f, b, y, n, self.in_dim, self.out_dim, mode),
         }
     }
 

@@ -12,7 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use rayon::prelude::*;
 use rrt_kernels::MatmulMode;
-use rrt_kernels::qmatmul::{QFormat, dequantize_rows, matmul_q};
+use rrt_kernels::qmatmul::{QFormat, dequantize_rows};
 use std::borrow::Cow;
 use std::path::Path;
 
@@ -68,7 +68,7 @@ impl Linear {
     pub fn matmul(&self, x: &[f32], y: &mut [f32], n: usize, mode: MatmulMode) {
         match &self.w {
             Weight::F32(v) => rrt_kernels::matmul_nt(x, v, y, n, self.in_dim, self.out_dim, mode),
-            Weight::Quant(f, b) => matmul_q(x, *f, b, y, n, self.in_dim, self.out_dim, mode),
+            Weight::Quant(f, b) => rrt_kernels::qdot::matmul_quant(x, *f, b, y, n, self.in_dim, self.out_dim, mode),
         }
     }
 

@@ -178,6 +178,33 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub device: rrt_node::Device,
     pub gpu_weights: rrt_node::GpuWeights,
+    pub cpu_products: CpuProducts,
+}
+
+/// How the CPU multiplies activations with quantized (Q4_1 / Q8_0) weights
+/// (`node.cpu_products`; one setting per process).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuProducts {
+    /// Weights dequantized exactly, f32 products: the oracle, bit-identical to f32 weights.
+    Exact,
+    /// Activations quantized to 8 bits per block, integer products (as llama.cpp): faster.
+    #[default]
+    Int8,
+}
+
+impl From<CpuProducts> for rrt_kernels::CpuProducts {
+    fn from(p: CpuProducts) -> Self {
+        match p {
+            CpuProducts::Exact => rrt_kernels::CpuProducts::Exact,
+            CpuProducts::Int8 => rrt_kernels::CpuProducts::Int8,
+        }
+    }
+}
+
+/// Sets the process's CPU product mode from `node.cpu_products`.
+pub fn apply_cpu_products(p: CpuProducts) {
+    rrt_kernels::set_cpu_products(p.into());
 }
 
 impl Default for NodeConfig {
@@ -199,6 +226,7 @@ impl Default for NodeConfig {
             metrics_listen: None,
             device: rrt_node::Device::Cpu,
             gpu_weights: rrt_node::GpuWeights::Bf16,
+            cpu_products: CpuProducts::Int8,
         }
     }
 }

@@ -24,6 +24,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Convert a pretrained model into a relaxed recursive checkpoint.
     Convert(cmd::convert::Args),
+    /// Rewrite a recursive checkpoint with its matrices in another format (f32, q8_0, q4_1).
+    Quantize(cmd::quantize::Args),
     /// Calibrate the early-exit thresholds of a recursive checkpoint.
     Calibrate(cmd::calibrate::Args),
     /// Build the uptraining corpus: text the original model samples itself plus a text file,
@@ -63,9 +65,25 @@ fn main() -> std::process::ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
+    // The offline tools multiply like the nodes (`node.cpu_products` from rrt.toml or
+    // RRT_NODE__CPU_PRODUCTS); conversion stays exact; the serving commands apply their own
+    // configuration.
+    if !matches!(
+        cli.command,
+        Command::Node(_) | Command::Coordinator(_) | Command::Serve(_) | Command::Config(_) | Command::Convert(_)
+    ) {
+        match config::figment(None).extract_inner::<config::CpuProducts>("node.cpu_products") {
+            Ok(p) => config::apply_cpu_products(p),
+            Err(e) => {
+                eprintln!("error: node.cpu_products: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
     let result: Result<()> = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Convert(a) => cmd::convert::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
         Command::Calibrate(a) => cmd::calibrate::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::DistillData(a) => cmd::distill_data::run(a),

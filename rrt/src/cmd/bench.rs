@@ -34,7 +34,8 @@ pub enum What {
     /// costs `rrt capacity` fitted) behind a real coordinator, for `rrt bench load`.
     SimCluster(super::bench_sim::SimArgs),
     /// The weight-format measurement: all matrix products of one SmolLM2 decode step with
-    /// f32 weights (gemm, skinny kernel), bf16 weights and Q4_1 blocks dequantized on the fly.
+    /// f32 weights (gemm, skinny kernel), bf16 weights and Q4_1 blocks (dequantized exactly
+    /// on the fly, or multiplied in integers with 8-bit activations).
     Matmul(MatmulArgs),
 }
 
@@ -142,8 +143,8 @@ fn matmul(a: MatmulArgs) -> Result<()> {
         rayon::current_num_threads()
     );
     println!(
-        "{:>6} | {:>14} {:>14} {:>14} {:>14} | ms per step (median of {})",
-        "rows", "f32 gemm", "f32 skinny", "bf16 skinny", "q4_1 blocks", a.reps
+        "{:>6} | {:>14} {:>14} {:>14} {:>14} {:>14} | ms per step (median of {})",
+        "rows", "f32 gemm", "f32 skinny", "bf16 skinny", "q4_1 exact", "q4_1 int8", a.reps
     );
     for &n in &a.batch {
         let x = rnd(n * 1536);
@@ -180,7 +181,19 @@ fn matmul(a: MatmulArgs) -> Result<()> {
                 rrt_kernels::MatmulMode::Overwrite,
             )
         });
-        println!("{n:>6} | {g:>14.2} {s:>14.2} {b:>14.2} {q:>14.2}");
+        let i8 = time(&mut |(m, k, _, _, wq), y| {
+            rrt_kernels::qdot::matmul_q8(
+                &x[..n * k],
+                rrt_kernels::qmatmul::QFormat::Q4_1,
+                wq,
+                y,
+                n,
+                *k,
+                *m,
+                rrt_kernels::MatmulMode::Overwrite,
+            )
+        });
+        println!("{n:>6} | {g:>14.2} {s:>14.2} {b:>14.2} {q:>14.2} {i8:>14.2}");
     }
     Ok(())
 }
@@ -194,9 +207,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let vocab = model.config.vocab as u64;
     if !a.json {
         println!(
-            "model: {}  threads: {}",
+            "model: {}  threads: {}  quantized products: {}",
             lm.path.display(),
-            rayon::current_num_threads()
+            rayon::current_num_threads(),
+            rrt_kernels::cpu_products()
         );
         println!(
             "{:>6} {:>6} {:>6} | {:>10} {:>12} | {:>10} {:>12}",

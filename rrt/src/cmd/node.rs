@@ -68,6 +68,9 @@ pub struct Args {
     /// `bf16` or `f16`: weight precision on a GPU (`node.gpu_weights`).
     #[arg(long)]
     pub gpu_weights: Option<String>,
+    /// `int8` or `exact`: how the CPU multiplies with quantized weights (`node.cpu_products`).
+    #[arg(long)]
+    pub cpu_products: Option<String>,
     #[command(flatten)]
     pub telemetry: super::TelemetryArgs,
 }
@@ -97,6 +100,7 @@ impl Args {
         flag!(metrics_listen, "node.metrics_listen");
         flag!(device, "node.device");
         flag!(gpu_weights, "node.gpu_weights");
+        flag!(cpu_products, "node.cpu_products");
         self.telemetry.apply(f)
     }
 }
@@ -104,6 +108,7 @@ impl Args {
 pub fn run(a: Args) -> Result<()> {
     let cfg = crate::config::extract(&a.figment())?;
     let _telemetry = rrt_telemetry::init(&cfg.telemetry, "rrt-node", "warn")?;
+    crate::config::apply_cpu_products(cfg.node.cpu_products);
     let lm = ModelArg {
         model: cfg.model.clone(),
     }

@@ -38,6 +38,9 @@ pub struct Args {
     /// KV cache budget per node, MiB (`node.kv_mib`).
     #[arg(long)]
     pub kv_mib: Option<usize>,
+    /// `int8` or `exact`: how the CPU multiplies with quantized weights (`node.cpu_products`).
+    #[arg(long)]
+    pub cpu_products: Option<String>,
     #[command(flatten)]
     pub telemetry: super::TelemetryArgs,
 }
@@ -52,6 +55,7 @@ impl Args {
         let f = flag(f, "coordinator.http_listen", &self.http_listen);
         let f = flag(f, "coordinator.grpc_listen", &self.grpc_listen);
         let f = flag(f, "node.kv_mib", &self.kv_mib);
+        let f = flag(f, "node.cpu_products", &self.cpu_products);
         self.telemetry.apply(f)
     }
 }
@@ -153,6 +157,7 @@ pub fn default_checkpoint(cfg: &crate::config::ServeConfig) -> Result<PathBuf> {
         calibration: calibration.clone(),
         calibration_tokens: 4096,
         clamp_ranks: true,
+        quant: super::convert::QuantArg::F32,
     })?;
     if let Some(text) = &calibration
         && cfg.loops > 1
@@ -227,7 +232,9 @@ fn banner_rows(nodes: &[(String, usize, u64, Option<f64>)], default: &str) -> Ve
 pub fn run(a: Args) -> Result<()> {
     let cfg = crate::config::extract(&a.figment())?;
     let _telemetry = rrt_telemetry::init(&cfg.telemetry, "rrt-serve", "warn")?;
+    // Conversion (first run) computes exactly; serving uses the configured products.
     let specs = models_to_serve(&cfg)?;
+    crate::config::apply_cpu_products(cfg.node.cpu_products);
     let n = cfg.serve.nodes;
     let mut models = Vec::with_capacity(n * specs.len());
     for spec in &specs {
