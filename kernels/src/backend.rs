@@ -508,6 +508,59 @@ pub fn lora_add(a: &CpuMatrix, b: &CpuMatrix, x: &[f32], n: usize, y: &mut [f32]
     }
 }
 
+/// The LoRA part of [`Backend::linear_lora`] on the CPU: for every row group, every entry's
+/// adapter of the group's depth added onto its columns of `y` (`n x m`, inputs `n x k`).
+pub fn lora_groups(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    m: usize,
+    loras: &[LoraColumns<'_, CpuMatrix>],
+    groups: &[RowGroup],
+    y: &mut [f32],
+) {
+    // Every (group, entry) pair's delta is computed as its own task: each is a product too
+    // small to split (a few rank x width products), so the pairs are what fills the cores.
+    let tasks: Vec<(&RowGroup, usize, &LoraMats<CpuMatrix>)> = groups
+        .iter()
+        .filter(|g| g.len > 0 && g.start + g.len <= n)
+        .flat_map(|g| {
+            loras.iter().filter_map(move |lc| match lc.per_adapter.get(g.adapter) {
+                Some(Some(l)) => Some((g, lc.col0, l)),
+                _ => None,
+            })
+        })
+        .collect();
+    let delta = |&(g, _, l): &(&RowGroup, usize, &LoraMats<CpuMatrix>)| -> Vec<f32> {
+        let xg = &x[g.start * k..(g.start + g.len) * k];
+        let mut t = vec![0f32; g.len * l.rank];
+        l.a.matmul(xg, &mut t, g.len, MatmulMode::Overwrite);
+        let mut d = vec![0f32; g.len * l.b.out_dim];
+        l.b.matmul(&t, &mut d, g.len, MatmulMode::Overwrite);
+        d
+    };
+    // Tasks run in parallel only when their own products are too small to run in parallel
+    // inside (`by_column_blocks` splits products of 2^17 multiply-adds and more).
+    let work: usize = tasks.iter().map(|(g, _, l)| g.len * l.rank * (k + l.b.out_dim)).sum();
+    let largest = tasks
+        .iter()
+        .map(|(g, _, l)| g.len * l.rank * k.max(l.b.out_dim))
+        .max()
+        .unwrap_or(0);
+    let deltas: Vec<Vec<f32>> = if tasks.len() > 1 && work >= 1 << 16 && largest < 1 << 17 {
+        tasks.par_iter().map(delta).collect()
+    } else {
+        tasks.iter().map(delta).collect()
+    };
+    for ((g, col0, l), d) in tasks.iter().zip(deltas) {
+        let out = l.b.out_dim;
+        for (i, drow) in d.chunks_exact(out).enumerate() {
+            let row = (g.start + i) * m + col0;
+            y[row..row + out].iter_mut().zip(drow).for_each(|(p, q)| *p += q);
+        }
+    }
+}
+
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Mat = CpuMatrix;
@@ -586,18 +639,7 @@ impl Backend for CpuBackend {
                 row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
             }
         }
-        for g in groups {
-            if g.len == 0 {
-                continue;
-            }
-            let xg = &x[g.start * k..(g.start + g.len) * k];
-            let yg = &mut y[g.start * m..(g.start + g.len) * m];
-            for lc in loras {
-                if let Some(Some(l)) = lc.per_adapter.get(g.adapter) {
-                    lora_add(&l.a, &l.b, xg, g.len, yg, m, lc.col0);
-                }
-            }
-        }
+        lora_groups(x, n, k, m, loras, groups, y);
     }
 
     fn rope(

@@ -47,6 +47,10 @@ pub struct MatmulArgs {
     /// Timed repetitions per case (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// Rank of the per-loop LoRAs in the LoRA columns (every module: q, k, v, o, gate, up,
+    /// down, f32), added to the int8 products through the CPU backend's LoRA path.
+    #[arg(long, default_value_t = 64)]
+    pub lora_rank: usize,
 }
 
 #[derive(clap::Args)]
@@ -136,6 +140,32 @@ fn matmul(a: MatmulArgs) -> Result<()> {
         })
         .collect();
     let bytes_f32: usize = mats.iter().map(|(m, k, _, _, _)| m * k * 4).sum();
+    // Per product shape, per module stacked in it, one LoRA per depth (2 depths), shared by
+    // the 30 layers of the step (a real model has one per layer: this favours the LoRAs).
+    let loras: Vec<Vec<LoraSet>> = SMOLLM2_MODULES
+        .iter()
+        .map(|(k, outs)| {
+            outs.iter()
+                .map(|&o| {
+                    (0..2)
+                        .map(|_| {
+                            let r = a.lora_rank;
+                            let cpu = |out: usize, inp: usize, v: Vec<f32>| rrt_kernels::CpuMatrix {
+                                out_dim: out,
+                                in_dim: inp,
+                                data: rrt_kernels::MatrixData::F32(v),
+                            };
+                            (r > 0).then(|| rrt_kernels::backend::LoraMats {
+                                rank: r,
+                                a: cpu(r, *k, rnd(r * k)),
+                                b: cpu(o, r, rnd(o * r)),
+                            })
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
     println!(
         "one SmolLM2 decode step = {} products, {:.0} MB of f32 weights; threads {}",
         mats.len(),
@@ -143,8 +173,16 @@ fn matmul(a: MatmulArgs) -> Result<()> {
         rayon::current_num_threads()
     );
     println!(
-        "{:>6} | {:>14} {:>14} {:>14} {:>14} {:>14} | ms per step (median of {})",
-        "rows", "f32 gemm", "f32 skinny", "bf16 skinny", "q4_1 exact", "q4_1 int8", a.reps
+        "{:>6} | {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} | ms per step (median of {})",
+        "rows",
+        "f32 gemm",
+        "f32 skinny",
+        "bf16 skinny",
+        "q4_1 exact",
+        "q4_1 int8",
+        format!("+lora r{}", a.lora_rank),
+        "+lora 2 depths",
+        a.reps
     );
     for &n in &a.batch {
         let x = rnd(n * 1536);
@@ -193,9 +231,66 @@ fn matmul(a: MatmulArgs) -> Result<()> {
                 rrt_kernels::MatmulMode::Overwrite,
             )
         });
-        println!("{n:>6} | {g:>14.2} {s:>14.2} {b:>14.2} {q:>14.2} {i8:>14.2}");
+        let l1 = time(&mut |mat, y| with_lora(mat, &loras, &x[..n * mat.1], y, n, 1));
+        let l2 = time(&mut |mat, y| with_lora(mat, &loras, &x[..n * mat.1], y, n, 2));
+        println!("{n:>6} | {g:>14.2} {s:>14.2} {b:>14.2} {q:>14.2} {i8:>14.2} {l1:>14.2} {l2:>14.2}");
     }
     Ok(())
+}
+
+/// Per product shape of [`SMOLLM2_PRODUCTS`] but the head: its input width and the output
+/// widths of the modules stacked in it (q|k|v, o, gate|up, down).
+const SMOLLM2_MODULES: [(usize, &[usize]); 4] = [
+    (576, &[576, 192, 192]),
+    (576, &[576]),
+    (576, &[1536, 1536]),
+    (1536, &[576]),
+];
+
+/// Per depth, the LoRA of one module.
+type LoraSet = Vec<Option<rrt_kernels::backend::LoraMats<rrt_kernels::CpuMatrix>>>;
+
+/// The int8 product of `mat` plus its modules' LoRAs for `depths` groups of rows, through the
+/// CPU backend's LoRA path (the LM head has none). `loras[shape][module]` holds one adapter
+/// per depth.
+fn with_lora(
+    mat: &(usize, usize, Vec<f32>, Vec<u16>, Vec<u8>),
+    loras: &[Vec<LoraSet>],
+    x: &[f32],
+    y: &mut [f32],
+    n: usize,
+    depths: usize,
+) {
+    use rrt_kernels::backend::{LoraColumns, RowGroup};
+    let (m, k) = (mat.0, mat.1);
+    let q4_1 = rrt_kernels::qmatmul::QFormat::Q4_1;
+    rrt_kernels::qdot::matmul_q8(x, q4_1, &mat.4, y, n, k, m, rrt_kernels::MatmulMode::Overwrite);
+    let Some(si) = SMOLLM2_MODULES
+        .iter()
+        .position(|p| p.0 == k && p.1.iter().sum::<usize>() == m)
+    else {
+        return;
+    };
+    let mut col0 = 0;
+    let cols: Vec<LoraColumns<'_, rrt_kernels::CpuMatrix>> = loras[si]
+        .iter()
+        .map(|per_adapter| {
+            let c = LoraColumns { col0, per_adapter };
+            col0 += per_adapter[0].as_ref().map_or(0, |l| l.b.out_dim);
+            c
+        })
+        .collect();
+    let groups: Vec<RowGroup> = (0..depths)
+        .map(|d| {
+            let start = n * d / depths;
+            RowGroup {
+                start,
+                len: n * (d + 1) / depths - start,
+                adapter: d,
+            }
+        })
+        .collect();
+    rrt_kernels::backend::lora_groups(x, n, k, m, &cols, &groups, y);
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
