@@ -1,12 +1,15 @@
-//! GGML tensor types and their exact dequantization to `f32`.
+//! GGML tensor types, their exact dequantization to `f32`, and quantization of `f32` rows to
+//! the two block formats matrices are kept in (Q8_0, Q4_1).
 //!
-//! The block layouts and formulas follow ggml's reference (`dequantize_row_*` in
-//! `ggml-quants.c`), including the order of floating-point operations, so the values equal
-//! those of ggml and of the `gguf` Python package bit for bit (checked by fixtures in
-//! `model/tests/fixtures`).
+//! The block layouts and formulas follow ggml's reference (`dequantize_row_*` and
+//! `quantize_row_q8_0_ref` / `quantize_row_q4_1_ref` in `ggml-quants.c`), including the order
+//! of floating-point operations, so the values and blocks equal those of ggml and of the `gguf`
+//! Python package bit for bit (checked by fixtures in `fixtures/gguf`:
+//! `scripts/make_quant_fixtures.py`).
 
 use half::{bf16, f16};
 use rayon::prelude::*;
+use rrt_kernels::qmatmul::QFormat;
 
 /// The ggml tensor types this crate knows, with their on-disk ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -272,6 +275,109 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Blocks per rayon task when quantizing.
+const QUANT_BLOCKS_PER_TASK: usize = 512;
+
+/// Quantizes `x` to Q8_0 blocks (34 bytes per 32 values: f16 scale `d`, 32 `i8` values `q`,
+/// `x ~ q * d`) exactly as ggml's `quantize_row_q8_0_ref`: `d = amax / 127` over the block,
+/// `q = roundf(x / d)` (halves away from zero), `d` rounded to f16 (to nearest, ties even).
+///
+/// # Panics
+/// If `x.len()` is not a multiple of 32 (callers check their row width first).
+pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    quantize(QFormat::Q8_0, x)
+}
+
+/// Quantizes `x` to Q4_1 blocks (20 bytes per 32 values: f16 scale `d`, f16 minimum `m`, 16
+/// bytes whose low nibble `j` is value `j` and high nibble value `j + 16`, `x ~ q * d + m`)
+/// exactly as ggml's `quantize_row_q4_1_ref`: `d = (max - min) / 15` over the block,
+/// `q = min(15, trunc((x - min) / d + 0.5))`, `d` and `m` rounded to f16.
+///
+/// # Panics
+/// If `x.len()` is not a multiple of 32 (callers check their row width first).
+pub fn quantize_q4_1(x: &[f32]) -> Vec<u8> {
+    quantize(QFormat::Q4_1, x)
+}
+
+/// Quantizes `x` (whole blocks of 32) to `fmt`; see [`quantize_q8_0`] and [`quantize_q4_1`].
+///
+/// # Panics
+/// If `x.len()` is not a multiple of 32.
+pub fn quantize(fmt: QFormat, x: &[f32]) -> Vec<u8> {
+    assert!(
+        x.len().is_multiple_of(32),
+        "quantize: {} values are not whole blocks of 32",
+        x.len()
+    );
+    let bb = fmt.block_bytes();
+    let mut out = vec![0u8; x.len() / 32 * bb];
+    out.par_chunks_mut(bb * QUANT_BLOCKS_PER_TASK)
+        .zip(x.par_chunks(32 * QUANT_BLOCKS_PER_TASK))
+        .for_each(|(dst, src)| {
+            for (b, v) in dst.chunks_exact_mut(bb).zip(src.chunks_exact(32)) {
+                match fmt {
+                    QFormat::Q8_0 => quantize_block_q8_0(v, b),
+                    QFormat::Q4_1 => quantize_block_q4_1(v, b),
+                }
+            }
+        });
+    out
+}
+
+fn quantize_block_q8_0(x: &[f32], b: &mut [u8]) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    for (q, v) in b[2..34].iter_mut().zip(x) {
+        // `f32::round` rounds halves away from zero, like C's `roundf`.
+        *q = ((v * id).round() as i8) as u8;
+    }
+}
+
+fn quantize_block_q4_1(x: &[f32], b: &mut [u8]) {
+    // The reference's loop: strict comparisons from +/- FLT_MAX keep the first extreme.
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    b[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+    // `(int8_t)(x + 0.5f)` truncates toward zero; the values are >= 0 here.
+    let q = |v: f32| (((v - min) * id + 0.5) as i8).min(15) as u8;
+    for j in 0..16 {
+        b[4 + j] = q(x[j]) | (q(x[j + 16]) << 4);
+    }
+}
+
+/// The first block of `blocks` (whole blocks of `fmt`) whose f16 scale, or Q4_1 minimum, is
+/// not finite: `(block index, value)`. Such a block would dequantize to NaN or infinity.
+pub fn first_non_finite_block(fmt: QFormat, blocks: &[u8]) -> Option<(usize, f32)> {
+    let fields: &[usize] = match fmt {
+        QFormat::Q8_0 => &[0],
+        QFormat::Q4_1 => &[0, 2],
+    };
+    blocks
+        .par_chunks(fmt.block_bytes() * QUANT_BLOCKS_PER_TASK)
+        .enumerate()
+        .find_map_first(|(task, chunk)| {
+            chunk.chunks_exact(fmt.block_bytes()).enumerate().find_map(|(i, b)| {
+                fields
+                    .iter()
+                    .map(|&o| f16_at(b, o))
+                    .find(|v| !v.is_finite())
+                    .map(|v| (task * QUANT_BLOCKS_PER_TASK + i, v))
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,5 +418,122 @@ mod tests {
         assert_eq!(GgmlType::Q4K.bytes_for(100), None);
         assert_eq!(GgmlType::F32.bytes_for(3), Some(12));
         assert!(GgmlType::from_id(10).unwrap_err().contains("Q2_K"));
+    }
+
+    fn roundtrip(fmt: QFormat, x: &[f32]) -> Vec<f32> {
+        let b = quantize(fmt, x);
+        assert_eq!(b.len(), x.len() / 32 * fmt.block_bytes());
+        let ty = match fmt {
+            QFormat::Q8_0 => GgmlType::Q8_0,
+            QFormat::Q4_1 => GgmlType::Q4_1,
+        };
+        let mut y = vec![0f32; x.len()];
+        dequantize(ty, &b, &mut y);
+        y
+    }
+
+    fn normals(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                // Sum of uniforms: bell-shaped, with the occasional larger value.
+                (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * scale
+            })
+            .collect()
+    }
+
+    #[test]
+    fn q8_0_round_trip_error_is_within_half_a_step() {
+        let x = normals(32 * 300, 0.05, 1);
+        let y = roundtrip(QFormat::Q8_0, &x);
+        for (bx, by) in x.chunks(32).zip(y.chunks(32)) {
+            let d = bx.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+            for (a, b) in bx.iter().zip(by) {
+                // Half a step, plus the f16 rounding of d times |q| <= 127 (2^-11 relative).
+                assert!(
+                    (a - b).abs() <= 0.5 * d + 127.0 * d / 2048.0 + 1e-12,
+                    "{a} vs {b} (d {d})"
+                );
+            }
+        }
+        let rms = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32).sqrt();
+        let scale = (x.iter().map(|a| a * a).sum::<f32>() / x.len() as f32).sqrt();
+        assert!(rms < scale / 50.0 && rms > 0.0, "rms error {rms} of {scale}");
+    }
+
+    #[test]
+    fn q4_1_round_trip_error_is_within_half_a_step() {
+        let x = normals(32 * 300, 0.05, 2);
+        let y = roundtrip(QFormat::Q4_1, &x);
+        for (bx, by) in x.chunks(32).zip(y.chunks(32)) {
+            let min = bx.iter().fold(f32::MAX, |a, &v| a.min(v));
+            let max = bx.iter().fold(-f32::MAX, |a, &v| a.max(v));
+            let d = (max - min) / 15.0;
+            for (a, b) in bx.iter().zip(by) {
+                // Half a step, plus the f16 rounding of d (times q <= 15) and of the minimum.
+                let bound = 0.5 * d + 15.0 * d / 2048.0 + min.abs() / 2048.0 + 1e-12;
+                assert!((a - b).abs() <= bound, "{a} vs {b} (d {d}, min {min})");
+            }
+        }
+        let rms = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32).sqrt();
+        let scale = (x.iter().map(|a| a * a).sum::<f32>() / x.len() as f32).sqrt();
+        assert!(rms < scale / 5.0 && rms > scale / 200.0, "rms error {rms} of {scale}");
+    }
+
+    #[test]
+    fn quantized_blocks_by_hand() {
+        // Q8_0 with amax 127: d = 1, halves round away from zero (2.5 -> 3, -2.5 -> -3).
+        let mut x = [0f32; 32];
+        x[0] = 127.0;
+        x[1] = 2.5;
+        x[2] = -2.5;
+        x[3] = 1.5;
+        x[4] = -0.4;
+        let b = quantize_q8_0(&x);
+        assert_eq!(f16::from_le_bytes([b[0], b[1]]).to_f32(), 1.0);
+        assert_eq!(
+            &b[2..7].iter().map(|&q| q as i8).collect::<Vec<_>>(),
+            &[127, 3, -3, 2, 0]
+        );
+        // All zeros: d = 0, q = 0.
+        assert!(quantize_q8_0(&[0.0; 32]).iter().all(|&v| v == 0));
+        // Q4_1 nibbles: low nibble of byte j is value j, high nibble value j + 16.
+        let x: Vec<f32> = (0..32)
+            .map(|j| if j < 16 { j as f32 } else { (31 - j) as f32 })
+            .collect();
+        let b = quantize_q4_1(&x);
+        assert_eq!(f16::from_le_bytes([b[0], b[1]]).to_f32(), 1.0);
+        assert_eq!(f16::from_le_bytes([b[2], b[3]]).to_f32(), 0.0);
+        for j in 0..16 {
+            assert_eq!(b[4 + j], j as u8 | ((15 - j as u8) << 4));
+        }
+        // A constant block: d = 0, every value is the minimum.
+        let b = quantize_q4_1(&[-3.0; 32]);
+        assert_eq!(f16::from_le_bytes([b[0], b[1]]).to_f32(), 0.0);
+        assert_eq!(f16::from_le_bytes([b[2], b[3]]).to_f32(), -3.0);
+        assert!(b[4..].iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn non_finite_scales_are_found() {
+        let x = normals(32 * 1200, 1.0, 3);
+        for fmt in [QFormat::Q8_0, QFormat::Q4_1] {
+            let mut b = quantize(fmt, &x);
+            assert_eq!(first_non_finite_block(fmt, &b), None);
+            let bb = fmt.block_bytes();
+            // The last field checked: Q4_1's minimum, Q8_0's scale; in a block of a later task.
+            let off = 1100 * bb + if fmt == QFormat::Q4_1 { 2 } else { 0 };
+            b[off..off + 2].copy_from_slice(&f16::INFINITY.to_le_bytes());
+            b[1150 * bb..1150 * bb + 2].copy_from_slice(&f16::NAN.to_le_bytes());
+            let (i, v) = first_non_finite_block(fmt, &b).unwrap();
+            assert_eq!((i, v), (1100, f32::INFINITY), "{fmt:?}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "whole blocks")]
+    fn partial_blocks_are_a_caller_bug() {
+        quantize_q8_0(&[1.0; 40]);
     }
 }

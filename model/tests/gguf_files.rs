@@ -48,6 +48,42 @@ fn every_type_dequantizes_exactly_like_gguf_python() {
     );
 }
 
+#[test]
+fn quantizers_match_gguf_python_byte_for_byte() {
+    let meta = read_json("gguf/quantize.json");
+    let (rows, cols) = (
+        meta["rows"].as_u64().unwrap() as usize,
+        meta["cols"].as_u64().unwrap() as usize,
+    );
+    let x: Vec<f32> = std::fs::read(fixture("gguf/quantize_input.f32"))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(x.len(), rows * cols);
+    type Quantizer = fn(&[f32]) -> Vec<u8>;
+    let cases: [(&str, Quantizer); 2] = [
+        ("q8_0", rrt_model::quant::quantize_q8_0),
+        ("q4_1", rrt_model::quant::quantize_q4_1),
+    ];
+    for (name, quantize) in cases {
+        let want = std::fs::read(fixture(&format!("gguf/quantize_{name}.bin"))).unwrap();
+        assert_eq!(want.len() as u64, meta["bytes"][name].as_u64().unwrap());
+        // Row by row, as the checkpoint writer calls it, and all at once.
+        let by_rows: Vec<u8> = x.chunks(cols).flat_map(quantize).collect();
+        let got = quantize(&x);
+        assert_eq!(by_rows, got, "{name}");
+        let bad: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
+        assert!(
+            bad.is_empty(),
+            "{name}: {} of {} bytes differ from gguf-py, first at byte {}",
+            bad.len(),
+            want.len(),
+            bad[0]
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // A tiny GGUF writer, so each bad-file case is built from a valid tiny model by one change.
 
