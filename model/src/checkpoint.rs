@@ -1,16 +1,29 @@
 //! The relaxed recursive checkpoint format (version 1): a directory holding
 //!
 //! - `rrt_checkpoint.json`: format name and version, architecture, recursion (L, K, B, init,
-//!   per-module ranks), exit settings, tokenizer facts, chat template, provenance (source file
-//!   and its sha256);
-//! - `model.safetensors`: f32 tensors `embed`, `norm`, `lm_head` (untied models only),
+//!   per-module ranks), how the matrices are stored (`weights`: `f32`, `q8_0` or `q4_1`;
+//!   absent in checkpoints written before it existed, which read as `f32`), exit settings,
+//!   tokenizer facts, chat template, provenance (source file and its sha256);
+//! - `model.safetensors`: tensors `embed`, `norm`, `lm_head` (untied models only),
 //!   `shared.{k}.{attn_norm,ffn_norm}`, `shared.{k}.{q,k,v,o,gate,up,down}` (`out x in`), and
 //!   `lora.{l}.{module}.a` (`rank x in`) / `.b` (`out x rank`) for every unrolled layer `l` and
 //!   every module with a non-zero rank;
 //! - `tokenizer.json`.
 //!
-//! Loading validates the version, every tensor's presence and shape, and every value (NaN/Inf),
-//! and refuses a partial or inconsistent checkpoint with an error naming the file and tensor.
+//! With `weights: f32` every tensor is f32. With `q8_0` the shared-layer matrices and
+//! `embed` / `lm_head` are GGML Q8_0 blocks; with `q4_1` the shared-layer matrices are Q4_1
+//! blocks and `embed` / `lm_head` Q8_0 (the scheme of the Q4_1 GGUF SmolLM2 ships as). Blocks
+//! are stored as `U8` tensors of shape `[out, row_bytes]` under the same names (row `r` of
+//! the matrix is bytes `r * row_bytes ..`; 34 bytes per 32 weights for Q8_0, 20 for Q4_1, in
+//! ggml's block layout), made by ggml's reference quantizers ([`crate::quant`]). They load as
+//! [`crate::weights::Weight::Quant`] and are multiplied in that form, like a GGUF file's.
+//! Norms and LoRA factors are always f32. [`quantize`] rewrites a checkpoint in another
+//! format (`rrt quantize`).
+//!
+//! Loading validates the version, every tensor's presence, type and shape (a block tensor's
+//! byte length against the architecture's matrix), every value (NaN/Inf; for blocks, every
+//! f16 scale and minimum), and refuses a partial or inconsistent checkpoint with an error naming
+//! the file and tensor.
 
 use crate::chat::ChatTemplate;
 use crate::config::{Family, ModelConfig};
@@ -20,8 +33,9 @@ use crate::loader::{LoadedModel, SourceKind};
 use crate::recursive::{Init, Lora, MODULES, Recursion};
 use crate::sources::SafetensorsSource;
 use crate::tokenizer::{Tokenizer, TokenizerFacts};
-use crate::weights::{Layer, Linear, TensorSource, Weights};
+use crate::weights::{Layer, Linear, TensorSource, Weight, Weights};
 use rrt_kernels::RopeScaling;
+use rrt_kernels::qmatmul::QFormat;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -73,6 +87,55 @@ pub struct ExitConfig {
     pub calibration: serde_json::Value,
 }
 
+/// How a checkpoint's matrices are stored (`weights` in `rrt_checkpoint.json`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WeightFormat {
+    /// Every tensor f32 (the format before `weights` existed).
+    #[default]
+    #[serde(rename = "f32")]
+    F32,
+    /// Shared-layer matrices, `embed` and `lm_head` as Q8_0 blocks.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// Shared-layer matrices as Q4_1 blocks, `embed` and `lm_head` as Q8_0.
+    #[serde(rename = "q4_1")]
+    Q4_1,
+}
+
+impl WeightFormat {
+    /// The name used in `rrt_checkpoint.json` and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4_1 => "q4_1",
+        }
+    }
+
+    /// The block format of the shared layers' matrices (`None`: f32).
+    pub fn shared(self) -> Option<QFormat> {
+        match self {
+            WeightFormat::F32 => None,
+            WeightFormat::Q8_0 => Some(QFormat::Q8_0),
+            WeightFormat::Q4_1 => Some(QFormat::Q4_1),
+        }
+    }
+
+    /// The block format of `embed` and `lm_head` (`None`: f32).
+    pub fn embeddings(self) -> Option<QFormat> {
+        match self {
+            WeightFormat::F32 => None,
+            WeightFormat::Q8_0 | WeightFormat::Q4_1 => Some(QFormat::Q8_0),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Provenance {
     pub source: String,
@@ -88,6 +151,9 @@ pub struct CheckpointConfig {
     pub version: u32,
     pub architecture: Architecture,
     pub recursion: RecursionConfig,
+    /// How the matrices are stored; `f32` when absent (checkpoints written before it existed).
+    #[serde(default)]
+    pub weights: WeightFormat,
     #[serde(default)]
     pub exit: ExitConfig,
     pub tokenizer: TokenizerFacts,
@@ -208,62 +274,147 @@ pub fn sha256_of(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-struct St(Vec<usize>, Vec<u8>);
+/// One tensor to write: f32 values or raw bytes (quantized blocks), little-endian.
+struct St {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
 
 impl safetensors::View for &St {
     fn dtype(&self) -> safetensors::Dtype {
-        safetensors::Dtype::F32
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
-        &self.0
+        &self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.1)
+        std::borrow::Cow::Borrowed(&self.data)
     }
     fn data_len(&self) -> usize {
-        self.1.len()
+        self.data.len()
     }
 }
 
 fn st(shape: Vec<usize>, v: &[f32]) -> St {
-    St(shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    St {
+        dtype: safetensors::Dtype::F32,
+        shape,
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
 }
 
-/// Writes a recursive model as a checkpoint directory (created if missing).
+/// A matrix as stored in a checkpoint: f32 (`fmt` `None`), or blocks of `fmt`, written as they
+/// are when the matrix is already held in `fmt` and quantized from its f32 values otherwise.
+fn matrix(path: &Path, name: &str, lin: &Linear, fmt: Option<QFormat>) -> Result<St> {
+    let Some(fmt) = fmt else {
+        return Ok(st(vec![lin.out_dim, lin.in_dim], &lin.w_f32()));
+    };
+    let data = match &lin.w {
+        Weight::Quant(f, b) if *f == fmt => b.clone(),
+        _ => {
+            if !lin.in_dim.is_multiple_of(32) {
+                return Err(ModelError::InvalidArgument {
+                    field: "weights",
+                    msg: format!(
+                        "`{name}` has rows of {} weights, not whole blocks of 32: it cannot be stored as {fmt:?}",
+                        lin.in_dim
+                    ),
+                });
+            }
+            let b = crate::quant::quantize(fmt, &lin.w_f32());
+            if let Some((block, v)) = crate::quant::first_non_finite_block(fmt, &b) {
+                return Err(ModelError::format(
+                    path,
+                    format!(
+                        "tensor `{name}`: block {block} quantizes to a non-finite f16 scale ({v}): weights too large for {fmt:?}"
+                    ),
+                ));
+            }
+            b
+        }
+    };
+    Ok(St {
+        dtype: safetensors::Dtype::U8,
+        shape: vec![lin.out_dim, fmt.row_bytes(lin.in_dim)],
+        data,
+    })
+}
+
+/// Writes a recursive model as a checkpoint directory (created if missing), its matrices in
+/// `format` (quantized from f32 where needed; see the module doc).
 pub fn save(
     dir: &Path,
     model: &Model,
     tokenizer: &Tokenizer,
     chat_template: Option<&ChatTemplate>,
     provenance: Provenance,
+    format: WeightFormat,
 ) -> Result<()> {
-    let rec = model.recursion.as_ref().ok_or_else(|| ModelError::InvalidArgument {
+    let rec = recursion_of(model)?;
+    save_weights(dir, model, format)?;
+    let tpath = dir.join("tokenizer.json");
+    std::fs::write(&tpath, tokenizer.to_json()?).map_err(|e| ModelError::io(&tpath, e))?;
+    let cfg = CheckpointConfig {
+        format: FORMAT.into(),
+        version: VERSION,
+        architecture: Architecture::from_config(&model.config),
+        recursion: RecursionConfig {
+            loops: rec.loops,
+            shared_layers: model.weights.layers.len(),
+            init: rec.init,
+            ranks: MODULES.iter().zip(rec.ranks).map(|(m, r)| (m.to_string(), r)).collect(),
+        },
+        weights: format,
+        exit: ExitConfig::default(),
+        tokenizer: tokenizer.facts(),
+        chat_template: chat_template.map(|t| t.source.clone()),
+        provenance,
+    };
+    write_config(dir, &cfg)
+}
+
+fn recursion_of(model: &Model) -> Result<&Recursion> {
+    model.recursion.as_ref().ok_or_else(|| ModelError::InvalidArgument {
         field: "model",
         msg: "not a recursive model".into(),
-    })?;
+    })
+}
+
+/// Writes `model.safetensors` of a recursive model into `dir` (created if missing, and only
+/// once every tensor is ready: a model that cannot be stored in `format` leaves nothing).
+fn save_weights(dir: &Path, model: &Model, format: WeightFormat) -> Result<()> {
+    let rec = recursion_of(model)?;
     let c = &model.config;
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let w = &model.weights;
+    let wpath = dir.join("model.safetensors");
+    let (sh, emb) = (format.shared(), format.embeddings());
     let mut t: Vec<(String, St)> = vec![
-        ("embed".into(), st(vec![c.vocab, c.hidden], &w.embed.w_f32())),
+        ("embed".into(), matrix(&wpath, "embed", &w.embed, emb)?),
         ("norm".into(), st(vec![c.hidden], &w.norm)),
     ];
     if let Some(head) = &w.lm_head {
-        t.push(("lm_head".into(), st(vec![c.vocab, c.hidden], &head.w_f32())));
+        t.push(("lm_head".into(), matrix(&wpath, "lm_head", head, emb)?));
     }
-    let (qd, kd, h, i) = (c.q_dim(), c.kv_dim(), c.hidden, c.intermediate);
+    let (qd, kd, i) = (c.q_dim(), c.kv_dim(), c.intermediate);
     for (k, layer) in w.layers.iter().enumerate() {
-        t.push((format!("shared.{k}.attn_norm"), st(vec![h], &layer.attn_norm)));
-        t.push((format!("shared.{k}.ffn_norm"), st(vec![h], &layer.ffn_norm)));
-        let qkv = layer.qkv.w_f32();
-        let gu = layer.gate_up.w_f32();
-        t.push((format!("shared.{k}.q"), st(vec![qd, h], &qkv[..qd * h])));
-        t.push((format!("shared.{k}.k"), st(vec![kd, h], &qkv[qd * h..(qd + kd) * h])));
-        t.push((format!("shared.{k}.v"), st(vec![kd, h], &qkv[(qd + kd) * h..])));
-        t.push((format!("shared.{k}.o"), st(vec![h, qd], &layer.o.w_f32())));
-        t.push((format!("shared.{k}.gate"), st(vec![i, h], &gu[..i * h])));
-        t.push((format!("shared.{k}.up"), st(vec![i, h], &gu[i * h..])));
-        t.push((format!("shared.{k}.down"), st(vec![h, i], &layer.down.w_f32())));
+        let p = format!("shared.{k}");
+        t.push((format!("{p}.attn_norm"), st(vec![c.hidden], &layer.attn_norm)));
+        t.push((format!("{p}.ffn_norm"), st(vec![c.hidden], &layer.ffn_norm)));
+        let parts = [
+            ("q", layer.qkv.rows(0..qd)),
+            ("k", layer.qkv.rows(qd..qd + kd)),
+            ("v", layer.qkv.rows(qd + kd..qd + 2 * kd)),
+            ("o", layer.o.clone()),
+            ("gate", layer.gate_up.rows(0..i)),
+            ("up", layer.gate_up.rows(i..2 * i)),
+            ("down", layer.down.clone()),
+        ];
+        for (m, lin) in parts {
+            let name = format!("{p}.{m}");
+            let tensor = matrix(&wpath, &name, &lin, sh)?;
+            t.push((name, tensor));
+        }
     }
     for (l, mods) in rec.lora.iter().enumerate() {
         for (m, lo) in mods.iter().enumerate() {
@@ -279,27 +430,60 @@ pub fn save(
             }
         }
     }
-    let wpath = dir.join("model.safetensors");
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     safetensors::serialize_to_file(t.iter().map(|(n, s)| (n.clone(), s)), None, &wpath)
-        .map_err(|e| ModelError::format(&wpath, format!("cannot write: {e}")))?;
-    let tpath = dir.join("tokenizer.json");
-    std::fs::write(&tpath, tokenizer.to_json()?).map_err(|e| ModelError::io(&tpath, e))?;
-    let cfg = CheckpointConfig {
-        format: FORMAT.into(),
-        version: VERSION,
-        architecture: Architecture::from_config(c),
-        recursion: RecursionConfig {
-            loops: rec.loops,
-            shared_layers: w.layers.len(),
-            init: rec.init,
-            ranks: MODULES.iter().zip(rec.ranks).map(|(m, r)| (m.to_string(), r)).collect(),
-        },
-        exit: ExitConfig::default(),
-        tokenizer: tokenizer.facts(),
-        chat_template: chat_template.map(|t| t.source.clone()),
-        provenance,
+        .map_err(|e| ModelError::format(&wpath, format!("cannot write: {e}")))
+}
+
+/// Rewrites the checkpoint `src` into `out` with its matrices in `format` (`rrt quantize`):
+/// the same model, config (exit calibration included), tokenizer file and chat template; the
+/// provenance keeps the original source, names `tool`, and records the rewrite under
+/// `extra.quantize`. Matrices already in `format` are copied without requantizing. Returns the
+/// config written.
+pub fn quantize(src: &Path, out: &Path, format: WeightFormat, tool: &str) -> Result<CheckpointConfig> {
+    let old = read_config(src)?;
+    let same = match (std::fs::canonicalize(src), std::fs::canonicalize(out)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     };
-    write_config(dir, &cfg)
+    if same {
+        return Err(ModelError::InvalidArgument {
+            field: "out",
+            msg: format!(
+                "{} is the input checkpoint: write the rewritten checkpoint to another directory",
+                out.display()
+            ),
+        });
+    }
+    let lm = load(src)?;
+    save_weights(out, &lm.model, format)?;
+    let (tfrom, tto) = (src.join("tokenizer.json"), out.join("tokenizer.json"));
+    std::fs::copy(&tfrom, &tto).map_err(|e| ModelError::io(&tfrom, e))?;
+    let mut extra = match old.provenance.extra.clone() {
+        serde_json::Value::Object(m) => m,
+        serde_json::Value::Null => serde_json::Map::new(),
+        other => serde_json::Map::from_iter([("previous_extra".to_string(), other)]),
+    };
+    extra.insert(
+        "quantize".into(),
+        serde_json::json!({
+            "from": src.display().to_string(),
+            "from_weights": old.weights.name(),
+            "from_tool": old.provenance.tool.clone(),
+            "weights": format.name(),
+        }),
+    );
+    let cfg = CheckpointConfig {
+        weights: format,
+        provenance: Provenance {
+            tool: tool.to_string(),
+            extra: serde_json::Value::Object(extra),
+            ..old.provenance.clone()
+        },
+        ..old
+    };
+    write_config(out, &cfg)?;
+    Ok(cfg)
 }
 
 /// Rewrites `rrt_checkpoint.json` (e.g. after calibrating exits).
@@ -359,9 +543,58 @@ pub fn load(dir: &Path) -> Result<LoadedModel> {
     config.validate(&cpath)?;
     let src = SafetensorsSource::open_dir(dir)?;
     let (qd, kd, h, i) = (config.q_dim(), config.kv_dim(), config.hidden, config.intermediate);
-    let lin = |name: &str, o: usize, inp: usize| -> Result<Linear> {
-        Ok(Linear::f32(o, inp, src.load(name, &[o, inp])?, None))
+    let weights_fmt = cfg.weights;
+    // A matrix in the form the config declares: f32 values or `fmt` blocks, `[o, row_bytes]`.
+    let matrix = |name: &str, o: usize, inp: usize, fmt: Option<QFormat>| -> Result<Linear> {
+        let stored = src.dtype(name);
+        let path = src.path_for(name);
+        let Some(fmt) = fmt else {
+            if stored == Some(safetensors::Dtype::U8) {
+                return Err(ModelError::format(
+                    path,
+                    format!("tensor `{name}` holds U8 blocks but {CONFIG_FILE} declares `weights: f32`"),
+                ));
+            }
+            return Ok(Linear::f32(o, inp, src.load(name, &[o, inp])?, None));
+        };
+        if stored.is_some_and(|d| d != safetensors::Dtype::U8) {
+            return Err(ModelError::format(
+                path,
+                format!(
+                    "tensor `{name}` is stored as {:?} but {CONFIG_FILE} declares `weights: {weights_fmt}` ({fmt:?} blocks as U8)",
+                    stored.unwrap_or(safetensors::Dtype::U8)
+                ),
+            ));
+        }
+        if !inp.is_multiple_of(32) {
+            return Err(ModelError::format(
+                path,
+                format!("tensor `{name}`: rows of {inp} weights are not whole {fmt:?} blocks of 32"),
+            ));
+        }
+        let rb = fmt.row_bytes(inp);
+        let bytes = src.load_u8(name, &[o, rb])?;
+        if let Some((block, v)) = crate::quant::first_non_finite_block(fmt, bytes) {
+            let per_row = inp / 32;
+            return Err(ModelError::format(
+                path,
+                format!(
+                    "tensor `{name}`: {fmt:?} block {block} (row {}, weights {}..{}) has a non-finite f16 scale or minimum ({v})",
+                    block / per_row,
+                    block % per_row * 32,
+                    block % per_row * 32 + 32
+                ),
+            ));
+        }
+        Ok(Linear {
+            out_dim: o,
+            in_dim: inp,
+            w: Weight::Quant(fmt, bytes.to_vec()),
+            bias: None,
+        })
     };
+    let sh = weights_fmt.shared();
+    let lin = |name: &str, o: usize, inp: usize| matrix(name, o, inp, sh);
     let layers = (0..cfg.recursion.shared_layers)
         .map(|k| -> Result<Layer> {
             let p = format!("shared.{k}");
@@ -413,11 +646,12 @@ pub fn load(dir: &Path) -> Result<LoadedModel> {
             Ok(out)
         })
         .collect::<Result<Vec<_>>>()?;
-    let embed = lin("embed", config.vocab, h)?;
+    let emb = weights_fmt.embeddings();
+    let embed = matrix("embed", config.vocab, h, emb)?;
     let lm_head = if config.tie_embeddings {
         None
     } else {
-        Some(lin("lm_head", config.vocab, h)?)
+        Some(matrix("lm_head", config.vocab, h, emb)?)
     };
     let weights = Weights {
         embed,

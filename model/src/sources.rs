@@ -243,6 +243,51 @@ impl SafetensorsSource {
     fn any_path(&self) -> &Path {
         &self.files[0].0
     }
+
+    /// The stored element type of a tensor, `None` if there is no such tensor.
+    pub fn dtype(&self, name: &str) -> Option<safetensors::Dtype> {
+        self.index.get(name).map(|e| e.dtype)
+    }
+
+    /// The file holding a tensor (the first shard when there is no such tensor), for errors.
+    pub fn path_for(&self, name: &str) -> &Path {
+        self.index
+            .get(name)
+            .map_or_else(|| self.any_path(), |e| self.path_of(e))
+    }
+
+    /// The raw bytes of a `U8` tensor (e.g. quantized blocks, `[rows, row_bytes]`), borrowed
+    /// from the mapping after checking its presence, type, shape and length.
+    pub fn load_u8(&self, name: &str, shape: &[usize]) -> Result<&[u8]> {
+        let e = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
+            path: self.any_path().to_path_buf(),
+            tensor: name.to_string(),
+        })?;
+        let path = self.path_of(e);
+        if e.dtype != safetensors::Dtype::U8 {
+            return Err(ModelError::format(
+                path,
+                format!("tensor `{name}`: stored as {:?}, expected U8 bytes", e.dtype),
+            ));
+        }
+        if e.shape != shape {
+            return Err(ModelError::Shape {
+                path: path.to_path_buf(),
+                tensor: name.to_string(),
+                got: e.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if n != Some(bytes.len()) {
+            return Err(ModelError::format(
+                path,
+                format!("tensor `{name}`: {} bytes for shape {shape:?}", bytes.len()),
+            ));
+        }
+        Ok(bytes)
+    }
 }
 
 impl TensorSource for SafetensorsSource {

@@ -128,7 +128,7 @@ fn invalid_specs_are_refused() {
 
 mod checkpoint_format {
     use super::*;
-    use rrt_model::checkpoint::{Provenance, read_config, save, write_config};
+    use rrt_model::checkpoint::{Provenance, WeightFormat, read_config, save, write_config};
     use std::path::PathBuf;
 
     fn tmpdir(name: &str) -> PathBuf {
@@ -163,7 +163,15 @@ mod checkpoint_format {
             tool: "test".into(),
             extra: serde_json::Value::Null,
         };
-        save(&dir, &m, &lm.tokenizer, lm.chat_template.as_ref(), prov).unwrap();
+        save(
+            &dir,
+            &m,
+            &lm.tokenizer,
+            lm.chat_template.as_ref(),
+            prov,
+            WeightFormat::F32,
+        )
+        .unwrap();
         let back = rrt_model::load(&dir).unwrap();
         assert_eq!(back.kind, rrt_model::loader::SourceKind::Recursive);
         let ids = lm.tokenizer.encode("To be, or not to be", false, false).unwrap();

@@ -4,6 +4,8 @@ A directory with `rrt_checkpoint.json` (architecture, recursion, exits, tokenize
 template, provenance), `model.safetensors` (f32 tensors `embed`, `norm`, `lm_head` when untied,
 `shared.{k}.{attn_norm,ffn_norm,q,k,v,o,gate,up,down}` as `out x in`, `lora.{l}.{m}.a`
 (`rank x in`) and `.b` (`out x rank`)) and `tokenizer.json`. Mirrors `model/src/checkpoint.rs`.
+Only f32 checkpoints (`"weights": "f32"`, or no `weights` field) are read here: quantized ones
+(`q8_0`, `q4_1`: GGML blocks) are refused with the command that turns them back into f32.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{cpath}: format {cfg.get('format')!r} is not {FORMAT!r}")
     if cfg.get("version") != VERSION:
         raise CheckpointError(f"{cpath}: checkpoint version {cfg.get('version')} is not supported (reads {VERSION})")
+    weights = cfg.get("weights", "f32")
+    if weights != "f32":
+        raise CheckpointError(
+            f"{cpath}: weights are stored as {weights} blocks; rrt-train reads f32 checkpoints "
+            f"(`rrt quantize --model {Path(path)} --out DIR --quant f32` writes one)"
+        )
     arch, rec = cfg["architecture"], cfg["recursion"]
     if rec["loops"] < 1 or rec["shared_layers"] * rec["loops"] != arch["n_layers"]:
         raise CheckpointError(

@@ -48,6 +48,11 @@ def test_broken_checkpoints_are_refused_with_the_tensor_named(tmp_path):
     (tmp_path / "c" / ck.CONFIG_FILE).write_text(json.dumps(c))
     with pytest.raises(ck.CheckpointError, match="version 7"):
         ck.read(tmp_path / "c")
+    c["version"] = 1
+    c["weights"] = "q4_1"
+    (tmp_path / "c" / ck.CONFIG_FILE).write_text(json.dumps(c))
+    with pytest.raises(ck.CheckpointError, match="q4_1 blocks.*--quant f32"):
+        ck.read(tmp_path / "c")
 
 
 def unrolled_equivalent(m: RecursiveLM) -> RecursiveLM:
