@@ -184,3 +184,117 @@ fn convert_refuses_bad_specifications() {
     }
     assert!(!out.exists(), "a refused conversion must not write anything");
 }
+
+#[test]
+fn convert_and_quantize_write_quantized_checkpoints() {
+    let base = std::env::temp_dir().join(format!("rrt-cli-quant-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (q4, q8, empty) = (base.join("q4"), base.join("q8"), base.join("empty"));
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    // Rank 0 (no SVD) keeps the conversion fast; the format is what is tested.
+    let o = rrt(&["convert", "--out", &s(&q4), "--loops", "2", "--quant", "q4_1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rrt_checkpoint.json")).unwrap()).unwrap()
+    };
+    assert_eq!(cfg(&q4)["weights"], "q4_1");
+    let o = rrt(&["quantize", "--model", &s(&q4), "--out", &s(&q8), "--quant", "q8_0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("q8_0"));
+    let c8 = cfg(&q8);
+    assert_eq!(c8["weights"], "q8_0");
+    assert_eq!(c8["provenance"]["extra"]["quantize"]["from_weights"], "q4_1");
+    assert_eq!(c8["recursion"], cfg(&q4)["recursion"]);
+    let size = |d: &std::path::Path| std::fs::metadata(d.join("model.safetensors")).unwrap().len();
+    // SmolLM2 at B = 2, rank 0: 15 shared layers of 3.54 M weights plus 28.3 M embeddings
+    // (326 MB as f32): about 63 MB as q4_1 (Q8_0 embeddings), 86 MB as q8_0.
+    assert!(
+        size(&q4) < 70_000_000 && size(&q8) < 90_000_000,
+        "{} {}",
+        size(&q4),
+        size(&q8)
+    );
+    assert!(size(&q4) < size(&q8));
+    // Both serve: perplexity through the quantized products is finite and not absurd.
+    let text = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt");
+    for d in [&q4, &q8] {
+        let out: serde_json::Value = serde_json::from_str(&stdout(&rrt(&[
+            "eval",
+            "--model",
+            &s(d),
+            "--text",
+            text.to_str().unwrap(),
+            "--window",
+            "64",
+            "--windows",
+            "1",
+            "--json",
+        ])))
+        .unwrap();
+        let ppl = out["ppl"].as_f64().unwrap();
+        assert!(ppl.is_finite() && ppl > 1.0, "{}: {ppl}", d.display());
+    }
+
+    std::fs::create_dir_all(&empty).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "quantize".into(),
+                "--model".into(),
+                s(&q8),
+                "--out".into(),
+                s(&q8),
+                "--quant".into(),
+                "q4_1".into(),
+            ],
+            "input checkpoint",
+        ),
+        (
+            vec![
+                "quantize".into(),
+                "--model".into(),
+                s(&empty),
+                "--out".into(),
+                s(&base.join("x")),
+                "--quant".into(),
+                "q8_0".into(),
+            ],
+            "not an rrt recursive checkpoint",
+        ),
+        (
+            vec![
+                "quantize".into(),
+                "--model".into(),
+                s(&q8),
+                "--out".into(),
+                s(&base.join("x")),
+                "--quant".into(),
+                "q5_0".into(),
+            ],
+            "q4_1",
+        ),
+        (
+            vec![
+                "convert".into(),
+                "--out".into(),
+                s(&base.join("x")),
+                "--loops".into(),
+                "2".into(),
+                "--quant".into(),
+                "int4".into(),
+            ],
+            "invalid value 'int4'",
+        ),
+    ];
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = rrt(&args);
+        assert!(!r.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert!(!base.join("x").exists(), "a refused command must not write anything");
+    assert_eq!(cfg(&q8)["weights"], "q8_0", "the refused rewrite left its input alone");
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -3,7 +3,7 @@
 use super::ModelArg;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use rrt_model::checkpoint::{Provenance, save, sha256_of};
+use rrt_model::checkpoint::{Provenance, WeightFormat, save, sha256_of};
 use rrt_model::forward::Model;
 use rrt_model::recursive::{Init, MODULES, RecursiveSpec, convert};
 use rrt_model::weights::Weights;
@@ -20,6 +20,30 @@ pub enum InitArg {
 pub enum SvdArg {
     Plain,
     Activation,
+}
+
+/// How a checkpoint stores its matrices (`weights` in `rrt_checkpoint.json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantArg {
+    /// Every tensor f32: exact, and what the trainer (`train/`) reads.
+    #[value(name = "f32")]
+    F32,
+    /// Shared-layer matrices and embeddings as GGML Q8_0 blocks (3.8x smaller than f32).
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// Shared-layer matrices as Q4_1 blocks, embeddings as Q8_0 (the source GGUF's scheme).
+    #[value(name = "q4_1")]
+    Q4_1,
+}
+
+impl From<QuantArg> for WeightFormat {
+    fn from(q: QuantArg) -> Self {
+        match q {
+            QuantArg::F32 => WeightFormat::F32,
+            QuantArg::Q8_0 => WeightFormat::Q8_0,
+            QuantArg::Q4_1 => WeightFormat::Q4_1,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -54,6 +78,13 @@ pub struct Args {
     /// Lower ranks above a module's min(in, out) to it instead of refusing them.
     #[arg(long)]
     pub clamp_ranks: bool,
+    /// How the checkpoint stores the shared layers and embeddings (norms and LoRAs stay f32).
+    /// The default stays f32: conversion is exact and its output is what `rrt eval`,
+    /// `rrt calibrate` and the trainer were measured on; quantizing is a separate, lossy
+    /// choice (QUALITY.md, "Quantized shared block"), also available afterwards through
+    /// `rrt quantize`.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub quant: QuantArg,
 }
 
 fn parse_ranks(base: usize, spec: Option<&str>) -> Result<[usize; 7]> {
@@ -170,14 +201,22 @@ pub fn run(a: Args) -> Result<()> {
             _ => serde_json::json!({"svd": "plain"}),
         },
     };
-    save(&a.out, &model, &lm.tokenizer, lm.chat_template.as_ref(), provenance)?;
+    save(
+        &a.out,
+        &model,
+        &lm.tokenizer,
+        lm.chat_template.as_ref(),
+        provenance,
+        a.quant.into(),
+    )?;
     eprintln!(
-        "wrote {} (L = {}, K = {}, B = {}, ranks {:?}) in {:.1} s",
+        "wrote {} (L = {}, K = {}, B = {}, ranks {:?}, {} weights) in {:.1} s",
         a.out.display(),
         model.config.n_layers,
         model.weights.layers.len(),
         a.loops,
         ranks,
+        WeightFormat::from(a.quant),
         t.elapsed().as_secs_f64()
     );
     Ok(())

@@ -24,6 +24,7 @@ pub mod eval_exit;
 pub mod generate;
 pub mod node;
 pub mod plot;
+pub mod quantize;
 pub mod random_model;
 pub mod serve;
 pub mod tokenize;
