@@ -86,8 +86,9 @@ pub struct CoordinatorConfig {
     pub client_tls: Option<crate::tls::PemIdentity>,
     /// Mutual TLS to the nodes; `None`: plaintext.
     pub node_tls: Option<crate::tls::NodeTls>,
-    /// Route requests sharing a prompt prefix to one node (see [`crate::routing`]).
-    pub prefix_affinity: bool,
+    /// Route requests sharing a prompt prefix to one node (see [`crate::routing`]); `None`:
+    /// when every node that could take the request keeps a prefix cache.
+    pub prefix_affinity: Option<bool>,
 }
 
 impl Default for CoordinatorConfig {
@@ -102,7 +103,7 @@ impl Default for CoordinatorConfig {
             max_body_bytes: 4 << 20,
             client_tls: None,
             node_tls: None,
-            prefix_affinity: false,
+            prefix_affinity: None,
         }
     }
 }
@@ -242,6 +243,16 @@ pub(crate) enum KvMove {
 }
 
 impl Coordinator {
+    /// Whether routing among `nodes` uses prefix affinity: as configured, else when every
+    /// usable node keeps a prefix cache (requests sharing a system prompt then find it
+    /// cached on the node the previous ones went to).
+    fn affinity(&self, nodes: &[crate::routing::NodeView]) -> bool {
+        self.cfg.prefix_affinity.unwrap_or_else(|| {
+            let mut usable = nodes.iter().filter(|n| n.usable()).peekable();
+            usable.peek().is_some() && usable.all(|n| n.prefix_cache)
+        })
+    }
+
     pub fn new(registry: Registry, cfg: CoordinatorConfig) -> Arc<Self> {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -751,7 +762,7 @@ impl Coordinator {
         let remaining = run.max_new_tokens.saturating_sub(run.generated.len() as u32) as usize;
         for _ in 0..START_ATTEMPTS {
             let snap = self.nodes_for(&run.model, &run.model_fingerprint);
-            let Some(view) = route_with(&snap, &tokens, remaining, self.cfg.prefix_affinity) else {
+            let Some(view) = route_with(&snap, &tokens, remaining, self.affinity(&snap)) else {
                 break;
             };
             let node = view.id.clone();
@@ -801,7 +812,7 @@ impl Coordinator {
             .into_iter()
             .filter(|n| n.id != from)
             .collect();
-        let Some(target) = route_with(&snap, tokens, remaining, self.cfg.prefix_affinity).map(|n| n.id.clone()) else {
+        let Some(target) = route_with(&snap, tokens, remaining, self.affinity(&snap)).map(|n| n.id.clone()) else {
             return KvMove::Kept(tonic::Status::unavailable("no peer to move to"));
         };
         let Some(mut to) = self.registry.client(&target) else {

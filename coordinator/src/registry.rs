@@ -194,6 +194,7 @@ impl Registry {
                         kv_block_size: l.kv_block_size as usize,
                         // A fresh report includes what was sent before it.
                         pending: 0,
+                        prefix_cache: l.prefix_cache_bytes > 0,
                     };
                 }
                 None => {

@@ -36,6 +36,9 @@ pub struct NodeView {
     pub kv_block_size: usize,
     /// Requests this coordinator sent that the last report cannot include yet.
     pub pending: usize,
+    /// The node keeps a prefix cache (requests sharing a prompt prefix gain from landing on
+    /// it together).
+    pub prefix_cache: bool,
 }
 
 impl NodeView {
@@ -57,7 +60,7 @@ impl NodeView {
         positions.div_ceil(bs) <= self.free_kv_blocks
     }
 
-    fn usable(&self) -> bool {
+    pub fn usable(&self) -> bool {
         self.healthy && !self.draining
     }
 

@@ -277,6 +277,9 @@ fn to_load(node_id: &str, loops: usize, l: LoadReport, rate: f32, draining: bool
         kv_imports_total: l.kv_imports,
         kv_exports_total: l.kv_exports,
         kv_import_fallbacks_total: l.kv_import_fallbacks,
+        prefix_cache_bytes: l.prefix_cache_bytes as u64,
+        prefix_hits_total: l.prefix_hits,
+        prefix_hit_tokens_total: l.prefix_hit_tokens,
         ..Default::default()
     }
 }

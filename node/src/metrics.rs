@@ -127,6 +127,18 @@ pub async fn render(service: &NodeService) -> Result<String, crate::engine_actor
         "Imports recomputed for lack of room",
         st.kv_import_fallbacks,
     );
+    counter(
+        &mut r,
+        "rrt_prefix_cache_hits",
+        "Requests whose prompt started from the prefix cache",
+        st.prefix_hits,
+    );
+    counter(
+        &mut r,
+        "rrt_prefix_cache_hit_tokens",
+        "Prompt positions the prefix cache gave requests (not prefilled)",
+        st.prefix_hit_tokens,
+    );
     counter(&mut r, "rrt_engine_passes", "Passes of the shared block", st.passes);
     counter(
         &mut r,

@@ -66,8 +66,8 @@ fn main() -> std::process::ExitCode {
             .init();
     }
     // The offline tools multiply like the nodes (`node.cpu_products` from rrt.toml or
-    // RRT_NODE__CPU_PRODUCTS); conversion stays exact; the serving commands apply their own
-    // configuration.
+    // RRT_NODE__CPU_PRODUCTS); conversion always computes exactly; the serving commands apply
+    // their own configuration.
     if !matches!(
         cli.command,
         Command::Node(_) | Command::Coordinator(_) | Command::Serve(_) | Command::Config(_) | Command::Convert(_)

@@ -21,6 +21,7 @@
 //!   or the token keeps running its remaining loops without output under `KvFill::Recompute`);
 //! - rows never exceed `max_step_rows` per pass, and rows already in flight always continue.
 
+pub mod prefix;
 pub mod request;
 pub mod resident;
 pub mod stop;
@@ -138,6 +139,8 @@ pub struct EngineConfig {
     pub kv_fill: KvFill,
     /// Early exit (`None`: off).
     pub exit: Option<ExitRule>,
+    /// Bytes of host memory for the prefix cache (0: off).
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -150,6 +153,7 @@ impl Default for EngineConfig {
             batching: Batching::DepthWise,
             kv_fill: KvFill::Propagate,
             exit: None,
+            prefix_cache_bytes: 0,
         }
     }
 }
@@ -179,6 +183,9 @@ pub struct EngineStats {
     pub kv_imports: u64,
     pub kv_exports: u64,
     pub kv_import_fallbacks: u64,
+    /// Requests whose prompt started from the prefix cache, and the positions it gave them.
+    pub prefix_hits: u64,
+    pub prefix_hit_tokens: u64,
     /// Wall time in passes of the shared block (all rows, all layers of one loop).
     pub pass_seconds: f64,
     /// Wall time in the final norm + LM head (decoding and softmax exit tests).
@@ -215,6 +222,10 @@ pub struct LoadReport {
     pub kv_imports: u64,
     pub kv_exports: u64,
     pub kv_import_fallbacks: u64,
+    /// Prefix cache budget (0: none), hits and the positions they reused.
+    pub prefix_cache_bytes: usize,
+    pub prefix_hits: u64,
+    pub prefix_hit_tokens: u64,
 }
 
 /// What one pass did (for the step spans and the capacity model).
@@ -258,6 +269,9 @@ struct Seq {
     resumed: usize,
     /// Being exported: takes no new rows; leaves once nothing of it is in flight.
     exporting: bool,
+    /// Its prompt's whole blocks are still to be offered to the prefix cache (a request
+    /// computed here from its prompt; not one moved with keys/values computed elsewhere).
+    cache_prompt: bool,
     /// The exit gate's accumulated hazard (`-ln` of the survival) over the loops the token in
     /// flight has run (gate criterion); reset when it is produced.
     gate_hazard: f64,
@@ -369,6 +383,7 @@ pub struct Engine<B: Backend> {
     events: Vec<(RequestId, Event)>,
     stats: EngineStats,
     last_pass: Option<PassInfo>,
+    prefix: Option<prefix::PrefixCache>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -438,6 +453,8 @@ impl<B: Backend> Engine<B> {
                 ..Default::default()
             },
             last_pass: None,
+            prefix: (cfg.prefix_cache_bytes > 0)
+                .then(|| prefix::PrefixCache::new(cfg.prefix_cache_bytes, cfg.block_size)),
             cfg,
         })
     }
@@ -478,6 +495,9 @@ impl<B: Backend> Engine<B> {
             kv_imports: self.stats.kv_imports,
             kv_exports: self.stats.kv_exports,
             kv_import_fallbacks: self.stats.kv_import_fallbacks,
+            prefix_cache_bytes: self.cfg.prefix_cache_bytes,
+            prefix_hits: self.stats.prefix_hits,
+            prefix_hit_tokens: self.stats.prefix_hit_tokens,
         }
     }
 
@@ -506,8 +526,13 @@ impl<B: Backend> Engine<B> {
         !self.seqs.is_empty() || !self.events.is_empty()
     }
 
-    /// Accepts a request (validated; it must fit the KV cache alone).
+    /// Accepts a request (validated; it must fit the KV cache alone). Its prompt starts from
+    /// the prefix cache when that holds a prefix of it.
     pub fn submit(&mut self, req: Request) -> Result<RequestId, EngineError> {
+        self.submit_with(req, true)
+    }
+
+    fn submit_with(&mut self, req: Request, from_cache: bool) -> Result<RequestId, EngineError> {
         let c = &self.model.config;
         req.validate(c.vocab, self.model.loops, c.max_positions)?;
         let positions = req.prompt.len() + req.params.max_tokens;
@@ -548,12 +573,93 @@ impl<B: Backend> Engine<B> {
                 prefill_end: 0,
                 resumed,
                 exporting: false,
+                cache_prompt: from_cache && resumed == 0 && self.prefix.is_some(),
                 gate_hazard: 0.0,
             },
         );
         let s = self.seqs.get_mut(&id).expect("just inserted");
         s.prefill_end = s.prompt.len();
+        self.start_from_prefix_cache(id);
         Ok(id)
+    }
+
+    /// Gives a new request the keys/values of its prompt's longest cached prefix (all but
+    /// its last position at most), when the cache and the pool have them.
+    fn start_from_prefix_cache(&mut self, id: RequestId) {
+        let (Some(cache), Some(s)) = (self.prefix.as_mut(), self.seqs.get(&id)) else {
+            return;
+        };
+        if !s.cache_prompt || s.prompt.len() < 2 {
+            return;
+        }
+        let running = self.seqs.values().filter(|q| q.running).count();
+        if running >= self.cfg.max_running {
+            return;
+        }
+        let prompt = &self.seqs[&id].prompt;
+        let Some((positions, data)) = cache.lookup(prompt, prompt.len() - 1) else {
+            return;
+        };
+        if !self.adopt_kv(id, positions, &data) {
+            return;
+        }
+        self.stats.prefix_hits += 1;
+        self.stats.prefix_hit_tokens += positions as u64;
+    }
+
+    /// Gives sequence `id` (holding no blocks) the keys/values of its first `positions`
+    /// positions: blocks from the pool, the data written into them. False when the pool is
+    /// short of blocks.
+    fn adopt_kv(&mut self, id: RequestId, positions: usize, data: &[f32]) -> bool {
+        let need = positions.div_ceil(self.cfg.block_size);
+        if positions == 0 || need > self.free.len() {
+            return false;
+        }
+        let s = self.seqs.get_mut(&id).expect("live sequence");
+        for _ in 0..need {
+            s.kv.blocks.push(self.free.pop().expect("counted above"));
+        }
+        self.model
+            .backend
+            .kv_import(&mut self.kv, &self.layout, &s.kv.blocks, data);
+        s.kv.len = positions;
+        s.fed = positions;
+        s.running = true;
+        true
+    }
+
+    /// Offers the prompt blocks of sequences whose prompt is computed (every position before
+    /// the last fed and out of flight) to the prefix cache.
+    fn cache_prompts(&mut self) {
+        let Some(cache) = self.prefix.as_mut() else {
+            return;
+        };
+        let bs = self.cfg.block_size;
+        for (id, s) in self.seqs.iter_mut() {
+            if !s.cache_prompt || !s.running || s.fed < s.prompt.len() {
+                continue;
+            }
+            let positions = (s.prompt.len() - 1) / bs * bs;
+            let pending = |pos: usize| pos < positions;
+            if self.flights.iter().any(|f| f.seq == *id && pending(f.pos))
+                || self.fills.iter().any(|f| f.seq == *id && pending(f.pos))
+            {
+                continue;
+            }
+            s.cache_prompt = false;
+            if positions == 0 {
+                continue;
+            }
+            let (be, kv, layout, blocks) = (&self.model.backend, &self.kv, &self.layout, &s.kv.blocks);
+            cache.insert(&s.prompt, positions, |b| {
+                be.kv_export(kv, layout, &blocks[b..b + 1], bs)
+            });
+        }
+    }
+
+    /// What the prefix cache holds (`None`: off).
+    pub fn prefix_cache_usage(&self) -> Option<prefix::PrefixCacheUsage> {
+        self.prefix.as_ref().map(|c| c.usage())
     }
 
     /// The geometry of this engine's cache, for [`KvState`]s.
@@ -588,7 +694,7 @@ impl<B: Backend> Engine<B> {
                 req.prompt.len()
             )));
         }
-        let id = self.submit(req)?;
+        let id = self.submit_with(req, false)?;
         let need = state.positions.div_ceil(self.cfg.block_size);
         let running = self.seqs.values().filter(|q| q.running).count();
         if state.positions == 0 || need > self.free.len() || running >= self.cfg.max_running {
@@ -597,17 +703,11 @@ impl<B: Backend> Engine<B> {
             }
             return Ok((id, false));
         }
+        let adopted = self.adopt_kv(id, state.positions, &state.data);
+        debug_assert!(adopted, "room counted above");
         let s = self.seqs.get_mut(&id).expect("just submitted");
-        for _ in 0..need {
-            s.kv.blocks.push(self.free.pop().expect("counted above"));
-        }
-        self.model
-            .backend
-            .kv_import(&mut self.kv, &self.layout, &s.kv.blocks, &state.data);
-        s.kv.len = state.positions;
-        s.fed = state.positions;
         s.prefill_end = state.positions;
-        s.running = true;
+        s.cache_prompt = false;
         self.stats.kv_imports += 1;
         Ok((id, true))
     }
@@ -846,6 +946,7 @@ impl<B: Backend> Engine<B> {
         if let Some(f) = self.model.backend.fault() {
             return Err(EngineError::Backend(f));
         }
+        self.cache_prompts();
         Ok(std::mem::take(&mut self.events))
     }
 
