@@ -243,6 +243,11 @@ pub(crate) enum KvMove {
 }
 
 impl Coordinator {
+    /// Deadline of load polls and small calls to nodes.
+    pub fn node_timeout(&self) -> std::time::Duration {
+        self.cfg.node_timeout
+    }
+
     /// Whether routing among `nodes` uses prefix affinity: as configured, else when every
     /// usable node keeps a prefix cache (requests sharing a system prompt then find it
     /// cached on the node the previous ones went to).

@@ -44,20 +44,18 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let poller = {
         // Poll the nodes; after each poll, move requests off nodes that started draining.
+        // A node answers its load between engine steps, and one step of a long prefill can
+        // take longer than the poll interval: the poll waits for the node timeout, not the
+        // interval, or a busy node would be taken for a dead one.
         let coord = coord.clone();
         let discovery = discovery.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(discovery.poll_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let timeout = coord.node_timeout().max(Duration::from_millis(200));
             loop {
                 tick.tick().await;
-                coord
-                    .registry
-                    .refresh(
-                        &discovery.sources,
-                        discovery.poll_interval.max(Duration::from_millis(200)),
-                    )
-                    .await;
+                coord.registry.refresh(&discovery.sources, timeout).await;
                 coord.move_off_draining();
             }
         })

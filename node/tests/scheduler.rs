@@ -60,6 +60,7 @@ proptest! {
         seqwise in any::<bool>(),
         recompute in any::<bool>(),
         rule in 0usize..3,
+        cache in any::<bool>(),
     ) {
         let layers = if loops == 3 { 3 } else { 4 };
         let model = tiny_model(layers, loops, 2, 7);
@@ -77,6 +78,8 @@ proptest! {
             batching: if seqwise { Batching::SequenceWise } else { Batching::DepthWise },
             kv_fill: if recompute { KvFill::Recompute } else { KvFill::Propagate },
             exit,
+            // Prompts of one seed share their first tokens: some start from the cache.
+            prefix_cache_bytes: if cache { 1 << 20 } else { 0 },
         };
         let mut eng = engine(model, tok(), cfg);
         prop_assert_eq!(eng.kv_blocks().0, 12);

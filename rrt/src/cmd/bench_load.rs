@@ -104,6 +104,10 @@ pub struct LoadArgs {
     /// Output length in tokens (same forms); sent as the request's maximum with `ignore_eos`.
     #[arg(long, value_name = "DIST", default_value = "fixed:128")]
     pub output_tokens: Dist,
+    /// Tokens at the start of every prompt shared by all requests (a common system prompt:
+    /// the text's first words), within `--prompt-tokens`; 0: every prompt distinct.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix_tokens: u32,
     /// Text the prompts are cut from (default: the repository's data/calibration.txt).
     #[arg(long, value_name = "FILE")]
     pub text: Option<PathBuf>,
@@ -233,6 +237,7 @@ pub fn run(a: LoadArgs) -> Result<()> {
     let mut results: Vec<PointResult> = Vec::new();
     let (tpw, tpw_source, outcome) = rt.block_on(async {
         let mut workload = Workload::from_text(&text, a.prompt_tokens, a.output_tokens)?;
+        workload.shared_prefix_tokens = a.shared_prefix_tokens;
         let mut measured = (1.3, "assumed");
         let n = loads.len() * models.len();
         let mut k = 0;
@@ -570,6 +575,9 @@ pub struct Workload {
     pub tokens_per_word: f64,
     pub prompt_tokens: Dist,
     pub output_tokens: Dist,
+    /// Tokens at the start of every prompt that are the same for all requests (a shared
+    /// system prompt: the text's first words), counted in the prompt length.
+    pub shared_prefix_tokens: u32,
 }
 
 impl Workload {
@@ -582,19 +590,24 @@ impl Workload {
             tokens_per_word: 1.3,
             prompt_tokens,
             output_tokens,
+            shared_prefix_tokens: 0,
         })
     }
 
     /// A prompt of about `tokens` tokens: consecutive words from a random start (wrapping).
+    /// With a shared prefix, its words (the text's first) come first and the random window
+    /// fills the rest.
     fn prompt<R: Rng>(&self, rng: &mut R, tokens: u32) -> (String, u32) {
         let n = ((tokens as f64 / self.tokens_per_word).round() as usize).max(1);
+        let shared = ((self.shared_prefix_tokens as f64 / self.tokens_per_word).round() as usize).min(n);
         let start = rng.random_range(0..self.words.len());
         let mut s = String::with_capacity(n * 6);
         for i in 0..n {
             if i > 0 {
                 s.push(' ');
             }
-            s.push_str(&self.words[(start + i) % self.words.len()]);
+            let w = if i < shared { i } else { start + i };
+            s.push_str(&self.words[w % self.words.len()]);
         }
         (s, n as u32)
     }
