@@ -7,10 +7,14 @@
 //! except that, with prefix affinity on ([`route_with`]), requests sharing a prompt prefix
 //! prefer the same node (rendezvous hashing of the first [`AFFINITY_TOKENS`] tokens), as
 //! long as that node's work is within [`AFFINITY_SLACK`] of the least loaded one: worth it
-//! only where nodes cache prefixes. The engine keeps no prefix cache yet, and affinity then
-//! only concentrates traffic that shares a prefix (one system prompt for all chats): `rrt
-//! capacity` measured 4.5x the nodes for such traffic. So the coordinator routes without it
-//! unless `coordinator.prefix_affinity` is set.
+//! only where nodes cache prefixes. Nodes do (the engine's prefix cache), and report it in
+//! their load; the coordinator turns affinity on when every node that could take a request
+//! keeps a cache, unless `coordinator.prefix_affinity` says otherwise. The cost: traffic that
+//! all shares one prefix (one system prompt for every chat) leans on one node until the slack
+//! is used up; without caches `rrt capacity` measured 4.5x the nodes for such traffic, which
+//! is why affinity stays off for nodes without a cache (with one, every node caches the
+//! prefix after its first such request, so affinity matters most for many distinct
+//! prefixes, each on its own node).
 
 /// Prompt tokens hashed for prefix affinity.
 pub const AFFINITY_TOKENS: usize = 32;

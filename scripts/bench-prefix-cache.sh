@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Time to first token with a shared system prompt (a benchmark, not a test): `rrt serve` with
+# its prefix cache on and off, and llama-server (its prompt cache on, 4 slots), on the same
+# model, same machine, alternating, distinct seeds per round (so no server sees the same
+# random part of a prompt twice). Prompts: 448 tokens, the first 384 the same for every
+# request; 16 output tokens; closed loop at 1 and 4 in flight, 12 requests each.
+#
+# llama-server is built as llama-batched-bench is (scripts/bench-vs-llamacpp.sh), target
+# llama-server; then: LLAMA_SERVER=/path/to/llama-server scripts/bench-prefix-cache.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${LLAMA_SERVER:?set LLAMA_SERVER to the llama-server binary}"
+model="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+RUNS="${RUNS:-2}"
+cargo build --release -p rrt >/dev/null
+RRT=./target/release/rrt
+args=(--prompt-tokens fixed:448 --shared-prefix-tokens 384 --output-tokens fixed:16
+      --concurrency 1,4 --requests 12 --tokens-per-word 1.3 --quiet)
+echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; date $(date -u +%F)"
+wait_for() { for _ in $(seq 120); do curl -sf "$1" >/dev/null && return 0; sleep 1; done; return 1; }
+for run in $(seq "$RUNS"); do
+  for cache in 256 0; do
+    RRT_NODE__PREFIX_CACHE_MIB=$cache $RRT serve --model "smol=$model" \
+      --http-listen 127.0.0.1:18080 --grpc-listen 127.0.0.1:17300 >/dev/null 2>&1 &
+    pid=$!
+    wait_for http://127.0.0.1:18080/v1/models
+    echo "== run $run: rrt serve, prefix cache $cache MiB"
+    $RRT bench load --target http://127.0.0.1:17300 "${args[@]}" --seed "$run$cache"
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+  done
+  "$LLAMA_SERVER" -m "$model" --port 18081 -t "$(nproc)" -np 4 -c 8192 >/dev/null 2>&1 &
+  pid=$!
+  wait_for http://127.0.0.1:18081/health
+  echo "== run $run: llama-server (prompt cache on, 4 slots)"
+  $RRT bench load --api http --target http://127.0.0.1:18081 "${args[@]}" --seed "${run}9"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+done
