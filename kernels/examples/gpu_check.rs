@@ -33,7 +33,7 @@ use cudarc::cublas::{CudaBlas, result as blas};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use rand::{Rng, SeedableRng};
-use rrt_kernels::backend::{HostRows, KvSlot, LoraColumns, LoraMats, PassRow, RowGroup};
+use rrt_kernels::backend::{BackendError, HostRows, KvSlot, LoraColumns, LoraMats, PassRow, RowGroup};
 use rrt_kernels::cuda::{CudaBackend, CudaBuf, WeightType, cuda_available, probe_cublas, probe_nvrtc};
 use rrt_kernels::{
     AttnRow, AttnShape, Backend, CpuBackend, HeadTop, KvLayout, MatmulMode, MatrixData, RopeScaling, RopeTable,
@@ -54,6 +54,29 @@ const GUARD: usize = 67;
 const H200_BW: f64 = 4.8e12;
 /// Loop depths of the checked LoRAs.
 const LOOPS: usize = 3;
+
+/// The check keeps going after a device error: the error is sticky on the backend (every later
+/// operation fails too; `check()` reports it at the end) and the outputs left as they were
+/// fail their comparisons.
+trait Keep {
+    fn keep(self);
+}
+
+impl Keep for Result<(), BackendError> {
+    fn keep(self) {}
+}
+
+/// A value the check cannot go on without (an allocation, a download): a device error ends it
+/// with the error's message.
+trait Must<T> {
+    fn must(self) -> T;
+}
+
+impl<T> Must<T> for Result<T, BackendError> {
+    fn must(self) -> T {
+        self.unwrap_or_else(|e| panic!("device operation failed: {e}"))
+    }
+}
 
 fn budget_s() -> f64 {
     std::env::var("RRT_CHECK_BUDGET_S")
@@ -361,8 +384,8 @@ impl Module {
     }
 
     fn upload<B: Backend>(&self, be: &B) -> Resident<B> {
-        let w = be.matrix(self.m, self.k, MatrixData::F32(self.w.clone()));
-        let bias = self.bias.as_ref().map(|b| be.buffer(b.clone()));
+        let w = be.matrix(self.m, self.k, MatrixData::F32(self.w.clone())).must();
+        let bias = self.bias.as_ref().map(|b| be.buffer(b.clone()).must());
         let loras = self
             .entries
             .iter()
@@ -373,8 +396,8 @@ impl Module {
                         .map(|ab| {
                             ab.as_ref().map(|(a, b)| LoraMats {
                                 rank: self.rank,
-                                a: be.matrix(self.rank, self.k, MatrixData::F32(a.clone())),
-                                b: be.matrix(*c, self.rank, MatrixData::F32(b.clone())),
+                                a: be.matrix(self.rank, self.k, MatrixData::F32(a.clone())).must(),
+                                b: be.matrix(*c, self.rank, MatrixData::F32(b.clone())).must(),
                             })
                         })
                         .collect::<Vec<_>>(),
@@ -484,21 +507,24 @@ fn check_products(cx: &mut Ctx<'_>, gpu: &CudaBackend, wt: WeightType, s: &Shape
                 vec![f32::NAN; n * module.m]
             };
             let mut yc = init.clone();
-            cpu.linear_lora(&x, n, &rc.w, rc.bias.as_ref(), &rc.cols(), &groups, &mut yc, mode);
+            cpu.linear_lora(&x, n, &rc.w, rc.bias.as_ref(), &rc.cols(), &groups, &mut yc, mode)
+                .keep();
             // bf16 x on the tensor cores above 16 rows; f32 x (exact weights) below.
             let tol = match (n > 16, wt) {
                 (false, _) => 1e-4,
                 (true, WeightType::Bf16) => 3e-2,
                 (true, WeightType::F16) => 1e-2,
             };
-            let xg = gpu.buffer(x);
+            let xg = gpu.buffer(x).must();
             // The per-call path.
-            let mut yg = gpu.buffer(guarded(init.clone()));
-            gpu.linear_lora(&xg, n, &rg.w, rg.bias.as_ref(), &rg.cols(), &groups, &mut yg, mode);
-            let out = gpu.to_host(&yg);
-            let mut yg2 = gpu.buffer(guarded(init.clone()));
-            gpu.linear_lora(&xg, n, &rg.w, rg.bias.as_ref(), &rg.cols(), &groups, &mut yg2, mode);
-            let out2 = gpu.to_host(&yg2);
+            let mut yg = gpu.buffer(guarded(init.clone())).must();
+            gpu.linear_lora(&xg, n, &rg.w, rg.bias.as_ref(), &rg.cols(), &groups, &mut yg, mode)
+                .keep();
+            let out = gpu.to_host(&yg).must();
+            let mut yg2 = gpu.buffer(guarded(init.clone())).must();
+            gpu.linear_lora(&xg, n, &rg.w, rg.bias.as_ref(), &rg.cols(), &groups, &mut yg2, mode)
+                .keep();
+            let out2 = gpu.to_host(&yg2).must();
             cx.rep.add(Row {
                 op: "linear_lora",
                 shape: &shape,
@@ -510,10 +536,11 @@ fn check_products(cx: &mut Ctx<'_>, gpu: &CudaBackend, wt: WeightType, s: &Shape
                 repeat: Some(same_bits(&out, &out2)),
             });
             // The per-pass path (prepared rows), as the engine runs it.
-            let prepared = gpu.prepare_rows(vec![rows_for_groups(n, &groups)]);
-            let mut yr = gpu.buffer(guarded(init.clone()));
-            gpu.linear_lora_rows(&xg, &prepared[0], &rg.w, rg.bias.as_ref(), &rg.cols(), &mut yr, mode);
-            let outr = gpu.to_host(&yr);
+            let prepared = gpu.prepare_rows(vec![rows_for_groups(n, &groups)]).must();
+            let mut yr = gpu.buffer(guarded(init.clone())).must();
+            gpu.linear_lora_rows(&xg, &prepared[0], &rg.w, rg.bias.as_ref(), &rg.cols(), &mut yr, mode)
+                .keep();
+            let outr = gpu.to_host(&yr).must();
             cx.rep.add(Row {
                 op: "linear_lora_rows",
                 shape: &shape,
@@ -576,13 +603,14 @@ fn check_attention(cx: &mut Ctx<'_>, s: &Shapes, block_size: usize, n: usize) {
     let n_blocks = pool.len() / layout.block_floats();
     let all: Vec<u32> = (0..n_blocks as u32).collect();
     let mut pc = pool.clone();
-    let mut pg = gpu.kv_pool(layout, n_blocks);
+    let mut pg = gpu.kv_pool(layout, n_blocks).must();
     gpu.kv_import(
         &mut pg,
         &layout,
         &all,
-        &cpu.kv_export(&pool, &layout, &all, n_blocks * block_size),
-    );
+        &cpu.kv_export(&pool, &layout, &all, n_blocks * block_size).must(),
+    )
+    .keep();
     // Rows: sequence i % seqs at its last positions, loop depth i % LOOPS.
     let prow: Vec<PassRow<'_>> = (0..n)
         .map(|i| {
@@ -596,14 +624,14 @@ fn check_attention(cx: &mut Ctx<'_>, s: &Shapes, block_size: usize, n: usize) {
         .collect();
     let host = HostRows::new(&prow, shared, block_size);
     let qkv = rand_vec(cx.rng, n * qkvd, 1.0);
-    let qkvg = gpu.buffer(qkv.clone());
+    let qkvg = gpu.buffer(qkv.clone()).must();
     // Per call: the slots and rows of shared layer 1.
     let k = 1;
     let slots: Vec<KvSlot> = host.slots(k);
-    cpu.kv_write(&mut pc, &layout, &qkv, qkvd, qd, qd + kd, &slots);
-    gpu.kv_write(&mut pg, &layout, &qkvg, qkvd, qd, qd + kd, &slots);
-    let exp_c = cpu.kv_export(&pc, &layout, &all, n_blocks * block_size);
-    let exp_g = gpu.kv_export(&pg, &layout, &all, n_blocks * block_size);
+    cpu.kv_write(&mut pc, &layout, &qkv, qkvd, qd, qd + kd, &slots).keep();
+    gpu.kv_write(&mut pg, &layout, &qkvg, qkvd, qd, qd + kd, &slots).keep();
+    let exp_c = cpu.kv_export(&pc, &layout, &all, n_blocks * block_size).must();
+    let exp_g = gpu.kv_export(&pg, &layout, &all, n_blocks * block_size).must();
     cx.rep.add(Row {
         op: "kv_write+kv_export",
         shape: &tag,
@@ -615,12 +643,14 @@ fn check_attention(cx: &mut Ctx<'_>, s: &Shapes, block_size: usize, n: usize) {
         repeat: None,
     });
     // Per pass: shared layer 0 through the prepared rows (slots computed on the device).
-    let prepared_c = cpu.prepare_rows(vec![host.clone()]);
-    let prepared_g = gpu.prepare_rows(vec![host.clone()]);
-    cpu.kv_write_rows(&mut pc, &layout, &qkv, qkvd, qd, qd + kd, &prepared_c[0], 0);
-    gpu.kv_write_rows(&mut pg, &layout, &qkvg, qkvd, qd, qd + kd, &prepared_g[0], 0);
-    let exp_c = cpu.kv_export(&pc, &layout, &all, n_blocks * block_size);
-    let exp_g = gpu.kv_export(&pg, &layout, &all, n_blocks * block_size);
+    let prepared_c = cpu.prepare_rows(vec![host.clone()]).must();
+    let prepared_g = gpu.prepare_rows(vec![host.clone()]).must();
+    cpu.kv_write_rows(&mut pc, &layout, &qkv, qkvd, qd, qd + kd, &prepared_c[0], 0)
+        .keep();
+    gpu.kv_write_rows(&mut pg, &layout, &qkvg, qkvd, qd, qd + kd, &prepared_g[0], 0)
+        .keep();
+    let exp_c = cpu.kv_export(&pc, &layout, &all, n_blocks * block_size).must();
+    let exp_g = gpu.kv_export(&pg, &layout, &all, n_blocks * block_size).must();
     cx.rep.add(Row {
         op: "kv_write_rows+kv_export",
         shape: &tag,
@@ -644,17 +674,19 @@ fn check_attention(cx: &mut Ctx<'_>, s: &Shapes, block_size: usize, n: usize) {
         for (k, per_pass) in [(1usize, false), (0, true)] {
             let mut ac = vec![0f32; n * qd];
             let arows: Vec<AttnRow<'_>> = host.attn_rows(k);
-            cpu.attention(&qkv, qkvd, &arows, &pc, &layout, shape, &mut ac);
-            let mut ag = gpu.buffer(guarded(vec![f32::NAN; n * qd]));
-            let mut ag2 = gpu.buffer(guarded(vec![f32::NAN; n * qd]));
+            cpu.attention(&qkv, qkvd, &arows, &pc, &layout, shape, &mut ac).keep();
+            let mut ag = gpu.buffer(guarded(vec![f32::NAN; n * qd])).must();
+            let mut ag2 = gpu.buffer(guarded(vec![f32::NAN; n * qd])).must();
             if per_pass {
-                gpu.attention_rows(&qkvg, qkvd, &prepared_g[0], k, &pg, &layout, shape, &mut ag);
-                gpu.attention_rows(&qkvg, qkvd, &prepared_g[0], k, &pg, &layout, shape, &mut ag2);
+                gpu.attention_rows(&qkvg, qkvd, &prepared_g[0], k, &pg, &layout, shape, &mut ag)
+                    .keep();
+                gpu.attention_rows(&qkvg, qkvd, &prepared_g[0], k, &pg, &layout, shape, &mut ag2)
+                    .keep();
             } else {
-                gpu.attention(&qkvg, qkvd, &arows, &pg, &layout, shape, &mut ag);
-                gpu.attention(&qkvg, qkvd, &arows, &pg, &layout, shape, &mut ag2);
+                gpu.attention(&qkvg, qkvd, &arows, &pg, &layout, shape, &mut ag).keep();
+                gpu.attention(&qkvg, qkvd, &arows, &pg, &layout, shape, &mut ag2).keep();
             }
-            let (o1, o2) = (gpu.to_host(&ag), gpu.to_host(&ag2));
+            let (o1, o2) = (gpu.to_host(&ag).must(), gpu.to_host(&ag2).must());
             let op = format!("{}{wname}", if per_pass { "attention_rows" } else { "attention" });
             cx.rep.add(Row {
                 op: &op,
@@ -681,12 +713,12 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
     // Embedding / tied head in the storage type; row 5 of the head is NaN (a NaN logit in
     // every row: the LM-head reduction must treat it as -inf on both backends).
     let mut table = rand_w(cx.rng, wt, s.vocab * h, 1.0);
-    let emb_c = cpu.matrix(s.vocab, h, MatrixData::F32(table.clone()));
-    let emb_g = gpu.matrix(s.vocab, h, MatrixData::F32(table.clone()));
+    let emb_c = cpu.matrix(s.vocab, h, MatrixData::F32(table.clone())).must();
+    let emb_g = gpu.matrix(s.vocab, h, MatrixData::F32(table.clone())).must();
     table[5 * h..6 * h].fill(f32::NAN);
-    let head_g = gpu.matrix(s.vocab, h, MatrixData::F32(table));
+    let head_g = gpu.matrix(s.vocab, h, MatrixData::F32(table)).must();
     let norm_w: Vec<f32> = rand_vec(cx.rng, h, 0.5).iter().map(|v| 1.0 + v).collect();
-    let (nw_c, nw_g) = (norm_w.clone(), gpu.buffer(norm_w));
+    let (nw_c, nw_g) = (norm_w.clone(), gpu.buffer(norm_w).must());
     let rope = RopeTable::new(s.head_dim, s.head_dim, 10000.0, &RopeScaling::None);
     let tag = s.name;
     for &n in rows {
@@ -697,10 +729,10 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
         // embed
         let tokens: Vec<u32> = (0..n).map(|_| cx.rng.random_range(0..s.vocab as u32)).collect();
         let mut ec = vec![0f32; n * h];
-        cpu.embed(&emb_c, &tokens, &mut ec);
-        let mut eg = gpu.buffer(guarded(vec![f32::NAN; n * h]));
-        gpu.embed(&emb_g, &tokens, &mut eg);
-        let e = gpu.to_host(&eg);
+        cpu.embed(&emb_c, &tokens, &mut ec).keep();
+        let mut eg = gpu.buffer(guarded(vec![f32::NAN; n * h])).must();
+        gpu.embed(&emb_g, &tokens, &mut eg).keep();
+        let e = gpu.to_host(&eg).must();
         cx.rep.add(Row {
             op: "embed",
             shape: tag,
@@ -715,11 +747,11 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
         let src = rand_vec(cx.rng, n * h, 1.0);
         let rws: Vec<u32> = (0..n as u32).rev().collect();
         let mut dc = vec![0f32; (n + 3) * h];
-        cpu.copy_rows(&src, &rws, &mut dc, 3, h);
-        let sg = gpu.buffer(src.clone());
-        let mut dg = gpu.buffer(guarded(vec![0f32; (n + 3) * h]));
-        gpu.copy_rows(&sg, &rws, &mut dg, 3, h);
-        let d = gpu.to_host(&dg);
+        cpu.copy_rows(&src, &rws, &mut dc, 3, h).keep();
+        let sg = gpu.buffer(src.clone()).must();
+        let mut dg = gpu.buffer(guarded(vec![0f32; (n + 3) * h])).must();
+        gpu.copy_rows(&sg, &rws, &mut dg, 3, h).keep();
+        let d = gpu.to_host(&dg).must();
         cx.rep.add(Row {
             op: "copy_rows",
             shape: tag,
@@ -733,10 +765,10 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
         // rmsnorm (the output is exactly n x h: the guard is checked through add_rmsnorm's
         // separate output below, rmsnorm derives its rows from x)
         let mut rc = vec![0f32; n * h];
-        cpu.rmsnorm(&src, &nw_c, eps, &mut rc);
-        let mut rgb = gpu.buffer(vec![f32::NAN; n * h]);
-        gpu.rmsnorm(&sg, &nw_g, eps, &mut rgb);
-        let r = gpu.to_host(&rgb);
+        cpu.rmsnorm(&src, &nw_c, eps, &mut rc).keep();
+        let mut rgb = gpu.buffer(vec![f32::NAN; n * h]).must();
+        gpu.rmsnorm(&sg, &nw_g, eps, &mut rgb).keep();
+        let r = gpu.to_host(&rgb).must();
         cx.rep.add(Row {
             op: "rmsnorm",
             shape: tag,
@@ -752,12 +784,12 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
         let mut xc = src.clone();
         xc.iter_mut().zip(&rr).for_each(|(a, b)| *a += b);
         let mut oc = vec![0f32; n * h];
-        cpu.rmsnorm(&xc, &nw_c, eps, &mut oc);
-        let mut xg = gpu.buffer(src.clone());
-        let rgpu = gpu.buffer(rr);
-        let mut og = gpu.buffer(guarded(vec![f32::NAN; n * h]));
+        cpu.rmsnorm(&xc, &nw_c, eps, &mut oc).keep();
+        let mut xg = gpu.buffer(src.clone()).must();
+        let rgpu = gpu.buffer(rr).must();
+        let mut og = gpu.buffer(guarded(vec![f32::NAN; n * h])).must();
         let res = gpu.add_rmsnorm(&mut xg, &rgpu, &nw_g, eps, &mut og);
-        let (o, xo) = (gpu.to_host(&og), gpu.to_host(&xg));
+        let (o, xo) = (gpu.to_host(&og).must(), gpu.to_host(&xg).must());
         let ok = res.is_ok();
         cx.rep.add(Row {
             op: "add_rmsnorm",
@@ -780,11 +812,11 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
         // silu_mul
         let gu = rand_vec(cx.rng, n * 2 * s.inter, 3.0);
         let mut sc = vec![0f32; n * s.inter];
-        cpu.silu_mul(&gu, n, s.inter, &mut sc);
-        let gug = gpu.buffer(gu);
-        let mut sgo = gpu.buffer(guarded(vec![f32::NAN; n * s.inter]));
-        gpu.silu_mul(&gug, n, s.inter, &mut sgo);
-        let so = gpu.to_host(&sgo);
+        cpu.silu_mul(&gu, n, s.inter, &mut sc).keep();
+        let gug = gpu.buffer(gu).must();
+        let mut sgo = gpu.buffer(guarded(vec![f32::NAN; n * s.inter])).must();
+        gpu.silu_mul(&gug, n, s.inter, &mut sgo).keep();
+        let so = gpu.to_host(&sgo).must();
         cx.rep.add(Row {
             op: "silu_mul",
             shape: tag,
@@ -799,16 +831,16 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
         let qkv = rand_vec(cx.rng, n * qkvd, 1.0);
         let positions: Vec<u32> = (0..n).map(|_| cx.rng.random_range(0..100_000u32)).collect();
         let mut qc = qkv.clone();
-        cpu.rope(&rope, &mut qc, qkvd, &positions, qd, qd, kd);
-        let mut qg = gpu.buffer(guarded(qkv.clone()));
-        gpu.rope(&rope, &mut qg, qkvd, &positions, qd, qd, kd);
-        let q1 = gpu.to_host(&qg);
+        cpu.rope(&rope, &mut qc, qkvd, &positions, qd, qd, kd).keep();
+        let mut qg = gpu.buffer(guarded(qkv.clone())).must();
+        gpu.rope(&rope, &mut qg, qkvd, &positions, qd, qd, kd).keep();
+        let q1 = gpu.to_host(&qg).must();
         let mut hr = rows_for_groups(n, &[]);
         hr.positions = positions.clone();
-        let prepared = gpu.prepare_rows(vec![hr]);
-        let mut qg2 = gpu.buffer(guarded(qkv.clone()));
-        gpu.rope_rows(&rope, &mut qg2, qkvd, &prepared[0], qd, qd, kd);
-        let q2 = gpu.to_host(&qg2);
+        let prepared = gpu.prepare_rows(vec![hr]).must();
+        let mut qg2 = gpu.buffer(guarded(qkv.clone())).must();
+        gpu.rope_rows(&rope, &mut qg2, qkvd, &prepared[0], qd, qd, kd).keep();
+        let q2 = gpu.to_host(&qg2).must();
         cx.rep.add(Row {
             op: "rope (+ rope_rows bits)",
             shape: tag,
@@ -822,8 +854,8 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
         // logits + selection + head_top + cosine on up to 64 selected rows; the last selected
         // row is NaN (an all-NaN logit row).
         let sel: Vec<u32> = (0..n.min(64) as u32).map(|i| (i * 7) % n as u32).collect();
-        let lc = cpu.logits(&src, h, &sel, Some(&nw_c), eps, &emb_c);
-        let lg = gpu.logits(&sg, h, &sel, Some(&nw_g), eps, &emb_g);
+        let lc = cpu.logits(&src, h, &sel, Some(&nw_c), eps, &emb_c).must();
+        let lg = gpu.logits(&sg, h, &sel, Some(&nw_g), eps, &emb_g).must();
         cx.rep.add(Row {
             op: "logits",
             shape: tag,
@@ -835,8 +867,8 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
             repeat: None,
         });
         // Without the final norm (a model whose loop output is already normed).
-        let lc0 = cpu.logits(&src, h, &sel, None, eps, &emb_c);
-        let lg0 = gpu.logits(&sg, h, &sel, None, eps, &emb_g);
+        let lc0 = cpu.logits(&src, h, &sel, None, eps, &emb_c).must();
+        let lg0 = gpu.logits(&sg, h, &sel, None, eps, &emb_g).must();
         cx.rep.add(Row {
             op: "logits (no final norm)",
             shape: tag,
@@ -850,10 +882,11 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
         // The sandwich norm's residual branch: x += rmsnorm(t) * w.
         let t = rand_vec(cx.rng, n * h, 2.0);
         let mut xb_c = src.clone();
-        cpu.add_normed_branch(&t, &nw_c, eps, &mut xb_c);
-        let mut xb_g = gpu.buffer(guarded(src.clone()));
-        gpu.add_normed_branch(&gpu.buffer(t), &nw_g, eps, &mut xb_g);
-        let xb = gpu.to_host(&xb_g);
+        cpu.add_normed_branch(&t, &nw_c, eps, &mut xb_c).keep();
+        let mut xb_g = gpu.buffer(guarded(src.clone())).must();
+        gpu.add_normed_branch(&gpu.buffer(t).must(), &nw_g, eps, &mut xb_g)
+            .keep();
+        let xb = gpu.to_host(&xb_g).must();
         cx.rep.add(Row {
             op: "add_normed_branch",
             shape: tag,
@@ -865,8 +898,8 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
             repeat: None,
         });
         // The exit gate's dot product.
-        let dc = cpu.dot_rows(&src, h, &sel, &nw_c);
-        let dg = gpu.dot_rows(&sg, h, &sel, &nw_g);
+        let dc = cpu.dot_rows(&src, h, &sel, &nw_c).must();
+        let dg = gpu.dot_rows(&sg, h, &sel, &nw_g).must();
         cx.rep.add(Row {
             op: "dot_rows (exit gate)",
             shape: tag,
@@ -879,7 +912,7 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
         });
         match gpu.logits_device(&sg, h, &sel, Some(&nw_g), eps, &emb_g) {
             Ok(dev) => {
-                let host = gpu.to_host(&dev);
+                let host = gpu.to_host(&dev).must();
                 let ids = gpu.argmax_rows(&dev, sel.len(), s.vocab).unwrap_or_default();
                 let want: Vec<u32> = host.chunks_exact(s.vocab).map(|r| HeadTop::from_logits(r).id).collect();
                 let bad = ids != want;
@@ -931,8 +964,8 @@ fn check_ops(cx: &mut Ctx<'_>, s: &Shapes, rows: &[usize]) {
         }
         head_top_check(cx, s, &src, &sel, &nw_g, eps, &head_g);
         let b2 = rand_vec(cx.rng, n * h, 1.0);
-        let cc = cpu.cosine_rows(&src, &b2, h, &sel);
-        let cg = gpu.cosine_rows(&sg, &gpu.buffer(b2), h, &sel);
+        let cc = cpu.cosine_rows(&src, &b2, h, &sel).must();
+        let cg = gpu.cosine_rows(&sg, &gpu.buffer(b2).must(), h, &sel).must();
         cx.rep.add(Row {
             op: "cosine_rows",
             shape: tag,
@@ -966,13 +999,13 @@ fn head_top_check(
     let mut x = src.to_vec();
     let last = *sel.last().expect("rows selected") as usize;
     x[last * h..(last + 1) * h].fill(f32::NAN);
-    let xg = gpu.buffer(x);
+    let xg = gpu.buffer(x).must();
     let logits = match gpu.logits_device(&xg, h, sel, Some(norm), eps, head) {
-        Ok(l) => gpu.to_host(&l),
+        Ok(l) => gpu.to_host(&l).must(),
         Err(_) => Vec::new(),
     };
     let want: Vec<HeadTop> = logits.chunks_exact(s.vocab).map(HeadTop::from_logits).collect();
-    let got = gpu.head_top(&xg, h, sel, Some(norm), eps, head);
+    let got = gpu.head_top(&xg, h, sel, Some(norm), eps, head).must();
     let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan();
     let mut err = 0f64;
     let mut bad = got.len() != want.len() || want.len() != sel.len();
@@ -1177,13 +1210,16 @@ fn time_module(
     let stream = gpu.stream();
     for n in TIMED_ROWS {
         let groups = groups_for(n);
-        let prepared = gpu.prepare_rows(vec![rows_for_groups(n, &groups)]);
-        let xs: Vec<CudaBuf> = (0..4).map(|_| gpu.buffer(rand_vec(rng, n * module.k, 1.0))).collect();
-        let mut y = gpu.buffer(rand_vec(rng, n * module.m, 1.0));
+        let prepared = gpu.prepare_rows(vec![rows_for_groups(n, &groups)]).must();
+        let xs: Vec<CudaBuf> = (0..4)
+            .map(|_| gpu.buffer(rand_vec(rng, n * module.k, 1.0)).must())
+            .collect();
+        let mut y = gpu.buffer(rand_vec(rng, n * module.m, 1.0)).must();
         let call = |i: usize, y: &mut CudaBuf, lora: bool| {
             let r = &res[i % copies];
             let cols = if lora { r.cols() } else { Vec::new() };
-            gpu.linear_lora_rows(&xs[i % 4], &prepared[0], &r.w, r.bias.as_ref(), &cols, y, mode);
+            gpu.linear_lora_rows(&xs[i % 4], &prepared[0], &r.w, r.bias.as_ref(), &cols, y, mode)
+                .keep();
         };
         let fused = timer.single(5, 30, |i| call(i, &mut y, true));
         let fused_b2b = timer.back_to_back(100, |i| call(i, &mut y, true));

@@ -242,8 +242,35 @@ impl HeadTop {
     }
 }
 
+/// Why a backend operation failed: device memory that could not be allocated, or a launch or
+/// copy the device refused. The CPU backend never fails (its sizes are validated by the
+/// caller); a GPU backend returns these instead of panicking, so an engine can fail the step,
+/// end its requests with an error and report the node unhealthy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendError {
+    /// Device memory for `what` could not be allocated (or uploaded into).
+    Alloc { what: String, detail: String },
+    /// Operation `op` failed on the device (a launch, a copy, an asynchronous fault).
+    Device { op: &'static str, detail: String },
+    /// A shape or parameter this backend does not support.
+    Unsupported(String),
+}
+
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendError::Alloc { what, detail } => write!(f, "cannot allocate {what}: {detail}"),
+            BackendError::Device { op, detail } => write!(f, "{op} failed on the device: {detail}"),
+            BackendError::Unsupported(m) => write!(f, "unsupported by the backend: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
 /// The operations of one engine step. All sizes are validated by the caller (the engine
-/// builds them from a model whose shapes were checked at load time).
+/// builds them from a model whose shapes were checked at load time). Every operation that
+/// allocates or runs on a device returns `Result` ([`BackendError`]).
 pub trait Backend: Send + Sync + 'static {
     /// Activations (`rows x width`, row-major f32).
     type Buf: Send;
@@ -257,24 +284,31 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Makes a host matrix resident.
-    fn matrix(&self, out_dim: usize, in_dim: usize, data: MatrixData) -> Self::Mat;
+    fn matrix(&self, out_dim: usize, in_dim: usize, data: MatrixData) -> Result<Self::Mat, BackendError>;
     /// A resident vector or activation buffer with these values.
-    fn buffer(&self, values: Vec<f32>) -> Self::Buf;
+    fn buffer(&self, values: Vec<f32>) -> Result<Self::Buf, BackendError>;
     /// A zeroed buffer of `len` floats.
-    fn zeros(&self, len: usize) -> Self::Buf;
+    fn zeros(&self, len: usize) -> Result<Self::Buf, BackendError>;
     /// Copies the whole buffer to the host.
-    fn to_host(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn to_host(&self, buf: &Self::Buf) -> Result<Vec<f32>, BackendError>;
     /// A KV pool of `n_blocks` blocks of `layout`.
-    fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> Self::Kv;
+    fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> Result<Self::Kv, BackendError>;
     /// Bytes of resident memory one matrix takes.
     fn matrix_bytes(&self, m: &Self::Mat) -> usize;
 
     /// `out[i] = table[tokens[i]]` (rows of an embedding matrix `vocab x width`).
-    fn embed(&self, table: &Self::Mat, tokens: &[u32], out: &mut Self::Buf);
+    fn embed(&self, table: &Self::Mat, tokens: &[u32], out: &mut Self::Buf) -> Result<(), BackendError>;
     /// `dst[dst_row0 + i] = src[src_rows[i]]` for rows of `width` floats.
-    fn copy_rows(&self, src: &Self::Buf, src_rows: &[u32], dst: &mut Self::Buf, dst_row0: usize, width: usize);
+    fn copy_rows(
+        &self,
+        src: &Self::Buf,
+        src_rows: &[u32],
+        dst: &mut Self::Buf,
+        dst_row0: usize,
+        width: usize,
+    ) -> Result<(), BackendError>;
     /// Row-wise RMSNorm of `x` (`n x w.len()`) scaled by `w`.
-    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, eps: f32, out: &mut Self::Buf);
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, eps: f32, out: &mut Self::Buf) -> Result<(), BackendError>;
     /// The fused shared + per-depth LoRA product over `n` rows of `x`:
     /// `y (+)= x W^T + bias`, then for every group `g` and every entry of `loras`,
     /// `y[g rows, col0..] += (x_g A_{g.adapter}^T) B_{g.adapter}^T`. The shared product
@@ -290,7 +324,7 @@ pub trait Backend: Send + Sync + 'static {
         groups: &[RowGroup],
         y: &mut Self::Buf,
         mode: MatmulMode,
-    );
+    ) -> Result<(), BackendError>;
     /// Rotates the query heads (`q_cols` floats from column 0) and key heads (`k_cols` floats
     /// from column `k_col0`) of every row of `qkv` (row stride `ld`) at `positions[i]`.
     #[allow(clippy::too_many_arguments)]
@@ -303,7 +337,7 @@ pub trait Backend: Send + Sync + 'static {
         q_cols: usize,
         k_col0: usize,
         k_cols: usize,
-    );
+    ) -> Result<(), BackendError>;
     /// Writes row `i`'s key (`kv_dim` floats at column `k_col0`) and value (at `v_col0`) of
     /// `src` (row stride `ld`) into `slots[i]`.
     #[allow(clippy::too_many_arguments)]
@@ -316,13 +350,20 @@ pub trait Backend: Send + Sync + 'static {
         k_col0: usize,
         v_col0: usize,
         slots: &[KvSlot],
-    );
+    ) -> Result<(), BackendError>;
     /// The keys/values of `positions` positions held in `blocks` (in order) on the host,
     /// position-major: for each position, for each layer, the key then the value vector
     /// (what moves a sequence to another node, whatever its block size).
-    fn kv_export(&self, kv: &Self::Kv, layout: &KvLayout, blocks: &[u32], positions: usize) -> Vec<f32>;
+    fn kv_export(
+        &self,
+        kv: &Self::Kv,
+        layout: &KvLayout,
+        blocks: &[u32],
+        positions: usize,
+    ) -> Result<Vec<f32>, BackendError>;
     /// The inverse of [`Backend::kv_export`]: writes `data` into `blocks`.
-    fn kv_import(&self, kv: &mut Self::Kv, layout: &KvLayout, blocks: &[u32], data: &[f32]);
+    fn kv_import(&self, kv: &mut Self::Kv, layout: &KvLayout, blocks: &[u32], data: &[f32])
+    -> Result<(), BackendError>;
     /// Causal attention of each row's query (the first `n_heads * head_dim` columns of `qkv`,
     /// row stride `ld`) over its sequence's cached keys/values; `out` is `rows x q_dim`.
     #[allow(clippy::too_many_arguments)]
@@ -335,9 +376,9 @@ pub trait Backend: Send + Sync + 'static {
         layout: &KvLayout,
         shape: AttnShape,
         out: &mut Self::Buf,
-    );
+    ) -> Result<(), BackendError>;
     /// `out = silu(gate) * up` for `n` rows, each row of `gu` being `gate | up` (`inter` each).
-    fn silu_mul(&self, gu: &Self::Buf, n: usize, inter: usize, out: &mut Self::Buf);
+    fn silu_mul(&self, gu: &Self::Buf, n: usize, inter: usize, out: &mut Self::Buf) -> Result<(), BackendError>;
     /// Final norm (when `norm` is given; a model whose loop output is already normed has none
     /// here) and LM head of the rows `select` of `x`: `select.len() x vocab` logits on the
     /// host (sampling and exit tests run there).
@@ -349,19 +390,19 @@ pub trait Backend: Send + Sync + 'static {
         norm: Option<&Self::Buf>,
         eps: f32,
         head: &Self::Mat,
-    ) -> Vec<f32>;
+    ) -> Result<Vec<f32>, BackendError>;
     /// `x[i] += rmsnorm(t[i]) * w` for every row of `t` (`w.len()` wide): a residual branch
     /// normed before it is added (the second norms of sandwich-norm layers).
-    fn add_normed_branch(&self, t: &Self::Buf, w: &Self::Buf, eps: f32, x: &mut Self::Buf);
+    fn add_normed_branch(&self, t: &Self::Buf, w: &Self::Buf, eps: f32, x: &mut Self::Buf) -> Result<(), BackendError>;
     /// `x[rows[i]] . w` per row (`width` wide, f64 accumulation): a linear exit gate with one
     /// output, no LM head.
-    fn dot_rows(&self, x: &Self::Buf, width: usize, rows: &[u32], w: &Self::Buf) -> Vec<f32>;
+    fn dot_rows(&self, x: &Self::Buf, width: usize, rows: &[u32], w: &Self::Buf) -> Result<Vec<f32>, BackendError>;
     /// Cosine similarity of row `rows[i]` of `a` and of `b` (width `width`), per row: the
     /// hidden-state saturation exit criterion, which needs no LM head.
-    fn cosine_rows(&self, a: &Self::Buf, b: &Self::Buf, width: usize, rows: &[u32]) -> Vec<f32>;
+    fn cosine_rows(&self, a: &Self::Buf, b: &Self::Buf, width: usize, rows: &[u32]) -> Result<Vec<f32>, BackendError>;
     /// Prepares the row sets of one pass (the pass's rows and its KV-fill rows) for the
     /// `*_rows` operations: a backend with its own memory uploads all of them at once.
-    fn prepare_rows(&self, sets: Vec<HostRows>) -> Vec<Self::Rows>;
+    fn prepare_rows(&self, sets: Vec<HostRows>) -> Result<Vec<Self::Rows>, BackendError>;
 
     /// [`Backend::linear_lora`] over the prepared rows (their depth groups pick the LoRAs).
     #[allow(clippy::too_many_arguments)]
@@ -374,9 +415,9 @@ pub trait Backend: Send + Sync + 'static {
         loras: &[LoraColumns<'_, Self::Mat>],
         y: &mut Self::Buf,
         mode: MatmulMode,
-    ) {
+    ) -> Result<(), BackendError> {
         let h = rows.as_ref();
-        self.linear_lora(x, h.len(), w, bias, loras, &h.groups, y, mode);
+        self.linear_lora(x, h.len(), w, bias, loras, &h.groups, y, mode)
     }
 
     /// [`Backend::rope`] at the prepared rows' positions.
@@ -390,8 +431,8 @@ pub trait Backend: Send + Sync + 'static {
         q_cols: usize,
         k_col0: usize,
         k_cols: usize,
-    ) {
-        self.rope(rope, qkv, ld, &rows.as_ref().positions, q_cols, k_col0, k_cols);
+    ) -> Result<(), BackendError> {
+        self.rope(rope, qkv, ld, &rows.as_ref().positions, q_cols, k_col0, k_cols)
     }
 
     /// [`Backend::kv_write`] of the prepared rows at shared layer `k`.
@@ -406,8 +447,8 @@ pub trait Backend: Send + Sync + 'static {
         v_col0: usize,
         rows: &Self::Rows,
         k: usize,
-    ) {
-        self.kv_write(kv, layout, src, ld, k_col0, v_col0, &rows.as_ref().slots(k));
+    ) -> Result<(), BackendError> {
+        self.kv_write(kv, layout, src, ld, k_col0, v_col0, &rows.as_ref().slots(k))
     }
 
     /// [`Backend::attention`] of the prepared rows at shared layer `k`.
@@ -422,8 +463,8 @@ pub trait Backend: Send + Sync + 'static {
         layout: &KvLayout,
         shape: AttnShape,
         out: &mut Self::Buf,
-    ) {
-        self.attention(qkv, ld, &rows.as_ref().attn_rows(k), kv, layout, shape, out);
+    ) -> Result<(), BackendError> {
+        self.attention(qkv, ld, &rows.as_ref().attn_rows(k), kv, layout, shape, out)
     }
 
     /// Whether the engine should reduce LM-head rows here ([`Backend::head_top`]) when a step
@@ -443,19 +484,21 @@ pub trait Backend: Send + Sync + 'static {
         norm: Option<&Self::Buf>,
         eps: f32,
         head: &Self::Mat,
-    ) -> Vec<HeadTop> {
+    ) -> Result<Vec<HeadTop>, BackendError> {
         if select.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let logits = self.logits(x, width, select, norm, eps, head);
+        let logits = self.logits(x, width, select, norm, eps, head)?;
         let vocab = logits.len() / select.len();
-        logits.chunks_exact(vocab).map(HeadTop::from_logits).collect()
+        Ok(logits.chunks_exact(vocab).map(HeadTop::from_logits).collect())
     }
 
-    /// The first fault the backend hit since it started (a device error: the trait's methods
-    /// cannot return one), if any. The engine checks it once per step and fails the step
-    /// rather than emit tokens computed from garbage. The CPU backend never faults.
-    fn fault(&self) -> Option<String> {
+    /// The first fault the backend hit since it started, if any: an error an operation
+    /// returned, or one a device reports later (a GPU runs launches asynchronously, so a
+    /// fault can surface after the call that caused it returned `Ok`). The engine checks it
+    /// once per step and fails the step rather than emit tokens computed from garbage. The
+    /// CPU backend never faults.
+    fn fault(&self) -> Option<BackendError> {
         None
     }
 }
@@ -567,32 +610,32 @@ impl Backend for CpuBackend {
     type Kv = Vec<f32>;
     type Rows = HostRows;
 
-    fn prepare_rows(&self, sets: Vec<HostRows>) -> Vec<HostRows> {
-        sets
+    fn prepare_rows(&self, sets: Vec<HostRows>) -> Result<Vec<HostRows>, BackendError> {
+        Ok(sets)
     }
 
     fn name(&self) -> &'static str {
         "cpu"
     }
 
-    fn matrix(&self, out_dim: usize, in_dim: usize, data: MatrixData) -> CpuMatrix {
-        CpuMatrix { out_dim, in_dim, data }
+    fn matrix(&self, out_dim: usize, in_dim: usize, data: MatrixData) -> Result<CpuMatrix, BackendError> {
+        Ok(CpuMatrix { out_dim, in_dim, data })
     }
 
-    fn buffer(&self, values: Vec<f32>) -> Vec<f32> {
-        values
+    fn buffer(&self, values: Vec<f32>) -> Result<Vec<f32>, BackendError> {
+        Ok(values)
     }
 
-    fn zeros(&self, len: usize) -> Vec<f32> {
-        vec![0f32; len]
+    fn zeros(&self, len: usize) -> Result<Vec<f32>, BackendError> {
+        Ok(vec![0f32; len])
     }
 
-    fn to_host(&self, buf: &Vec<f32>) -> Vec<f32> {
-        buf.clone()
+    fn to_host(&self, buf: &Vec<f32>) -> Result<Vec<f32>, BackendError> {
+        Ok(buf.clone())
     }
 
-    fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> Vec<f32> {
-        vec![0f32; n_blocks * layout.block_floats()]
+    fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> Result<Vec<f32>, BackendError> {
+        Ok(vec![0f32; n_blocks * layout.block_floats()])
     }
 
     fn matrix_bytes(&self, m: &CpuMatrix) -> usize {
@@ -602,23 +645,33 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn embed(&self, table: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) {
+    fn embed(&self, table: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), BackendError> {
         let w = table.in_dim;
         for (i, &t) in tokens.iter().enumerate() {
             table.row_into(t as usize, &mut out[i * w..(i + 1) * w]);
         }
+        Ok(())
     }
 
-    fn copy_rows(&self, src: &Vec<f32>, src_rows: &[u32], dst: &mut Vec<f32>, dst_row0: usize, width: usize) {
+    fn copy_rows(
+        &self,
+        src: &Vec<f32>,
+        src_rows: &[u32],
+        dst: &mut Vec<f32>,
+        dst_row0: usize,
+        width: usize,
+    ) -> Result<(), BackendError> {
         for (i, &r) in src_rows.iter().enumerate() {
             let r = r as usize;
             let d = (dst_row0 + i) * width;
             dst[d..d + width].copy_from_slice(&src[r * width..(r + 1) * width]);
         }
+        Ok(())
     }
 
-    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) {
+    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) -> Result<(), BackendError> {
         rmsnorm(x, w, eps, out);
+        Ok(())
     }
 
     fn linear_lora(
@@ -631,7 +684,7 @@ impl Backend for CpuBackend {
         groups: &[RowGroup],
         y: &mut Vec<f32>,
         mode: MatmulMode,
-    ) {
+    ) -> Result<(), BackendError> {
         let (k, m) = (w.in_dim, w.out_dim);
         w.matmul(&x[..n * k], &mut y[..n * m], n, mode);
         if let Some(b) = bias {
@@ -640,6 +693,7 @@ impl Backend for CpuBackend {
             }
         }
         lora_groups(x, n, k, m, loras, groups, y);
+        Ok(())
     }
 
     fn rope(
@@ -651,7 +705,7 @@ impl Backend for CpuBackend {
         q_cols: usize,
         k_col0: usize,
         k_cols: usize,
-    ) {
+    ) -> Result<(), BackendError> {
         let half = rope.half();
         qkv[..positions.len() * ld]
             .par_chunks_mut(ld)
@@ -663,6 +717,7 @@ impl Backend for CpuBackend {
                 rope.apply(&mut row[..q_cols], &cos, &sin);
                 rope.apply(&mut row[k_col0..k_col0 + k_cols], &cos, &sin);
             });
+        Ok(())
     }
 
     fn kv_write(
@@ -674,7 +729,7 @@ impl Backend for CpuBackend {
         k_col0: usize,
         v_col0: usize,
         slots: &[KvSlot],
-    ) {
+    ) -> Result<(), BackendError> {
         let kd = layout.kv_dim();
         for (i, s) in slots.iter().enumerate() {
             let row = &src[i * ld..(i + 1) * ld];
@@ -683,9 +738,16 @@ impl Backend for CpuBackend {
             let vo = layout.offset(s.block, s.layer, 1, s.slot);
             kv[vo..vo + kd].copy_from_slice(&row[v_col0..v_col0 + kd]);
         }
+        Ok(())
     }
 
-    fn kv_export(&self, kv: &Vec<f32>, layout: &KvLayout, blocks: &[u32], positions: usize) -> Vec<f32> {
+    fn kv_export(
+        &self,
+        kv: &Vec<f32>,
+        layout: &KvLayout,
+        blocks: &[u32],
+        positions: usize,
+    ) -> Result<Vec<f32>, BackendError> {
         let kd = layout.kv_dim();
         let mut out = Vec::with_capacity(positions * layout.n_layers * 2 * kd);
         for p in 0..positions {
@@ -697,10 +759,16 @@ impl Backend for CpuBackend {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
-    fn kv_import(&self, kv: &mut Vec<f32>, layout: &KvLayout, blocks: &[u32], data: &[f32]) {
+    fn kv_import(
+        &self,
+        kv: &mut Vec<f32>,
+        layout: &KvLayout,
+        blocks: &[u32],
+        data: &[f32],
+    ) -> Result<(), BackendError> {
         let kd = layout.kv_dim();
         for (i, v) in data.chunks_exact(kd).enumerate() {
             let kind = i % 2;
@@ -709,6 +777,7 @@ impl Backend for CpuBackend {
             let o = layout.offset(blocks[p / layout.block_size], l, kind, p % layout.block_size);
             kv[o..o + kd].copy_from_slice(v);
         }
+        Ok(())
     }
 
     fn attention(
@@ -720,17 +789,19 @@ impl Backend for CpuBackend {
         layout: &KvLayout,
         shape: AttnShape,
         out: &mut Vec<f32>,
-    ) {
+    ) -> Result<(), BackendError> {
         let qd = shape.n_heads * layout.head_dim;
         let mut q = vec![0f32; rows.len() * qd];
         for (i, qr) in q.chunks_exact_mut(qd).enumerate() {
             qr.copy_from_slice(&qkv[i * ld..i * ld + qd]);
         }
         attention_paged(&q, rows, kv, layout, shape, &mut out[..rows.len() * qd]);
+        Ok(())
     }
 
-    fn silu_mul(&self, gu: &Vec<f32>, n: usize, inter: usize, out: &mut Vec<f32>) {
+    fn silu_mul(&self, gu: &Vec<f32>, n: usize, inter: usize, out: &mut Vec<f32>) -> Result<(), BackendError> {
         silu_mul(&gu[..n * 2 * inter], inter, &mut out[..n * inter]);
+        Ok(())
     }
 
     fn logits(
@@ -741,7 +812,7 @@ impl Backend for CpuBackend {
         norm: Option<&Vec<f32>>,
         eps: f32,
         head: &CpuMatrix,
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>, BackendError> {
         let mut picked = vec![0f32; select.len() * width];
         for (i, &r) in select.iter().enumerate() {
             let r = r as usize;
@@ -757,31 +828,34 @@ impl Backend for CpuBackend {
         };
         let mut out = vec![0f32; select.len() * head.out_dim];
         head.matmul(&normed, &mut out, select.len(), MatmulMode::Overwrite);
-        out
+        Ok(out)
     }
 
-    fn add_normed_branch(&self, t: &Vec<f32>, w: &Vec<f32>, eps: f32, x: &mut Vec<f32>) {
+    fn add_normed_branch(&self, t: &Vec<f32>, w: &Vec<f32>, eps: f32, x: &mut Vec<f32>) -> Result<(), BackendError> {
         let mut normed = vec![0f32; t.len()];
         rmsnorm(t, w, eps, &mut normed);
         x[..t.len()].iter_mut().zip(&normed).for_each(|(a, b)| *a += b);
+        Ok(())
     }
 
-    fn dot_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], w: &Vec<f32>) -> Vec<f32> {
-        rows.iter()
+    fn dot_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], w: &Vec<f32>) -> Result<Vec<f32>, BackendError> {
+        Ok(rows
+            .iter()
             .map(|&r| {
                 let r = r as usize;
                 dot_f64(&x[r * width..(r + 1) * width], &w[..width]) as f32
             })
-            .collect()
+            .collect())
     }
 
-    fn cosine_rows(&self, a: &Vec<f32>, b: &Vec<f32>, width: usize, rows: &[u32]) -> Vec<f32> {
-        rows.iter()
+    fn cosine_rows(&self, a: &Vec<f32>, b: &Vec<f32>, width: usize, rows: &[u32]) -> Result<Vec<f32>, BackendError> {
+        Ok(rows
+            .iter()
             .map(|&r| {
                 let r = r as usize;
                 cosine(&a[r * width..(r + 1) * width], &b[r * width..(r + 1) * width])
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -818,7 +892,7 @@ mod tests {
         let (n, k, m, r) = (11, 40, 24, 5);
         let be = CpuBackend;
         let w = rand_vec(m * k, &mut rng);
-        let mat = be.matrix(m, k, MatrixData::F32(w.clone()));
+        let mat = be.matrix(m, k, MatrixData::F32(w.clone())).unwrap();
         let bias = rand_vec(m, &mut rng);
         // Adapters on columns 8..20 (out 12): depth 0 and 2 have one, depth 1 has none.
         let mk = |rng: &mut rand_chacha::ChaCha8Rng| {
@@ -831,14 +905,14 @@ mod tests {
         let per: Vec<Option<LoraMats<CpuMatrix>>> = vec![
             Some(LoraMats {
                 rank: r,
-                a: be.matrix(r, k, MatrixData::F32(a0.clone())),
-                b: be.matrix(12, r, MatrixData::F32(b0.clone())),
+                a: be.matrix(r, k, MatrixData::F32(a0.clone())).unwrap(),
+                b: be.matrix(12, r, MatrixData::F32(b0.clone())).unwrap(),
             }),
             None,
             Some(LoraMats {
                 rank: r,
-                a: be.matrix(r, k, MatrixData::F32(a2.clone())),
-                b: be.matrix(12, r, MatrixData::F32(b2.clone())),
+                a: be.matrix(r, k, MatrixData::F32(a2.clone())).unwrap(),
+                b: be.matrix(12, r, MatrixData::F32(b2.clone())).unwrap(),
             }),
         ];
         let x = rand_vec(n * k, &mut rng);
@@ -864,7 +938,8 @@ mod tests {
             col0: 8,
             per_adapter: &per,
         }];
-        be.linear_lora(&x, n, &mat, Some(&bias), &cols, &groups, &mut y, MatmulMode::Overwrite);
+        be.linear_lora(&x, n, &mat, Some(&bias), &cols, &groups, &mut y, MatmulMode::Overwrite)
+            .unwrap();
         for i in 0..n {
             let depth = groups
                 .iter()

@@ -22,7 +22,7 @@ pub mod rope;
 pub mod skinny;
 
 pub use attention::{AttnRow, AttnShape, KvLayout, attention_paged};
-pub use backend::{Backend, CpuBackend, CpuMatrix, HeadTop, MatrixData};
+pub use backend::{Backend, BackendError, CpuBackend, CpuMatrix, HeadTop, MatrixData};
 pub use elementwise::{add_inplace, axpy, dot, logsumexp, rmsnorm, silu_mul, softmax_inplace};
 pub use matmul::{MatmulMode, matmul_nt};
 pub use qdot::{CpuProducts, cpu_products, set_cpu_products};

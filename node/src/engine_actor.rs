@@ -92,19 +92,19 @@ impl Drop for RequestStream {
     }
 }
 
+/// The engine's thread: it ends with `Err` when its backend failed (a device fault: the
+/// engine cannot go on), with `Ok` after a shutdown or when every handle was dropped.
+pub type EngineThread = std::thread::JoinHandle<Result<(), EngineError>>;
+
 impl EngineHandle {
     /// Starts the engine task on its own thread. `capacity` bounds the command channel.
-    pub fn spawn<B: Backend>(engine: Engine<B>, capacity: usize) -> (Self, std::thread::JoinHandle<()>) {
+    pub fn spawn<B: Backend>(engine: Engine<B>, capacity: usize) -> (Self, EngineThread) {
         Self::spawn_paced(engine, capacity, None)
     }
 
     /// Like [`EngineHandle::spawn`]; with `pace`, every pass lasts at least the time it gives
     /// (a simulated node then runs in real time).
-    pub fn spawn_paced<B: Backend>(
-        engine: Engine<B>,
-        capacity: usize,
-        pace: Option<Pace>,
-    ) -> (Self, std::thread::JoinHandle<()>) {
+    pub fn spawn_paced<B: Backend>(engine: Engine<B>, capacity: usize, pace: Option<Pace>) -> (Self, EngineThread) {
         Self::spawn_named(engine, capacity, pace, String::new())
     }
 
@@ -115,7 +115,7 @@ impl EngineHandle {
         capacity: usize,
         pace: Option<Pace>,
         model: String,
-    ) -> (Self, std::thread::JoinHandle<()>) {
+    ) -> (Self, EngineThread) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let join = std::thread::Builder::new()
             .name("rrt-engine".into())
@@ -205,7 +205,12 @@ impl EngineHandle {
 }
 
 /// The task: apply commands, run a pass when there is work, route events.
-fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>, pace: Option<Pace>, model: String) {
+fn run<B: Backend>(
+    mut engine: Engine<B>,
+    mut rx: mpsc::Receiver<EngineCommand>,
+    pace: Option<Pace>,
+    model: String,
+) -> Result<(), EngineError> {
     let mut streams: HashMap<RequestId, mpsc::UnboundedSender<Event>> = HashMap::new();
     let mut closing: Option<(bool, oneshot::Sender<()>)> = None;
     let mut exports: HashMap<RequestId, oneshot::Sender<Option<KvState>>> = HashMap::new();
@@ -217,7 +222,7 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>,
         } else {
             match rx.blocking_recv() {
                 Some(c) => Some(c),
-                None => return,
+                None => return Ok(()),
             }
         };
         loop {
@@ -295,7 +300,7 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>,
             if let Some((_, reply)) = closing.take() {
                 let _ = reply.send(());
             }
-            return;
+            return Ok(());
         }
         let step = tracing::info_span!(
             target: "rrt_node",
@@ -342,6 +347,13 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<EngineCommand>,
         spans.retain(|id, _| engine.is_active(*id));
         match stepped {
             Ok(events) => route(&mut streams, events),
+            Err(EngineError::Backend(e)) => {
+                // The device failed: nothing it computes can be trusted any more. The thread
+                // ends with the error; its supervisor fails the requests in flight (the
+                // coordinator moves them), turns health NOT_SERVING and stops the node.
+                tracing::error!(error = %e, "the compute backend failed; the engine stops");
+                return Err(EngineError::Backend(e));
+            }
             Err(e) => {
                 // A pass failed (a backend error): fail every request rather than lose them silently.
                 tracing::error!(error = %e, "engine pass failed; cancelling all requests");

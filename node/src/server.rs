@@ -53,8 +53,8 @@ fn spawn_engine<B: Backend>(
     tokenizer: Arc<rrt_model::tokenizer::Tokenizer>,
     cfg: &EngineConfig,
     name: &str,
-) -> Result<(EngineHandle, std::thread::JoinHandle<()>, usize), EngineError> {
-    let engine = Engine::new(ResidentModel::new(backend, model), tokenizer, cfg.clone())?;
+) -> Result<(EngineHandle, crate::engine_actor::EngineThread, usize), EngineError> {
+    let engine = Engine::new(ResidentModel::new(backend, model)?, tokenizer, cfg.clone())?;
     let blocks = engine.kv_blocks().0;
     let (handle, thread) = EngineHandle::spawn_named(engine, 1024, None, name.to_string());
     Ok((handle, thread, blocks))
@@ -68,7 +68,7 @@ fn launch(
     tokenizer: Arc<rrt_model::tokenizer::Tokenizer>,
     cfg: &EngineConfig,
     name: &str,
-) -> Result<(EngineHandle, std::thread::JoinHandle<()>, usize, String), EngineError> {
+) -> Result<(EngineHandle, crate::engine_actor::EngineThread, usize, String), EngineError> {
     if let Device::Cuda(n) = place.device {
         #[cfg(feature = "cuda")]
         {

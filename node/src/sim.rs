@@ -12,7 +12,7 @@ use crate::engine::{Engine, EngineConfig, EngineError, PassInfo, ResidentModel};
 use rrt_kernels::backend::{HostRows, KvSlot, LoraColumns, RowGroup};
 use rrt_kernels::matmul::MatmulMode;
 use rrt_kernels::rope::RopeTable;
-use rrt_kernels::{AttnRow, AttnShape, Backend, KvLayout, MatrixData, RopeScaling};
+use rrt_kernels::{AttnRow, AttnShape, Backend, BackendError, KvLayout, MatrixData, RopeScaling};
 use rrt_model::config::{Family, ModelConfig};
 use rrt_model::forward::Model;
 use rrt_model::recursive::{Init, Recursion};
@@ -33,32 +33,47 @@ impl Backend for SimBackend {
     type Kv = ();
     type Rows = HostRows;
 
-    fn prepare_rows(&self, sets: Vec<HostRows>) -> Vec<HostRows> {
-        sets
+    fn prepare_rows(&self, sets: Vec<HostRows>) -> Result<Vec<HostRows>, BackendError> {
+        Ok(sets)
     }
 
     fn name(&self) -> &'static str {
         "sim"
     }
-    fn matrix(&self, out_dim: usize, in_dim: usize, _data: MatrixData) -> (usize, usize) {
-        (out_dim, in_dim)
+    fn matrix(&self, out_dim: usize, in_dim: usize, _data: MatrixData) -> Result<(usize, usize), BackendError> {
+        Ok((out_dim, in_dim))
     }
-    fn buffer(&self, values: Vec<f32>) -> usize {
-        values.len()
+    fn buffer(&self, values: Vec<f32>) -> Result<usize, BackendError> {
+        Ok(values.len())
     }
-    fn zeros(&self, len: usize) -> usize {
-        len
+    fn zeros(&self, len: usize) -> Result<usize, BackendError> {
+        Ok(len)
     }
-    fn to_host(&self, buf: &usize) -> Vec<f32> {
-        vec![0.0; *buf]
+    fn to_host(&self, buf: &usize) -> Result<Vec<f32>, BackendError> {
+        Ok(vec![0.0; *buf])
     }
-    fn kv_pool(&self, _layout: KvLayout, _n_blocks: usize) {}
+    fn kv_pool(&self, _layout: KvLayout, _n_blocks: usize) -> Result<(), BackendError> {
+        Ok(())
+    }
     fn matrix_bytes(&self, _m: &(usize, usize)) -> usize {
         0
     }
-    fn embed(&self, _table: &(usize, usize), _tokens: &[u32], _out: &mut usize) {}
-    fn copy_rows(&self, _src: &usize, _src_rows: &[u32], _dst: &mut usize, _dst_row0: usize, _width: usize) {}
-    fn rmsnorm(&self, _x: &usize, _w: &usize, _eps: f32, _out: &mut usize) {}
+    fn embed(&self, _table: &(usize, usize), _tokens: &[u32], _out: &mut usize) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn copy_rows(
+        &self,
+        _src: &usize,
+        _src_rows: &[u32],
+        _dst: &mut usize,
+        _dst_row0: usize,
+        _width: usize,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn rmsnorm(&self, _x: &usize, _w: &usize, _eps: f32, _out: &mut usize) -> Result<(), BackendError> {
+        Ok(())
+    }
     fn linear_lora(
         &self,
         _x: &usize,
@@ -69,7 +84,8 @@ impl Backend for SimBackend {
         _groups: &[RowGroup],
         _y: &mut usize,
         _mode: MatmulMode,
-    ) {
+    ) -> Result<(), BackendError> {
+        Ok(())
     }
     fn rope(
         &self,
@@ -80,7 +96,8 @@ impl Backend for SimBackend {
         _q_cols: usize,
         _k_col0: usize,
         _k_cols: usize,
-    ) {
+    ) -> Result<(), BackendError> {
+        Ok(())
     }
     fn kv_write(
         &self,
@@ -91,12 +108,21 @@ impl Backend for SimBackend {
         _k_col0: usize,
         _v_col0: usize,
         _slots: &[KvSlot],
-    ) {
+    ) -> Result<(), BackendError> {
+        Ok(())
     }
-    fn kv_export(&self, _kv: &(), layout: &KvLayout, _blocks: &[u32], positions: usize) -> Vec<f32> {
-        vec![0.0; positions * layout.n_layers * 2 * layout.kv_dim()]
+    fn kv_export(
+        &self,
+        _kv: &(),
+        layout: &KvLayout,
+        _blocks: &[u32],
+        positions: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        Ok(vec![0.0; positions * layout.n_layers * 2 * layout.kv_dim()])
     }
-    fn kv_import(&self, _kv: &mut (), _layout: &KvLayout, _blocks: &[u32], _data: &[f32]) {}
+    fn kv_import(&self, _kv: &mut (), _layout: &KvLayout, _blocks: &[u32], _data: &[f32]) -> Result<(), BackendError> {
+        Ok(())
+    }
     fn attention(
         &self,
         _qkv: &usize,
@@ -106,9 +132,12 @@ impl Backend for SimBackend {
         _layout: &KvLayout,
         _shape: AttnShape,
         _out: &mut usize,
-    ) {
+    ) -> Result<(), BackendError> {
+        Ok(())
     }
-    fn silu_mul(&self, _gu: &usize, _n: usize, _inter: usize, _out: &mut usize) {}
+    fn silu_mul(&self, _gu: &usize, _n: usize, _inter: usize, _out: &mut usize) -> Result<(), BackendError> {
+        Ok(())
+    }
     fn logits(
         &self,
         _x: &usize,
@@ -117,15 +146,17 @@ impl Backend for SimBackend {
         _norm: Option<&usize>,
         _eps: f32,
         head: &(usize, usize),
-    ) -> Vec<f32> {
-        vec![0.0; select.len() * head.0]
+    ) -> Result<Vec<f32>, BackendError> {
+        Ok(vec![0.0; select.len() * head.0])
     }
-    fn add_normed_branch(&self, _t: &usize, _w: &usize, _eps: f32, _x: &mut usize) {}
-    fn dot_rows(&self, _x: &usize, _width: usize, rows: &[u32], _w: &usize) -> Vec<f32> {
-        vec![0.0; rows.len()]
+    fn add_normed_branch(&self, _t: &usize, _w: &usize, _eps: f32, _x: &mut usize) -> Result<(), BackendError> {
+        Ok(())
     }
-    fn cosine_rows(&self, _a: &usize, _b: &usize, _width: usize, rows: &[u32]) -> Vec<f32> {
-        vec![1.0; rows.len()]
+    fn dot_rows(&self, _x: &usize, _width: usize, rows: &[u32], _w: &usize) -> Result<Vec<f32>, BackendError> {
+        Ok(vec![0.0; rows.len()])
+    }
+    fn cosine_rows(&self, _a: &usize, _b: &usize, _width: usize, rows: &[u32]) -> Result<Vec<f32>, BackendError> {
+        Ok(vec![1.0; rows.len()])
     }
 }
 
@@ -223,7 +254,7 @@ pub fn engine(
         };
         Model::recursive(config, weights, rec)?
     };
-    let resident = ResidentModel::new(SimBackend, model);
+    let resident = ResidentModel::new(SimBackend, model)?;
     cfg.kv_bytes = kv_blocks.max(1) * resident.kv_layout(cfg.block_size).block_floats() * 4;
     cfg.exit = None;
     Engine::new(resident, tokenizer, cfg)

@@ -1,8 +1,10 @@
 //! Supervision of the engine thread: a small watcher thread joins it and publishes how it
-//! ended, so a node whose engine died (a panic: a GPU allocation that failed, a bug) stops
+//! ended, so a node whose engine died (a backend error: a GPU allocation or launch that
+//! failed; or a panic: a bug) stops
 //! reporting SERVING, fails its in-flight requests with an error the coordinator migrates,
 //! and exits non-zero, instead of looking alive with nothing behind it.
 
+use crate::engine_actor::EngineThread;
 use tokio::sync::watch;
 
 /// The engine thread's state.
@@ -11,7 +13,7 @@ pub enum EngineExit {
     Running,
     /// It returned (after a shutdown, or when every handle was dropped).
     Stopped,
-    /// It panicked; the panic's message.
+    /// It panicked, or its backend failed; the panic's message or the error.
     Died(String),
 }
 
@@ -23,17 +25,18 @@ pub struct EngineWatch {
 
 impl EngineWatch {
     /// Joins `thread` on a watcher thread; `on_exit` runs there once it ended.
-    pub fn spawn(thread: std::thread::JoinHandle<()>, on_exit: impl FnOnce(&EngineExit) + Send + 'static) -> Self {
+    pub fn spawn(thread: EngineThread, on_exit: impl FnOnce(&EngineExit) + Send + 'static) -> Self {
         let (tx, rx) = watch::channel(EngineExit::Running);
         std::thread::Builder::new()
             .name("rrt-engine-watch".into())
             .spawn(move || {
                 let exit = match thread.join() {
-                    Ok(()) => EngineExit::Stopped,
+                    Ok(Ok(())) => EngineExit::Stopped,
+                    Ok(Err(e)) => EngineExit::Died(e.to_string()),
                     Err(payload) => EngineExit::Died(panic_message(payload.as_ref())),
                 };
                 if let EngineExit::Died(m) = &exit {
-                    tracing::error!(panic = %m, "the engine thread died");
+                    tracing::error!(cause = %m, "the engine thread died");
                 }
                 on_exit(&exit);
                 let _ = tx.send(exit);
@@ -95,7 +98,26 @@ mod tests {
         let e = w.wait_blocking();
         assert_eq!(e, EngineExit::Died("GPU allocation of 9 GiB failed".into()));
         assert_eq!(rx.recv().unwrap(), e);
-        let ok = EngineWatch::spawn(std::thread::spawn(|| {}), |_| {});
+        let ok = EngineWatch::spawn(std::thread::spawn(|| Ok(())), |_| {});
         assert_eq!(ok.wait_blocking(), EngineExit::Stopped);
+    }
+
+    #[test]
+    fn a_backend_failure_is_reported_with_its_error() {
+        use crate::engine::EngineError;
+        use rrt_kernels::BackendError;
+        let t = std::thread::spawn(|| {
+            Err(EngineError::Backend(BackendError::Alloc {
+                what: "a KV pool of 9 GiB".into(),
+                detail: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+            }))
+        });
+        let e = EngineWatch::spawn(t, |_| {}).wait_blocking();
+        assert_eq!(
+            e,
+            EngineExit::Died(
+                "compute backend fault: cannot allocate a KV pool of 9 GiB: CUDA_ERROR_OUT_OF_MEMORY".into()
+            )
+        );
     }
 }

@@ -82,5 +82,5 @@ async fn handle_matches_direct_engine_and_cancels_on_drop() {
     assert_eq!((n, fin), (10, Some(FinishReason::Length)));
     stop.await.unwrap().unwrap();
     assert!(handle.submit(req(1)).await.is_err(), "no work after shutdown");
-    join.join().unwrap();
+    join.join().unwrap().unwrap();
 }

@@ -9,7 +9,7 @@ use common::*;
 use rrt_kernels::attention::{AttnRow, AttnShape, KvLayout};
 use rrt_kernels::backend::{KvSlot, LoraColumns, RowGroup};
 use rrt_kernels::matmul::MatmulMode;
-use rrt_kernels::{Backend, CpuBackend, CpuMatrix, HeadTop, MatrixData, RopeTable};
+use rrt_kernels::{Backend, BackendError, CpuBackend, CpuMatrix, HeadTop, MatrixData, RopeTable};
 use rrt_model::exit::Criterion;
 use rrt_model::sampling::SamplingParams;
 use rrt_node::{Engine, EngineConfig, Event, ExitRule, GenParams, Request, ResidentModel};
@@ -29,37 +29,40 @@ impl Backend for Reducing {
     type Mat = CpuMatrix;
     type Kv = Vec<f32>;
     type Rows = rrt_kernels::backend::HostRows;
-    fn prepare_rows(&self, sets: Vec<rrt_kernels::backend::HostRows>) -> Vec<rrt_kernels::backend::HostRows> {
-        sets
+    fn prepare_rows(
+        &self,
+        sets: Vec<rrt_kernels::backend::HostRows>,
+    ) -> Result<Vec<rrt_kernels::backend::HostRows>, BackendError> {
+        Ok(sets)
     }
     fn name(&self) -> &'static str {
         "reducing-cpu"
     }
-    fn matrix(&self, o: usize, i: usize, d: MatrixData) -> CpuMatrix {
+    fn matrix(&self, o: usize, i: usize, d: MatrixData) -> Result<CpuMatrix, BackendError> {
         self.cpu.matrix(o, i, d)
     }
-    fn buffer(&self, v: Vec<f32>) -> Vec<f32> {
-        v
+    fn buffer(&self, v: Vec<f32>) -> Result<Vec<f32>, BackendError> {
+        Ok(v)
     }
-    fn zeros(&self, n: usize) -> Vec<f32> {
+    fn zeros(&self, n: usize) -> Result<Vec<f32>, BackendError> {
         self.cpu.zeros(n)
     }
-    fn to_host(&self, b: &Vec<f32>) -> Vec<f32> {
-        b.clone()
+    fn to_host(&self, b: &Vec<f32>) -> Result<Vec<f32>, BackendError> {
+        Ok(b.clone())
     }
-    fn kv_pool(&self, l: KvLayout, n: usize) -> Vec<f32> {
+    fn kv_pool(&self, l: KvLayout, n: usize) -> Result<Vec<f32>, BackendError> {
         self.cpu.kv_pool(l, n)
     }
     fn matrix_bytes(&self, m: &CpuMatrix) -> usize {
         self.cpu.matrix_bytes(m)
     }
-    fn embed(&self, t: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) {
+    fn embed(&self, t: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), BackendError> {
         self.cpu.embed(t, tokens, out)
     }
-    fn copy_rows(&self, s: &Vec<f32>, r: &[u32], d: &mut Vec<f32>, r0: usize, w: usize) {
+    fn copy_rows(&self, s: &Vec<f32>, r: &[u32], d: &mut Vec<f32>, r0: usize, w: usize) -> Result<(), BackendError> {
         self.cpu.copy_rows(s, r, d, r0, w)
     }
-    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) {
+    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) -> Result<(), BackendError> {
         self.cpu.rmsnorm(x, w, eps, out)
     }
     #[allow(clippy::too_many_arguments)]
@@ -73,11 +76,20 @@ impl Backend for Reducing {
         groups: &[RowGroup],
         y: &mut Vec<f32>,
         mode: MatmulMode,
-    ) {
+    ) -> Result<(), BackendError> {
         self.cpu.linear_lora(x, n, w, bias, loras, groups, y, mode)
     }
     #[allow(clippy::too_many_arguments)]
-    fn rope(&self, r: &RopeTable, qkv: &mut Vec<f32>, ld: usize, p: &[u32], q: usize, k0: usize, k: usize) {
+    fn rope(
+        &self,
+        r: &RopeTable,
+        qkv: &mut Vec<f32>,
+        ld: usize,
+        p: &[u32],
+        q: usize,
+        k0: usize,
+        k: usize,
+    ) -> Result<(), BackendError> {
         self.cpu.rope(r, qkv, ld, p, q, k0, k)
     }
     #[allow(clippy::too_many_arguments)]
@@ -90,13 +102,13 @@ impl Backend for Reducing {
         k0: usize,
         v0: usize,
         slots: &[KvSlot],
-    ) {
+    ) -> Result<(), BackendError> {
         self.cpu.kv_write(kv, l, s, ld, k0, v0, slots)
     }
-    fn kv_export(&self, kv: &Vec<f32>, l: &KvLayout, b: &[u32], p: usize) -> Vec<f32> {
+    fn kv_export(&self, kv: &Vec<f32>, l: &KvLayout, b: &[u32], p: usize) -> Result<Vec<f32>, BackendError> {
         self.cpu.kv_export(kv, l, b, p)
     }
-    fn kv_import(&self, kv: &mut Vec<f32>, l: &KvLayout, b: &[u32], d: &[f32]) {
+    fn kv_import(&self, kv: &mut Vec<f32>, l: &KvLayout, b: &[u32], d: &[f32]) -> Result<(), BackendError> {
         self.cpu.kv_import(kv, l, b, d)
     }
     #[allow(clippy::too_many_arguments)]
@@ -109,10 +121,10 @@ impl Backend for Reducing {
         l: &KvLayout,
         s: AttnShape,
         out: &mut Vec<f32>,
-    ) {
+    ) -> Result<(), BackendError> {
         self.cpu.attention(qkv, ld, rows, kv, l, s, out)
     }
-    fn silu_mul(&self, gu: &Vec<f32>, n: usize, inter: usize, out: &mut Vec<f32>) {
+    fn silu_mul(&self, gu: &Vec<f32>, n: usize, inter: usize, out: &mut Vec<f32>) -> Result<(), BackendError> {
         self.cpu.silu_mul(gu, n, inter, out)
     }
     fn logits(
@@ -123,17 +135,17 @@ impl Backend for Reducing {
         norm: Option<&Vec<f32>>,
         eps: f32,
         head: &CpuMatrix,
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>, BackendError> {
         self.logit_rows.fetch_add(sel.len(), Ordering::Relaxed);
         self.cpu.logits(x, w, sel, norm, eps, head)
     }
-    fn add_normed_branch(&self, t: &Vec<f32>, w: &Vec<f32>, eps: f32, x: &mut Vec<f32>) {
+    fn add_normed_branch(&self, t: &Vec<f32>, w: &Vec<f32>, eps: f32, x: &mut Vec<f32>) -> Result<(), BackendError> {
         self.cpu.add_normed_branch(t, w, eps, x)
     }
-    fn dot_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], w: &Vec<f32>) -> Vec<f32> {
+    fn dot_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], w: &Vec<f32>) -> Result<Vec<f32>, BackendError> {
         self.cpu.dot_rows(x, width, rows, w)
     }
-    fn cosine_rows(&self, a: &Vec<f32>, b: &Vec<f32>, w: usize, rows: &[u32]) -> Vec<f32> {
+    fn cosine_rows(&self, a: &Vec<f32>, b: &Vec<f32>, w: usize, rows: &[u32]) -> Result<Vec<f32>, BackendError> {
         self.cpu.cosine_rows(a, b, w, rows)
     }
     fn prefers_head_top(&self) -> bool {
@@ -147,7 +159,7 @@ impl Backend for Reducing {
         norm: Option<&Vec<f32>>,
         eps: f32,
         head: &CpuMatrix,
-    ) -> Vec<HeadTop> {
+    ) -> Result<Vec<HeadTop>, BackendError> {
         self.top_rows.fetch_add(sel.len(), Ordering::Relaxed);
         // The trait's default reduction, on the inner backend (so `logit_rows` counts only
         // the engine's own full-logits calls).
@@ -210,7 +222,7 @@ fn device_reduction_matches_host_logits_and_is_used_only_where_it_may() {
     let red = Reducing::default();
     let (tops, logits) = (red.top_rows.clone(), red.logit_rows.clone());
     let dev = run(
-        Engine::new(ResidentModel::new(red, model()), tok.clone(), cfg.clone()).unwrap(),
+        Engine::new(ResidentModel::new(red, model()).unwrap(), tok.clone(), cfg.clone()).unwrap(),
         &reqs,
     );
     let exits: usize = host.iter().flat_map(|r| &r.1).filter(|&&l| l < 3).count();
@@ -242,7 +254,10 @@ fn device_reduction_matches_host_logits_and_is_used_only_where_it_may() {
     let host = run(engine(model(), tok.clone(), cfg.clone()), &mixed);
     let red = Reducing::default();
     let logits = red.logit_rows.clone();
-    let dev = run(Engine::new(ResidentModel::new(red, model()), tok, cfg).unwrap(), &mixed);
+    let dev = run(
+        Engine::new(ResidentModel::new(red, model()).unwrap(), tok, cfg).unwrap(),
+        &mixed,
+    );
     for (h, d) in host.iter().zip(&dev) {
         assert_eq!(h.0, d.0);
         assert_eq!(h.1, d.1);

@@ -676,7 +676,7 @@ fn bad_engine_settings_name_the_field() {
         ),
     ];
     for (cfg, field) in cases {
-        let m = rrt_node::ResidentModel::new(rrt_kernels::CpuBackend, tiny_model(4, 2, 2, 1));
+        let m = rrt_node::ResidentModel::new(rrt_kernels::CpuBackend, tiny_model(4, 2, 2, 1)).unwrap();
         match rrt_node::Engine::new(m, tok(), cfg) {
             Err(EngineError::Config { field: f, msg }) => {
                 assert_eq!(f, field, "{msg}");

@@ -51,7 +51,7 @@ fn engine_step_spans_declare_every_field_the_planner_reads() {
         handle.shutdown(false).await.unwrap();
     });
     drop(handle);
-    thread.join().unwrap();
+    thread.join().unwrap().unwrap();
     let got = fields.0.lock().unwrap();
     let declared = got
         .get(step::NAME)

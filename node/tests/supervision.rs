@@ -1,5 +1,5 @@
-//! A node whose engine thread dies (a panic inside a pass, as a failed GPU allocation would
-//! cause) stops looking alive: the request in flight ends with UNAVAILABLE (which the
+//! A node whose engine thread dies (its backend fails a pass, as a failed GPU allocation
+//! does) stops looking alive: the request in flight ends with UNAVAILABLE (which the
 //! coordinator migrates), gRPC health turns NOT_SERVING, new requests are refused, and the
 //! server stops with the death recorded (the `rrt node` process then exits non-zero).
 
@@ -25,7 +25,12 @@ async fn a_dead_engine_fails_its_requests_and_stops_serving() {
         cpu: rrt_kernels::CpuBackend,
         armed: armed.clone(),
     };
-    let engine = Engine::new(ResidentModel::new(backend, model), tok, EngineConfig::default()).unwrap();
+    let engine = Engine::new(
+        ResidentModel::new(backend, model).unwrap(),
+        tok,
+        EngineConfig::default(),
+    )
+    .unwrap();
     let (handle, thread) = EngineHandle::spawn(engine, 64);
     let svc = NodeService::new("n", served, handle.clone());
     let watch = {

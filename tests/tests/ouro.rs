@@ -130,7 +130,7 @@ fn engine_generate(
         ..Default::default()
     };
     let tok = Arc::new(lm.tokenizer.clone());
-    let mut eng = Engine::new(ResidentModel::new(CpuBackend, lm.model), tok, cfg).unwrap();
+    let mut eng = Engine::new(ResidentModel::new(CpuBackend, lm.model).unwrap(), tok, cfg).unwrap();
     let mut order = Vec::new();
     for p in prompts {
         let params = GenParams {

@@ -35,7 +35,7 @@ use super::plan::{
 };
 use super::{CudaError, DeviceInfo};
 use crate::attention::{AttnRow, AttnShape, KvLayout};
-use crate::backend::{Backend, HeadTop, HostRows, KvSlot, LoraColumns, MatrixData, RowGroup};
+use crate::backend::{Backend, BackendError, HeadTop, HostRows, KvSlot, LoraColumns, MatrixData, RowGroup};
 use crate::matmul::MatmulMode;
 use crate::qmatmul::dequantize_rows;
 use crate::rope::RopeTable;
@@ -224,6 +224,24 @@ fn i32_of(v: usize, what: &str) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| CudaError::Unsupported(format!("{what} = {v} exceeds i32")))
 }
 
+/// A CUDA error as the [`Backend`] trait reports it, naming the operation that hit it.
+fn backend_error(op: &'static str, e: CudaError) -> BackendError {
+    match e {
+        CudaError::Unsupported(m) => BackendError::Unsupported(format!("{op}: {m}")),
+        other => BackendError::Device {
+            op,
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn alloc_error(what: String) -> impl Fn(DriverError) -> BackendError {
+    move |e| BackendError::Alloc {
+        what: what.clone(),
+        detail: format!("{e:?}"),
+    }
+}
+
 fn unsupported(msg: impl Into<String>) -> CudaError {
     CudaError::Unsupported(msg.into())
 }
@@ -384,10 +402,6 @@ impl CudaBackend {
         self.stream.synchronize().map_err(drv("cuStreamSynchronize"))
     }
 
-    fn failed(&self) -> bool {
-        lock(&self.error).is_some()
-    }
-
     fn record(&self, op: &'static str, r: Result<(), CudaError>) {
         if let Err(e) = r {
             let mut g = lock(&self.error);
@@ -399,11 +413,15 @@ impl CudaBackend {
     }
 
     /// Runs `f` unless an earlier operation failed; records its error.
-    fn run(&self, op: &'static str, f: impl FnOnce() -> Result<(), CudaError>) {
-        if !self.failed() {
-            let r = f();
-            self.record(op, r);
+    /// Runs one trait operation: refused once an earlier one failed (the device state is
+    /// unknown after a fault), its error recorded (sticky, [`Backend::fault`]) and returned.
+    fn run(&self, op: &'static str, f: impl FnOnce() -> Result<(), CudaError>) -> Result<(), BackendError> {
+        if let Some(e) = lock(&self.error).clone() {
+            return Err(backend_error(op, e));
         }
+        let r = f();
+        self.record(op, r.clone());
+        r.map_err(|e| backend_error(op, e))
     }
 
     fn func(&self, name: &str) -> Result<&CudaFunction, CudaError> {
@@ -1297,7 +1315,7 @@ impl Backend for CudaBackend {
 
     /// One upload for every set: positions, row adapters, shrink items and tiles, rows and
     /// block tables, all in one arena.
-    fn prepare_rows(&self, sets: Vec<HostRows>) -> Vec<CudaRows> {
+    fn prepare_rows(&self, sets: Vec<HostRows>) -> Result<Vec<CudaRows>, BackendError> {
         let mut arena = Arena::default();
         let mut planned = Vec::with_capacity(sets.len());
         let mut bad = None;
@@ -1329,16 +1347,17 @@ impl Backend for CudaBackend {
             planned.push((h, plan, offs));
         }
         if let Some(e) = bad {
-            self.record("prepare_rows", Err(e));
+            self.record("prepare_rows", Err(e.clone()));
+            return Err(backend_error("prepare_rows", e));
         }
         let mut meta = None;
         self.run("prepare_rows", || {
             meta = self.upload_arena(&arena)?.map(Arc::new);
             Ok(())
-        });
+        })?;
         let base = meta.as_ref().map_or(0, |m| self.ptr(m));
         let at = |o: Option<usize>| o.map_or(0, |o| if base == 0 { 0 } else { base + o as u64 });
-        planned
+        Ok(planned
             .into_iter()
             .map(|(host, plan, offs)| {
                 let dev = match offs {
@@ -1359,7 +1378,7 @@ impl Backend for CudaBackend {
                     dev,
                 }
             })
-            .collect()
+            .collect())
     }
 
     fn linear_lora_rows(
@@ -1371,10 +1390,10 @@ impl Backend for CudaBackend {
         loras: &[LoraColumns<'_, CudaMat>],
         y: &mut CudaBuf,
         mode: MatmulMode,
-    ) {
+    ) -> Result<(), BackendError> {
         self.run("linear_lora", || {
             self.linear_core(x, rows.host.len(), &rows.plan, &rows.dev, w, bias, loras, y, mode)
-        });
+        })
     }
 
     fn rope_rows(
@@ -1386,7 +1405,7 @@ impl Backend for CudaBackend {
         q_cols: usize,
         k_col0: usize,
         k_cols: usize,
-    ) {
+    ) -> Result<(), BackendError> {
         self.run("rope", || {
             self.rope_core(
                 rope,
@@ -1398,7 +1417,7 @@ impl Backend for CudaBackend {
                 k_col0,
                 k_cols,
             )
-        });
+        })
     }
 
     fn kv_write_rows(
@@ -1411,7 +1430,7 @@ impl Backend for CudaBackend {
         v_col0: usize,
         rows: &CudaRows,
         k: usize,
-    ) {
+    ) -> Result<(), BackendError> {
         self.run("kv_write", || {
             let h = &rows.host;
             let n = h.len();
@@ -1456,7 +1475,7 @@ impl Backend for CudaBackend {
             // columns inside `src`; arguments match kv_write_rows_f32.
             unsafe { b.launch(cfg) }.map_err(drv("kv_write_rows_f32"))?;
             self.after_launch("kv_write_rows_f32")
-        });
+        })
     }
 
     fn attention_rows(
@@ -1469,7 +1488,7 @@ impl Backend for CudaBackend {
         layout: &KvLayout,
         shape: AttnShape,
         out: &mut CudaBuf,
-    ) {
+    ) -> Result<(), BackendError> {
         self.run("attention", || {
             let h = &rows.host;
             self.check_rows(h, layout)?;
@@ -1489,11 +1508,11 @@ impl Backend for CudaBackend {
                 shape,
                 out,
             )
-        });
+        })
     }
 
-    fn fault(&self) -> Option<String> {
-        self.check().err().map(|e| e.to_string())
+    fn fault(&self) -> Option<BackendError> {
+        self.check().err().map(|e| backend_error("an earlier operation", e))
     }
 
     fn prefers_head_top(&self) -> bool {
@@ -1508,7 +1527,7 @@ impl Backend for CudaBackend {
         norm: Option<&CudaBuf>,
         eps: f32,
         head: &CudaMat,
-    ) -> Vec<HeadTop> {
+    ) -> Result<Vec<HeadTop>, BackendError> {
         let nan = HeadTop {
             id: 0,
             top: f32::NAN,
@@ -1519,76 +1538,74 @@ impl Backend for CudaBackend {
         self.run("head_top", || {
             out = self.head_top_device(x, width, select, norm, eps, head)?;
             Ok(())
-        });
-        out
+        })?;
+        Ok(out)
     }
 
     fn name(&self) -> &'static str {
         "cuda"
     }
 
-    fn matrix(&self, out_dim: usize, in_dim: usize, data: MatrixData) -> CudaMat {
+    fn matrix(&self, out_dim: usize, in_dim: usize, data: MatrixData) -> Result<CudaMat, BackendError> {
         let host = encode_rows(self.wt, out_dim, in_dim, &data);
         drop(data);
         let data = self
             .stream
             .clone_htod(&host)
-            .unwrap_or_else(|e| panic!("CUDA: cannot upload a {out_dim} x {in_dim} matrix: {e:?}"));
-        CudaMat {
+            .map_err(alloc_error(format!("a {out_dim} x {in_dim} matrix")))?;
+        Ok(CudaMat {
             out_dim,
             in_dim,
             ld: padded_ld(in_dim),
             wt: self.wt,
             data,
-        }
+        })
     }
 
-    fn buffer(&self, values: Vec<f32>) -> CudaBuf {
+    fn buffer(&self, values: Vec<f32>) -> Result<CudaBuf, BackendError> {
         let data = if values.is_empty() {
             self.alloc_f32(0)
         } else {
             self.stream.clone_htod(&values).map_err(drv("upload"))
         }
-        .unwrap_or_else(|e| panic!("CUDA: cannot upload {} floats: {e}", values.len()));
-        CudaBuf { data }
+        .map_err(|e| BackendError::Alloc {
+            what: format!("{} floats", values.len()),
+            detail: e.to_string(),
+        })?;
+        Ok(CudaBuf { data })
     }
 
-    fn zeros(&self, len: usize) -> CudaBuf {
+    fn zeros(&self, len: usize) -> Result<CudaBuf, BackendError> {
         let data = self
             .stream
             .alloc_zeros::<f32>(len.max(1))
-            .unwrap_or_else(|e| panic!("CUDA: cannot allocate {len} floats: {e:?}"));
-        CudaBuf { data }
+            .map_err(alloc_error(format!("{len} floats")))?;
+        Ok(CudaBuf { data })
     }
 
-    fn to_host(&self, buf: &CudaBuf) -> Vec<f32> {
-        let len = buf.len();
-        if self.failed() {
-            return vec![f32::NAN; len];
-        }
-        match self.download(&buf.data, len) {
-            Ok(v) => v,
-            Err(e) => {
-                self.record("to_host", Err(e));
-                vec![f32::NAN; len]
-            }
-        }
+    fn to_host(&self, buf: &CudaBuf) -> Result<Vec<f32>, BackendError> {
+        let mut out = Vec::new();
+        self.run("to_host", || {
+            out = self.download(&buf.data, buf.len())?;
+            Ok(())
+        })?;
+        Ok(out)
     }
 
-    fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> CudaKv {
+    fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> Result<CudaKv, BackendError> {
         let len = n_blocks * layout.block_floats();
         let data = self
             .stream
             .alloc_zeros::<f32>(len.max(1))
-            .unwrap_or_else(|e| panic!("CUDA: cannot allocate a KV pool of {len} floats: {e:?}"));
-        CudaKv { data }
+            .map_err(alloc_error(format!("a KV pool of {len} floats")))?;
+        Ok(CudaKv { data })
     }
 
     fn matrix_bytes(&self, m: &CudaMat) -> usize {
         m.out_dim * m.ld * 2
     }
 
-    fn embed(&self, table: &CudaMat, tokens: &[u32], out: &mut CudaBuf) {
+    fn embed(&self, table: &CudaMat, tokens: &[u32], out: &mut CudaBuf) -> Result<(), BackendError> {
         self.run("embed", || {
             if tokens.is_empty() {
                 return Ok(());
@@ -1616,10 +1633,17 @@ impl Backend for CudaBackend {
             // SAFETY: token ids are below out_dim (checked), out holds tokens x width floats.
             unsafe { b.launch(cfg) }.map_err(drv(name))?;
             self.after_launch(name)
-        });
+        })
     }
 
-    fn copy_rows(&self, src: &CudaBuf, src_rows: &[u32], dst: &mut CudaBuf, dst_row0: usize, width: usize) {
+    fn copy_rows(
+        &self,
+        src: &CudaBuf,
+        src_rows: &[u32],
+        dst: &mut CudaBuf,
+        dst_row0: usize,
+        width: usize,
+    ) -> Result<(), BackendError> {
         self.run("copy_rows", || {
             if src_rows.iter().any(|&r| (r as usize + 1) * width > src.len())
                 || (dst_row0 + src_rows.len()) * width > dst.len()
@@ -1629,10 +1653,10 @@ impl Backend for CudaBackend {
             let so = row_offsets(src_rows.iter().map(|&r| r as usize), width);
             let d = row_offsets(dst_row0..dst_row0 + src_rows.len(), width);
             self.copy_vecs(self.ptr(&dst.data), &d, self.ptr(&src.data), &so, width)
-        });
+        })
     }
 
-    fn rmsnorm(&self, x: &CudaBuf, w: &CudaBuf, eps: f32, out: &mut CudaBuf) {
+    fn rmsnorm(&self, x: &CudaBuf, w: &CudaBuf, eps: f32, out: &mut CudaBuf) -> Result<(), BackendError> {
         self.run("rmsnorm", || {
             let dim = w.len();
             let rows = x.len() / dim.max(1);
@@ -1640,7 +1664,7 @@ impl Backend for CudaBackend {
                 return Err(unsupported("rmsnorm: output smaller than input"));
             }
             self.launch_rmsnorm(self.ptr(&x.data), 0, &w.data, eps, self.ptr(&out.data), rows, dim)
-        });
+        })
     }
 
     fn linear_lora(
@@ -1653,10 +1677,10 @@ impl Backend for CudaBackend {
         groups: &[RowGroup],
         y: &mut CudaBuf,
         mode: MatmulMode,
-    ) {
+    ) -> Result<(), BackendError> {
         self.run("linear_lora", || {
             self.try_linear_lora(x, n, w, bias, loras, groups, y, mode)
-        });
+        })
     }
 
     fn rope(
@@ -1668,7 +1692,7 @@ impl Backend for CudaBackend {
         q_cols: usize,
         k_col0: usize,
         k_cols: usize,
-    ) {
+    ) -> Result<(), BackendError> {
         self.run("rope", || {
             if positions.is_empty() {
                 return Ok(());
@@ -1677,7 +1701,7 @@ impl Backend for CudaBackend {
             arena.push(positions);
             let meta = self.upload_arena(&arena)?.expect("positions are not empty");
             self.rope_core(rope, qkv, ld, positions.len(), self.ptr(&meta), q_cols, k_col0, k_cols)
-        });
+        })
     }
 
     fn kv_write(
@@ -1689,7 +1713,7 @@ impl Backend for CudaBackend {
         k_col0: usize,
         v_col0: usize,
         slots: &[KvSlot],
-    ) {
+    ) -> Result<(), BackendError> {
         self.run("kv_write", || {
             let kd = layout.kv_dim();
             let (dst, so) = kv_write_offsets(layout, slots, ld, k_col0, v_col0);
@@ -1700,10 +1724,16 @@ impl Backend for CudaBackend {
                 ));
             }
             self.copy_vecs(self.ptr(&kv.data), &dst, self.ptr(&src.data), &so, kd)
-        });
+        })
     }
 
-    fn kv_export(&self, kv: &CudaKv, layout: &KvLayout, blocks: &[u32], positions: usize) -> Vec<f32> {
+    fn kv_export(
+        &self,
+        kv: &CudaKv,
+        layout: &KvLayout,
+        blocks: &[u32],
+        positions: usize,
+    ) -> Result<Vec<f32>, BackendError> {
         let kd = layout.kv_dim();
         let len = positions * layout.n_layers * 2 * kd;
         let mut out = vec![f32::NAN; len];
@@ -1720,11 +1750,11 @@ impl Backend for CudaBackend {
             self.copy_vecs(self.ptr(&buf), &d, self.ptr(&kv.data), &offs, kd)?;
             out = self.download(&buf, len)?;
             Ok(())
-        });
-        out
+        })?;
+        Ok(out)
     }
 
-    fn kv_import(&self, kv: &mut CudaKv, layout: &KvLayout, blocks: &[u32], data: &[f32]) {
+    fn kv_import(&self, kv: &mut CudaKv, layout: &KvLayout, blocks: &[u32], data: &[f32]) -> Result<(), BackendError> {
         self.run("kv_import", || {
             let kd = layout.kv_dim();
             if kd == 0 || data.is_empty() {
@@ -1742,7 +1772,7 @@ impl Backend for CudaBackend {
             let src = self.stream.clone_htod(data).map_err(drv("KV upload"))?;
             let s = row_offsets(0..offs.len(), kd);
             self.copy_vecs(self.ptr(&kv.data), &offs, self.ptr(&src), &s, kd)
-        });
+        })
     }
 
     fn attention(
@@ -1754,13 +1784,13 @@ impl Backend for CudaBackend {
         layout: &KvLayout,
         shape: AttnShape,
         out: &mut CudaBuf,
-    ) {
+    ) -> Result<(), BackendError> {
         self.run("attention", || {
             self.try_attention(qkv, ld, rows, kv, layout, shape, out)
-        });
+        })
     }
 
-    fn silu_mul(&self, gu: &CudaBuf, n: usize, inter: usize, out: &mut CudaBuf) {
+    fn silu_mul(&self, gu: &CudaBuf, n: usize, inter: usize, out: &mut CudaBuf) -> Result<(), BackendError> {
         self.run("silu_mul", || {
             let total = n * inter;
             if total == 0 {
@@ -1781,10 +1811,10 @@ impl Backend for CudaBackend {
             // SAFETY: gu holds n x 2 inter floats, out n x inter (checked).
             unsafe { b.launch(cfg) }.map_err(drv("silu_mul_f32"))?;
             self.after_launch("silu_mul_f32")
-        });
+        })
     }
 
-    fn add_normed_branch(&self, t: &CudaBuf, w: &CudaBuf, eps: f32, x: &mut CudaBuf) {
+    fn add_normed_branch(&self, t: &CudaBuf, w: &CudaBuf, eps: f32, x: &mut CudaBuf) -> Result<(), BackendError> {
         self.run("add_normed_branch", || {
             let dim = w.len();
             let rows = t.len() / dim.max(1);
@@ -1801,10 +1831,10 @@ impl Backend for CudaBackend {
             // SAFETY: x and t hold rows x dim floats, w dim.
             unsafe { b.launch(per_row(rows)) }.map_err(drv("add_normed_branch_f32"))?;
             self.after_launch("add_normed_branch_f32")
-        });
+        })
     }
 
-    fn dot_rows(&self, x: &CudaBuf, width: usize, rows: &[u32], w: &CudaBuf) -> Vec<f32> {
+    fn dot_rows(&self, x: &CudaBuf, width: usize, rows: &[u32], w: &CudaBuf) -> Result<Vec<f32>, BackendError> {
         let mut out = vec![f32::NAN; rows.len()];
         self.run("dot_rows", || {
             if rows.is_empty() || width == 0 {
@@ -1825,8 +1855,8 @@ impl Backend for CudaBackend {
             unsafe { b.launch(per_row(rows.len())) }.map_err(drv("dot_rows_f32"))?;
             out = self.download(&res, rows.len())?;
             Ok(())
-        });
-        out
+        })?;
+        Ok(out)
     }
 
     fn logits(
@@ -1837,18 +1867,18 @@ impl Backend for CudaBackend {
         norm: Option<&CudaBuf>,
         eps: f32,
         head: &CudaMat,
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>, BackendError> {
         let len = select.len() * head.out_dim;
         let mut out = vec![f32::NAN; len];
         self.run("logits", || {
             let dev = self.logits_device(x, width, select, norm, eps, head)?;
             out = self.download(&dev.data, len)?;
             Ok(())
-        });
-        out
+        })?;
+        Ok(out)
     }
 
-    fn cosine_rows(&self, a: &CudaBuf, b: &CudaBuf, width: usize, rows: &[u32]) -> Vec<f32> {
+    fn cosine_rows(&self, a: &CudaBuf, b: &CudaBuf, width: usize, rows: &[u32]) -> Result<Vec<f32>, BackendError> {
         let mut out = vec![f32::NAN; rows.len()];
         self.run("cosine_rows", || {
             if rows.is_empty() || width == 0 {
@@ -1874,8 +1904,8 @@ impl Backend for CudaBackend {
             unsafe { bl.launch(cfg) }.map_err(drv("cosine_rows_f32"))?;
             out = self.download(&res, rows.len())?;
             Ok(())
-        });
-        out
+        })?;
+        Ok(out)
     }
 }
 

@@ -27,7 +27,7 @@ pub mod resident;
 pub mod stop;
 
 use rrt_kernels::KvLayout;
-use rrt_kernels::backend::Backend;
+use rrt_kernels::backend::{Backend, BackendError};
 use rrt_model::ModelError;
 use rrt_model::exit::{Criterion, gate_exits, gate_hazard, prob_scores};
 use rrt_model::kv::SeqKv;
@@ -59,7 +59,7 @@ pub enum EngineError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("compute backend fault: {0}")]
-    Backend(String),
+    Backend(#[from] BackendError),
 }
 
 /// How rows of different loop depths share passes.
@@ -433,7 +433,7 @@ impl<B: Backend> Engine<B> {
                 ),
             );
         }
-        let kv = model.backend.kv_pool(layout, n_blocks);
+        let kv = model.backend.kv_pool(layout, n_blocks)?;
         let loops = model.loops;
         Ok(Self {
             model,
@@ -579,60 +579,70 @@ impl<B: Backend> Engine<B> {
         );
         let s = self.seqs.get_mut(&id).expect("just inserted");
         s.prefill_end = s.prompt.len();
-        self.start_from_prefix_cache(id);
+        if let Err(e) = self.start_from_prefix_cache(id) {
+            self.release(id);
+            self.seqs.remove(&id);
+            return Err(e);
+        }
         Ok(id)
     }
 
     /// Gives a new request the keys/values of its prompt's longest cached prefix (all but
     /// its last position at most), when the cache and the pool have them.
-    fn start_from_prefix_cache(&mut self, id: RequestId) {
+    fn start_from_prefix_cache(&mut self, id: RequestId) -> Result<(), EngineError> {
         let (Some(cache), Some(s)) = (self.prefix.as_mut(), self.seqs.get(&id)) else {
-            return;
+            return Ok(());
         };
         if !s.cache_prompt || s.prompt.len() < 2 {
-            return;
+            return Ok(());
         }
         let running = self.seqs.values().filter(|q| q.running).count();
         if running >= self.cfg.max_running {
-            return;
+            return Ok(());
         }
         let prompt = &self.seqs[&id].prompt;
         let Some((positions, data)) = cache.lookup(prompt, prompt.len() - 1) else {
-            return;
+            return Ok(());
         };
-        if !self.adopt_kv(id, positions, &data) {
-            return;
+        if self.adopt_kv(id, positions, &data)? {
+            self.stats.prefix_hits += 1;
+            self.stats.prefix_hit_tokens += positions as u64;
         }
-        self.stats.prefix_hits += 1;
-        self.stats.prefix_hit_tokens += positions as u64;
+        Ok(())
     }
 
     /// Gives sequence `id` (holding no blocks) the keys/values of its first `positions`
     /// positions: blocks from the pool, the data written into them. False when the pool is
-    /// short of blocks.
-    fn adopt_kv(&mut self, id: RequestId, positions: usize, data: &[f32]) -> bool {
+    /// short of blocks; an error (the blocks given back) when the backend cannot write them.
+    fn adopt_kv(&mut self, id: RequestId, positions: usize, data: &[f32]) -> Result<bool, EngineError> {
         let need = positions.div_ceil(self.cfg.block_size);
         if positions == 0 || need > self.free.len() {
-            return false;
+            return Ok(false);
         }
         let s = self.seqs.get_mut(&id).expect("live sequence");
         for _ in 0..need {
             s.kv.blocks.push(self.free.pop().expect("counted above"));
         }
-        self.model
+        if let Err(e) = self
+            .model
             .backend
-            .kv_import(&mut self.kv, &self.layout, &s.kv.blocks, data);
+            .kv_import(&mut self.kv, &self.layout, &s.kv.blocks, data)
+        {
+            self.release(id);
+            return Err(e.into());
+        }
+        let s = self.seqs.get_mut(&id).expect("live sequence");
         s.kv.len = positions;
         s.fed = positions;
         s.running = true;
-        true
+        Ok(true)
     }
 
     /// Offers the prompt blocks of sequences whose prompt is computed (every position before
     /// the last fed and out of flight) to the prefix cache.
-    fn cache_prompts(&mut self) {
+    fn cache_prompts(&mut self) -> Result<(), EngineError> {
         let Some(cache) = self.prefix.as_mut() else {
-            return;
+            return Ok(());
         };
         let bs = self.cfg.block_size;
         for (id, s) in self.seqs.iter_mut() {
@@ -653,8 +663,9 @@ impl<B: Backend> Engine<B> {
             let (be, kv, layout, blocks) = (&self.model.backend, &self.kv, &self.layout, &s.kv.blocks);
             cache.insert(&s.prompt, positions, |b| {
                 be.kv_export(kv, layout, &blocks[b..b + 1], bs)
-            });
+            })?;
         }
+        Ok(())
     }
 
     /// What the prefix cache holds (`None`: off).
@@ -703,7 +714,14 @@ impl<B: Backend> Engine<B> {
             }
             return Ok((id, false));
         }
-        let adopted = self.adopt_kv(id, state.positions, &state.data);
+        let adopted = match self.adopt_kv(id, state.positions, &state.data) {
+            Ok(adopted) => adopted,
+            Err(e) => {
+                self.release(id);
+                self.seqs.remove(&id);
+                return Err(e);
+            }
+        };
         debug_assert!(adopted, "room counted above");
         let s = self.seqs.get_mut(&id).expect("just submitted");
         s.prefill_end = state.positions;
@@ -739,11 +757,19 @@ impl<B: Backend> Engine<B> {
         let mut out = Vec::with_capacity(ready.len());
         for id in ready {
             let s = &self.seqs[&id];
-            let positions = s.fed;
-            let data = self
+            // Keys/values that cannot be read back travel as none: the receiving node
+            // recomputes them (a backend fault also fails this engine's next step).
+            let (positions, data) = match self
                 .model
                 .backend
-                .kv_export(&self.kv, &self.layout, &s.kv.blocks, positions);
+                .kv_export(&self.kv, &self.layout, &s.kv.blocks, s.fed)
+            {
+                Ok(data) => (s.fed, data),
+                Err(e) => {
+                    tracing::warn!(error = %e, "keys/values of a moved request could not be exported");
+                    (0, Vec::new())
+                }
+            };
             let mut tokens = s.prompt.clone();
             tokens.extend_from_slice(&s.out);
             let prompt_tokens = s.prompt.len() - s.resumed.min(s.prompt.len());
@@ -946,7 +972,7 @@ impl<B: Backend> Engine<B> {
         if let Some(f) = self.model.backend.fault() {
             return Err(EngineError::Backend(f));
         }
-        self.cache_prompts();
+        self.cache_prompts()?;
         Ok(std::mem::take(&mut self.events))
     }
 
@@ -966,12 +992,12 @@ impl<B: Backend> Engine<B> {
             .map(|r| (r.seq, r.pos, 0, r.emit))
             .chain(flights.iter().map(|f| (f.seq, f.pos, f.depth, f.emit)))
             .collect();
-        let mut x = be.zeros(n * h);
+        let mut x = be.zeros(n * h)?;
         let tokens: Vec<u32> = new_rows.iter().map(|r| r.token).collect();
-        self.model.embed(&tokens, &mut x);
+        self.model.embed(&tokens, &mut x)?;
         if let Some(carry) = &self.carry {
             let src: Vec<u32> = flights.iter().map(|f| f.row as u32).collect();
-            be.copy_rows(carry, &src, &mut x, n_new, h);
+            be.copy_rows(carry, &src, &mut x, n_new, h)?;
         }
         // Fill rows: one per (exited token, skipped loop), grouped by loop.
         let mut fill_meta: Vec<(usize, RequestId, usize, usize)> = Vec::new();
@@ -983,9 +1009,9 @@ impl<B: Backend> Engine<B> {
         fill_meta.sort_by_key(|m| m.0);
         let fill_x = match (&self.carry, fill_meta.is_empty()) {
             (Some(carry), false) => {
-                let mut fx = be.zeros(fill_meta.len() * h);
+                let mut fx = be.zeros(fill_meta.len() * h)?;
                 let src: Vec<u32> = fill_meta.iter().map(|m| m.3 as u32).collect();
-                be.copy_rows(carry, &src, &mut fx, 0, h);
+                be.copy_rows(carry, &src, &mut fx, 0, h)?;
                 Some(fx)
             }
             _ => None,
@@ -993,9 +1019,9 @@ impl<B: Backend> Engine<B> {
         self.fills.clear();
         let saturation = self.uses_saturation();
         let x_in = if saturation {
-            let mut c = be.zeros(n * h);
+            let mut c = be.zeros(n * h)?;
             let all: Vec<u32> = (0..n as u32).collect();
-            be.copy_rows(&x, &all, &mut c, 0, h);
+            be.copy_rows(&x, &all, &mut c, 0, h)?;
             Some(c)
         } else {
             None
@@ -1020,7 +1046,7 @@ impl<B: Backend> Engine<B> {
                 .collect();
             let t = std::time::Instant::now();
             self.model
-                .pass(&mut self.kv, &self.layout, &mut x, &rows, fill_x.as_ref(), &frows);
+                .pass(&mut self.kv, &self.layout, &mut x, &rows, fill_x.as_ref(), &frows)?;
             self.stats.pass_seconds += t.elapsed().as_secs_f64();
         }
         self.stats.passes += 1;
@@ -1152,7 +1178,7 @@ impl<B: Backend> Engine<B> {
         }
         if let (Some(xi), false) = (x_in, test_sat.is_empty()) {
             let rows: Vec<u32> = test_sat.iter().map(|t| t.0 as u32).collect();
-            let cos = self.model.backend.cosine_rows(x, xi, self.model.config.hidden, &rows);
+            let cos = self.model.backend.cosine_rows(x, xi, self.model.config.hidden, &rows)?;
             for ((i, t), c) in test_sat.iter().zip(cos) {
                 if c >= *t {
                     decode.push(*i);
@@ -1163,12 +1189,13 @@ impl<B: Backend> Engine<B> {
             // One dot product per row on the loop's output (no LM head): accumulate each
             // token's hazard, exit once its cumulative exit probability reaches the threshold.
             let rows: Vec<u32> = test_gate.iter().map(|t| t.0 as u32).collect();
-            let g = self.model.gate_logits(x, &rows);
-            if g.len() != rows.len() {
-                return Err(EngineError::Backend(
-                    "the gate exit criterion needs a model with a learned exit gate".into(),
-                ));
+            if !self.model.has_gate() {
+                return Err(EngineError::Config {
+                    field: "exit",
+                    msg: "the gate exit criterion needs a model with a learned exit gate".into(),
+                });
             }
+            let g = self.model.gate_logits(x, &rows)?;
             for (&(i, t), g) in test_gate.iter().zip(g) {
                 if let Some(s) = self.seqs.get_mut(&meta[i].0) {
                     s.gate_hazard += gate_hazard(g);
@@ -1192,9 +1219,9 @@ impl<B: Backend> Engine<B> {
                 .iter()
                 .all(|&r| self.seqs.get(&meta[r as usize].0).is_some_and(Seq::greedy_plain));
         let (logits, tops) = if on_device {
-            (Vec::new(), self.model.head_top(x, &head_rows))
+            (Vec::new(), self.model.head_top(x, &head_rows)?)
         } else {
-            (self.model.logits(x, &head_rows), Vec::new())
+            (self.model.logits(x, &head_rows)?, Vec::new())
         };
         self.stats.head_seconds += t.elapsed().as_secs_f64();
         self.stats.head_rows += head_rows.len() as u64;

@@ -106,7 +106,12 @@ impl PrefixCache {
     /// Caches the whole blocks of `tokens[..positions]` that are not cached yet; `export(b)`
     /// gives block `b`'s keys/values. Least recently used blocks leave when over budget (a
     /// block larger than the whole budget is not kept).
-    pub fn insert(&mut self, tokens: &[u32], positions: usize, mut export: impl FnMut(usize) -> Vec<f32>) {
+    pub fn insert<E>(
+        &mut self,
+        tokens: &[u32],
+        positions: usize,
+        mut export: impl FnMut(usize) -> Result<Vec<f32>, E>,
+    ) -> Result<(), E> {
         let bs = self.block_size;
         let blocks = positions.min(tokens.len()) / bs;
         self.clock += 1;
@@ -116,12 +121,18 @@ impl PrefixCache {
             let key = chain(parent, t);
             match self.entries.get_mut(&key) {
                 Some(e) if e.parent == parent && e.tokens == t => e.last_used = self.clock,
-                Some(_) => return, // a colliding key: keep the entry there, cache no deeper
+                Some(_) => return Ok(()), // a colliding key: keep the entry there, cache no deeper
                 None => {
-                    let data = export(b);
+                    let data = match export(b) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            self.evict();
+                            return Err(e);
+                        }
+                    };
                     let bytes = data.len() * 4;
                     if bytes > self.budget {
-                        return;
+                        return Ok(());
                     }
                     self.used += bytes;
                     self.entries.insert(
@@ -138,6 +149,7 @@ impl PrefixCache {
             parent = key;
         }
         self.evict();
+        Ok(())
     }
 
     /// Drops least recently used blocks until the cache fits its budget. Blocks touched
@@ -182,11 +194,15 @@ mod tests {
         vec![tokens[0] as f32 + b as f32 * 0.5; 8]
     }
 
+    fn ok(v: Vec<f32>) -> Result<Vec<f32>, std::convert::Infallible> {
+        Ok(v)
+    }
+
     #[test]
     fn longest_cached_prefix_by_whole_blocks() {
         let mut c = PrefixCache::new(1 << 20, 4);
         let a: Vec<u32> = (0..13).collect();
-        c.insert(&a, 12, |b| block_data(b, &a[b * 4..]));
+        c.insert(&a, 12, |b| ok(block_data(b, &a[b * 4..]))).unwrap();
         assert_eq!(c.usage().blocks, 3);
         // Same first 9 tokens: two whole blocks match.
         let mut q = a[..9].to_vec();
@@ -208,8 +224,8 @@ mod tests {
         let mut c = PrefixCache::new(96, 2);
         let a = [1u32, 2, 3, 4];
         let b = [5u32, 6, 7, 8];
-        c.insert(&a, 4, |i| block_data(i, &a[i * 2..]));
-        c.insert(&b, 4, |i| block_data(i, &b[i * 2..]));
+        c.insert(&a, 4, |i| ok(block_data(i, &a[i * 2..]))).unwrap();
+        c.insert(&b, 4, |i| ok(block_data(i, &b[i * 2..]))).unwrap();
         // 4 blocks over a 3-block budget: a's deeper block went (a is the least recent).
         assert_eq!(c.usage().blocks, 3);
         assert_eq!(c.lookup(&a, 4).map(|h| h.0), Some(2));
@@ -217,7 +233,7 @@ mod tests {
         assert!(c.usage().bytes <= 96);
         // A block larger than the budget is never kept.
         let mut tiny = PrefixCache::new(16, 2);
-        tiny.insert(&a, 4, |i| block_data(i, &a[i * 2..]));
+        tiny.insert(&a, 4, |i| ok(block_data(i, &a[i * 2..]))).unwrap();
         assert_eq!(tiny.usage().blocks, 0);
     }
 
@@ -225,7 +241,7 @@ mod tests {
     fn a_colliding_entry_is_never_handed_out() {
         let mut c = PrefixCache::new(1 << 20, 2);
         let a = [1u32, 2];
-        c.insert(&a, 2, |i| block_data(i, &a));
+        c.insert(&a, 2, |i| ok(block_data(i, &a))).unwrap();
         // Forge a collision: the entry under a's key claims other tokens.
         let key = chain(ROOT, &a);
         c.entries.get_mut(&key).unwrap().tokens = vec![9, 9];

@@ -7,7 +7,7 @@
 //! there. A vanilla model is the case `B = 1`, `K = L`.
 
 pub use rrt_kernels::backend::PassRow;
-use rrt_kernels::backend::{Backend, HostRows, LoraColumns, LoraMats, MatrixData};
+use rrt_kernels::backend::{Backend, BackendError, HostRows, LoraColumns, LoraMats, MatrixData};
 use rrt_kernels::{AttnShape, KvLayout, MatmulMode, RopeTable};
 use rrt_model::config::ModelConfig;
 use rrt_model::forward::Model;
@@ -60,18 +60,19 @@ pub struct ResidentModel<B: Backend> {
     pub weight_bytes: usize,
 }
 
-fn dense<B: Backend>(be: &B, l: Linear, bytes: &mut usize) -> Dense<B> {
-    let w = be.matrix(l.out_dim, l.in_dim, l.w);
+fn dense<B: Backend>(be: &B, l: Linear, bytes: &mut usize) -> Result<Dense<B>, BackendError> {
+    let w = be.matrix(l.out_dim, l.in_dim, l.w)?;
     *bytes += be.matrix_bytes(&w);
-    Dense {
+    Ok(Dense {
         w,
-        bias: l.bias.map(|b| be.buffer(b)),
-    }
+        bias: l.bias.map(|b| be.buffer(b)).transpose()?,
+    })
 }
 
 impl<B: Backend> ResidentModel<B> {
-    /// Moves a loaded model onto the backend (the host copy is consumed).
-    pub fn new(backend: B, model: Model) -> Self {
+    /// Moves a loaded model onto the backend (the host copy is consumed); fails when the
+    /// backend cannot hold it.
+    pub fn new(backend: B, model: Model) -> Result<Self, BackendError> {
         let loops = model.loops();
         let Model {
             config,
@@ -89,38 +90,49 @@ impl<B: Backend> ResidentModel<B> {
                 let li = d * shared + k;
                 for (m, slot) in lora.iter_mut().enumerate() {
                     let l = unrolled_lora.get_mut(li).and_then(|mods| mods[m].take());
-                    slot.push(l.map(|l| {
-                        let a = backend.matrix(l.rank, l.in_dim, MatrixData::F32(l.a));
-                        let b = backend.matrix(l.out_dim, l.rank, MatrixData::F32(l.b));
-                        bytes += backend.matrix_bytes(&a) + backend.matrix_bytes(&b);
-                        LoraMats { rank: l.rank, a, b }
-                    }));
+                    let mats = match l {
+                        Some(l) => {
+                            let a = backend.matrix(l.rank, l.in_dim, MatrixData::F32(l.a))?;
+                            let b = backend.matrix(l.out_dim, l.rank, MatrixData::F32(l.b))?;
+                            bytes += backend.matrix_bytes(&a) + backend.matrix_bytes(&b);
+                            Some(LoraMats { rank: l.rank, a, b })
+                        }
+                        None => None,
+                    };
+                    slot.push(mats);
                 }
             }
             layers.push(SharedLayer {
                 branch_norms: layer
                     .branch_norms
-                    .map(|b| (backend.buffer(b.attn), backend.buffer(b.ffn))),
-                attn_norm: backend.buffer(layer.attn_norm),
-                qkv: dense(&backend, layer.qkv, &mut bytes),
-                o: dense(&backend, layer.o, &mut bytes),
-                ffn_norm: backend.buffer(layer.ffn_norm),
-                gate_up: dense(&backend, layer.gate_up, &mut bytes),
-                down: dense(&backend, layer.down, &mut bytes),
+                    .map(|b| Ok::<_, BackendError>((backend.buffer(b.attn)?, backend.buffer(b.ffn)?)))
+                    .transpose()?,
+                attn_norm: backend.buffer(layer.attn_norm)?,
+                qkv: dense(&backend, layer.qkv, &mut bytes)?,
+                o: dense(&backend, layer.o, &mut bytes)?,
+                ffn_norm: backend.buffer(layer.ffn_norm)?,
+                gate_up: dense(&backend, layer.gate_up, &mut bytes)?,
+                down: dense(&backend, layer.down, &mut bytes)?,
                 lora,
             });
         }
-        let embed = backend.matrix(weights.embed.out_dim, weights.embed.in_dim, weights.embed.w);
+        let embed = backend.matrix(weights.embed.out_dim, weights.embed.in_dim, weights.embed.w)?;
         bytes += backend.matrix_bytes(&embed);
-        let head = weights.lm_head.map(|h| backend.matrix(h.out_dim, h.in_dim, h.w));
+        let head = weights
+            .lm_head
+            .map(|h| backend.matrix(h.out_dim, h.in_dim, h.w))
+            .transpose()?;
         if let Some(h) = &head {
             bytes += backend.matrix_bytes(h);
         }
         let rope = config.rope_table();
-        let gate = weights.exit_gate.map(|g| (backend.buffer(g.w), g.b));
-        Self {
+        let gate = weights
+            .exit_gate
+            .map(|g| backend.buffer(g.w).map(|w| (w, g.b)))
+            .transpose()?;
+        Ok(Self {
             gate,
-            norm: backend.buffer(weights.norm),
+            norm: backend.buffer(weights.norm)?,
             backend,
             config,
             loops,
@@ -130,7 +142,7 @@ impl<B: Backend> ResidentModel<B> {
             layers,
             rope,
             weight_bytes: bytes,
-        }
+        })
     }
 
     /// The KV geometry: one layer per unrolled layer.
@@ -144,8 +156,8 @@ impl<B: Backend> ResidentModel<B> {
     }
 
     /// Embeddings of `tokens` into rows `0..tokens.len()` of `out`.
-    pub fn embed(&self, tokens: &[u32], out: &mut B::Buf) {
-        self.backend.embed(&self.embed, tokens, out);
+    pub fn embed(&self, tokens: &[u32], out: &mut B::Buf) -> Result<(), BackendError> {
+        self.backend.embed(&self.embed, tokens, out)
     }
 
     /// The final norm the LM head applies: none where every loop already ends with it.
@@ -154,9 +166,9 @@ impl<B: Backend> ResidentModel<B> {
     }
 
     /// Final norm + LM head of the rows `select` of `x` (host logits, `select.len() x vocab`).
-    pub fn logits(&self, x: &B::Buf, select: &[u32]) -> Vec<f32> {
+    pub fn logits(&self, x: &B::Buf, select: &[u32]) -> Result<Vec<f32>, BackendError> {
         if select.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let head = self.head.as_ref().unwrap_or(&self.embed);
         self.backend.logits(
@@ -170,9 +182,9 @@ impl<B: Backend> ResidentModel<B> {
     }
 
     /// [`Self::logits`] reduced on the backend to each row's [`rrt_kernels::HeadTop`].
-    pub fn head_top(&self, x: &B::Buf, select: &[u32]) -> Vec<rrt_kernels::HeadTop> {
+    pub fn head_top(&self, x: &B::Buf, select: &[u32]) -> Result<Vec<rrt_kernels::HeadTop>, BackendError> {
         if select.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let head = self.head.as_ref().unwrap_or(&self.embed);
         self.backend.head_top(
@@ -192,16 +204,16 @@ impl<B: Backend> ResidentModel<B> {
 
     /// The exit gate's logit (`w . h + b`) of the rows `select` of a loop's output `x`: one
     /// dot product per row, no LM head. Empty without a gate.
-    pub fn gate_logits(&self, x: &B::Buf, select: &[u32]) -> Vec<f32> {
-        match (&self.gate, select.is_empty()) {
+    pub fn gate_logits(&self, x: &B::Buf, select: &[u32]) -> Result<Vec<f32>, BackendError> {
+        Ok(match (&self.gate, select.is_empty()) {
             (Some((w, b)), false) => self
                 .backend
-                .dot_rows(x, self.config.hidden, select, w)
+                .dot_rows(x, self.config.hidden, select, w)?
                 .into_iter()
                 .map(|v| v + b)
                 .collect(),
             _ => Vec::new(),
-        }
+        })
     }
 
     fn lora_cols<'a>(&'a self, l: &'a SharedLayer<B>, mods: &[(usize, usize)]) -> Vec<LoraColumns<'a, B::Mat>> {
@@ -228,7 +240,7 @@ impl<B: Backend> ResidentModel<B> {
         rows: &[PassRow<'_>],
         fill_x: Option<&B::Buf>,
         fills: &[PassRow<'_>],
-    ) {
+    ) -> Result<(), BackendError> {
         let be = &self.backend;
         let c = &self.config;
         let (h, qd, kd, qkvd, inter) = (c.hidden, c.q_dim(), c.kv_dim(), c.qkv_dim(), c.intermediate);
@@ -244,21 +256,21 @@ impl<B: Backend> ResidentModel<B> {
             .prepare_rows(vec![
                 HostRows::new(rows, self.shared, bs),
                 HostRows::new(fills, self.shared, bs),
-            ])
+            ])?
             .into_iter();
         let (Some(prows), Some(pfills)) = (sets.next(), sets.next()) else {
             unreachable!("prepare_rows returns one prepared set per set")
         };
-        let mut hb = be.zeros(n * h);
-        let mut qkv = be.zeros(n * qkvd);
-        let mut attn = be.zeros(n * qd);
-        let mut gu = be.zeros(n * 2 * inter);
-        let mut act = be.zeros(n * inter);
-        let (mut fh, mut fqkv) = (be.zeros(fills.len() * h), be.zeros(fills.len() * qkvd));
+        let mut hb = be.zeros(n * h)?;
+        let mut qkv = be.zeros(n * qkvd)?;
+        let mut attn = be.zeros(n * qd)?;
+        let mut gu = be.zeros(n * 2 * inter)?;
+        let mut act = be.zeros(n * inter)?;
+        let (mut fh, mut fqkv) = (be.zeros(fills.len() * h)?, be.zeros(fills.len() * qkvd)?);
         for (k, l) in self.layers.iter().enumerate() {
             let qkv_loras = self.lora_cols(l, &[(Q, 0), (K, qd), (V, qd + kd)]);
             if n > 0 {
-                be.rmsnorm(x, &l.attn_norm, c.rms_eps, &mut hb);
+                be.rmsnorm(x, &l.attn_norm, c.rms_eps, &mut hb)?;
                 be.linear_lora_rows(
                     &hb,
                     &prows,
@@ -267,10 +279,10 @@ impl<B: Backend> ResidentModel<B> {
                     &qkv_loras,
                     &mut qkv,
                     MatmulMode::Overwrite,
-                );
-                be.rope_rows(&self.rope, &mut qkv, qkvd, &prows, qd, qd, kd);
-                be.kv_write_rows(kv, layout, &qkv, qkvd, qd, qd + kd, &prows, k);
-                be.attention_rows(&qkv, qkvd, &prows, k, kv, layout, shape, &mut attn);
+                )?;
+                be.rope_rows(&self.rope, &mut qkv, qkvd, &prows, qd, qd, kd)?;
+                be.kv_write_rows(kv, layout, &qkv, qkvd, qd, qd + kd, &prows, k)?;
+                be.attention_rows(&qkv, qkvd, &prows, k, kv, layout, shape, &mut attn)?;
                 let o_loras = self.lora_cols(l, &[(O, 0)]);
                 match &l.branch_norms {
                     None => be.linear_lora_rows(
@@ -281,7 +293,7 @@ impl<B: Backend> ResidentModel<B> {
                         &o_loras,
                         x,
                         MatmulMode::Accumulate,
-                    ),
+                    )?,
                     Some((attn_bn, _)) => {
                         be.linear_lora_rows(
                             &attn,
@@ -291,11 +303,11 @@ impl<B: Backend> ResidentModel<B> {
                             &o_loras,
                             &mut hb,
                             MatmulMode::Overwrite,
-                        );
-                        be.add_normed_branch(&hb, attn_bn, c.rms_eps, x);
+                        )?;
+                        be.add_normed_branch(&hb, attn_bn, c.rms_eps, x)?;
                     }
                 }
-                be.rmsnorm(x, &l.ffn_norm, c.rms_eps, &mut hb);
+                be.rmsnorm(x, &l.ffn_norm, c.rms_eps, &mut hb)?;
                 let gu_loras = self.lora_cols(l, &[(GATE, 0), (UP, inter)]);
                 be.linear_lora_rows(
                     &hb,
@@ -305,8 +317,8 @@ impl<B: Backend> ResidentModel<B> {
                     &gu_loras,
                     &mut gu,
                     MatmulMode::Overwrite,
-                );
-                be.silu_mul(&gu, n, inter, &mut act);
+                )?;
+                be.silu_mul(&gu, n, inter, &mut act)?;
                 let down_loras = self.lora_cols(l, &[(DOWN, 0)]);
                 match &l.branch_norms {
                     None => be.linear_lora_rows(
@@ -317,7 +329,7 @@ impl<B: Backend> ResidentModel<B> {
                         &down_loras,
                         x,
                         MatmulMode::Accumulate,
-                    ),
+                    )?,
                     Some((_, ffn_bn)) => {
                         be.linear_lora_rows(
                             &act,
@@ -327,13 +339,13 @@ impl<B: Backend> ResidentModel<B> {
                             &down_loras,
                             &mut hb,
                             MatmulMode::Overwrite,
-                        );
-                        be.add_normed_branch(&hb, ffn_bn, c.rms_eps, x);
+                        )?;
+                        be.add_normed_branch(&hb, ffn_bn, c.rms_eps, x)?;
                     }
                 }
             }
             if let (Some(fx), false) = (fill_x, fills.is_empty()) {
-                be.rmsnorm(fx, &l.attn_norm, c.rms_eps, &mut fh);
+                be.rmsnorm(fx, &l.attn_norm, c.rms_eps, &mut fh)?;
                 be.linear_lora_rows(
                     &fh,
                     &pfills,
@@ -342,17 +354,18 @@ impl<B: Backend> ResidentModel<B> {
                     &qkv_loras,
                     &mut fqkv,
                     MatmulMode::Overwrite,
-                );
-                be.rope_rows(&self.rope, &mut fqkv, qkvd, &pfills, qd, qd, kd);
-                be.kv_write_rows(kv, layout, &fqkv, qkvd, qd, qd + kd, &pfills, k);
+                )?;
+                be.rope_rows(&self.rope, &mut fqkv, qkvd, &pfills, qd, qd, kd)?;
+                be.kv_write_rows(kv, layout, &fqkv, qkvd, qd, qd + kd, &pfills, k)?;
             }
         }
         if n > 0 && c.loop_end_norm() {
             // Every row just finished a loop: the normed state is the loop's output (the LM
             // head and the exit gate read it as it is) and the next loop's input.
-            be.rmsnorm(x, &self.norm, c.rms_eps, &mut hb);
+            be.rmsnorm(x, &self.norm, c.rms_eps, &mut hb)?;
             std::mem::swap(x, &mut hb);
         }
+        Ok(())
     }
 }
 

@@ -102,7 +102,7 @@ pub fn tiny_model(layers: usize, loops: usize, rank: usize, seed: u64) -> Model 
 }
 
 pub fn engine(model: Model, tok: Arc<Tokenizer>, cfg: EngineConfig) -> Engine<CpuBackend> {
-    Engine::new(ResidentModel::new(CpuBackend, model), tok, cfg).expect("engine")
+    Engine::new(ResidentModel::new(CpuBackend, model).unwrap(), tok, cfg).expect("engine")
 }
 
 /// Output token ids and the final event of every request, from a list of events.
@@ -128,8 +128,8 @@ pub fn served(model: &Model, tok: Arc<Tokenizer>) -> rrt_node::grpc::ServedModel
     rrt_node::grpc::ServedModel::new("tiny", "recursive", model, p, None)
 }
 
-/// The CPU backend that panics at the next pass once `armed` is set: an engine thread dying
-/// the way a failed GPU allocation would kill it.
+/// The CPU backend whose next pass fails once `armed` is set, as a failed GPU allocation
+/// fails it: the engine thread then ends with the error.
 #[allow(dead_code)]
 pub struct Faulty {
     pub cpu: CpuBackend,
@@ -141,7 +141,7 @@ mod faulty {
     use rrt_kernels::attention::{AttnRow, AttnShape, KvLayout};
     use rrt_kernels::backend::{HostRows, KvSlot, LoraColumns, RowGroup};
     use rrt_kernels::matmul::MatmulMode;
-    use rrt_kernels::{Backend, CpuMatrix, MatrixData, RopeTable};
+    use rrt_kernels::{Backend, BackendError, CpuMatrix, MatrixData, RopeTable};
     use std::sync::atomic::Ordering;
 
     impl Backend for Faulty {
@@ -149,40 +149,50 @@ mod faulty {
         type Mat = CpuMatrix;
         type Kv = Vec<f32>;
         type Rows = HostRows;
-        fn prepare_rows(&self, sets: Vec<HostRows>) -> Vec<HostRows> {
+        fn prepare_rows(&self, sets: Vec<HostRows>) -> Result<Vec<HostRows>, BackendError> {
             if self.armed.load(Ordering::Relaxed) {
-                panic!("CUDA: cannot allocate 8589934592 floats (a simulated device failure)");
+                return Err(BackendError::Alloc {
+                    what: "8589934592 floats".into(),
+                    detail: "a simulated device failure".into(),
+                });
             }
-            sets
+            Ok(sets)
         }
         fn name(&self) -> &'static str {
             "faulty-cpu"
         }
-        fn matrix(&self, o: usize, i: usize, d: MatrixData) -> CpuMatrix {
+        fn matrix(&self, o: usize, i: usize, d: MatrixData) -> Result<CpuMatrix, BackendError> {
             self.cpu.matrix(o, i, d)
         }
-        fn buffer(&self, v: Vec<f32>) -> Vec<f32> {
-            v
+        fn buffer(&self, v: Vec<f32>) -> Result<Vec<f32>, BackendError> {
+            Ok(v)
         }
-        fn zeros(&self, n: usize) -> Vec<f32> {
+        fn zeros(&self, n: usize) -> Result<Vec<f32>, BackendError> {
             self.cpu.zeros(n)
         }
-        fn to_host(&self, b: &Vec<f32>) -> Vec<f32> {
-            b.clone()
+        fn to_host(&self, b: &Vec<f32>) -> Result<Vec<f32>, BackendError> {
+            Ok(b.clone())
         }
-        fn kv_pool(&self, l: KvLayout, n: usize) -> Vec<f32> {
+        fn kv_pool(&self, l: KvLayout, n: usize) -> Result<Vec<f32>, BackendError> {
             self.cpu.kv_pool(l, n)
         }
         fn matrix_bytes(&self, m: &CpuMatrix) -> usize {
             self.cpu.matrix_bytes(m)
         }
-        fn embed(&self, t: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) {
+        fn embed(&self, t: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), BackendError> {
             self.cpu.embed(t, tokens, out)
         }
-        fn copy_rows(&self, s: &Vec<f32>, r: &[u32], d: &mut Vec<f32>, r0: usize, w: usize) {
+        fn copy_rows(
+            &self,
+            s: &Vec<f32>,
+            r: &[u32],
+            d: &mut Vec<f32>,
+            r0: usize,
+            w: usize,
+        ) -> Result<(), BackendError> {
             self.cpu.copy_rows(s, r, d, r0, w)
         }
-        fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) {
+        fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) -> Result<(), BackendError> {
             self.cpu.rmsnorm(x, w, eps, out)
         }
         #[allow(clippy::too_many_arguments)]
@@ -196,10 +206,19 @@ mod faulty {
             groups: &[RowGroup],
             y: &mut Vec<f32>,
             mode: MatmulMode,
-        ) {
+        ) -> Result<(), BackendError> {
             self.cpu.linear_lora(x, n, w, bias, loras, groups, y, mode)
         }
-        fn rope(&self, r: &RopeTable, qkv: &mut Vec<f32>, ld: usize, p: &[u32], q: usize, k0: usize, k: usize) {
+        fn rope(
+            &self,
+            r: &RopeTable,
+            qkv: &mut Vec<f32>,
+            ld: usize,
+            p: &[u32],
+            q: usize,
+            k0: usize,
+            k: usize,
+        ) -> Result<(), BackendError> {
             self.cpu.rope(r, qkv, ld, p, q, k0, k)
         }
         fn kv_write(
@@ -211,13 +230,13 @@ mod faulty {
             k0: usize,
             v0: usize,
             slots: &[KvSlot],
-        ) {
+        ) -> Result<(), BackendError> {
             self.cpu.kv_write(kv, l, s, ld, k0, v0, slots)
         }
-        fn kv_export(&self, kv: &Vec<f32>, l: &KvLayout, b: &[u32], p: usize) -> Vec<f32> {
+        fn kv_export(&self, kv: &Vec<f32>, l: &KvLayout, b: &[u32], p: usize) -> Result<Vec<f32>, BackendError> {
             self.cpu.kv_export(kv, l, b, p)
         }
-        fn kv_import(&self, kv: &mut Vec<f32>, l: &KvLayout, b: &[u32], d: &[f32]) {
+        fn kv_import(&self, kv: &mut Vec<f32>, l: &KvLayout, b: &[u32], d: &[f32]) -> Result<(), BackendError> {
             self.cpu.kv_import(kv, l, b, d)
         }
         fn attention(
@@ -229,10 +248,10 @@ mod faulty {
             l: &KvLayout,
             s: AttnShape,
             out: &mut Vec<f32>,
-        ) {
+        ) -> Result<(), BackendError> {
             self.cpu.attention(qkv, ld, rows, kv, l, s, out)
         }
-        fn silu_mul(&self, gu: &Vec<f32>, n: usize, inter: usize, out: &mut Vec<f32>) {
+        fn silu_mul(&self, gu: &Vec<f32>, n: usize, inter: usize, out: &mut Vec<f32>) -> Result<(), BackendError> {
             self.cpu.silu_mul(gu, n, inter, out)
         }
         fn logits(
@@ -243,16 +262,22 @@ mod faulty {
             norm: Option<&Vec<f32>>,
             eps: f32,
             head: &CpuMatrix,
-        ) -> Vec<f32> {
+        ) -> Result<Vec<f32>, BackendError> {
             self.cpu.logits(x, w, sel, norm, eps, head)
         }
-        fn add_normed_branch(&self, t: &Vec<f32>, w: &Vec<f32>, eps: f32, x: &mut Vec<f32>) {
+        fn add_normed_branch(
+            &self,
+            t: &Vec<f32>,
+            w: &Vec<f32>,
+            eps: f32,
+            x: &mut Vec<f32>,
+        ) -> Result<(), BackendError> {
             self.cpu.add_normed_branch(t, w, eps, x)
         }
-        fn dot_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], w: &Vec<f32>) -> Vec<f32> {
+        fn dot_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], w: &Vec<f32>) -> Result<Vec<f32>, BackendError> {
             self.cpu.dot_rows(x, width, rows, w)
         }
-        fn cosine_rows(&self, a: &Vec<f32>, b: &Vec<f32>, w: usize, rows: &[u32]) -> Vec<f32> {
+        fn cosine_rows(&self, a: &Vec<f32>, b: &Vec<f32>, w: usize, rows: &[u32]) -> Result<Vec<f32>, BackendError> {
             self.cpu.cosine_rows(a, b, w, rows)
         }
     }

@@ -273,7 +273,7 @@ fn run_setting<B: rrt_kernels::Backend>(
     c: usize,
 ) -> Result<(Line, Vec<Vec<u32>>)> {
     let tok = Arc::new(lm.tokenizer.clone());
-    let mut eng: Engine<B> = Engine::new(ResidentModel::new(backend, lm.model), tok, cfg)?;
+    let mut eng: Engine<B> = Engine::new(ResidentModel::new(backend, lm.model)?, tok, cfg)?;
     let bar = ProgressBar::new(reqs.len() as u64).with_style(
         ProgressStyle::with_template("{prefix:>12} c={msg} [{bar:30}] {pos}/{len} requests")?.progress_chars("=> "),
     );

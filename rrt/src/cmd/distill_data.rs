@@ -299,7 +299,7 @@ fn generate_all(
         max_running: a.concurrency.max(1),
         ..Default::default()
     };
-    let mut eng: Engine<CpuBackend> = Engine::new(ResidentModel::new(CpuBackend, lm.model), tok, cfg)?;
+    let mut eng: Engine<CpuBackend> = Engine::new(ResidentModel::new(CpuBackend, lm.model)?, tok, cfg)?;
     let bar = ProgressBar::new(prompts.len() as u64).with_style(
         ProgressStyle::with_template("generating [{bar:30}] {pos}/{len} samples {msg} ({elapsed}, eta {eta})")?
             .progress_chars("=> "),

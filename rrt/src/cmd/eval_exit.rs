@@ -102,7 +102,7 @@ pub fn run(a: Args) -> Result<()> {
             ..Default::default()
         };
         let mut eng: Engine<CpuBackend> =
-            Engine::new(ResidentModel::new(CpuBackend, lm.model), Arc::new(lm.tokenizer), cfg)?;
+            Engine::new(ResidentModel::new(CpuBackend, lm.model)?, Arc::new(lm.tokenizer), cfg)?;
         let mut order = HashMap::new();
         for (i, w) in wins.iter().enumerate() {
             let mut params = GenParams {
