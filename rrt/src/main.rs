@@ -51,6 +51,8 @@ enum Command {
     Capacity(cmd::capacity::Args),
     /// Write a random-weight model shaped like a published one (`--like ouro-1.4b`).
     RandomModel(cmd::random_model::Args),
+    /// Plot an uptraining run's log (per-loop KL and held-out perplexity) as SVG.
+    PlotUptrain(cmd::plot_uptrain::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -99,6 +101,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Capacity(a) => cmd::capacity::run(a),
         Command::RandomModel(a) => cmd::random_model::run(a),
+        Command::PlotUptrain(a) => cmd::plot_uptrain::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -7,10 +7,10 @@
 //! loops are drawn from the traced exit mix. The coordinator in front is the real one. Drive it
 //! with `rrt bench load` and compare with `rrt capacity --validate ... --nodes N`.
 
-use super::capacity::{Fitted, draw_exits};
 use anyhow::{Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rrt_bench::capacity::{draw_exits, read_fitted};
 use rrt_coordinator::registry::NodeSource;
 use rrt_coordinator::server::{self, Discovery};
 use rrt_node::engine_actor::EngineHandle;
@@ -42,11 +42,7 @@ pub struct SimArgs {
 }
 
 pub fn run(a: SimArgs) -> Result<()> {
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&a.fitted).with_context(|| format!("reading {}", a.fitted.display()))?,
-    )?;
-    let f: Fitted = serde_json::from_value(report["fitted"].clone())
-        .with_context(|| format!("{}: not an `rrt capacity --json` report", a.fitted.display()))?;
+    let f = read_fitted(&a.fitted)?;
     let path = match &a.model {
         Some(p) => p.clone(),
         None => rrt_model::default_model_path().context("run scripts/fetch-model.sh first, or pass --model")?,
