@@ -3,12 +3,24 @@
 //! - `rrt_checkpoint.json`: format name and version, architecture, recursion (L, K, B, init,
 //!   per-module ranks), how the matrices are stored (`weights`: `f32`, `q8_0` or `q4_1`;
 //!   absent in checkpoints written before it existed, which read as `f32`), exit settings,
-//!   tokenizer facts, chat template, provenance (source file and its sha256);
+//!   whether there is a learned exit gate (`exit_gate: true`; absent means none), tokenizer
+//!   facts, chat template, provenance (source file and its sha256);
 //! - `model.safetensors`: tensors `embed`, `norm`, `lm_head` (untied models only),
-//!   `shared.{k}.{attn_norm,ffn_norm}`, `shared.{k}.{q,k,v,o,gate,up,down}` (`out x in`), and
+//!   `shared.{k}.{attn_norm,ffn_norm}`, `shared.{k}.{q,k,v,o,gate,up,down}` (`out x in`),
 //!   `lora.{l}.{module}.a` (`rank x in`) / `.b` (`out x rank`) for every unrolled layer `l` and
-//!   every module with a non-zero rank;
+//!   every module with a non-zero rank, and with `exit_gate: true` the gate's
+//!   `exit_gate.weight` (`1 x hidden`) and `exit_gate.bias` (`1`);
 //! - `tokenizer.json`.
+//!
+//! The exit gate (trained by `rrt-train train --exit-gate`; Ouro's gate, for our checkpoints):
+//! `g = w . h + b` on each loop's output `h` as the forward pass holds it, which for these
+//! Llama-family checkpoints is the residual stream *before* the final norm; `sigmoid(g)` is
+//! the probability of exiting after that loop. It loads into [`Weights::exit_gate`], which is
+//! what [`Model::gate_logits`], the engine's gate criterion and `rrt calibrate --criterion
+//! gate` read: a checkpoint's gate comes from this flag, not from its family. Without the flag
+//! (every checkpoint written before it existed) there is no gate and `exit_gate.*` tensors are
+//! not read. [`save`] sets the flag from the model and omits it without a gate, so gate-less
+//! checkpoints are written exactly as before; [`quantize`] carries the gate through unchanged.
 //!
 //! With `weights: f32` every tensor is f32. With `q8_0` the shared-layer matrices and
 //! `embed` / `lm_head` are GGML Q8_0 blocks; with `q4_1` the shared-layer matrices are Q4_1
@@ -17,8 +29,8 @@
 //! the matrix is bytes `r * row_bytes ..`; 34 bytes per 32 weights for Q8_0, 20 for Q4_1, in
 //! ggml's block layout), made by ggml's reference quantizers ([`crate::quant`]). They load as
 //! [`crate::weights::Weight::Quant`] and are multiplied in that form, like a GGUF file's.
-//! Norms and LoRA factors are always f32. [`quantize`] rewrites a checkpoint in another
-//! format (`rrt quantize`).
+//! Norms, LoRA factors and the exit gate are always f32. [`quantize`] rewrites a checkpoint in
+//! another format (`rrt quantize`).
 //!
 //! Loading validates the version, every tensor's presence, type and shape (a block tensor's
 //! byte length against the architecture's matrix), every value (NaN/Inf; for blocks, every
@@ -33,7 +45,7 @@ use crate::loader::{LoadedModel, SourceKind};
 use crate::recursive::{Init, Lora, MODULES, Recursion};
 use crate::sources::SafetensorsSource;
 use crate::tokenizer::{Tokenizer, TokenizerFacts};
-use crate::weights::{Layer, Linear, TensorSource, Weight, Weights};
+use crate::weights::{ExitGate, Layer, Linear, TensorSource, Weight, Weights};
 use rrt_kernels::RopeScaling;
 use rrt_kernels::qmatmul::QFormat;
 use serde::{Deserialize, Serialize};
@@ -156,10 +168,22 @@ pub struct CheckpointConfig {
     pub weights: WeightFormat,
     #[serde(default)]
     pub exit: ExitConfig,
+    /// The checkpoint holds a learned exit gate (`exit_gate.weight` / `.bias`); `false` when
+    /// absent (checkpoints written before it existed), and then not written.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub exit_gate: bool,
     pub tokenizer: TokenizerFacts,
     pub chat_template: Option<String>,
     pub provenance: Provenance,
 }
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Tensor names of the learned exit gate.
+pub const EXIT_GATE_WEIGHT: &str = "exit_gate.weight";
+pub const EXIT_GATE_BIAS: &str = "exit_gate.bias";
 
 fn rope_to_json(r: &RopeScaling) -> serde_json::Value {
     match r {
@@ -367,6 +391,7 @@ pub fn save(
         },
         weights: format,
         exit: ExitConfig::default(),
+        exit_gate: model.weights.exit_gate.is_some(),
         tokenizer: tokenizer.facts(),
         chat_template: chat_template.map(|t| t.source.clone()),
         provenance,
@@ -430,6 +455,20 @@ fn save_weights(dir: &Path, model: &Model, format: WeightFormat) -> Result<()> {
             }
         }
     }
+    if let Some(g) = &w.exit_gate {
+        if g.w.len() != c.hidden {
+            return Err(ModelError::InvalidArgument {
+                field: "exit_gate",
+                msg: format!(
+                    "the exit gate has {} weights for a hidden size of {}",
+                    g.w.len(),
+                    c.hidden
+                ),
+            });
+        }
+        t.push((EXIT_GATE_WEIGHT.into(), st(vec![1, c.hidden], &g.w)));
+        t.push((EXIT_GATE_BIAS.into(), st(vec![1], &[g.b])));
+    }
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     safetensors::serialize_to_file(t.iter().map(|(n, s)| (n.clone(), s)), None, &wpath)
         .map_err(|e| ModelError::format(&wpath, format!("cannot write: {e}")))
@@ -475,6 +514,7 @@ pub fn quantize(src: &Path, out: &Path, format: WeightFormat, tool: &str) -> Res
     );
     let cfg = CheckpointConfig {
         weights: format,
+        exit_gate: lm.model.weights.exit_gate.is_some(),
         provenance: Provenance {
             tool: tool.to_string(),
             extra: serde_json::Value::Object(extra),
@@ -653,12 +693,29 @@ pub fn load(dir: &Path) -> Result<LoadedModel> {
     } else {
         Some(matrix("lm_head", config.vocab, h, emb)?)
     };
+    // f32 (or f16 / bf16, widened) values, shapes `[1, hidden]` and `[1]`, finite: errors name
+    // the tensor.
+    let exit_gate = if cfg.exit_gate {
+        for name in [EXIT_GATE_WEIGHT, EXIT_GATE_BIAS] {
+            if src.dtype(name) == Some(safetensors::Dtype::U8) {
+                return Err(ModelError::format(
+                    src.path_for(name),
+                    format!("tensor `{name}` holds U8 blocks: the exit gate is stored as f32"),
+                ));
+            }
+        }
+        let w = src.load(EXIT_GATE_WEIGHT, &[1, h])?;
+        let b = src.load(EXIT_GATE_BIAS, &[1])?;
+        Some(ExitGate { w, b: b[0] })
+    } else {
+        None
+    };
     let weights = Weights {
         embed,
         layers,
         norm: src.load("norm", &[h])?,
         lm_head,
-        exit_gate: None,
+        exit_gate,
     };
     let recursion = Recursion {
         loops: cfg.recursion.loops,

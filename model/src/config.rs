@@ -75,8 +75,11 @@ impl ModelConfig {
         self.family == Family::Ouro
     }
 
-    /// The model carries a learned exit gate (`model.early_exit_gate`: hidden -> 1 with bias)
-    /// read on each loop's output.
+    /// The family publishes a learned exit gate in its weights (Ouro's `model.early_exit_gate`:
+    /// hidden -> 1 with bias, read on each loop's output), which the weight loader then
+    /// requires. Whether a loaded model has a gate is [`crate::weights::Weights::exit_gate`]:
+    /// an rrt checkpoint's comes from its `exit_gate` field (`crate::checkpoint`), whatever
+    /// the family.
     pub fn has_exit_gate(&self) -> bool {
         self.family == Family::Ouro
     }

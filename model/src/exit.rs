@@ -23,9 +23,9 @@ pub enum Criterion {
     /// Cosine similarity of this loop's hidden state with the previous loop's (the embedding
     /// for the first loop); CALM's state saturation, no LM head needed.
     Saturation,
-    /// A learned exit gate (Ouro): the cumulative probability of having exited by this loop,
-    /// `1 - prod_{j <= t} (1 - sigmoid(g_j))`, from one dot product per loop, no LM head. A
-    /// threshold of 1 never exits before the last loop.
+    /// A learned exit gate (Ouro, or a checkpoint trained with `--exit-gate`): the cumulative
+    /// probability of having exited by this loop, `1 - prod_{j <= t} (1 - sigmoid(g_j))`, from
+    /// one dot product per loop, no LM head. A threshold of 1 never exits before the last loop.
     Gate,
 }
 
@@ -143,7 +143,7 @@ pub fn collect_samples_with(
                     .gate_logits(&hidden[b], &select)
                     .ok_or_else(|| ModelError::InvalidArgument {
                         field: "criterion",
-                        msg: "the gate criterion needs a model with a learned exit gate (Ouro)".into(),
+                        msg: "the gate criterion needs a model with a learned exit gate (Ouro, or a checkpoint trained with --exit-gate)".into(),
                     })?;
                 for (hz, g) in hazard.iter_mut().zip(g) {
                     *hz += gate_hazard(g);

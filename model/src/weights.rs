@@ -173,8 +173,9 @@ pub struct BranchNorms {
     pub ffn: Vec<f32>,
 }
 
-/// A learned exit gate (Ouro's `model.early_exit_gate`): `lambda = sigmoid(w . h + b)` on a
-/// loop's output `h`.
+/// A learned exit gate (Ouro's `model.early_exit_gate`, or an rrt checkpoint's `exit_gate.*`):
+/// `lambda = sigmoid(w . h + b)` on a loop's output `h` (after the final norm where every loop
+/// ends with it, Ouro; before it otherwise).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExitGate {
     pub w: Vec<f32>,
@@ -190,7 +191,9 @@ pub struct Weights {
     pub norm: Vec<f32>,
     /// `None` when the head is tied to `embed`.
     pub lm_head: Option<Linear>,
-    /// The learned exit gate of a family with [`ModelConfig::has_exit_gate`].
+    /// The learned exit gate: a family with [`ModelConfig::has_exit_gate`], or an rrt
+    /// checkpoint with `exit_gate: true`. Its presence is what "the model has a gate" means to
+    /// the forward pass and the engine.
     pub exit_gate: Option<ExitGate>,
 }
 

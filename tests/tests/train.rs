@@ -3,6 +3,10 @@
 //! - PyTorch's per-loop logits of a checkpoint equal `rrt`'s (the converted SmolLM2 at B = 3,
 //!   the original as a B = 1 checkpoint, a tiny random untied model written by PyTorch, and a
 //!   checkpoint PyTorch has just trained), and `rrt` loads and evaluates the trained one;
+//! - the learned exit gate (`--exit-gate`): the tiny model's random gate and the trained
+//!   checkpoint's gate load into rrt, their per-loop gate logits equal PyTorch's (within 1e-3),
+//!   and the engine, given the gate as its exit criterion, exits each generated token where the
+//!   gate's cumulative exit probability reaches the threshold;
 //! - `rrt distill-data` writes a corpus whose held-out split training never reads;
 //! - the Python test suite (`train/tests`, tiny random models on the CPU) passes.
 //!
@@ -12,8 +16,12 @@
 mod common;
 
 use common::{root, rrt_bin};
+use rrt_kernels::CpuBackend;
+use rrt_model::exit::{Criterion, gate_exit_probability, gate_exits, gate_hazard};
+use rrt_node::{Engine, EngineConfig, Event, ExitControl, ExitRule, GenParams, KvFill, Request, ResidentModel};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 fn python() -> PathBuf {
     let p = std::env::var_os("RRT_TRAIN_PYTHON")
@@ -122,6 +130,144 @@ fn compare(dir: &Path, tokens: &[u32], loops: usize) -> f64 {
     worst
 }
 
+/// rrt's exit-gate logits of every loop's output for `tokens` (`loops x tokens`).
+fn rrt_gates(m: &rrt_model::forward::Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let (mut pool, seq) = rrt_model::kv::single_sequence(m.kv_layout(16), tokens.len()).unwrap();
+    let rows = rrt_model::forward::sequence_rows(tokens, &seq.blocks);
+    let select: Vec<usize> = (0..tokens.len()).collect();
+    m.forward_loops(&rows, &mut pool)
+        .unwrap()
+        .iter()
+        .map(|h| m.gate_logits(h, &select).expect("the model has an exit gate"))
+        .collect()
+}
+
+/// Compares PyTorch's exit-gate logits of `dir` (`rrt_train gates`: every loop's `w . h + b`
+/// on the loop output before the final norm) with rrt's; returns the largest difference.
+fn compare_gates(dir: &Path, tokens: &[u32], loops: usize) -> f64 {
+    let out = dir.with_extension("gates.json");
+    let ids: Vec<String> = tokens.iter().map(u32::to_string).collect();
+    train_tool(&[
+        "gates",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &ids.join(","),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let torch: Vec<Vec<f64>> = serde_json::from_value(v["gates"].clone()).unwrap();
+    let lm = rrt_model::load(dir).unwrap();
+    assert!(
+        lm.model.weights.exit_gate.is_some(),
+        "{}: rrt loaded no exit gate",
+        dir.display()
+    );
+    let ours = rrt_gates(&lm.model, tokens);
+    assert_eq!((ours.len(), torch.len()), (loops, loops), "{}: loops", dir.display());
+    let mut worst = 0f64;
+    for (b, (o, t)) in ours.iter().zip(&torch).enumerate() {
+        assert_eq!(o.len(), tokens.len());
+        assert_eq!(t.len(), tokens.len());
+        for (i, (x, y)) in o.iter().zip(t).enumerate() {
+            let d = (*x as f64 - y).abs();
+            assert!(
+                d < 1e-3,
+                "{}: loop {b} token {i}: gate {x} (rrt) vs {y} (PyTorch)",
+                dir.display()
+            );
+            worst = worst.max(d);
+        }
+    }
+    // A gate that says the same for every token would prove little.
+    let spread = ours[0].iter().fold(f32::MIN, |a, &x| a.max(x)) - ours[0].iter().fold(f32::MAX, |a, &x| a.min(x));
+    assert!(
+        spread > 0.01,
+        "{}: gate logits barely vary: {:?}",
+        dir.display(),
+        ours[0]
+    );
+    let _ = std::fs::remove_file(out);
+    worst
+}
+
+/// Greedy generation of `n` tokens from `prompt` through the engine with the checkpoint's gate
+/// as the exit criterion at a threshold (the recompute fill keeps every loop's keys and values
+/// exact): each token must run exactly the loops after which rrt's gate on the final sequence
+/// first reaches the threshold (cumulative exit probability), except within 1e-4 of it.
+/// Returns the tokens per loop count.
+fn engine_exits_follow_the_gate(dir: &Path, prompt: &[u32], n: usize) -> Vec<usize> {
+    let lm = rrt_model::load(dir).unwrap();
+    let loops = lm.model.loops();
+    // The threshold: the median cumulative exit probability after loop 1 over the prompt.
+    let mut cdf1: Vec<f64> = rrt_gates(&lm.model, prompt)[0]
+        .iter()
+        .map(|&g| gate_exit_probability(gate_hazard(g)))
+        .collect();
+    cdf1.sort_by(f64::total_cmp);
+    let threshold = (cdf1[cdf1.len() / 2] as f32).clamp(1e-3, 0.999);
+    let cfg = EngineConfig {
+        exit: Some(ExitRule {
+            criterion: Criterion::Gate,
+            thresholds: vec![Some(threshold); loops - 1],
+        }),
+        kv_fill: KvFill::Recompute,
+        ..Default::default()
+    };
+    let tok = Arc::new(lm.tokenizer.clone());
+    let model = rrt_model::load(dir).unwrap().model;
+    let mut eng = Engine::new(ResidentModel::new(CpuBackend, model).unwrap(), tok, cfg).unwrap();
+    let params = GenParams {
+        max_tokens: n,
+        ignore_eos: true,
+        exit: ExitControl::default(),
+        ..Default::default()
+    };
+    eng.submit(Request {
+        prompt: prompt.to_vec(),
+        params,
+    })
+    .unwrap();
+    let (mut tokens, mut used) = (Vec::new(), Vec::new());
+    let mut done = false;
+    while !done {
+        for (_, e) in eng.step().unwrap() {
+            match e {
+                Event::Token(t) => {
+                    tokens.push(t.id);
+                    used.push(t.loops);
+                }
+                Event::Done { .. } => done = true,
+            }
+        }
+    }
+    assert_eq!(tokens.len(), n);
+    let seq: Vec<u32> = prompt.iter().chain(&tokens[..n - 1]).copied().collect();
+    let gates = rrt_gates(&lm.model, &seq);
+    let mut per_loop = vec![0usize; loops];
+    for (j, &got) in used.iter().enumerate() {
+        let p = prompt.len() - 1 + j;
+        let (mut hazard, mut want, mut tie) = (0f64, loops, false);
+        for (b, g) in gates.iter().enumerate().take(loops - 1) {
+            hazard += gate_hazard(g[p]);
+            tie |= (gate_exit_probability(hazard) - threshold as f64).abs() < 1e-4;
+            if want == loops && gate_exits(hazard, threshold) {
+                want = b + 1;
+            }
+        }
+        if !tie {
+            assert_eq!(got, want, "{}: token {j} at threshold {threshold}", dir.display());
+        }
+        per_loop[got - 1] += 1;
+    }
+    eprintln!(
+        "{}: gate exits at threshold {threshold}: {per_loop:?} tokens after loops 1..{loops}",
+        dir.file_name().unwrap().to_string_lossy()
+    );
+    per_loop
+}
+
 #[test]
 fn pytorch_logits_equal_rrt_logits_and_a_trained_checkpoint_serves() {
     let base = tmp("roundtrip");
@@ -150,6 +296,7 @@ fn pytorch_logits_equal_rrt_logits_and_a_trained_checkpoint_serves() {
         "2",
         "--layers",
         "6",
+        "--exit-gate",
     ]);
     let lm = rrt_model::load(&b3).unwrap();
     let tokens = lm
@@ -168,6 +315,8 @@ fn pytorch_logits_equal_rrt_logits_and_a_trained_checkpoint_serves() {
             compare(dir, &tokens, loops),
         ));
     }
+    assert!(rrt_model::load(&b3).unwrap().model.weights.exit_gate.is_none());
+    let mut gate_report = vec![("tiny".to_string(), compare_gates(&tiny, &tokens, 2))];
 
     // Train the converted model briefly on a corpus the original wrote, then check rrt serves
     // the result and still agrees with PyTorch on it.
@@ -212,15 +361,23 @@ fn pytorch_logits_equal_rrt_logits_and_a_trained_checkpoint_serves() {
         "--eval-windows",
         "2",
         "--no-progress",
+        "--exit-gate",
+        "--gate-lr",
+        "1e-3",
     ]);
     assert!(out.contains("\"tokens\": 128"), "{out}");
     report.push(("trained".into(), compare(&trained, &tokens, 3)));
+    gate_report.push(("trained".into(), compare_gates(&trained, &tokens, 3)));
+    let exits = engine_exits_follow_the_gate(&trained, &tokens, 12);
+    assert!(exits[2] < 12, "no token exited before the last loop: {exits:?}");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(trained.join("rrt_checkpoint.json")).unwrap()).unwrap();
     let tr = &cfg["provenance"]["extra"]["training"];
     assert_eq!(tr["tokens_seen"], 128);
     assert_eq!(tr["steps"], 2);
     assert_eq!(cfg["provenance"]["extra"]["svd"], "plain", "conversion provenance kept");
+    assert_eq!(cfg["exit_gate"], true);
+    assert_eq!(tr["exit_gate"]["beta"], 0.05);
     let ev = rrt(&[
         "eval",
         "--model",
@@ -235,6 +392,7 @@ fn pytorch_logits_equal_rrt_logits_and_a_trained_checkpoint_serves() {
     ]);
     assert!(ev.contains("\"ppl\""), "{ev}");
     eprintln!("largest relative logit difference PyTorch vs rrt: {report:?}");
+    eprintln!("largest gate logit difference PyTorch vs rrt: {gate_report:?}");
     let _ = std::fs::remove_dir_all(&base);
 }
 

@@ -3,7 +3,9 @@
 A directory with `rrt_checkpoint.json` (architecture, recursion, exits, tokenizer facts, chat
 template, provenance), `model.safetensors` (f32 tensors `embed`, `norm`, `lm_head` when untied,
 `shared.{k}.{attn_norm,ffn_norm,q,k,v,o,gate,up,down}` as `out x in`, `lora.{l}.{m}.a`
-(`rank x in`) and `.b` (`out x rank`)) and `tokenizer.json`. Mirrors `model/src/checkpoint.rs`.
+(`rank x in`) and `.b` (`out x rank`); with `"exit_gate": true` in the config also the learned exit
+gate `exit_gate.weight` (`1 x hidden`) and `exit_gate.bias` (`1`), read on each loop's output
+before the final norm) and `tokenizer.json`. Mirrors `model/src/checkpoint.rs`.
 Only f32 checkpoints (`"weights": "f32"`, or no `weights` field) are read here: quantized ones
 (`q8_0`, `q4_1`: GGML blocks) are refused with the command that turns them back into f32.
 """
@@ -72,7 +74,14 @@ def read_config(path: str | os.PathLike) -> dict:
     for m in MODULES:
         if m not in rec["ranks"]:
             raise CheckpointError(f"{cpath}: recursion.ranks has no entry for {m!r}")
+    if not isinstance(cfg.get("exit_gate", False), bool):
+        raise CheckpointError(f"{cpath}: exit_gate must be true or false, not {cfg['exit_gate']!r}")
     return cfg
+
+
+def has_exit_gate(cfg: dict) -> bool:
+    """Whether the checkpoint carries a learned exit gate (`"exit_gate": true`; absent: no)."""
+    return bool(cfg.get("exit_gate", False))
 
 
 def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -95,6 +104,9 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
                 o, i = dims[m]
                 shapes[f"lora.{layer}.{m}.a"] = (r, i)
                 shapes[f"lora.{layer}.{m}.b"] = (o, r)
+    if has_exit_gate(cfg):
+        shapes["exit_gate.weight"] = (1, h)
+        shapes["exit_gate.bias"] = (1,)
     return shapes
 
 

@@ -1,4 +1,4 @@
-"""`rrt-train` (or `python -m rrt_train`): train, eval, logits, tiny."""
+"""`rrt-train` (or `python -m rrt_train`): train, eval, logits, gates, tiny."""
 
 from __future__ import annotations
 
@@ -25,9 +25,15 @@ def _train_parser(sub):
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--run", help="run directory (state, logs; default OUT.run)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("student", "teacher", "data", "out", "run", "resume", "allow_mismatch", "progress"):
+        if f.name in ("student", "teacher", "data", "out", "run", "resume", "allow_mismatch", "progress", "exit_gate"):
             continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=getattr(d, f.name))
+    p.add_argument(
+        "--exit-gate",
+        action="store_true",
+        help="train a learned exit gate next to the model (Ouro stage I: sum_t p(t) KL_t - beta H(p); "
+        "--gate-beta, default 0.05; --gate-lr, default --lr; a new gate starts at --gate-init-bias, default -2)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --run")
     p.add_argument("--allow-mismatch", action="store_true", help="train even if student, teacher and data name different original models")
     p.add_argument("--no-progress", action="store_true")
@@ -39,6 +45,13 @@ def rounded(tensors: dict, to: str) -> dict:
         return tensors
     dt = {"bf16": torch.bfloat16, "f16": torch.float16}[to]
     return {k: (v.to(dt).to(v.dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+
+
+def _token_ids(text: str, m: RecursiveLM) -> torch.Tensor:
+    ids = torch.tensor([[int(x) for x in text.split(",")]], dtype=torch.long)
+    if ids.min() < 0 or ids.max() >= m.arch["vocab"]:
+        raise ValueError(f"--tokens: ids must be in 0..{m.arch['vocab']}")
+    return ids
 
 
 def main(argv=None) -> int:
@@ -57,6 +70,10 @@ def main(argv=None) -> int:
     lg.add_argument("--model", required=True)
     lg.add_argument("--tokens", required=True, help="comma-separated token ids")
     lg.add_argument("--out", required=True, help="writes OUT (f32 little-endian, loops x tokens x vocab)")
+    gt = sub.add_parser("gates", help="per-loop exit-gate logits of one token sequence (the round-trip check against rrt)")
+    gt.add_argument("--model", required=True)
+    gt.add_argument("--tokens", required=True, help="comma-separated token ids")
+    gt.add_argument("--out", required=True, help="writes OUT as JSON: {\"gates\": [loops][tokens]}, every loop's g = w . h + b")
     t = sub.add_parser("tiny", help="write a tiny random checkpoint (tests)")
     t.add_argument("--out", required=True)
     t.add_argument("--tokenizer-from", help="checkpoint whose tokenizer.json, tokenizer facts and vocabulary to use")
@@ -66,6 +83,7 @@ def main(argv=None) -> int:
     t.add_argument("--layers", type=int, default=4)
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--untied", action="store_true")
+    t.add_argument("--exit-gate", action="store_true", help="with a random learned exit gate")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--round", choices=["none", "bf16", "f16"], default="none", help="round every weight to this type's values (still stored f32): a GPU that keeps bf16/f16 weights then computes the same model as the CPU")
     a = ap.parse_args(argv)
@@ -84,11 +102,18 @@ def main(argv=None) -> int:
             corpus = Corpus(a.data)
             corpus.check_vocab(m.arch["vocab"])
             print(json.dumps(evaluate(m, teacher, corpus.heldout_windows(a.seq, a.windows), device, dtype)))
+        elif a.cmd == "gates":
+            m = RecursiveLM.from_checkpoint(a.model)
+            if m.exit_gate is None:
+                raise ValueError(f"{a.model} has no exit gate (train with --exit-gate)")
+            ids = _token_ids(a.tokens, m)
+            with torch.no_grad():
+                g = [x[0].tolist() for x in m.gate_logits(m.forward(ids))]
+            Path(a.out).write_text(json.dumps({"tokens": ids[0].tolist(), "gates": g}))
+            print(json.dumps({"loops": len(g), "tokens": ids.shape[1]}))
         elif a.cmd == "logits":
             m = RecursiveLM.from_checkpoint(a.model)
-            ids = torch.tensor([[int(x) for x in a.tokens.split(",")]], dtype=torch.long)
-            if ids.min() < 0 or ids.max() >= m.arch["vocab"]:
-                raise ValueError(f"--tokens: ids must be in 0..{m.arch['vocab']}")
+            ids = _token_ids(a.tokens, m)
             with torch.no_grad():
                 z = torch.stack([x[0] for x in m.loop_logits(ids)])
             Path(a.out).write_bytes(z.float().contiguous().numpy().astype("<f4").tobytes())
@@ -110,6 +135,9 @@ def main(argv=None) -> int:
                 }
                 cfg["exit"] = {"criterion": None, "thresholds": [], "target_agreement": None, "calibration": None}
                 cfg["provenance"] = {"source": "random", "source_sha256": "0" * 64, "tool": "rrt-train tiny --like", "extra": {}}
+                cfg.pop("exit_gate", None)
+                if a.exit_gate:
+                    cfg["exit_gate"] = True
                 m = random_model(cfg, a.seed)
                 ck.write(a.out, cfg, rounded(m.to_tensors(), a.round), a.like)
                 print(json.dumps({"out": a.out}))
@@ -118,6 +146,8 @@ def main(argv=None) -> int:
                 src = ck.read_config(a.tokenizer_from)
                 tok_cfg, vocab = src["tokenizer"], src["architecture"]["vocab"]
             cfg = random_config(tok_cfg, vocab=vocab, layers=a.layers, loops=a.loops, rank=a.rank, tie=not a.untied)
+            if a.exit_gate:
+                cfg["exit_gate"] = True
             m = random_model(cfg, a.seed)
             ck.write(a.out, cfg, rounded(m.to_tensors(), a.round), a.tokenizer_from)
             print(json.dumps({"out": a.out}))

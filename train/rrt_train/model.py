@@ -10,6 +10,12 @@ After every loop (every K layers) the hidden state can be decoded by the shared 
 LM head: that is what early exit uses and what the intermediate-loop losses train. Every
 parameter is a leaf `nn.Parameter` named after its checkpoint tensor, so `to_tensors()` writes
 the same format back.
+
+An optional learned exit gate (`exit_gate`, Ouro's: one `Linear(hidden -> 1)` shared by every
+loop) reads each loop's output as `forward` returns it, the residual stream *before* the final
+norm (the state `rrt`'s engine holds after a loop of a Llama-family checkpoint):
+`g_t = w . h_t + b`, `lambda_t = sigmoid(g_t)` the probability of exiting after loop t given the
+token has not exited before (`gate_logits`).
 """
 
 from __future__ import annotations
@@ -82,6 +88,18 @@ class SharedLayer(nn.Module):
             setattr(self, m, nn.Parameter(torch.zeros(o, i)))
 
 
+class ExitGate(nn.Module):
+    """`g = w . h + b` (`w`: `[1, hidden]`, `b`: `[1]`), computed in f32 whatever `h`'s dtype."""
+
+    def __init__(self, hidden: int, bias: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, hidden))
+        self.bias = nn.Parameter(torch.full((1,), float(bias)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (h.float() @ self.weight.float().t()).squeeze(-1) + self.bias.float()
+
+
 class RecursiveLM(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
@@ -99,6 +117,7 @@ class RecursiveLM(nn.Module):
             nn.ModuleDict({m: Lora(rec["ranks"][m], *dims[m]) for m in ck.MODULES if rec["ranks"][m] > 0})
             for _ in range(self.L)
         )
+        self.exit_gate = ExitGate(h) if ck.has_exit_gate(cfg) else None
         inv, self.pos_scale = inv_frequencies(arch)
         self.register_buffer("inv_freq", inv, persistent=False)
         self._rope_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -125,6 +144,9 @@ class RecursiveLM(nn.Module):
             for m, lo in mods.items():
                 out[f"lora.{li}.{m}.a"] = lo.a
                 out[f"lora.{li}.{m}.b"] = lo.b
+        if self.exit_gate is not None:
+            out["exit_gate.weight"] = self.exit_gate.weight
+            out["exit_gate.bias"] = self.exit_gate.bias
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -140,6 +162,22 @@ class RecursiveLM(nn.Module):
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for li in self.lora for lo in li.values() for p in (lo.a, lo.b)]
+
+    def add_exit_gate(self, bias: float = -2.0) -> ExitGate:
+        """Gives the model a new exit gate (weight 0, `bias`: every loop's exit probability
+        starts at `sigmoid(bias)`) and records it in its config (`"exit_gate": true`)."""
+        if self.exit_gate is not None:
+            raise ValueError("the model already has an exit gate")
+        self.exit_gate = ExitGate(self.arch["hidden"], bias).to(self.embed.device)
+        self.cfg["exit_gate"] = True
+        return self.exit_gate
+
+    def gate_logits(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The exit gate's logit `[N, T]` (f32) of every loop output `hidden[t]` (as `forward`
+        returns them: before the final norm), the same quantity `rrt`'s `gate_logits` computes."""
+        if self.exit_gate is None:
+            raise ValueError("the model has no exit gate")
+        return [self.exit_gate(h) for h in hidden]
 
     # ---- forward -----------------------------------------------------------------------
     def _rope(self, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

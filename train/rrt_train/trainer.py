@@ -5,6 +5,14 @@ generator's state: everything needed to resume exactly), `log.jsonl` (one line p
 loss of every loop, one per evaluation) and `args.json`. The trained model is written as a
 checkpoint `rrt` serves unchanged; its provenance gains the recipe, and its exit thresholds are
 cleared (they were calibrated for the untrained loops: run `rrt calibrate` on it).
+
+With `exit_gate` (`--exit-gate`) a learned exit gate (one `Linear(hidden -> 1)` shared by every
+loop, as Ouro's) trains next to the model on `loss.gate_objective`, from the detached hidden
+states and per-token losses, with its own optimizer and gradient clipping: the model's updates
+are bit-identical with and without it. A student that already has a gate (a checkpoint trained
+with it) continues from its gate; a new gate starts with weight 0 and bias `gate_init_bias`
+(exits rare). The output checkpoint carries the gate (`exit_gate.{weight,bias}`, `"exit_gate":
+true`); `rrt calibrate --criterion gate` then sets its exit thresholds.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +31,7 @@ import torch
 from . import __version__
 from . import checkpoint as ck
 from .data import Corpus
-from .loss import objective
+from .loss import gate_objective, objective
 from .model import RecursiveLM
 
 
@@ -59,13 +68,20 @@ class TrainConfig:
     resume: bool = False
     allow_mismatch: bool = False
     progress: bool = True
+    exit_gate: bool = False  # train a learned exit gate (Ouro stage I objective)
+    gate_beta: float = 0.05  # entropy weight beta of the gate objective
+    gate_lr: float = 0.0  # the gate's peak learning rate (0: --lr), same schedule
+    gate_init_bias: float = -2.0  # a new gate's bias: exit probability sigmoid(-2) = 0.12 per loop
 
     def run_dir(self) -> Path:
         return Path(self.run) if self.run else Path(str(self.out).rstrip("/") + ".run")
 
 
 # Settings a resumed run must share with the run it continues.
-RESUME_KEYS = ("student", "teacher", "data", "batch", "seq", "trainable", "seed", "intermediate_weight", "ce_weight")
+RESUME_KEYS = (
+    "student", "teacher", "data", "batch", "seq", "trainable", "seed", "intermediate_weight", "ce_weight",
+    "exit_gate", "gate_beta", "gate_lr", "gate_init_bias",
+)
 
 
 def lr_at(c: TrainConfig, step: int) -> float:
@@ -94,21 +110,30 @@ def pick_device(c: TrainConfig) -> tuple[torch.device, torch.dtype]:
 
 
 @torch.no_grad()
-def evaluate(student: RecursiveLM, teacher: RecursiveLM | None, windows: torch.Tensor, device, dtype, batch: int = 4) -> dict:
+def evaluate(
+    student: RecursiveLM, teacher: RecursiveLM | None, windows: torch.Tensor, device, dtype, batch: int = 4, beta: float = 0.05
+) -> dict:
     """Held-out perplexity of every loop (and the teacher), agreement of every loop's argmax
-    with the last loop's, KL from the teacher per loop."""
+    with the last loop's, KL from the teacher per loop; with an exit gate, its exit
+    distribution (mean probability of exiting after each loop, expected exit loop) and, with a
+    teacher, its objective."""
     was = student.training
     student.eval()
+    gated = student.exit_gate is not None and student.B > 1
     nll = [0.0] * student.B
     agree = [0.0] * student.B
     klt = [0.0] * student.B
+    exit_p = [0.0] * student.B
+    g_loss, g_exp, g_ent = 0.0, 0.0, 0.0
     t_nll, n = 0.0, 0
     for i in range(0, len(windows), batch):
         w = windows[i : i + batch].to(device)
         inp, tgt = w[:, :-1], w[:, 1:]
-        s = student.loop_logits(inp, dtype)
+        hidden = student.forward(inp, dtype)
+        s = [student.head(h) for h in hidden]
         t = teacher.loop_logits(inp, dtype)[-1] if teacher is not None else None
-        _, m = objective(s, t if t is not None else s[-1], tgt)
+        token_kl: list = []
+        _, m = objective(s, t if t is not None else s[-1], tgt, token_kl=token_kl)
         k = inp.numel()
         n += k
         for b in range(student.B):
@@ -116,6 +141,13 @@ def evaluate(student: RecursiveLM, teacher: RecursiveLM | None, windows: torch.T
             agree[b] += m["agreement"][b] * k
             klt[b] += m["kl_teacher"][b] * k
         t_nll += m["teacher_ce"] * k
+        if gated:
+            _, gm = gate_objective(student.gate_logits(hidden[:-1]), token_kl, beta)
+            for b in range(student.B):
+                exit_p[b] += gm["exit_prob"][b] * k
+            g_loss += gm["gate_loss"] * k
+            g_exp += gm["expected_exit_loop"] * k
+            g_ent += gm["gate_entropy"] * k
     student.train(was)
     out = {
         "eval_tokens": n,
@@ -125,6 +157,12 @@ def evaluate(student: RecursiveLM, teacher: RecursiveLM | None, windows: torch.T
     if teacher is not None:
         out["teacher_ppl"] = math.exp(t_nll / n)
         out["kl_teacher"] = [x / n for x in klt]
+    if gated:
+        out["exit_prob"] = [x / n for x in exit_p]
+        out["expected_exit_loop"] = g_exp / n
+        out["gate_entropy"] = g_ent / n
+        if teacher is not None:
+            out["gate_loss"] = g_loss / n
     return out
 
 
@@ -141,6 +179,10 @@ def train(c: TrainConfig) -> dict:
         raise TrainError("--steps and --batch must be >= 1 and --seq >= 2")
     if c.stop_at < 0 or c.stop_at > c.steps:
         raise TrainError(f"--stop-at must be between 1 and --steps ({c.steps}), or 0 for --steps; got {c.stop_at}")
+    if c.exit_gate and not (c.gate_beta >= 0 and math.isfinite(c.gate_beta)):
+        raise TrainError(f"--gate-beta must be a number >= 0, not {c.gate_beta}")
+    if c.exit_gate and not (c.gate_lr >= 0 and math.isfinite(c.gate_lr) and math.isfinite(c.gate_init_bias)):
+        raise TrainError(f"--gate-lr must be >= 0 and --gate-init-bias finite (got {c.gate_lr}, {c.gate_init_bias})")
     if c.threads:
         torch.set_num_threads(c.threads)
     device, dtype = pick_device(c)
@@ -169,11 +211,29 @@ def train(c: TrainConfig) -> dict:
         )
     if c.seq > s_cfg["architecture"]["max_positions"]:
         raise TrainError(f"--seq {c.seq} exceeds the model's context of {s_cfg['architecture']['max_positions']}")
+    # The exit gate: the student's own (a checkpoint trained with one), or a new one.
+    gate_from = None
+    if c.exit_gate:
+        if student.B < 2:
+            raise TrainError(f"--exit-gate: the student has {student.B} loop; an exit gate needs at least 2")
+        if student.exit_gate is None:
+            student.add_exit_gate(c.gate_init_bias)
+            gate_from = f"new (weight 0, bias {c.gate_init_bias:g})"
+        else:
+            gate_from = "the student's"
+    elif student.exit_gate is not None:
+        print(
+            f"rrt-train: warning: {c.student} has an exit gate; without --exit-gate it is written back unchanged "
+            "(not trained for the new loops)",
+            file=sys.stderr,
+        )
 
     student.to(device)
     teacher.to(device=device, dtype=dtype if device.type == "cuda" else torch.float32)
     teacher.eval()
     teacher.requires_grad_(False)
+    gate_params = list(student.exit_gate.parameters()) if student.exit_gate is not None else []
+    gate_ids = {id(p) for p in gate_params}
     if c.trainable == "lora":
         student.requires_grad_(False)
         params = student.lora_parameters()
@@ -182,18 +242,31 @@ def train(c: TrainConfig) -> dict:
         for p in params:
             p.requires_grad_(True)
     else:
-        params = [p for p in student.parameters()]
+        params = [p for p in student.parameters() if id(p) not in gate_ids]
+    for p in gate_params:
+        p.requires_grad_(c.exit_gate)
     opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=c.weight_decay)
+    # The gate's own optimizer and clipping: the model's updates do not depend on it.
+    gate_opt = (
+        torch.optim.AdamW(gate_params, lr=c.gate_lr or c.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+        if c.exit_gate
+        else None
+    )
+    gate_sched = dataclasses.replace(c, lr=c.gate_lr or c.lr)  # the same schedule at the gate's peak
     gen = torch.Generator().manual_seed(c.seed)
     step, tokens = 0, 0
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         old = st["config"]
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         for k in RESUME_KEYS:
-            if str(old.get(k)) != str(getattr(c, k)):
+            # A run saved before a setting existed ran with its default.
+            if str(old.get(k, defaults.get(k))) != str(getattr(c, k)):
                 raise TrainError(f"--resume: {k} was {old.get(k)!r} in {run}, now {getattr(c, k)!r}")
         student.load_state_dict(st["model"])
         opt.load_state_dict(st["optim"])
+        if gate_opt is not None:
+            gate_opt.load_state_dict(st["gate_optim"])
         gen.set_state(st["generator"])
         step, tokens = st["step"], st["tokens"]
     (run / "args.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
@@ -206,6 +279,7 @@ def train(c: TrainConfig) -> dict:
                 "config": dataclasses.asdict(c),
                 "model": student.state_dict(),
                 "optim": opt.state_dict(),
+                "gate_optim": gate_opt.state_dict() if gate_opt is not None else None,
                 "generator": gen.get_state(),
                 "step": step,
                 "tokens": tokens,
@@ -226,23 +300,40 @@ def train(c: TrainConfig) -> dict:
     student.train()
     t_start, tok_start = time.perf_counter(), tokens
     first_eval = None
+
+    def run_eval():
+        return evaluate(student, teacher, windows, device, dtype, beta=c.gate_beta)
+
     if step == 0:
-        first_eval = evaluate(student, teacher, windows, device, dtype)
+        first_eval = run_eval()
         write_line({"eval": True, "step": 0, "tokens": 0, **first_eval})
     while step < end:
         lr = lr_at(c, step)
+        gate_lr = lr_at(gate_sched, step)
         for g in opt.param_groups:
             g["lr"] = lr
         b = corpus.batch(c.batch, c.seq, gen).to(device)
         inp, tgt = b[:, :-1], b[:, 1:]
         with torch.no_grad():
             t_logits = teacher.loop_logits(inp, dtype)[-1]
-        s_logits = student.loop_logits(inp, dtype)
-        loss, m = objective(s_logits, t_logits, tgt, c.intermediate_weight, c.ce_weight)
+        hidden = student.forward(inp, dtype)
+        s_logits = [student.head(h) for h in hidden]
+        token_kl: list = []
+        loss, m = objective(s_logits, t_logits, tgt, c.intermediate_weight, c.ce_weight, token_kl=token_kl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip).item()
         opt.step()
+        if gate_opt is not None:
+            # On the detached loop outputs and losses: nothing flows back into the model.
+            g_loss, gm = gate_objective(student.gate_logits([h.detach() for h in hidden[:-1]]), token_kl, c.gate_beta)
+            for g in gate_opt.param_groups:
+                g["lr"] = gate_lr
+            gate_opt.zero_grad(set_to_none=True)
+            g_loss.backward()
+            gm["gate_grad_norm"] = torch.nn.utils.clip_grad_norm_(gate_params, c.grad_clip).item()
+            gate_opt.step()
+            m.update(gm)
         step += 1
         tokens += inp.numel()
         elapsed = time.perf_counter() - t_start
@@ -256,13 +347,13 @@ def train(c: TrainConfig) -> dict:
                 tok_s=f"{line['tok_s']:.0f}",
             )
         if c.eval_every and step % c.eval_every == 0 and step < end:
-            write_line({"eval": True, "step": step, "tokens": tokens, **evaluate(student, teacher, windows, device, dtype)})
+            write_line({"eval": True, "step": step, "tokens": tokens, **run_eval()})
         if c.save_every and step % c.save_every == 0:
             save_state()
     if bar is not None:
         bar.close()
     save_state()
-    final = evaluate(student, teacher, windows, device, dtype)
+    final = run_eval()
     write_line({"eval": True, "step": step, "tokens": tokens, **final})
     log.close()
 
@@ -292,6 +383,16 @@ def train(c: TrainConfig) -> dict:
         "data_manifest_sha256": corpus.manifest_sha256,
         "heldout": final,
     }
+    if c.exit_gate:
+        recipe["exit_gate"] = {
+            "objective": "sum_t p(t) sg(KL_t(teacher || loop t)) - %g H(p), p(t) = sigmoid(g_t) prod_{j<t} (1 - sigmoid(g_j)), "
+            "g = exit_gate . h (loop output before the final norm); gate-only optimizer" % c.gate_beta,
+            "beta": c.gate_beta,
+            "lr": c.gate_lr or c.lr,
+            "init": gate_from,
+        }
+    elif student.exit_gate is not None:
+        recipe["exit_gate"] = {"init": "the student's", "trained": False}
     history.append(recipe)
     extra["training"] = recipe
     extra["training_history"] = history

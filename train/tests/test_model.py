@@ -138,3 +138,48 @@ def test_rope_scalings_match_the_rust_formulas():
     assert abs(inv4[7] - 1e6 ** (-14 / 16) / 8.0) < 1e-18  # wavelength > 8192: divided by the factor
     with pytest.raises(ck.CheckpointError):
         inv_frequencies({**base, "rope_scaling": {"type": "yarn"}})
+
+
+def test_exit_gate_round_trips_and_is_checked(tmp_path):
+    cfg = random_config(rank=4)
+    m = random_model(cfg, seed=2)
+    assert m.exit_gate is None and "exit_gate" not in cfg
+    m.add_exit_gate(-2.0)
+    assert cfg["exit_gate"] is True
+    with torch.no_grad():
+        m.exit_gate.weight.copy_(torch.randn(1, 64, generator=torch.Generator().manual_seed(4)))
+        m.exit_gate.bias.fill_(0.25)
+    ck.write(tmp_path / "g", cfg, m.to_tensors(), None)
+    assert json.loads((tmp_path / "g" / ck.CONFIG_FILE).read_text())["exit_gate"] is True
+    m2 = RecursiveLM.from_checkpoint(tmp_path / "g")
+    assert torch.equal(m2.exit_gate.weight, m.exit_gate.weight) and m2.exit_gate.bias.item() == 0.25
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hs = m2.forward(ids)
+        g = m2.gate_logits(hs)
+        # g = w . h + b on the loop output before the final norm.
+        assert len(g) == 2 and g[0].shape == (2, 9)
+        assert torch.allclose(g[1], (hs[1].double() @ m.exit_gate.weight.double().t()).squeeze(-1).float() + 0.25, atol=1e-5)
+    # Missing or misshapen gate tensors are refused by name; a bad flag too.
+    t = m.to_tensors()
+    bad = dict(t)
+    del bad["exit_gate.bias"]
+    with pytest.raises(ck.CheckpointError, match="exit_gate.bias"):
+        ck.write(tmp_path / "x", cfg, bad, None)
+    from safetensors.torch import save_file
+
+    bad = dict(t)
+    bad["exit_gate.weight"] = torch.zeros(64)
+    save_file(bad, str(tmp_path / "g" / ck.WEIGHTS_FILE))
+    with pytest.raises(ck.CheckpointError, match="exit_gate.weight"):
+        ck.read(tmp_path / "g")
+    c = json.loads((tmp_path / "g" / ck.CONFIG_FILE).read_text())
+    c["exit_gate"] = "yes"
+    (tmp_path / "g" / ck.CONFIG_FILE).write_text(json.dumps(c))
+    with pytest.raises(ck.CheckpointError, match="exit_gate must be"):
+        ck.read(tmp_path / "g")
+    # Without the flag the gate is not part of the model (a checkpoint as before).
+    del c["exit_gate"]
+    (tmp_path / "g" / ck.CONFIG_FILE).write_text(json.dumps(c))
+    save_file(t, str(tmp_path / "g" / ck.WEIGHTS_FILE))
+    assert RecursiveLM.from_checkpoint(tmp_path / "g").exit_gate is None

@@ -69,6 +69,12 @@ def average_student(teacher: RecursiveLM, loops: int, rank: int) -> tuple[dict, 
 
 @pytest.fixture()
 def setup(tmp_path):
+    return make_setup(tmp_path)
+
+
+def make_setup(tmp_path):
+    """A teacher (B = 1, 4 layers), its average-init student (B = 2, rank 4) and a corpus the
+    teacher sampled, in `tmp_path`."""
     tcfg = random_config(loops=1, layers=4, rank=0)
     tcfg["recursion"]["ranks"] = {m: 0 for m in ck.MODULES}
     teacher = random_model(tcfg, seed=11)
@@ -219,3 +225,135 @@ def test_heldout_windows_are_fixed_and_disjoint_from_training_batches(tmp_path):
     assert (w >= 200).all()
     b = c.batch(64, 16, torch.Generator().manual_seed(0))
     assert b.shape == (64, 17) and ((b < 200) | (b == 0)).all()
+
+
+# ---- the learned exit gate ---------------------------------------------------------------
+
+
+def test_gate_objective_is_ouros_exit_distribution_with_detached_losses():
+    from rrt_train.loss import exit_distribution, gate_objective
+
+    g = torch.Generator().manual_seed(3)
+    gates = [torch.randn(2, 5, generator=g, requires_grad=True) for _ in range(2)]  # B = 3
+    losses = [torch.rand(2, 5, generator=g, requires_grad=True) for _ in range(3)]
+    lam = [torch.sigmoid(x.detach()) for x in gates]
+    p = torch.stack([lam[0], lam[1] * (1 - lam[0]), (1 - lam[0]) * (1 - lam[1])], -1)
+    assert torch.allclose(exit_distribution(gates).exp(), p, atol=1e-6)
+    beta = 0.05
+    loss, m = gate_objective(gates, losses, beta)
+    lt = torch.stack([x.detach() for x in losses], -1)
+    expect = ((p * lt).sum(-1) + beta * (p * p.log()).sum(-1)).mean()
+    assert abs(loss.item() - expect.item()) < 1e-6
+    assert m["exit_prob"] == pytest.approx(p.flatten(0, 1).mean(0).tolist(), abs=1e-6)
+    assert m["expected_exit_loop"] == pytest.approx((p * torch.tensor([1.0, 2.0, 3.0])).sum(-1).mean().item(), abs=1e-6)
+    loss.backward()
+    assert all(x.grad is None for x in losses), "the per-loop losses are detached"
+    assert all(x.grad.abs().max() > 0 for x in gates)
+    # A gate read after the last loop is ignored; a saturated gate stays finite.
+    assert gate_objective(gates + [torch.zeros(2, 5)], losses, beta)[0].item() == pytest.approx(loss.item())
+    big = [torch.full((1, 3), 80.0), torch.full((1, 3), -80.0)]
+    sat, sm = gate_objective(big, [torch.ones(1, 3)] * 3, beta)
+    assert torch.isfinite(sat) and sm["exit_prob"][0] == pytest.approx(1.0)
+
+
+def test_gate_objective_teaches_a_gate_to_exit_where_the_early_loop_is_as_good():
+    from rrt_train.loss import gate_objective
+    from rrt_train.model import ExitGate
+
+    # Synthetic loop outputs: loop 1's loss is below loop 2's exactly where h . u > 0.
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(512, 64, generator=g)
+    u = torch.randn(64, generator=g)
+    s = h @ u / 8
+    losses = [1.0 - 0.5 * s, torch.ones(512)]
+    gate = ExitGate(64, -2.0)
+    opt = torch.optim.Adam(gate.parameters(), lr=0.05)
+    first = None
+    for _ in range(200):
+        loss, m = gate_objective([gate(h)], losses, 0.05)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lam = torch.sigmoid(gate(h)).detach()
+    assert loss.item() < first - 0.1, (first, loss.item())
+    assert (lam[s > 0.5] > 0.9).float().mean() > 0.95 and (lam[s < -0.5] < 0.1).float().mean() > 0.95
+    assert 0.3 < m["exit_prob"][0] < 0.7
+
+
+def test_exit_gate_learns_and_leaves_the_model_updates_unchanged(setup):
+    from rrt_train.loss import gate_objective, objective
+
+    # Same seed, with and without the gate: every model tensor bit-identical after 5 steps.
+    train(cfg_for(setup, steps=5, out=str(setup / "plain"), eval_every=0, save_every=0))
+    train(cfg_for(setup, steps=5, out=str(setup / "gated5"), eval_every=0, save_every=0, exit_gate=True))
+    plain, gated = ck.read(setup / "plain")[1], ck.read(setup / "gated5")[1]
+    assert set(gated) - set(plain) == {"exit_gate.weight", "exit_gate.bias"}
+    for k in plain:
+        assert torch.equal(plain[k], gated[k]), k
+    lp, lg = read_log(setup / "plain.run"), read_log(setup / "gated5.run")
+    assert [x["loss"] for x in lp if not x.get("eval")] == [x["loss"] for x in lg if not x.get("eval")]
+
+    res = train(cfg_for(setup, steps=40, exit_gate=True))
+    steps = [x for x in read_log(setup / "out.run") if not x.get("eval")]
+    for k in ("gate_loss", "gate_entropy", "exit_prob", "gate_grad_norm"):
+        assert k in steps[0], k
+    assert len(steps[0]["exit_prob"]) == 2 and steps[0]["exit_prob"][0] == pytest.approx(torch.sigmoid(torch.tensor(-2.0)).item(), abs=1e-3)
+    first = sum(x["gate_loss"] for x in steps[:5]) / 5
+    last = sum(x["gate_loss"] for x in steps[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    e0, e1 = res["first_eval"], res["final_eval"]
+    assert e0["expected_exit_loop"] == pytest.approx(2 - 0.1192, abs=1e-3)
+    # Exits are neither all rare nor all certain after training, and differ by token.
+    assert 0.15 < e1["exit_prob"][0] < 0.85, e1
+    assert e1["expected_exit_loop"] == pytest.approx(1 + e1["exit_prob"][1], abs=1e-5)
+    cfg, tensors = ck.read(setup / "out")
+    assert cfg["exit_gate"] is True and tuple(tensors["exit_gate.weight"].shape) == (1, 64)
+    assert cfg["provenance"]["extra"]["training"]["exit_gate"]["init"].startswith("new")
+    m = RecursiveLM.from_checkpoint(setup / "out")
+    teacher = RecursiveLM.from_checkpoint(setup / "teacher")
+    ids = Corpus(setup / "data").heldout_windows(32, 4)[:, :-1]
+    with torch.no_grad():
+        hidden = m.forward(ids)
+        token_kl: list = []
+        objective([m.head(h) for h in hidden], teacher.loop_logits(ids)[-1], token_kl=token_kl)
+        trained, _ = gate_objective(m.gate_logits(hidden[:-1]), token_kl)
+        lam = torch.sigmoid(m.gate_logits(hidden[:1])[0])
+        # On held-out text and the trained loops, the trained gate beats the initial one
+        # (weight 0, bias -2) and every constant gate: it reads the token's state.
+        m.exit_gate.weight.zero_()
+        m.exit_gate.bias.fill_(-2.0)
+        initial, _ = gate_objective(m.gate_logits(hidden[:-1]), token_kl)
+        const = min(gate_objective([torch.full_like(lam, b)], token_kl)[0].item() for b in torch.linspace(-5, 3, 81).tolist())
+    assert trained.item() < const < initial.item(), (trained.item(), const, initial.item())
+    assert lam.std() > 0.05, lam
+
+
+def test_exit_gate_resumes_and_continues_from_a_gated_checkpoint(setup):
+    # An interrupted gated run, resumed, equals the uninterrupted one bit for bit (the gate's
+    # optimizer state included).
+    train(cfg_for(setup, steps=12, out=str(setup / "a"), run=str(setup / "ra"), save_every=6, exit_gate=True))
+    full = ck.read(setup / "a")[1]
+    c = cfg_for(setup, steps=12, out=str(setup / "b"), run=str(setup / "rb"), save_every=6, exit_gate=True, stop_at=8)
+    train(c)
+    with pytest.raises(TrainError, match="exit_gate was True"):
+        train(cfg_for(setup, steps=12, out=str(setup / "b"), run=str(setup / "rb"), save_every=6, resume=True))
+    c.stop_at, c.resume = 0, True
+    train(c)
+    resumed = ck.read(setup / "b")[1]
+    assert set(full) == set(resumed)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    # Training a gated checkpoint again starts from its gate (the first evaluation is the
+    # previous run's last), and without --exit-gate writes it back unchanged.
+    prev = ck.read_config(setup / "a")["provenance"]["extra"]["training"]["heldout"]
+    res = train(cfg_for(setup, student=str(setup / "a"), steps=2, out=str(setup / "c"), run=str(setup / "rc"), exit_gate=True))
+    assert res["first_eval"]["exit_prob"] == prev["exit_prob"]
+    assert ck.read_config(setup / "c")["provenance"]["extra"]["training"]["exit_gate"]["init"] == "the student's"
+    train(cfg_for(setup, student=str(setup / "a"), steps=2, out=str(setup / "d"), run=str(setup / "rd")))
+    d = ck.read(setup / "d")[1]
+    assert torch.equal(d["exit_gate.weight"], full["exit_gate.weight"]) and torch.equal(d["exit_gate.bias"], full["exit_gate.bias"])
+    assert not torch.equal(d["lora.0.q.a"], full["lora.0.q.a"])
+    # One loop has nowhere to exit.
+    with pytest.raises(TrainError, match="at least 2"):
+        train(cfg_for(setup, student=str(setup / "teacher"), out=str(setup / "e"), run=str(setup / "re"), exit_gate=True))

@@ -418,7 +418,7 @@ impl<B: Backend> Engine<B> {
         {
             return cerr(
                 "exit.criterion",
-                "the gate criterion needs a model with a learned exit gate (Ouro)".into(),
+                "the gate criterion needs a model with a learned exit gate (Ouro, or a checkpoint trained with --exit-gate)".into(),
             );
         }
         let layout = model.kv_layout(cfg.block_size);

@@ -52,7 +52,8 @@ pub struct ResidentModel<B: Backend> {
     embed: B::Mat,
     norm: B::Buf,
     head: Option<B::Mat>,
-    /// The learned exit gate (weights, bias) of families that have one (Ouro).
+    /// The learned exit gate (weights, bias) of models that have one (Ouro, checkpoints trained
+    /// with `--exit-gate`).
     gate: Option<(B::Buf, f32)>,
     layers: Vec<SharedLayer<B>>,
     rope: RopeTable,

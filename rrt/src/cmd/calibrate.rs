@@ -10,7 +10,7 @@ pub enum CriterionArg {
     MaxProb,
     Margin,
     Saturation,
-    /// The model's learned exit gate (Ouro).
+    /// The model's learned exit gate (Ouro, or a checkpoint trained with `--exit-gate`).
     Gate,
 }
 

@@ -1,0 +1,321 @@
+//! A learned exit gate in an rrt checkpoint (`exit_gate: true`, tensors `exit_gate.weight`
+//! `[1, hidden]` and `exit_gate.bias` `[1]`, written by `rrt-train train --exit-gate`): it
+//! saves and loads into `Weights::exit_gate` exactly, the forward pass's gate logits are the
+//! saved model's, `rrt calibrate --criterion gate`'s sampling accepts the model, `quantize`
+//! carries the gate through unchanged (f32) in every format, checkpoints without it load and are
+//! written as before, and a missing, misshapen, non-finite or block-stored gate is refused
+//! naming the tensor. (PyTorch's gate logits against these: `tests/tests/train.rs`.)
+
+mod common;
+
+use rand::{Rng, SeedableRng};
+use rrt_kernels::RopeScaling;
+use rrt_model::checkpoint::{self, Provenance, WeightFormat, read_config, save};
+use rrt_model::config::{Family, ModelConfig};
+use rrt_model::exit::{Criterion, collect_samples};
+use rrt_model::forward::{Model, sequence_rows};
+use rrt_model::recursive::{Init, RecursiveSpec, convert};
+use rrt_model::tokenizer::Tokenizer;
+use rrt_model::weights::{ExitGate, Layer, Linear, Weights};
+use rrt_model::{LoadedModel, ModelError};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn tokenizer() -> &'static Tokenizer {
+    static T: OnceLock<Tokenizer> = OnceLock::new();
+    T.get_or_init(|| {
+        let path = rrt_model::default_model_path().expect("run scripts/fetch-model.sh first");
+        rrt_model::loader::load_tokenizer(&path).expect("tokenizer loads")
+    })
+}
+
+/// A random Llama-style model of 4 layers of width 64 looped twice with rank-4 LoRAs
+/// (SmolLM2's vocabulary), with a random exit gate when `gate`.
+fn tiny(seed: u64, gate: bool) -> Model {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (hidden, inter, nh, nkv, vocab, layers) = (64usize, 96usize, 4usize, 2usize, 49152usize, 4usize);
+    let hd = hidden / nh;
+    let cfg = ModelConfig {
+        family: Family::Llama,
+        hidden,
+        intermediate: inter,
+        n_layers: layers,
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+        vocab,
+        rms_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_dim: hd,
+        rope_scaling: RopeScaling::None,
+        max_positions: 4096,
+        sliding_window: None,
+        qkv_bias: false,
+        tie_embeddings: true,
+        looped: None,
+    };
+    let mut vals = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-scale..scale)).collect() };
+    let embed = Linear::f32(vocab, hidden, vals(vocab * hidden, 1.0), None);
+    let ls = (0..layers)
+        .map(|_| Layer {
+            attn_norm: vec![1.0; hidden],
+            qkv: Linear::f32(
+                nh * hd + 2 * nkv * hd,
+                hidden,
+                vals((nh * hd + 2 * nkv * hd) * hidden, 0.3),
+                None,
+            ),
+            o: Linear::f32(hidden, nh * hd, vals(hidden * nh * hd, 0.3), None),
+            ffn_norm: vec![1.0; hidden],
+            gate_up: Linear::f32(2 * inter, hidden, vals(2 * inter * hidden, 0.3), None),
+            down: Linear::f32(hidden, inter, vals(hidden * inter, 0.3), None),
+            branch_norms: None,
+        })
+        .collect();
+    let exit_gate = gate.then(|| ExitGate {
+        w: vals(hidden, 0.2),
+        b: -0.75,
+    });
+    let weights = Weights {
+        embed,
+        layers: ls,
+        norm: vec![1.0; hidden],
+        lm_head: None,
+        exit_gate,
+    };
+    let spec = RecursiveSpec {
+        loops: 2,
+        init: Init::Average,
+        ranks: [4; 7],
+    };
+    let (shared, rec) = convert(&weights, &cfg, &spec, None, |_| {}).expect("tiny conversion");
+    Model::recursive(
+        cfg,
+        Weights {
+            layers: shared,
+            ..weights
+        },
+        rec,
+    )
+    .expect("tiny recursive model")
+}
+
+fn prov() -> Provenance {
+    Provenance {
+        source: "tiny".into(),
+        source_sha256: "00".into(),
+        tool: "test".into(),
+        extra: serde_json::Value::Null,
+    }
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rrt-gate-ckpt-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn load(dir: &Path) -> LoadedModel {
+    rrt_model::load(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+fn config_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join(checkpoint::CONFIG_FILE)).unwrap()).unwrap()
+}
+
+const IDS: [u32; 12] = [1, 504, 3458, 28, 253, 2032, 9, 42, 17, 40000, 7, 2];
+
+/// The gate logits of every loop's output for `IDS` (`loops x tokens`).
+fn gate_logits(m: &Model) -> Vec<Vec<f32>> {
+    let (mut pool, seq) = rrt_model::kv::single_sequence(m.kv_layout(16), IDS.len()).unwrap();
+    let select: Vec<usize> = (0..IDS.len()).collect();
+    m.forward_loops(&sequence_rows(&IDS, &seq.blocks), &mut pool)
+        .unwrap()
+        .iter()
+        .map(|h| m.gate_logits(h, &select).expect("the model has a gate"))
+        .collect()
+}
+
+#[test]
+fn a_checkpoint_with_a_gate_round_trips_and_quantizes_with_it() {
+    let m = tiny(21, true);
+    let want = m.weights.exit_gate.clone().unwrap();
+    let dir = tmpdir("f32");
+    save(&dir, &m, tokenizer(), None, prov(), WeightFormat::F32).unwrap();
+    assert_eq!(config_json(&dir)["exit_gate"], true);
+    assert!(read_config(&dir).unwrap().exit_gate);
+    let lm = load(&dir);
+    assert_eq!(lm.model.weights.exit_gate.as_ref(), Some(&want), "gate loaded exactly");
+    let g = gate_logits(&lm.model);
+    assert_eq!(
+        g,
+        gate_logits(&m),
+        "the loaded model's gate logits are the saved model's"
+    );
+    assert_eq!(g.len(), 2);
+    // The logits of the gate are a function of the token's state: not all equal.
+    assert!(g[0].iter().any(|&x| (x - g[0][0]).abs() > 1e-3), "{g:?}");
+    // The calibration's gate sampling (`rrt calibrate --criterion gate`) accepts the model.
+    let samples = collect_samples(&lm, &IDS, 12, Criterion::Gate).unwrap();
+    assert_eq!(samples.len(), 1);
+    assert_eq!(samples[0].len(), IDS.len());
+    assert!(samples[0].iter().all(|(s, _)| (0.0..=1.0).contains(s)));
+
+    // `quantize` carries the gate unchanged (f32) into every format and back.
+    let mut last = dir.clone();
+    for (i, fmt) in [WeightFormat::Q8_0, WeightFormat::Q4_1, WeightFormat::F32]
+        .into_iter()
+        .enumerate()
+    {
+        let out = tmpdir(&format!("q{i}"));
+        let cfg = checkpoint::quantize(&last, &out, fmt, "test").unwrap();
+        assert!(cfg.exit_gate && config_json(&out)["exit_gate"] == true, "{fmt}");
+        let q = load(&out);
+        assert_eq!(q.model.weights.exit_gate.as_ref(), Some(&want), "{fmt}");
+        let data = std::fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&data).unwrap();
+        let (w, b) = (
+            st.tensor(checkpoint::EXIT_GATE_WEIGHT).unwrap(),
+            st.tensor(checkpoint::EXIT_GATE_BIAS).unwrap(),
+        );
+        assert_eq!((w.dtype(), w.shape()), (safetensors::Dtype::F32, &[1usize, 64][..]));
+        assert_eq!((b.dtype(), b.shape()), (safetensors::Dtype::F32, &[1usize][..]));
+        if i > 0 {
+            std::fs::remove_dir_all(&last).unwrap();
+        }
+        last = out;
+    }
+    std::fs::remove_dir_all(&last).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn checkpoints_without_a_gate_load_and_save_as_before() {
+    let m = tiny(22, false);
+    let dir = tmpdir("nogate");
+    save(&dir, &m, tokenizer(), None, prov(), WeightFormat::F32).unwrap();
+    let json = config_json(&dir);
+    assert!(
+        json.get("exit_gate").is_none(),
+        "no field written without a gate: {json}"
+    );
+    let data = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&data).unwrap().names().len();
+    let lm = load(&dir);
+    assert!(lm.model.weights.exit_gate.is_none());
+    assert!(lm.model.gate_logits(&[0.0; 64], &[0]).is_none());
+    let e = collect_samples(&lm, &IDS, 12, Criterion::Gate).err().unwrap();
+    assert!(e.to_string().contains("exit gate"), "{e}");
+    // `exit_gate: false` is the same as no field; gate tensors without the flag are not read.
+    let g = tiny(22, true);
+    let gdir = tmpdir("flag-off");
+    save(&gdir, &g, tokenizer(), None, prov(), WeightFormat::F32).unwrap();
+    let mut cfg = read_config(&gdir).unwrap();
+    cfg.exit_gate = false;
+    checkpoint::write_config(&gdir, &cfg).unwrap();
+    assert!(config_json(&gdir).get("exit_gate").is_none());
+    assert!(load(&gdir).model.weights.exit_gate.is_none());
+    let data = std::fs::read(gdir.join("model.safetensors")).unwrap();
+    assert_eq!(
+        safetensors::SafeTensors::deserialize(&data).unwrap().names().len(),
+        names + 2
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&gdir).unwrap();
+}
+
+/// A tensor to store: type, shape, bytes.
+type Stored = (safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Rewrites `model.safetensors` of `dir` with `name` replaced by `with`, or removed when `with`
+/// is `None`.
+fn replace_tensor(dir: &Path, name: &str, with: Option<Stored>) {
+    let path = dir.join("model.safetensors");
+    let data = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&data).unwrap();
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().filter(|(n, _)| n != name).collect();
+    if let Some((dtype, shape, bytes)) = &with {
+        views.push((
+            name.to_string(),
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+        ));
+    }
+    let out = safetensors::serialize(views, None).unwrap();
+    std::fs::write(&path, out).unwrap();
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn a_bad_gate_is_refused_naming_the_tensor() {
+    use safetensors::Dtype::{F32, U8};
+    let m = tiny(23, true);
+    let good = tmpdir("bad-src");
+    save(&good, &m, tokenizer(), None, prov(), WeightFormat::F32).unwrap();
+    let w = m.weights.exit_gate.as_ref().unwrap().w.clone();
+    let mut nan = w.clone();
+    nan[7] = f32::NAN;
+    let cases: Vec<(&str, &str, Option<Stored>, &[&str])> = vec![
+        ("missing-w", checkpoint::EXIT_GATE_WEIGHT, None, &["`exit_gate.weight`"]),
+        ("missing-b", checkpoint::EXIT_GATE_BIAS, None, &["`exit_gate.bias`"]),
+        (
+            "flat-w",
+            checkpoint::EXIT_GATE_WEIGHT,
+            Some((F32, vec![64], f32_bytes(&w))),
+            &["`exit_gate.weight`", "[64]", "[1, 64]"],
+        ),
+        (
+            "short-w",
+            checkpoint::EXIT_GATE_WEIGHT,
+            Some((F32, vec![1, 32], f32_bytes(&w[..32]))),
+            &["`exit_gate.weight`", "[1, 32]"],
+        ),
+        (
+            "two-b",
+            checkpoint::EXIT_GATE_BIAS,
+            Some((F32, vec![2], f32_bytes(&[0.0, 1.0]))),
+            &["`exit_gate.bias`", "[2]"],
+        ),
+        (
+            "nan-w",
+            checkpoint::EXIT_GATE_WEIGHT,
+            Some((F32, vec![1, 64], f32_bytes(&nan))),
+            &["exit_gate.weight"],
+        ),
+        (
+            "u8-w",
+            checkpoint::EXIT_GATE_WEIGHT,
+            Some((U8, vec![1, 64], vec![0u8; 64])),
+            &["`exit_gate.weight`", "U8", "f32"],
+        ),
+    ];
+    for (case, name, with, needles) in cases {
+        let d = tmpdir(case);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["model.safetensors", "rrt_checkpoint.json", "tokenizer.json"] {
+            std::fs::copy(good.join(f), d.join(f)).unwrap();
+        }
+        replace_tensor(&d, name, with);
+        let e: ModelError = match rrt_model::load(&d) {
+            Ok(_) => panic!("{case}: a bad gate loaded"),
+            Err(e) => e,
+        };
+        let msg = e.to_string();
+        assert!(msg.contains("model.safetensors"), "{case}: {msg}");
+        for n in needles {
+            assert!(msg.contains(n), "{case}: `{n}` not in: {msg}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+    // A model whose gate does not fit its hidden size is refused before anything is written.
+    let mut bad = tiny(23, true);
+    bad.weights.exit_gate.as_mut().unwrap().w.pop();
+    let dir = tmpdir("bad-save");
+    let e = save(&dir, &bad, tokenizer(), None, prov(), WeightFormat::F32).unwrap_err();
+    assert!(e.to_string().contains("exit gate has 63 weights"), "{e}");
+    assert!(!dir.join("model.safetensors").exists());
+    std::fs::remove_dir_all(&good).unwrap();
+}
