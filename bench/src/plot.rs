@@ -4,6 +4,8 @@
 //! charts out side by side in one file that browsers and image viewers open as is.
 
 use plotters::coord::Shift;
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::ops::Range;
@@ -70,6 +72,8 @@ fn err<E: std::fmt::Debug>(e: E) -> PlotError {
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 
 const FONT: &str = "sans-serif";
+/// The grid lines at the ticks.
+const GRID: RGBColor = RGBColor(0xe4, 0xe4, 0xe4);
 
 /// A standalone SVG document with the charts side by side, each `panel_w` x `panel_h` pixels.
 pub fn document(charts: &[Chart], panel_w: f64, panel_h: f64) -> Result<String, PlotError> {
@@ -170,40 +174,35 @@ fn line_chart(area: &Area<'_>, c: &LineChart) -> Result<(), PlotError> {
             y0 / 2.0..y1 * 2.0
         };
         let mut ch = chart.build_cartesian_2d(xr, yr.log_scale()).map_err(err)?;
-        ch.configure_mesh()
-            .x_desc(&c.x_label)
-            .y_desc(&c.y_label)
-            .x_label_formatter(&|v| tick_label(*v))
-            .y_label_formatter(&|v| tick_label(*v))
-            .max_light_lines(0)
-            .bold_line_style(RGBColor(0xe4, 0xe4, 0xe4))
-            .draw()
-            .map_err(err)?;
-        draw_lines(&mut ch, &series)
+        draw_lines(&mut ch, c, &series)
     } else {
         let mut ch = chart
             .build_cartesian_2d(xr, padded(y0.min(0.0).max(y0 - (y1 - y0)), y1))
             .map_err(err)?;
-        ch.configure_mesh()
-            .x_desc(&c.x_label)
-            .y_desc(&c.y_label)
-            .x_label_formatter(&|v| tick_label(*v))
-            .y_label_formatter(&|v| tick_label(*v))
-            .max_light_lines(0)
-            .bold_line_style(RGBColor(0xe4, 0xe4, 0xe4))
-            .draw()
-            .map_err(err)?;
-        draw_lines(&mut ch, &series)
+        draw_lines(&mut ch, c, &series)
     }
 }
 
+type Chart2d<'a, Y> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>;
+
+/// The axes, labels and series (with their legend) of a line chart on its coordinates.
 fn draw_lines<'a, Y>(
-    ch: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
+    ch: &mut Chart2d<'a, Y>,
+    c: &LineChart,
     series: &[(&Series, Vec<(f64, f64)>)],
 ) -> Result<(), PlotError>
 where
-    Y: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
 {
+    ch.configure_mesh()
+        .x_desc(&c.x_label)
+        .y_desc(&c.y_label)
+        .x_label_formatter(&|v| tick_label(*v))
+        .y_label_formatter(&|v| tick_label(*v))
+        .max_light_lines(0)
+        .bold_line_style(GRID)
+        .draw()
+        .map_err(err)?;
     for (s, pts) in series {
         let color = PALETTE[s.color % PALETTE.len()];
         let style = color.stroke_width(2);
@@ -223,8 +222,16 @@ where
         ch.draw_series(pts.iter().map(|&p| EmptyElement::at(p) + marker(shape, (0, 0), color)))
             .map_err(err)?;
     }
+    legend(ch, SeriesLabelPosition::UpperLeft)
+}
+
+/// The series legend in a corner of the plotting area.
+fn legend<'a, Y>(ch: &mut Chart2d<'a, Y>, corner: SeriesLabelPosition) -> Result<(), PlotError>
+where
+    Y: Ranged<ValueType = f64>,
+{
     ch.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(corner)
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(0xbb, 0xbb, 0xbb))
         .label_font((FONT, 12))
@@ -256,8 +263,11 @@ fn bar_chart(area: &Area<'_>, c: &BarChart) -> Result<(), PlotError> {
     if n == 0 {
         return no_data(area, &c.title);
     }
-    let yr = padded(lo.min(0.0), hi.max(0.0));
-    let yr = yr.start.max(if lo >= 0.0 { 0.0 } else { f64::MIN })..yr.end;
+    // Bars grow from 0: no padding below it when no value is negative.
+    let mut yr = padded(lo.min(0.0), hi.max(0.0));
+    if lo >= 0.0 {
+        yr.start = 0.0;
+    }
     let mut ch = ChartBuilder::on(area)
         .caption(&c.title, (FONT, 16))
         .margin(10)
@@ -281,7 +291,7 @@ fn bar_chart(area: &Area<'_>, c: &BarChart) -> Result<(), PlotError> {
         .x_desc(&c.x_label)
         .y_desc(&c.y_label)
         .max_light_lines(0)
-        .bold_line_style(RGBColor(0xe4, 0xe4, 0xe4))
+        .bold_line_style(GRID)
         .draw()
         .map_err(err)?;
     let k = c.series.len().max(1) as f64;
@@ -297,13 +307,7 @@ fn bar_chart(area: &Area<'_>, c: &BarChart) -> Result<(), PlotError> {
         .label(name.clone())
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
     }
-    ch.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(0xbb, 0xbb, 0xbb))
-        .label_font((FONT, 12))
-        .draw()
-        .map_err(err)
+    legend(&mut ch, SeriesLabelPosition::UpperRight)
 }
 
 #[cfg(test)]

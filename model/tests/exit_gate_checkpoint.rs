@@ -8,96 +8,27 @@
 
 mod common;
 
+use common::{load, tokenizer};
+
 use rand::{Rng, SeedableRng};
-use rrt_kernels::RopeScaling;
+use rrt_model::ModelError;
 use rrt_model::checkpoint::{self, Provenance, WeightFormat, read_config, save};
-use rrt_model::config::{Family, ModelConfig};
 use rrt_model::exit::{Criterion, collect_samples};
 use rrt_model::forward::{Model, sequence_rows};
-use rrt_model::recursive::{Init, RecursiveSpec, convert};
-use rrt_model::tokenizer::Tokenizer;
-use rrt_model::weights::{ExitGate, Layer, Linear, Weights};
-use rrt_model::{LoadedModel, ModelError};
+use rrt_model::weights::ExitGate;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
-fn tokenizer() -> &'static Tokenizer {
-    static T: OnceLock<Tokenizer> = OnceLock::new();
-    T.get_or_init(|| {
-        let path = rrt_model::default_model_path().expect("run scripts/fetch-model.sh first");
-        rrt_model::loader::load_tokenizer(&path).expect("tokenizer loads")
-    })
-}
-
-/// A random Llama-style model of 4 layers of width 64 looped twice with rank-4 LoRAs
-/// (SmolLM2's vocabulary), with a random exit gate when `gate`.
+/// The common tiny model (width 64, tied head) with a random exit gate when `gate`.
 fn tiny(seed: u64, gate: bool) -> Model {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let (hidden, inter, nh, nkv, vocab, layers) = (64usize, 96usize, 4usize, 2usize, 49152usize, 4usize);
-    let hd = hidden / nh;
-    let cfg = ModelConfig {
-        family: Family::Llama,
-        hidden,
-        intermediate: inter,
-        n_layers: layers,
-        n_heads: nh,
-        n_kv_heads: nkv,
-        head_dim: hd,
-        vocab,
-        rms_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_dim: hd,
-        rope_scaling: RopeScaling::None,
-        max_positions: 4096,
-        sliding_window: None,
-        qkv_bias: false,
-        tie_embeddings: true,
-        looped: None,
-    };
-    let mut vals = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-scale..scale)).collect() };
-    let embed = Linear::f32(vocab, hidden, vals(vocab * hidden, 1.0), None);
-    let ls = (0..layers)
-        .map(|_| Layer {
-            attn_norm: vec![1.0; hidden],
-            qkv: Linear::f32(
-                nh * hd + 2 * nkv * hd,
-                hidden,
-                vals((nh * hd + 2 * nkv * hd) * hidden, 0.3),
-                None,
-            ),
-            o: Linear::f32(hidden, nh * hd, vals(hidden * nh * hd, 0.3), None),
-            ffn_norm: vec![1.0; hidden],
-            gate_up: Linear::f32(2 * inter, hidden, vals(2 * inter * hidden, 0.3), None),
-            down: Linear::f32(hidden, inter, vals(hidden * inter, 0.3), None),
-            branch_norms: None,
-        })
-        .collect();
-    let exit_gate = gate.then(|| ExitGate {
-        w: vals(hidden, 0.2),
-        b: -0.75,
-    });
-    let weights = Weights {
-        embed,
-        layers: ls,
-        norm: vec![1.0; hidden],
-        lm_head: None,
-        exit_gate,
-    };
-    let spec = RecursiveSpec {
-        loops: 2,
-        init: Init::Average,
-        ranks: [4; 7],
-    };
-    let (shared, rec) = convert(&weights, &cfg, &spec, None, |_| {}).expect("tiny conversion");
-    Model::recursive(
-        cfg,
-        Weights {
-            layers: shared,
-            ..weights
-        },
-        rec,
-    )
-    .expect("tiny recursive model")
+    let mut m = common::tiny(64, true, seed);
+    if gate {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9a7e);
+        m.weights.exit_gate = Some(ExitGate {
+            w: (0..64).map(|_| rng.random_range(-0.2..0.2)).collect(),
+            b: -0.75,
+        });
+    }
+    m
 }
 
 fn prov() -> Provenance {
@@ -113,10 +44,6 @@ fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("rrt-gate-ckpt-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
-}
-
-fn load(dir: &Path) -> LoadedModel {
-    rrt_model::load(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
 fn config_json(dir: &Path) -> serde_json::Value {

@@ -8,94 +8,15 @@
 
 mod common;
 
-use rand::{Rng, SeedableRng};
-use rrt_kernels::RopeScaling;
+use common::{load, tiny, tokenizer};
+
 use rrt_kernels::qmatmul::QFormat;
+use rrt_model::ModelError;
 use rrt_model::checkpoint::{self, Provenance, WeightFormat, read_config, save, write_config};
-use rrt_model::config::{Family, ModelConfig};
 use rrt_model::forward::Model;
 use rrt_model::quant::quantize;
-use rrt_model::recursive::{Init, RecursiveSpec, convert};
-use rrt_model::tokenizer::Tokenizer;
 use rrt_model::weights::{Layer, Linear, Weight, Weights};
-use rrt_model::{LoadedModel, ModelError};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
-/// SmolLM2's tokenizer (the tiny models use its vocabulary).
-fn tokenizer() -> &'static Tokenizer {
-    static T: OnceLock<Tokenizer> = OnceLock::new();
-    T.get_or_init(|| {
-        let path = rrt_model::default_model_path().expect("run scripts/fetch-model.sh first");
-        rrt_model::loader::load_tokenizer(&path).expect("tokenizer loads")
-    })
-}
-
-/// A random Llama-style model of 4 layers of width `hidden` (4 heads), looped twice with
-/// rank-4 LoRAs, SmolLM2's vocabulary; `tied`: the head is the embedding.
-fn tiny(hidden: usize, tied: bool, seed: u64) -> Model {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let (inter, nh, nkv, vocab, layers) = (96usize, 4usize, 2usize, 49152usize, 4usize);
-    let hd = hidden / nh;
-    let cfg = ModelConfig {
-        family: Family::Llama,
-        hidden,
-        intermediate: inter,
-        n_layers: layers,
-        n_heads: nh,
-        n_kv_heads: nkv,
-        head_dim: hd,
-        vocab,
-        rms_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_dim: hd,
-        rope_scaling: RopeScaling::None,
-        max_positions: 4096,
-        sliding_window: None,
-        qkv_bias: false,
-        tie_embeddings: tied,
-        looped: None,
-    };
-    let mut mat = |o: usize, i: usize, scale: f32| -> Linear {
-        let w = (0..o * i).map(|_| rng.random_range(-scale..scale)).collect();
-        Linear::f32(o, i, w, None)
-    };
-    let embed = mat(vocab, hidden, 1.0);
-    let lm_head = (!tied).then(|| mat(vocab, hidden, 0.2));
-    let ls = (0..layers)
-        .map(|_| Layer {
-            attn_norm: vec![1.0; hidden],
-            qkv: mat(nh * hd + 2 * nkv * hd, hidden, 0.3),
-            o: mat(hidden, nh * hd, 0.3),
-            ffn_norm: vec![1.0; hidden],
-            gate_up: mat(2 * inter, hidden, 0.3),
-            down: mat(hidden, inter, 0.3),
-            branch_norms: None,
-        })
-        .collect();
-    let weights = Weights {
-        embed,
-        layers: ls,
-        norm: vec![1.0; hidden],
-        lm_head,
-        exit_gate: None,
-    };
-    let spec = RecursiveSpec {
-        loops: 2,
-        init: Init::Average,
-        ranks: [4; 7],
-    };
-    let (shared, rec) = convert(&weights, &cfg, &spec, None, |_| {}).expect("tiny conversion");
-    Model::recursive(
-        cfg,
-        Weights {
-            layers: shared,
-            ..weights
-        },
-        rec,
-    )
-    .expect("tiny recursive model")
-}
 
 fn prov() -> Provenance {
     Provenance {
@@ -114,10 +35,6 @@ fn tmpdir(name: &str) -> PathBuf {
 
 fn write(dir: &Path, m: &Model, fmt: WeightFormat) {
     save(dir, m, tokenizer(), None, prov(), fmt).unwrap();
-}
-
-fn load(dir: &Path) -> LoadedModel {
-    rrt_model::load(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
 const IDS: [u32; 12] = [1, 504, 3458, 28, 253, 2032, 9, 42, 17, 40000, 7, 2];

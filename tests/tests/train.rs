@@ -64,26 +64,29 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// Per-loop logits of `tokens` by rrt (`loops x tokens x vocab`).
-fn rrt_logits(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let lm = rrt_model::load(dir).unwrap();
-    let m = &lm.model;
+/// `f` of every loop's output (`tokens.len()` rows of hidden states) for `tokens`, by rrt.
+fn per_loop<T>(m: &rrt_model::forward::Model, tokens: &[u32], f: impl Fn(&[f32], &[usize]) -> T) -> Vec<T> {
     let (mut pool, seq) = rrt_model::kv::single_sequence(m.kv_layout(16), tokens.len()).unwrap();
     let rows = rrt_model::forward::sequence_rows(tokens, &seq.blocks);
     let select: Vec<usize> = (0..tokens.len()).collect();
     m.forward_loops(&rows, &mut pool)
         .unwrap()
         .iter()
-        .map(|h| m.logits(h, &select))
+        .map(|h| f(h, &select))
         .collect()
 }
 
-/// Compares PyTorch's logits of `dir` with rrt's; returns the largest relative difference.
-fn compare(dir: &Path, tokens: &[u32], loops: usize) -> f64 {
-    let out = dir.with_extension("logits");
+/// Per-loop logits of `tokens` by rrt (`loops x tokens x vocab`).
+fn rrt_logits(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let lm = rrt_model::load(dir).unwrap();
+    per_loop(&lm.model, tokens, |h, select| lm.model.logits(h, select))
+}
+
+/// Runs `rrt_train WHAT --model DIR --tokens ... --out OUT` (`logits` or `gates`).
+fn torch_dump(what: &str, dir: &Path, tokens: &[u32], out: &Path) {
     let ids: Vec<String> = tokens.iter().map(u32::to_string).collect();
     train_tool(&[
-        "logits",
+        what,
         "--model",
         dir.to_str().unwrap(),
         "--tokens",
@@ -91,6 +94,12 @@ fn compare(dir: &Path, tokens: &[u32], loops: usize) -> f64 {
         "--out",
         out.to_str().unwrap(),
     ]);
+}
+
+/// Compares PyTorch's logits of `dir` with rrt's; returns the largest relative difference.
+fn compare(dir: &Path, tokens: &[u32], loops: usize) -> f64 {
+    let out = dir.with_extension("logits");
+    torch_dump("logits", dir, tokens, &out);
     let bytes = std::fs::read(&out).unwrap();
     let torch: Vec<f32> = bytes
         .chunks_exact(4)
@@ -132,30 +141,16 @@ fn compare(dir: &Path, tokens: &[u32], loops: usize) -> f64 {
 
 /// rrt's exit-gate logits of every loop's output for `tokens` (`loops x tokens`).
 fn rrt_gates(m: &rrt_model::forward::Model, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let (mut pool, seq) = rrt_model::kv::single_sequence(m.kv_layout(16), tokens.len()).unwrap();
-    let rows = rrt_model::forward::sequence_rows(tokens, &seq.blocks);
-    let select: Vec<usize> = (0..tokens.len()).collect();
-    m.forward_loops(&rows, &mut pool)
-        .unwrap()
-        .iter()
-        .map(|h| m.gate_logits(h, &select).expect("the model has an exit gate"))
-        .collect()
+    per_loop(m, tokens, |h, select| {
+        m.gate_logits(h, select).expect("the model has an exit gate")
+    })
 }
 
 /// Compares PyTorch's exit-gate logits of `dir` (`rrt_train gates`: every loop's `w . h + b`
 /// on the loop output before the final norm) with rrt's; returns the largest difference.
 fn compare_gates(dir: &Path, tokens: &[u32], loops: usize) -> f64 {
     let out = dir.with_extension("gates.json");
-    let ids: Vec<String> = tokens.iter().map(u32::to_string).collect();
-    train_tool(&[
-        "gates",
-        "--model",
-        dir.to_str().unwrap(),
-        "--tokens",
-        &ids.join(","),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    torch_dump("gates", dir, tokens, &out);
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let torch: Vec<Vec<f64>> = serde_json::from_value(v["gates"].clone()).unwrap();
     let lm = rrt_model::load(dir).unwrap();

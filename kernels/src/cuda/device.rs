@@ -412,16 +412,16 @@ impl CudaBackend {
         }
     }
 
-    /// Runs `f` unless an earlier operation failed; records its error.
     /// Runs one trait operation: refused once an earlier one failed (the device state is
     /// unknown after a fault), its error recorded (sticky, [`Backend::fault`]) and returned.
-    fn run(&self, op: &'static str, f: impl FnOnce() -> Result<(), CudaError>) -> Result<(), BackendError> {
+    fn run<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T, CudaError>) -> Result<T, BackendError> {
         if let Some(e) = lock(&self.error).clone() {
             return Err(backend_error(op, e));
         }
-        let r = f();
-        self.record(op, r.clone());
-        r.map_err(|e| backend_error(op, e))
+        f().map_err(|e| {
+            self.record(op, Err(e.clone()));
+            backend_error(op, e)
+        })
     }
 
     fn func(&self, name: &str) -> Result<&CudaFunction, CudaError> {
@@ -1350,11 +1350,7 @@ impl Backend for CudaBackend {
             self.record("prepare_rows", Err(e.clone()));
             return Err(backend_error("prepare_rows", e));
         }
-        let mut meta = None;
-        self.run("prepare_rows", || {
-            meta = self.upload_arena(&arena)?.map(Arc::new);
-            Ok(())
-        })?;
+        let meta = self.run("prepare_rows", || Ok(self.upload_arena(&arena)?.map(Arc::new)))?;
         let base = meta.as_ref().map_or(0, |m| self.ptr(m));
         let at = |o: Option<usize>| o.map_or(0, |o| if base == 0 { 0 } else { base + o as u64 });
         Ok(planned
@@ -1528,18 +1524,7 @@ impl Backend for CudaBackend {
         eps: f32,
         head: &CudaMat,
     ) -> Result<Vec<HeadTop>, BackendError> {
-        let nan = HeadTop {
-            id: 0,
-            top: f32::NAN,
-            second: f32::NAN,
-            sum_exp: f64::NAN,
-        };
-        let mut out = vec![nan; select.len()];
-        self.run("head_top", || {
-            out = self.head_top_device(x, width, select, norm, eps, head)?;
-            Ok(())
-        })?;
-        Ok(out)
+        self.run("head_top", || self.head_top_device(x, width, select, norm, eps, head))
     }
 
     fn name(&self) -> &'static str {
@@ -1584,12 +1569,7 @@ impl Backend for CudaBackend {
     }
 
     fn to_host(&self, buf: &CudaBuf) -> Result<Vec<f32>, BackendError> {
-        let mut out = Vec::new();
-        self.run("to_host", || {
-            out = self.download(&buf.data, buf.len())?;
-            Ok(())
-        })?;
-        Ok(out)
+        self.run("to_host", || self.download(&buf.data, buf.len()))
     }
 
     fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> Result<CudaKv, BackendError> {
@@ -1736,7 +1716,6 @@ impl Backend for CudaBackend {
     ) -> Result<Vec<f32>, BackendError> {
         let kd = layout.kv_dim();
         let len = positions * layout.n_layers * 2 * kd;
-        let mut out = vec![f32::NAN; len];
         self.run("kv_export", || {
             if positions.div_ceil(layout.block_size.max(1)) > blocks.len() {
                 return Err(unsupported("kv_export: fewer blocks than positions"));
@@ -1748,10 +1727,8 @@ impl Backend for CudaBackend {
             let buf = self.alloc_f32(len)?;
             let d = row_offsets(0..offs.len(), kd);
             self.copy_vecs(self.ptr(&buf), &d, self.ptr(&kv.data), &offs, kd)?;
-            out = self.download(&buf, len)?;
-            Ok(())
-        })?;
-        Ok(out)
+            self.download(&buf, len)
+        })
     }
 
     fn kv_import(&self, kv: &mut CudaKv, layout: &KvLayout, blocks: &[u32], data: &[f32]) -> Result<(), BackendError> {
@@ -1835,10 +1812,9 @@ impl Backend for CudaBackend {
     }
 
     fn dot_rows(&self, x: &CudaBuf, width: usize, rows: &[u32], w: &CudaBuf) -> Result<Vec<f32>, BackendError> {
-        let mut out = vec![f32::NAN; rows.len()];
         self.run("dot_rows", || {
             if rows.is_empty() || width == 0 {
-                return Ok(());
+                return Ok(vec![f32::NAN; rows.len()]);
             }
             if w.len() < width || rows.iter().any(|&r| (r as usize + 1) * width > x.len()) {
                 return Err(unsupported("dot_rows: rows outside the buffers"));
@@ -1853,10 +1829,8 @@ impl Backend for CudaBackend {
             b.arg(&xp).arg(&rp).arg(&wp).arg(&w_).arg(&op);
             // SAFETY: every row lies inside x (checked), w holds width floats.
             unsafe { b.launch(per_row(rows.len())) }.map_err(drv("dot_rows_f32"))?;
-            out = self.download(&res, rows.len())?;
-            Ok(())
-        })?;
-        Ok(out)
+            self.download(&res, rows.len())
+        })
     }
 
     fn logits(
@@ -1868,21 +1842,16 @@ impl Backend for CudaBackend {
         eps: f32,
         head: &CudaMat,
     ) -> Result<Vec<f32>, BackendError> {
-        let len = select.len() * head.out_dim;
-        let mut out = vec![f32::NAN; len];
         self.run("logits", || {
             let dev = self.logits_device(x, width, select, norm, eps, head)?;
-            out = self.download(&dev.data, len)?;
-            Ok(())
-        })?;
-        Ok(out)
+            self.download(&dev.data, select.len() * head.out_dim)
+        })
     }
 
     fn cosine_rows(&self, a: &CudaBuf, b: &CudaBuf, width: usize, rows: &[u32]) -> Result<Vec<f32>, BackendError> {
-        let mut out = vec![f32::NAN; rows.len()];
         self.run("cosine_rows", || {
             if rows.is_empty() || width == 0 {
-                return Ok(());
+                return Ok(vec![f32::NAN; rows.len()]);
             }
             if rows.iter().any(|&r| (r as usize + 1) * width > a.len().min(b.len())) {
                 return Err(unsupported("cosine_rows: rows outside the buffers"));
@@ -1902,10 +1871,8 @@ impl Backend for CudaBackend {
             bl.arg(&ap).arg(&bp).arg(&rp).arg(&w_).arg(&op);
             // SAFETY: every row lies inside both buffers (checked).
             unsafe { bl.launch(cfg) }.map_err(drv("cosine_rows_f32"))?;
-            out = self.download(&res, rows.len())?;
-            Ok(())
-        })?;
-        Ok(out)
+            self.download(&res, rows.len())
+        })
     }
 }
 

@@ -580,7 +580,7 @@ impl<B: Backend> Engine<B> {
         let s = self.seqs.get_mut(&id).expect("just inserted");
         s.prefill_end = s.prompt.len();
         if let Err(e) = self.start_from_prefix_cache(id) {
-            self.release(id);
+            // `adopt_kv` gave its blocks back.
             self.seqs.remove(&id);
             return Err(e);
         }
@@ -631,7 +631,6 @@ impl<B: Backend> Engine<B> {
             self.release(id);
             return Err(e.into());
         }
-        let s = self.seqs.get_mut(&id).expect("live sequence");
         s.kv.len = positions;
         s.fed = positions;
         s.running = true;
@@ -717,7 +716,7 @@ impl<B: Backend> Engine<B> {
         let adopted = match self.adopt_kv(id, state.positions, &state.data) {
             Ok(adopted) => adopted,
             Err(e) => {
-                self.release(id);
+                // `adopt_kv` gave its blocks back.
                 self.seqs.remove(&id);
                 return Err(e);
             }
@@ -1189,12 +1188,10 @@ impl<B: Backend> Engine<B> {
             // One dot product per row on the loop's output (no LM head): accumulate each
             // token's hazard, exit once its cumulative exit probability reaches the threshold.
             let rows: Vec<u32> = test_gate.iter().map(|t| t.0 as u32).collect();
-            if !self.model.has_gate() {
-                return Err(EngineError::Config {
-                    field: "exit",
-                    msg: "the gate exit criterion needs a model with a learned exit gate".into(),
-                });
-            }
+            debug_assert!(
+                self.model.has_gate(),
+                "Engine::new refuses the gate criterion without a gate"
+            );
             let g = self.model.gate_logits(x, &rows)?;
             for (&(i, t), g) in test_gate.iter().zip(g) {
                 if let Some(s) = self.seqs.get_mut(&meta[i].0) {
