@@ -15,6 +15,7 @@ pub mod attention;
 pub mod backend;
 pub mod cuda;
 pub mod elementwise;
+pub mod lora;
 pub mod matmul;
 pub mod qdot;
 pub mod qmatmul;

@@ -143,44 +143,84 @@ pub fn matmul_q8(x: &[f32], fmt: QFormat, w: &[u8], y: &mut [f32], n: usize, k: 
     }
     let xq = quantize_rows(x, n, k);
     let rb = fmt.row_bytes(k);
-    let avx2 = has_avx2();
+    let isa = Isa::detect();
     by_column_blocks(y, n, m, n * k * m / 4, mode == MatmulMode::Accumulate, |j0, j1, out| {
-        block(&xq, fmt, &w[j0 * rb..j1 * rb], out, n, j1 - j0, avx2)
+        block(&xq, 0, fmt, &w[j0 * rb..j1 * rb], out, n, j1 - j0, isa)
     });
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
+/// One column block of [`matmul_q8`] on rows already quantized: `out (n x (j1 - j0)) =
+/// xq[x0 .. x0 + n] W[j0 .. j1]^T`, with `w` the whole matrix (`k = xq.k`). The same tiles as
+/// `matmul_q8`, so a row's values are the same bits.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn columns(xq: &Q8Rows, x0: usize, n: usize, fmt: QFormat, w: &[u8], j0: usize, j1: usize, out: &mut [f32]) {
+    let rb = fmt.row_bytes(xq.k);
+    debug_assert!(xq.q.len() >= (x0 + n) * xq.k && w.len() >= j1 * rb);
+    block(xq, x0, fmt, &w[j0 * rb..j1 * rb], out, n, j1 - j0, Isa::detect());
+}
+
+/// The instruction sets the integer tiles use, best first. Every kernel computes the same
+/// integer block sums and the same floating-point operations in the same order, so all give
+/// the same bits (tested).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// AVX-512 VNNI (`vpdpbusd`) on 512-bit vectors, each holding two (weight row, x row)
+    /// pairs of a tile; needs AVX-512 F/BW/VL/VNNI and F16C.
+    Avx512Vnni,
+    /// AVX2 `vpmaddubsw` + `vpmaddwd`; needs AVX2, FMA and F16C.
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    pub(crate) fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
+                return Isa::Avx512Vnni;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// The kernels this machine can run (for tests comparing them).
+    #[cfg(test)]
+    fn available() -> Vec<Isa> {
+        match Isa::detect() {
+            Isa::Avx512Vnni => vec![Isa::Avx512Vnni, Isa::Avx2, Isa::Portable],
+            Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
+            Isa::Portable => vec![Isa::Portable],
+        }
     }
 }
 
-/// `out (n x mb) = xq wb^T` for one block of `mb` weight rows, tile by tile.
-fn block(xq: &Q8Rows, fmt: QFormat, wb: &[u8], out: &mut [f32], n: usize, mb: usize, avx2: bool) {
+/// `out (n x mb) = xq[x0 .. x0 + n] wb^T` for one block of `mb` weight rows, tile by tile.
+#[allow(clippy::too_many_arguments)]
+fn block(xq: &Q8Rows, x0: usize, fmt: QFormat, wb: &[u8], out: &mut [f32], n: usize, mb: usize, isa: Isa) {
     let mut j = 0;
     while j < mb {
         let r = (mb - j).min(WROWS);
         let mut i = 0;
         while i < n {
             let c = (n - i).min(XROWS);
-            tile_any(xq, fmt, wb, j, r, i, c, out, mb, avx2);
+            tile_any(xq, x0, fmt, wb, j, r, i, c, out, mb, isa);
             i += c;
         }
         j += r;
     }
 }
 
-/// One tile of `r <= WROWS` weight rows from `j` and `c <= XROWS` rows of `x` from `i`.
+/// One tile of `r <= WROWS` weight rows from `j` and `c <= XROWS` rows from `i` (rows
+/// `x0 + i ..` of `xq`, rows `i ..` of `out`).
 #[allow(clippy::too_many_arguments)]
 fn tile_any(
     xq: &Q8Rows,
+    x0: usize,
     fmt: QFormat,
     wb: &[u8],
     j: usize,
@@ -189,23 +229,20 @@ fn tile_any(
     c: usize,
     out: &mut [f32],
     ld: usize,
-    avx2: bool,
+    isa: Isa,
 ) {
     macro_rules! go {
         ($r:literal, $c:literal) => {{
             let mut acc = [[0f32; $c]; $r];
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2, FMA and F16C are present (checked by the caller); the tile's weight
-                // rows and x rows are inside `wb` and `xq` (the loops above stay in range).
-                unsafe { avx2::tile::<$r, $c>(xq, fmt, wb, j, i, &mut acc) };
-            } else {
-                portable::tile::<$r, $c>(xq, fmt, wb, j, i, &mut acc);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = avx2;
-                portable::tile::<$r, $c>(xq, fmt, wb, j, i, &mut acc);
+            match isa {
+                // SAFETY (both): the instruction sets are present (`Isa::detect`); the tile's
+                // weight rows and x rows are inside `wb` and `xq` (the loops above stay in
+                // range, and the kernels assert it).
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Vnni => unsafe { avx512::tile::<$r, $c>(xq, fmt, wb, j, x0 + i, &mut acc) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { avx2::tile::<$r, $c>(xq, fmt, wb, j, x0 + i, &mut acc) },
+                _ => portable::tile::<$r, $c>(xq, fmt, wb, j, x0 + i, &mut acc),
             }
             for (jr, row) in acc.iter().enumerate() {
                 for (ic, v) in row.iter().enumerate() {
@@ -316,7 +353,7 @@ mod avx2 {
 
     /// 32 weights of a block as bytes: unsigned 0..15 (Q4_1) or signed (Q8_0).
     #[inline(always)]
-    unsafe fn load_block(fmt: QFormat, p: *const u8) -> __m256i {
+    pub(super) unsafe fn load_block(fmt: QFormat, p: *const u8) -> __m256i {
         // SAFETY (callers): `p` points at a whole block of `fmt`.
         unsafe {
             match fmt {
@@ -333,7 +370,7 @@ mod avx2 {
 
     /// f16 bits at `p` as f32 (F16C).
     #[inline(always)]
-    unsafe fn f16_at(p: *const u8) -> f32 {
+    pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
         // SAFETY (callers): two readable bytes at p.
         unsafe {
             _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
@@ -413,6 +450,135 @@ mod avx2 {
                 // SAFETY: l has 8 floats.
                 unsafe { _mm256_storeu_ps(l.as_mut_ptr(), lanes[r][c]) };
                 acc[r][c] = hsum8(&l) + mins[r][c];
+            }
+        }
+    }
+}
+
+/// The AVX-512 VNNI kernel: the AVX2 kernel's arithmetic with `vpdpbusd` (4 byte products
+/// summed into each i32 lane: the lanes `vpmaddubsw` + `vpmaddwd` give, without the i16
+/// step) on 512-bit vectors. Each vector holds two (weight row, x row) pairs of the tile, one
+/// per 256-bit half, so every pair's 8 f32 lanes see the same fused multiply-adds in the same
+/// order as in the AVX2 kernel, and the results are the same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Two 256-bit halves as one vector (`lo` in lanes 0..8).
+    #[inline(always)]
+    unsafe fn join_i(lo: __m256i, hi: __m256i) -> __m512i {
+        // SAFETY (callers): AVX-512F is present.
+        unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi) }
+    }
+
+    #[inline(always)]
+    unsafe fn join_f(lo: f32, hi: f32) -> __m512 {
+        // SAFETY (callers): AVX-512F is present.
+        unsafe {
+            _mm512_castsi512_ps(_mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(lo))),
+                _mm256_castps_si256(_mm256_set1_ps(hi)),
+            ))
+        }
+    }
+
+    /// The (weight row, x row) pair in slot `p` of an `R x C` tile (pairs in row-major order;
+    /// the last slot repeats the last pair when `R * C` is odd).
+    #[inline(always)]
+    const fn pair<const R: usize, const C: usize>(p: usize) -> (usize, usize) {
+        let p = if p < R * C { p } else { R * C - 1 };
+        (p / C, p % C)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn tile<const R: usize, const C: usize>(
+        xq: &Q8Rows,
+        fmt: QFormat,
+        wb: &[u8],
+        j: usize,
+        i: usize,
+        acc: &mut [[f32; C]; R],
+    ) {
+        let (bb, nb) = (fmt.block_bytes(), xq.k / 32);
+        let rb = nb * bb;
+        assert!(
+            wb.len() >= (j + R) * rb && xq.q.len() >= (i + C) * xq.k,
+            "qdot tile out of range"
+        );
+        // Vectors of pairs: slots 2v (low half) and 2v + 1 (high half). At most 4 (R, C <=
+        // WROWS, XROWS); unused ones are not touched.
+        let nv = (R * C).div_ceil(2);
+        let mut lanes = [_mm512_setzero_ps(); 4];
+        let mut mins = [[0f32; C]; R];
+        let mut wv = [_mm256_setzero_si256(); R];
+        let mut dw = [0f32; R];
+        let mut mw = [0f32; R];
+        let mut xv = [_mm256_setzero_si256(); C];
+        let mut dx = [0f32; C];
+        let mut sx = [0f32; C];
+        let wp = wb.as_ptr();
+        let (xp, dp, sp) = (xq.q.as_ptr(), xq.d.as_ptr(), xq.s.as_ptr());
+        for b in 0..nb {
+            for r in 0..R {
+                // SAFETY: block b of weight row j + r lies inside wb (asserted above).
+                unsafe {
+                    let p = wp.add((j + r) * rb + b * bb);
+                    wv[r] = super::avx2::load_block(fmt, p);
+                    dw[r] = super::avx2::f16_at(p);
+                    if fmt == QFormat::Q4_1 {
+                        mw[r] = super::avx2::f16_at(p.add(2));
+                    }
+                }
+            }
+            for c in 0..C {
+                let xb = (i + c) * nb + b;
+                // SAFETY: block xb of x lies inside xq (asserted above; d and s have a value
+                // per block).
+                unsafe {
+                    xv[c] = _mm256_loadu_si256(xp.add(xb * 32) as *const __m256i);
+                    dx[c] = *dp.add(xb);
+                    sx[c] = *sp.add(xb);
+                }
+            }
+            for (v, lane) in lanes.iter_mut().enumerate().take(nv) {
+                let ((r0, c0), (r1, c1)) = (pair::<R, C>(2 * v), pair::<R, C>(2 * v + 1));
+                // SAFETY: AVX-512 F/BW/VL/VNNI are enabled on this function.
+                unsafe {
+                    let w = join_i(wv[r0], wv[r1]);
+                    let x = join_i(xv[c0], xv[c1]);
+                    let sum = match fmt {
+                        // Unsigned weights times signed activations.
+                        QFormat::Q4_1 => _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x),
+                        // Signed times signed: |w| times x with w's sign (x is never -128).
+                        QFormat::Q8_0 => {
+                            let neg = _mm512_movepi8_mask(w);
+                            let xs = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), xs)
+                        }
+                    };
+                    let scale = join_f(dw[r0] * dx[c0], dw[r1] * dx[c1]);
+                    *lane = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, *lane);
+                }
+            }
+            if fmt == QFormat::Q4_1 {
+                for r in 0..R {
+                    for c in 0..C {
+                        mins[r][c] = mw[r].mul_add(sx[c], mins[r][c]);
+                    }
+                }
+            }
+        }
+        for (v, lane) in lanes.iter().enumerate().take(nv) {
+            let mut l = [0f32; 16];
+            // SAFETY: l has 16 floats.
+            unsafe { _mm512_storeu_ps(l.as_mut_ptr(), *lane) };
+            for (half, p) in [2 * v, 2 * v + 1].into_iter().enumerate() {
+                if p < R * C {
+                    let (r, c) = pair::<R, C>(p);
+                    let h: &[f32; 8] = l[half * 8..half * 8 + 8].try_into().expect("8 lanes");
+                    acc[r][c] = hsum8(h) + mins[r][c];
+                }
             }
         }
     }
@@ -519,15 +685,24 @@ mod tests {
     #[test]
     fn simd_and_portable_kernels_agree_bit_for_bit_and_rows_are_batch_invariant() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
-        for fmt in [QFormat::Q4_1, QFormat::Q8_0] {
-            let (n, k, m) = (7, 192, 23);
+        // Every tile shape: 4 / 3 / 2 / 1 weight rows, 2 / 1 rows of x.
+        for (fmt, (n, k, m)) in [QFormat::Q4_1, QFormat::Q8_0]
+            .into_iter()
+            .flat_map(|f| [(7, 192, 23), (5, 64, 22), (3, 96, 21)].map(|s| (f, s)))
+        {
             let w = random_blocks(fmt, m, k, &mut rng);
             let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-2.0..2.0)).collect();
             let xq = quantize_rows(&x, n, k);
-            let (mut a, mut b) = (vec![0f32; n * m], vec![0f32; n * m]);
-            block(&xq, fmt, &w, &mut a, n, m, has_avx2());
-            block(&xq, fmt, &w, &mut b, n, m, false);
-            assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "{fmt:?}");
+            let mut a = vec![0f32; n * m];
+            block(&xq, 0, fmt, &w, &mut a, n, m, Isa::Portable);
+            for isa in Isa::available() {
+                let mut b = vec![0f32; n * m];
+                block(&xq, 0, fmt, &w, &mut b, n, m, isa);
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{fmt:?} {isa:?}"
+                );
+            }
             // Each row alone gives the same bits as inside the batch.
             for i in 0..n {
                 let mut one = vec![0f32; m];

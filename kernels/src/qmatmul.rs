@@ -83,25 +83,32 @@ pub fn matmul_q(x: &[f32], fmt: QFormat, w: &[u8], y: &mut [f32], n: usize, k: u
     // whole block at once (the dequantization is amortised over more rows). Both compute every
     // output element with the same tile, so the result is bit-identical to the f32 product
     // and a row's result does not depend on the other rows.
-    let rb = fmt.row_bytes(k);
     by_column_blocks(y, n, m, n * k * m, mode == MatmulMode::Accumulate, |j0, j1, out| {
-        let mb = j1 - j0;
-        if n <= FEW_ROWS {
-            let mut scratch = vec![0f32; 4 * k];
-            let mut j = 0;
-            while j < mb {
-                let r = (mb - j).min(4);
-                let rows = &w[(j0 + j) * rb..(j0 + j + r) * rb];
-                dequantize_rows(fmt, rows, &mut scratch[..r * k]);
-                block_at(x, &scratch[..r * k], out, n, k, r, mb, j);
-                j += r;
-            }
-        } else {
-            let mut scratch = vec![0f32; mb * k];
-            dequantize_rows(fmt, &w[j0 * rb..j1 * rb], &mut scratch);
-            block_at(x, &scratch, out, n, k, mb, mb, 0);
-        }
+        columns(x, fmt, w, n, k, j0, j1, out)
     });
+}
+
+/// One column block of [`matmul_q`]: `out (n x (j1 - j0)) = x W[j0 .. j1]^T`, `w` the whole
+/// matrix.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn columns(x: &[f32], fmt: QFormat, w: &[u8], n: usize, k: usize, j0: usize, j1: usize, out: &mut [f32]) {
+    let rb = fmt.row_bytes(k);
+    let mb = j1 - j0;
+    if n <= FEW_ROWS {
+        let mut scratch = vec![0f32; 4 * k];
+        let mut j = 0;
+        while j < mb {
+            let r = (mb - j).min(4);
+            let rows = &w[(j0 + j) * rb..(j0 + j + r) * rb];
+            dequantize_rows(fmt, rows, &mut scratch[..r * k]);
+            block_at(x, &scratch[..r * k], out, n, k, r, mb, j);
+            j += r;
+        }
+    } else {
+        let mut scratch = vec![0f32; mb * k];
+        dequantize_rows(fmt, &w[j0 * rb..j1 * rb], &mut scratch);
+        block_at(x, &scratch, out, n, k, mb, mb, 0);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -74,7 +74,7 @@ pub(crate) fn by_column_blocks(
 }
 
 /// `out (n x mb) = x (n x k) wb^T` for one block of weight rows.
-fn block(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb: usize) {
+pub(crate) fn block(x: &[f32], wb: &[f32], out: &mut [f32], n: usize, k: usize, mb: usize) {
     block_at(x, wb, out, n, k, mb, mb, 0);
 }
 

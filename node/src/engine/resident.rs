@@ -70,6 +70,16 @@ fn dense<B: Backend>(be: &B, l: Linear, bytes: &mut usize) -> Result<Dense<B>, B
     })
 }
 
+/// One LoRA matrix in the backend's [`Backend::lora_format`] where its rows are whole blocks,
+/// f32 otherwise.
+fn lora_matrix<B: Backend>(be: &B, out_dim: usize, in_dim: usize, w: Vec<f32>) -> Result<B::Mat, BackendError> {
+    let data = match be.lora_format() {
+        Some(f) if in_dim.is_multiple_of(32) => MatrixData::Quant(f, rrt_model::quant::quantize(f, &w)),
+        _ => MatrixData::F32(w),
+    };
+    be.matrix(out_dim, in_dim, data)
+}
+
 impl<B: Backend> ResidentModel<B> {
     /// Moves a loaded model onto the backend (the host copy is consumed); fails when the
     /// backend cannot hold it.
@@ -93,8 +103,8 @@ impl<B: Backend> ResidentModel<B> {
                     let l = unrolled_lora.get_mut(li).and_then(|mods| mods[m].take());
                     let mats = match l {
                         Some(l) => {
-                            let a = backend.matrix(l.rank, l.in_dim, MatrixData::F32(l.a))?;
-                            let b = backend.matrix(l.out_dim, l.rank, MatrixData::F32(l.b))?;
+                            let a = lora_matrix(&backend, l.rank, l.in_dim, l.a)?;
+                            let b = lora_matrix(&backend, l.out_dim, l.rank, l.b)?;
                             bytes += backend.matrix_bytes(&a) + backend.matrix_bytes(&b);
                             Some(LoraMats { rank: l.rank, a, b })
                         }

@@ -117,7 +117,7 @@ fn matmul(a: MatmulArgs) -> Result<()> {
             .collect()
     };
     // Distinct weights per layer so that nothing stays in cache between layers, as in a real step.
-    type Mat = (usize, usize, Vec<f32>, Vec<u16>, Vec<u8>);
+    type Mat = (usize, usize, Vec<f32>, Vec<u16>, rrt_kernels::CpuMatrix);
     let mats: Vec<Mat> = SMOLLM2_PRODUCTS
         .iter()
         .flat_map(|&(m, k, count)| (0..count).map(move |_| (m, k)))
@@ -136,34 +136,50 @@ fn matmul(a: MatmulArgs) -> Result<()> {
                     blk
                 })
                 .collect();
+            let wq = rrt_kernels::CpuMatrix {
+                out_dim: m,
+                in_dim: k,
+                data: rrt_kernels::MatrixData::Quant(rrt_kernels::qmatmul::QFormat::Q4_1, wq),
+            };
             (m, k, w, wb, wq)
         })
         .collect();
     let bytes_f32: usize = mats.iter().map(|(m, k, _, _, _)| m * k * 4).sum();
-    // Per product shape, per module stacked in it, one LoRA per depth (2 depths), shared by
-    // the 30 layers of the step (a real model has one per layer: this favours the LoRAs).
-    let loras: Vec<Vec<LoraSet>> = SMOLLM2_MODULES
+    // Per product but the head, per module stacked in it, one LoRA per depth (2 depths),
+    // distinct per layer as in a real model; the same adapters again as Q8_0 blocks (what
+    // the CPU backend keeps under int8 products).
+    let loras: Vec<Option<Vec<LoraSet>>> = mats
         .iter()
-        .map(|(k, outs)| {
-            outs.iter()
-                .map(|&o| {
-                    (0..2)
-                        .map(|_| {
-                            let r = a.lora_rank;
-                            let cpu = |out: usize, inp: usize, v: Vec<f32>| rrt_kernels::CpuMatrix {
-                                out_dim: out,
-                                in_dim: inp,
-                                data: rrt_kernels::MatrixData::F32(v),
-                            };
-                            (r > 0).then(|| rrt_kernels::backend::LoraMats {
-                                rank: r,
-                                a: cpu(r, *k, rnd(r * k)),
-                                b: cpu(o, r, rnd(o * r)),
+        .map(|&(m, k, ..)| {
+            let (_, outs) = SMOLLM2_MODULES
+                .iter()
+                .find(|p| p.0 == k && p.1.iter().sum::<usize>() == m)?;
+            (a.lora_rank > 0).then(|| {
+                outs.iter()
+                    .map(|&o| {
+                        (0..2)
+                            .map(|_| {
+                                let r = a.lora_rank;
+                                Some(rrt_kernels::backend::LoraMats {
+                                    rank: r,
+                                    a: f32_matrix(r, k, rnd(r * k)),
+                                    b: f32_matrix(o, r, rnd(o * r)),
+                                })
                             })
-                        })
-                        .collect()
-                })
-                .collect()
+                            .collect()
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let loras_q8: Vec<Option<Vec<LoraSet>>> = loras
+        .iter()
+        .map(|l| {
+            l.as_ref().map(|sets| {
+                sets.iter()
+                    .map(|set| set.iter().map(|m| m.as_ref().map(q8_lora)).collect())
+                    .collect()
+            })
         })
         .collect();
     println!(
@@ -172,27 +188,29 @@ fn matmul(a: MatmulArgs) -> Result<()> {
         bytes_f32 as f64 / 1e6,
         rayon::current_num_threads()
     );
+    rrt_kernels::set_cpu_products(rrt_kernels::CpuProducts::Int8);
     println!(
-        "{:>6} | {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} | ms per step (median of {})",
-        "rows",
-        "f32 gemm",
-        "f32 skinny",
-        "bf16 skinny",
-        "q4_1 exact",
-        "q4_1 int8",
-        format!("+lora r{}", a.lora_rank),
-        "+lora 2 depths",
-        a.reps
+        "ms per step (median of {}); LoRA rank {} on every module but the head, int8 products, \
+         overhead against q4_1 int8 in brackets",
+        a.reps, a.lora_rank
     );
+    print!(
+        "{:>6} | {:>9} {:>9} {:>9} {:>9} {:>9} |",
+        "rows", "f32 gemm", "f32 skin", "bf16 skin", "q4_1 ex", "q4_1 int8"
+    );
+    for name in LORA_COLUMNS {
+        print!(" {name:>18}");
+    }
+    println!();
     for &n in &a.batch {
         let x = rnd(n * 1536);
         let mut y = vec![0f32; n * 49152];
-        let mut time = |f: &mut dyn FnMut(&Mat, &mut [f32])| -> f64 {
+        let mut time = |f: &mut dyn FnMut(usize, &Mat, &mut [f32])| -> f64 {
             let mut v: Vec<f64> = (0..a.reps.max(1) + 1)
                 .map(|_| {
                     let t = Instant::now();
-                    for mat in &mats {
-                        f(mat, &mut y[..n * mat.0]);
+                    for (i, mat) in mats.iter().enumerate() {
+                        f(i, mat, &mut y[..n * mat.0]);
                     }
                     t.elapsed().as_secs_f64() * 1e3
                 })
@@ -201,17 +219,17 @@ fn matmul(a: MatmulArgs) -> Result<()> {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        let g = time(&mut |(m, k, w, _, _), y| {
+        let g = time(&mut |_, (m, k, w, _, _), y| {
             // Force the general GEMM path (gemm crate) even for few rows.
             rrt_kernels::matmul::matmul_gemm(&x[..n * k], w, y, n, *k, *m, rrt_kernels::MatmulMode::Overwrite)
         });
-        let s = time(&mut |(m, k, w, _, _), y| matmul_skinny(&x[..n * k], w, y, n, *k, *m, false));
-        let b = time(&mut |(m, k, _, wb, _), y| matmul_skinny_bf16(&x[..n * k], wb, y, n, *k, *m));
-        let q = time(&mut |(m, k, _, _, wq), y| {
+        let s = time(&mut |_, (m, k, w, _, _), y| matmul_skinny(&x[..n * k], w, y, n, *k, *m, false));
+        let b = time(&mut |_, (m, k, _, wb, _), y| matmul_skinny_bf16(&x[..n * k], wb, y, n, *k, *m));
+        let q = time(&mut |_, (m, k, _, _, wq), y| {
             rrt_kernels::qmatmul::matmul_q(
                 &x[..n * k],
                 rrt_kernels::qmatmul::QFormat::Q4_1,
-                wq,
+                q4_bytes(wq),
                 y,
                 n,
                 *k,
@@ -219,11 +237,11 @@ fn matmul(a: MatmulArgs) -> Result<()> {
                 rrt_kernels::MatmulMode::Overwrite,
             )
         });
-        let i8 = time(&mut |(m, k, _, _, wq), y| {
+        let i8 = time(&mut |_, (m, k, _, _, wq), y| {
             rrt_kernels::qdot::matmul_q8(
                 &x[..n * k],
                 rrt_kernels::qmatmul::QFormat::Q4_1,
-                wq,
+                q4_bytes(wq),
                 y,
                 n,
                 *k,
@@ -231,9 +249,19 @@ fn matmul(a: MatmulArgs) -> Result<()> {
                 rrt_kernels::MatmulMode::Overwrite,
             )
         });
-        let l1 = time(&mut |mat, y| with_lora(mat, &loras, &x[..n * mat.1], y, n, 1));
-        let l2 = time(&mut |mat, y| with_lora(mat, &loras, &x[..n * mat.1], y, n, 2));
-        println!("{n:>6} | {g:>14.2} {s:>14.2} {b:>14.2} {q:>14.2} {i8:>14.2} {l1:>14.2} {l2:>14.2}");
+        let mut lora_time = |sets: &[Option<Vec<LoraSet>>], depths: usize, fused: bool| {
+            time(&mut |i, mat, y| with_lora(mat, sets[i].as_deref(), &x[..n * mat.1], y, n, depths, fused))
+        };
+        let lora: Vec<f64> = [(&loras, false), (&loras_q8, false), (&loras_q8, true)]
+            .into_iter()
+            .flat_map(|(sets, fused)| [1, 2].map(|d| (sets, d, fused)))
+            .map(|(sets, d, fused)| lora_time(sets, d, fused))
+            .collect();
+        print!("{n:>6} | {g:>9.2} {s:>9.2} {b:>9.2} {q:>9.2} {i8:>9.2} |");
+        for v in &lora {
+            print!(" {v:>9.2} ({:>+4.0} %)", (v / i8 - 1.0) * 100.0);
+        }
+        println!();
     }
     Ok(())
 }
@@ -247,32 +275,51 @@ const SMOLLM2_MODULES: [(usize, &[usize]); 4] = [
     (1536, &[576]),
 ];
 
+/// The LoRA columns of `rrt bench matmul`: f32 adapters on the separate path, Q8_0 adapters
+/// on the separate path, Q8_0 on the fused path; each with one depth, then two depth groups.
+const LORA_COLUMNS: [&str; 6] = [
+    "f32 sep 1 depth",
+    "f32 sep 2 depths",
+    "q8_0 sep 1 depth",
+    "q8_0 sep 2 depths",
+    "q8_0 fused 1 depth",
+    "q8_0 fused 2 depths",
+];
+
 /// Per depth, the LoRA of one module.
 type LoraSet = Vec<Option<rrt_kernels::backend::LoraMats<rrt_kernels::CpuMatrix>>>;
 
-/// The int8 product of `mat` plus its modules' LoRAs for `depths` groups of rows, through the
-/// CPU backend's LoRA path (the LM head has none). `loras[shape][module]` holds one adapter
-/// per depth.
+/// The int8 product of `mat` plus its modules' LoRAs (`sets[module]`, one adapter per depth;
+/// `None` for the LM head) for `depths` groups of rows: the separate shrink and expand
+/// products after the shared one, or the fused path (`rrt_kernels::lora`).
 fn with_lora(
-    mat: &(usize, usize, Vec<f32>, Vec<u16>, Vec<u8>),
-    loras: &[Vec<LoraSet>],
+    mat: &(usize, usize, Vec<f32>, Vec<u16>, rrt_kernels::CpuMatrix),
+    sets: Option<&[LoraSet]>,
     x: &[f32],
     y: &mut [f32],
     n: usize,
     depths: usize,
+    fused: bool,
 ) {
     use rrt_kernels::backend::{LoraColumns, RowGroup};
     let (m, k) = (mat.0, mat.1);
     let q4_1 = rrt_kernels::qmatmul::QFormat::Q4_1;
-    rrt_kernels::qdot::matmul_q8(x, q4_1, &mat.4, y, n, k, m, rrt_kernels::MatmulMode::Overwrite);
-    let Some(si) = SMOLLM2_MODULES
-        .iter()
-        .position(|p| p.0 == k && p.1.iter().sum::<usize>() == m)
-    else {
+    let Some(sets) = sets else {
+        rrt_kernels::qdot::matmul_q8(
+            x,
+            q4_1,
+            q4_bytes(&mat.4),
+            y,
+            n,
+            k,
+            m,
+            rrt_kernels::MatmulMode::Overwrite,
+        );
         return;
     };
+
     let mut col0 = 0;
-    let cols: Vec<LoraColumns<'_, rrt_kernels::CpuMatrix>> = loras[si]
+    let cols: Vec<LoraColumns<'_, rrt_kernels::CpuMatrix>> = sets
         .iter()
         .map(|per_adapter| {
             let c = LoraColumns { col0, per_adapter };
@@ -290,7 +337,68 @@ fn with_lora(
             }
         })
         .collect();
-    rrt_kernels::backend::lora_groups(x, n, k, m, &cols, &groups, y);
+    if fused {
+        // The fused path reads the process's product mode: int8, set by the caller.
+        rrt_kernels::lora::linear_lora(
+            x,
+            n,
+            &mat.4,
+            None,
+            &cols,
+            &groups,
+            y,
+            rrt_kernels::MatmulMode::Overwrite,
+        );
+    } else {
+        rrt_kernels::qdot::matmul_q8(
+            x,
+            q4_1,
+            q4_bytes(&mat.4),
+            y,
+            n,
+            k,
+            m,
+            rrt_kernels::MatmulMode::Overwrite,
+        );
+        rrt_kernels::backend::lora_groups(x, n, k, m, &cols, &groups, y);
+    }
+}
+
+/// The Q4_1 blocks of a bench matrix.
+fn q4_bytes(m: &rrt_kernels::CpuMatrix) -> &[u8] {
+    match &m.data {
+        rrt_kernels::MatrixData::Quant(_, b) => b,
+        rrt_kernels::MatrixData::F32(_) => unreachable!("bench matrices are Q4_1"),
+    }
+}
+
+fn f32_matrix(out_dim: usize, in_dim: usize, v: Vec<f32>) -> rrt_kernels::CpuMatrix {
+    rrt_kernels::CpuMatrix {
+        out_dim,
+        in_dim,
+        data: rrt_kernels::MatrixData::F32(v),
+    }
+}
+
+/// `l` with both matrices as Q8_0 blocks (as `rrt_kernels::Backend::lora_format` asks).
+fn q8_lora(
+    l: &rrt_kernels::backend::LoraMats<rrt_kernels::CpuMatrix>,
+) -> rrt_kernels::backend::LoraMats<rrt_kernels::CpuMatrix> {
+    let q8 = |m: &rrt_kernels::CpuMatrix| {
+        let rrt_kernels::MatrixData::F32(v) = &m.data else {
+            return m.clone();
+        };
+        let f = rrt_kernels::qmatmul::QFormat::Q8_0;
+        rrt_kernels::CpuMatrix {
+            data: rrt_kernels::MatrixData::Quant(f, rrt_model::quant::quantize(f, v)),
+            ..*m
+        }
+    };
+    rrt_kernels::backend::LoraMats {
+        rank: l.rank,
+        a: q8(&l.a),
+        b: q8(&l.b),
+    }
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
