@@ -29,8 +29,9 @@ use rayon::prelude::*;
 /// Rows of an `A` matrix per shrink task.
 const SHRINK_ROWS: usize = 16;
 
-/// Multiply-adds from which a region runs in parallel (as [`by_column_blocks`] decides).
-const PARALLEL_WORK: usize = 1 << 17;
+/// Multiply-adds from which the shrink region runs in parallel: lower than the products'
+/// threshold, as its tasks read `A` matrices that are not in cache (one row: 3 x 64 x 576).
+const SHRINK_PARALLEL_WORK: usize = 1 << 15;
 
 /// Rows of a product's input as its kernels read them: f32, and their 8-bit quantization
 /// where a matrix multiplies in integers.
@@ -192,7 +193,7 @@ fn shrink(input: Input<'_>, k: usize, pairs: &[Pair<'_>]) -> Vec<Vec<f32>> {
         out
     };
     let work: usize = pairs.iter().map(|p| p.g.len * p.l.rank * k).sum();
-    let parts: Vec<Vec<f32>> = if work >= PARALLEL_WORK && tasks.len() > 1 {
+    let parts: Vec<Vec<f32>> = if work >= SHRINK_PARALLEL_WORK && tasks.len() > 1 {
         tasks.par_iter().map(run).collect()
     } else {
         tasks.iter().map(run).collect()

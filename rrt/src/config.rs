@@ -198,6 +198,7 @@ pub enum CpuProducts {
     #[default]
     Exact,
     /// Activations quantized to 8 bits per block, integer products (as llama.cpp): faster.
+    /// LoRAs become Q8_0 blocks and run fused with the shared product.
     Int8,
 }
 
