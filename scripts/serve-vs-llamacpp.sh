@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Output throughput through the servers (a benchmark, not a test): `rrt serve` (int8 products)
+# and llama-server on the same GGUF, same machine, alternating, closed loop at 1, 8 and 32 in
+# flight. Every round and every server gets its own seed, so every prompt is new to the server
+# that sees it (no prompt cache can serve a repeat). Prompts uniform 64-192 tokens, outputs 64
+# tokens with ignore_eos. llama-server gets one slot per request in flight (-np 32).
+#
+# llama-server is built as llama-batched-bench is (scripts/bench-vs-llamacpp.sh), target
+# llama-server; then: LLAMA_SERVER=/path/to/llama-server scripts/serve-vs-llamacpp.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${LLAMA_SERVER:?set LLAMA_SERVER to the llama-server binary}"
+model="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+RUNS="${RUNS:-2}" C="${C:-1,8,32}" REQUESTS="${REQUESTS:-48}" PRODUCTS="${PRODUCTS:-int8}"
+cargo build --release -p rrt >/dev/null
+RRT=./target/release/rrt
+args=(--prompt-tokens uniform:64:192 --output-tokens fixed:64 --concurrency "$C"
+      --requests "$REQUESTS" --tokens-per-word 1.3 --quiet)
+echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; date $(date -u +%F)"
+wait_for() { for _ in $(seq 120); do curl -sf "$1" >/dev/null && return 0; sleep 1; done; return 1; }
+for run in $(seq "$RUNS"); do
+  RRT_NODE__CPU_PRODUCTS=$PRODUCTS $RRT serve --model "smol=$model" \
+    --http-listen 127.0.0.1:18080 --grpc-listen 127.0.0.1:17300 >/dev/null 2>&1 &
+  pid=$!
+  wait_for http://127.0.0.1:18080/v1/models
+  echo "== run $run: rrt serve (node.cpu_products $PRODUCTS)"
+  $RRT bench load --target http://127.0.0.1:17300 "${args[@]}" --seed "${run}1"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  "$LLAMA_SERVER" -m "$model" --port 18081 -t "$(nproc)" -np 32 -c 16384 >/dev/null 2>&1 &
+  pid=$!
+  wait_for http://127.0.0.1:18081/health
+  echo "== run $run: llama-server (-np 32)"
+  $RRT bench load --api http --target http://127.0.0.1:18081 "${args[@]}" --seed "${run}2"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+done
