@@ -557,6 +557,26 @@ pub fn lora_add(a: &CpuMatrix, b: &CpuMatrix, x: &[f32], n: usize, y: &mut [f32]
     }
 }
 
+/// Every (row group, adapter) pair of a product over `n` rows: the group, the adapter's first
+/// column and the adapter of the group's depth (groups that are empty or past `n`, and depths
+/// without an adapter, have none).
+pub(crate) fn lora_pairs<'a>(
+    n: usize,
+    loras: &[LoraColumns<'a, CpuMatrix>],
+    groups: &[RowGroup],
+) -> Vec<(RowGroup, usize, &'a LoraMats<CpuMatrix>)> {
+    groups
+        .iter()
+        .filter(|g| g.len > 0 && g.start + g.len <= n)
+        .flat_map(|g| {
+            loras.iter().filter_map(move |lc| match lc.per_adapter.get(g.adapter) {
+                Some(Some(l)) => Some((*g, lc.col0, l)),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
 /// The LoRA part of [`Backend::linear_lora`] on the CPU: for every row group, every entry's
 /// adapter of the group's depth added onto its columns of `y` (`n x m`, inputs `n x k`).
 pub fn lora_groups(
@@ -570,17 +590,8 @@ pub fn lora_groups(
 ) {
     // Every (group, entry) pair's delta is computed as its own task: each is a product too
     // small to split (a few rank x width products), so the pairs are what fills the cores.
-    let tasks: Vec<(&RowGroup, usize, &LoraMats<CpuMatrix>)> = groups
-        .iter()
-        .filter(|g| g.len > 0 && g.start + g.len <= n)
-        .flat_map(|g| {
-            loras.iter().filter_map(move |lc| match lc.per_adapter.get(g.adapter) {
-                Some(Some(l)) => Some((g, lc.col0, l)),
-                _ => None,
-            })
-        })
-        .collect();
-    let delta = |&(g, _, l): &(&RowGroup, usize, &LoraMats<CpuMatrix>)| -> Vec<f32> {
+    let tasks = lora_pairs(n, loras, groups);
+    let delta = |&(g, _, l): &(RowGroup, usize, &LoraMats<CpuMatrix>)| -> Vec<f32> {
         let xg = &x[g.start * k..(g.start + g.len) * k];
         let mut t = vec![0f32; g.len * l.rank];
         l.a.matmul(xg, &mut t, g.len, MatmulMode::Overwrite);

@@ -20,7 +20,7 @@
 //! product, bias and LoRA are summed before they are added to `y` (a different rounding
 //! order, within a few ulps of the tile's values).
 
-use crate::backend::{CpuMatrix, LoraColumns, LoraMats, MatrixData, RowGroup};
+use crate::backend::{CpuMatrix, LoraColumns, LoraMats, MatrixData, RowGroup, lora_pairs};
 use crate::matmul::MatmulMode;
 use crate::qdot::{CpuProducts, Q8Rows, cpu_products, quantize_rows};
 use crate::skinny::by_column_blocks;
@@ -112,19 +112,9 @@ pub fn linear_lora(
     if n == 0 || m == 0 {
         return;
     }
-    let pairs: Vec<Pair<'_>> = groups
-        .iter()
-        .filter(|g| g.len > 0 && g.start + g.len <= n)
-        .flat_map(|g| {
-            loras.iter().filter_map(move |lc| match lc.per_adapter.get(g.adapter) {
-                Some(Some(l)) => Some(Pair {
-                    g: *g,
-                    col0: lc.col0,
-                    l,
-                }),
-                _ => None,
-            })
-        })
+    let pairs: Vec<Pair<'_>> = lora_pairs(n, loras, groups)
+        .into_iter()
+        .map(|(g, col0, l)| Pair { g, col0, l })
         .collect();
     let xq = if w.reads_q8() || pairs.iter().any(|p| p.l.a.reads_q8()) {
         Some(quantize_rows(x, n, k))

@@ -173,7 +173,13 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
+    /// This machine's best kernel, detected once per process.
     pub(crate) fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(Isa::probe)
+    }
+
+    fn probe() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
@@ -379,6 +385,33 @@ mod avx2 {
         }
     }
 
+    /// Block `b` of weight rows `j .. j + R` (`rb` bytes a row): the 32 values as bytes, the
+    /// scales and (Q4_1) the minimums.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn weight_blocks<const R: usize>(
+        fmt: QFormat,
+        wb: &[u8],
+        rb: usize,
+        j: usize,
+        b: usize,
+        wv: &mut [__m256i; R],
+        dw: &mut [f32; R],
+        mw: &mut [f32; R],
+    ) {
+        for r in 0..R {
+            // SAFETY (callers): block b of weight row j + r lies inside wb.
+            unsafe {
+                let p = wb.as_ptr().add((j + r) * rb + b * fmt.block_bytes());
+                wv[r] = load_block(fmt, p);
+                dw[r] = f16_at(p);
+                if fmt == QFormat::Q4_1 {
+                    mw[r] = f16_at(p.add(2));
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile<const R: usize, const C: usize>(
         xq: &Q8Rows,
@@ -400,20 +433,10 @@ mod avx2 {
         let mut wv = [_mm256_setzero_si256(); R];
         let mut dw = [0f32; R];
         let mut mw = [0f32; R];
-        let wp = wb.as_ptr();
         let (xp, dp, sp) = (xq.q.as_ptr(), xq.d.as_ptr(), xq.s.as_ptr());
         for b in 0..nb {
-            for r in 0..R {
-                // SAFETY: block b of weight row j + r lies inside wb (asserted above).
-                unsafe {
-                    let p = wp.add((j + r) * rb + b * bb);
-                    wv[r] = load_block(fmt, p);
-                    dw[r] = f16_at(p);
-                    if fmt == QFormat::Q4_1 {
-                        mw[r] = f16_at(p.add(2));
-                    }
-                }
-            }
+            // SAFETY: block b of weight rows j .. j + R lies inside wb (asserted above).
+            unsafe { weight_blocks(fmt, wb, rb, j, b, &mut wv, &mut dw, &mut mw) };
             for c in 0..C {
                 let xb = (i + c) * nb + b;
                 // SAFETY: block xb of x lies inside xq (asserted above; d and s have a value
@@ -517,20 +540,10 @@ mod avx512 {
         let mut xv = [_mm256_setzero_si256(); C];
         let mut dx = [0f32; C];
         let mut sx = [0f32; C];
-        let wp = wb.as_ptr();
         let (xp, dp, sp) = (xq.q.as_ptr(), xq.d.as_ptr(), xq.s.as_ptr());
         for b in 0..nb {
-            for r in 0..R {
-                // SAFETY: block b of weight row j + r lies inside wb (asserted above).
-                unsafe {
-                    let p = wp.add((j + r) * rb + b * bb);
-                    wv[r] = super::avx2::load_block(fmt, p);
-                    dw[r] = super::avx2::f16_at(p);
-                    if fmt == QFormat::Q4_1 {
-                        mw[r] = super::avx2::f16_at(p.add(2));
-                    }
-                }
-            }
+            // SAFETY: block b of weight rows j .. j + R lies inside wb (asserted above).
+            unsafe { super::avx2::weight_blocks(fmt, wb, rb, j, b, &mut wv, &mut dw, &mut mw) };
             for c in 0..C {
                 let xb = (i + c) * nb + b;
                 // SAFETY: block xb of x lies inside xq (asserted above; d and s have a value
