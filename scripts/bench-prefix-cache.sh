@@ -16,22 +16,17 @@ cargo build --release -p rrt >/dev/null
 RRT=./target/release/rrt
 args=(--prompt-tokens fixed:448 --shared-prefix-tokens 384 --output-tokens fixed:16
       --concurrency 1,4 --requests 12 --tokens-per-word 1.3 --quiet)
-echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; date $(date -u +%F)"
-wait_for() { for _ in $(seq 120); do curl -sf "$1" >/dev/null && return 0; sleep 1; done; return 1; }
+. scripts/bench-lib.sh
+machine_line
 for run in $(seq "$RUNS"); do
   for cache in 256 0; do
-    RRT_NODE__PREFIX_CACHE_MIB=$cache $RRT serve --model "smol=$model" \
-      --http-listen 127.0.0.1:18080 --grpc-listen 127.0.0.1:17300 >/dev/null 2>&1 &
-    pid=$!
-    wait_for http://127.0.0.1:18080/v1/models
+    start_rrt "$model" RRT_NODE__PREFIX_CACHE_MIB="$cache"
     echo "== run $run: rrt serve, prefix cache $cache MiB"
     $RRT bench load --target http://127.0.0.1:17300 "${args[@]}" --seed "$run$cache"
-    kill "$pid"; wait "$pid" 2>/dev/null || true
+    stop_server
   done
-  "$LLAMA_SERVER" -m "$model" --port 18081 -t "$(nproc)" -np 4 -c 8192 >/dev/null 2>&1 &
-  pid=$!
-  wait_for http://127.0.0.1:18081/health
+  start_llama_server "$model" -np 4 -c 8192
   echo "== run $run: llama-server (prompt cache on, 4 slots)"
   $RRT bench load --api http --target http://127.0.0.1:18081 "${args[@]}" --seed "${run}9"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  stop_server
 done

@@ -16,7 +16,8 @@ cd "$(dirname "$0")/.."
 model="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 P="${P:-128}" G="${G:-64}" B="${B:-1,8,32}" T="${T:-$(nproc)}" RUNS="${RUNS:-3}"
 cargo build --release -p rrt >/dev/null
-echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; date $(date -u +%F)"
+. scripts/bench-lib.sh
+machine_line
 # The two alternate RUNS times, so that load from the machine's neighbours hits both alike;
 # report the best run of each (the least disturbed).
 for run in $(seq "$RUNS"); do

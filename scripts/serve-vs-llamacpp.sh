@@ -16,20 +16,15 @@ cargo build --release -p rrt >/dev/null
 RRT=./target/release/rrt
 args=(--prompt-tokens uniform:64:192 --output-tokens fixed:64 --concurrency "$C"
       --requests "$REQUESTS" --tokens-per-word 1.3 --quiet)
-echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; date $(date -u +%F)"
-wait_for() { for _ in $(seq 120); do curl -sf "$1" >/dev/null && return 0; sleep 1; done; return 1; }
+. scripts/bench-lib.sh
+machine_line
 for run in $(seq "$RUNS"); do
-  RRT_NODE__CPU_PRODUCTS=$PRODUCTS $RRT serve --model "smol=$model" \
-    --http-listen 127.0.0.1:18080 --grpc-listen 127.0.0.1:17300 >/dev/null 2>&1 &
-  pid=$!
-  wait_for http://127.0.0.1:18080/v1/models
+  start_rrt "$model" RRT_NODE__CPU_PRODUCTS="$PRODUCTS"
   echo "== run $run: rrt serve (node.cpu_products $PRODUCTS)"
   $RRT bench load --target http://127.0.0.1:17300 "${args[@]}" --seed "${run}1"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
-  "$LLAMA_SERVER" -m "$model" --port 18081 -t "$(nproc)" -np 32 -c 16384 >/dev/null 2>&1 &
-  pid=$!
-  wait_for http://127.0.0.1:18081/health
+  stop_server
+  start_llama_server "$model" -np 32 -c 16384
   echo "== run $run: llama-server (-np 32)"
   $RRT bench load --api http --target http://127.0.0.1:18081 "${args[@]}" --seed "${run}2"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  stop_server
 done
