@@ -18,9 +18,11 @@
 use crate::attention::{AttnRow, AttnShape, KvLayout, attention_paged};
 use crate::elementwise::{rmsnorm, silu_mul};
 use crate::matmul::{MatmulMode, matmul_nt};
+use crate::qdot::{CpuProducts, Packed};
 use crate::qmatmul::{QFormat, dequantize_rows};
 use crate::rope::RopeTable;
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// A weight matrix in host memory, `out x in` row-major: f32, or GGML blocks of whole rows
 /// dequantized exactly inside the product.
@@ -509,20 +511,50 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
-/// A resident matrix of the CPU backend.
+/// A resident matrix of the CPU backend. Quantized matrices also keep the layout of the int8
+/// kernels ([`Packed`], the same number of bytes again), made when the matrix is created under
+/// int8 products, or on its first int8 product.
 #[derive(Clone, Debug)]
 pub struct CpuMatrix {
     pub out_dim: usize,
     pub in_dim: usize,
     pub data: MatrixData,
+    packed: OnceLock<Packed>,
 }
 
 impl CpuMatrix {
+    pub fn new(out_dim: usize, in_dim: usize, data: MatrixData) -> CpuMatrix {
+        let m = CpuMatrix {
+            out_dim,
+            in_dim,
+            data,
+            packed: OnceLock::new(),
+        };
+        if crate::qdot::cpu_products() == CpuProducts::Int8 {
+            m.packed();
+        }
+        m
+    }
+
+    /// The int8 kernels' layout of a quantized matrix (`None` for f32).
+    pub fn packed(&self) -> Option<&Packed> {
+        match &self.data {
+            MatrixData::F32(_) => None,
+            MatrixData::Quant(f, b) => Some(
+                self.packed
+                    .get_or_init(|| Packed::new(*f, b, self.out_dim, self.in_dim)),
+            ),
+        }
+    }
+
     /// `y (+)= x W^T` for `n` rows.
     pub fn matmul(&self, x: &[f32], y: &mut [f32], n: usize, mode: MatmulMode) {
         match &self.data {
             MatrixData::F32(v) => matmul_nt(x, v, y, n, self.in_dim, self.out_dim, mode),
-            MatrixData::Quant(f, b) => crate::qdot::matmul_quant(x, *f, b, y, n, self.in_dim, self.out_dim, mode),
+            MatrixData::Quant(..) if crate::qdot::cpu_products() == CpuProducts::Int8 => {
+                self.packed().expect("quantized").matmul(x, y, n, mode)
+            }
+            MatrixData::Quant(f, b) => crate::qmatmul::matmul_q(x, *f, b, y, n, self.in_dim, self.out_dim, mode),
         }
     }
 
@@ -642,7 +674,7 @@ impl Backend for CpuBackend {
     }
 
     fn matrix(&self, out_dim: usize, in_dim: usize, data: MatrixData) -> Result<CpuMatrix, BackendError> {
-        Ok(CpuMatrix { out_dim, in_dim, data })
+        Ok(CpuMatrix::new(out_dim, in_dim, data))
     }
 
     fn buffer(&self, values: Vec<f32>) -> Result<Vec<f32>, BackendError> {

@@ -67,8 +67,8 @@ impl CpuMatrix {
         let k = self.in_dim;
         match (&self.data, x.q) {
             (MatrixData::F32(v), _) => crate::skinny::block(x.f, &v[j0 * k..j1 * k], out, x.n, k, j1 - j0),
-            (MatrixData::Quant(f, b), Some((q, r0))) if self.reads_q8() => {
-                crate::qdot::columns(q, r0, x.n, *f, b, j0, j1, out)
+            (MatrixData::Quant(..), Some((q, r0))) if self.reads_q8() => {
+                self.packed().expect("quantized").columns(q, r0, x.n, j0, j1, out)
             }
             (MatrixData::Quant(f, b), _) => crate::qmatmul::columns(x.f, *f, b, x.n, k, j0, j1, out),
         }

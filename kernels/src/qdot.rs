@@ -1,29 +1,40 @@
 //! Matrix products of quantized weights (Q4_1, Q8_0) with activations quantized to 8 bits,
-//! in integer arithmetic, as llama.cpp computes them on CPUs.
+//! in integer arithmetic.
 //!
 //! The exact path ([`crate::qmatmul::matmul_q`]) dequantizes every weight to f32 and multiplies
 //! in f32: bit-identical to the f32 product on the dequantized matrix, and the oracle. This
 //! path instead quantizes each row of `x` once per product, per block of 32 values, to
 //! `x ~ q * d` (q in -127..=127, `d = max|x| / 127`, rounding to nearest even), and computes
-//! each block's dot product in integers: one `vpmaddubsw` multiplies 32 byte pairs, against
-//! 4 fused multiply-adds per 32 products in f32 after an 8-instruction dequantization. Per
-//! block `b` of weight row `j` and row `i` of `x`:
+//! each block's dot product exactly in integers. Per block `b` of weight row `j` and row `i`
+//! of `x`, with `S = sum(qw * qx)` (an exact `i32`):
 //!
-//! - Q8_0: `y += dw * dx * sum(qw * qx)`;
-//! - Q4_1 (`w = qw * dw + mw`): `y += dw * dx * sum(qw * qx) + mw * (dx * sum(qx))`, the last
-//!   factor computed once per block of `x` (`s`).
+//! - Q8_0: `y = fma(S, dw * dx, y)`;
+//! - Q4_1 (`w = qw * dw + mw`): `y = fma(mw, sx, fma(S, dw * dx, y))`, `sx = dx * sum(qx)`
+//!   computed once per block of `x`.
+//!
+//! **Packed layout** ([`Packed`]). The kernels read weights re-laid out once (at load, for a
+//! [`crate::CpuMatrix`]) in groups of [`GROUP`] = 16 rows: per (group, block), the 32 values of
+//! the 16 rows interleaved so that each 32-bit lane of a vector holds 4 consecutive values of
+//! one row, then the 16 scales (and Q4_1 minimums) as f16. A block's dot products for 16 rows
+//! and one row of `x` are then 8 `vpdpbusd` (AVX-512 VNNI: unsigned weight bytes times the
+//! row's 4 activation bytes broadcast to every lane), one conversion and two fused
+//! multiply-adds on 16 lanes; unpacking the weights and their scales is paid once per tile of
+//! up to 8 rows of `x`, not once per (weight row, x row) pair. Q4_1 values are stored as
+//! nibbles (4 bits), Q8_0 values offset by +128 as unsigned bytes (the kernel subtracts
+//! `128 * sum(qx)` from the integer sum), so the packed matrix has the bytes of the original.
 //!
 //! The error against the exact product is that of rounding `x` to 8 bits per block (relative
 //! error about 2^-9 of the block's largest value per element); the tests bound it.
 //!
 //! A row's result does not depend on the other rows of the batch (batch invariance), and the
-//! AVX2 kernel and the portable version compute the same floating-point operations in the
-//! same order, so they agree bit for bit (tested).
+//! AVX-512, AVX2 and portable kernels compute the same exact integer sums and the same
+//! floating-point operations in the same order, so they agree bit for bit (tested).
 
 use crate::matmul::MatmulMode;
 use crate::qmatmul::QFormat;
 use crate::skinny::by_column_blocks;
 use half::f16;
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// How the CPU multiplies activations with quantized weights (Q4_1 / Q8_0 blocks); f32
@@ -75,7 +86,8 @@ pub fn cpu_products() -> CpuProducts {
     }
 }
 
-/// `y (+)= x W^T` with quantized `W`, by the process's [`CpuProducts`].
+/// `y (+)= x W^T` with quantized `W`, by the process's [`CpuProducts`]. The int8 path packs
+/// `W` inside the call (a [`crate::CpuMatrix`] packs once and keeps it).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_quant(x: &[f32], fmt: QFormat, w: &[u8], y: &mut [f32], n: usize, k: usize, m: usize, mode: MatmulMode) {
     match cpu_products() {
@@ -95,6 +107,8 @@ pub struct Q8Rows {
     pub d: Vec<f32>,
     /// Per block: `d * sum(q)` (the factor of a Q4_1 block's minimum).
     pub s: Vec<f32>,
+    /// Per block: `sum(q)` (the correction of Q8_0 weights stored with an offset of 128).
+    pub sum: Vec<i32>,
 }
 
 /// Quantizes `n` rows of `k` values (`k` a multiple of 32).
@@ -107,6 +121,7 @@ pub fn quantize_rows(x: &[f32], n: usize, k: usize) -> Q8Rows {
         q: vec![0i8; n * k],
         d: vec![0f32; nb],
         s: vec![0f32; nb],
+        sum: vec![0i32; nb],
     };
     for (b, (xb, qb)) in x.chunks_exact(32).zip(out.q.chunks_exact_mut(32)).enumerate() {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -121,17 +136,177 @@ pub fn quantize_rows(x: &[f32], n: usize, k: usize) -> Q8Rows {
         }
         out.d[b] = d;
         out.s[b] = d * sum as f32;
+        out.sum[b] = sum;
     }
     out
 }
 
-/// Rows of `x` per tile (each tile reuses its unpacked weight blocks for this many rows).
-const XROWS: usize = 2;
-/// Weight rows per tile.
-const WROWS: usize = 4;
+/// Weight rows per packed group: one i32 lane per row in a 512-bit vector.
+pub const GROUP: usize = 16;
+
+/// Bytes of one (group, block) of the packed layout: the 16 rows' 32 values (nibbles for
+/// Q4_1, offset bytes for Q8_0), then 16 f16 scales, then (Q4_1) 16 f16 minimums. The same
+/// bytes per row and block as the format itself.
+const fn group_block_bytes(fmt: QFormat) -> usize {
+    match fmt {
+        QFormat::Q4_1 => 256 + 32 + 32,
+        QFormat::Q8_0 => 512 + 32,
+    }
+}
+
+/// Offset of the scales within a (group, block).
+const fn scales_at(fmt: QFormat) -> usize {
+    match fmt {
+        QFormat::Q4_1 => 256,
+        QFormat::Q8_0 => 512,
+    }
+}
+
+/// Offset of the Q4_1 minimums within a (group, block).
+const MINS_AT: usize = 288;
+
+/// A quantized `m x k` matrix in the kernels' layout (module doc): group after group of
+/// [`GROUP`] rows (the last one padded with zero rows), each group's blocks in order.
+#[derive(Clone, Debug)]
+pub struct Packed {
+    fmt: QFormat,
+    m: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl Packed {
+    /// Packs `w` (`m x k` in blocks of `fmt`, `k` a multiple of 32).
+    pub fn new(fmt: QFormat, w: &[u8], m: usize, k: usize) -> Packed {
+        assert_eq!(k % 32, 0, "Packed: k is not a multiple of 32");
+        assert_eq!(w.len(), m * fmt.row_bytes(k), "Packed: w is not m x k");
+        let gb = k / 32 * group_block_bytes(fmt);
+        let mut data = vec![0u8; m.div_ceil(GROUP) * gb];
+        let pack = |(g, dst): (usize, &mut [u8])| pack_group(fmt, w, m, k, g, dst);
+        if m * k >= 1 << 18 {
+            data.par_chunks_mut(gb).enumerate().for_each(pack);
+        } else {
+            data.chunks_mut(gb).enumerate().for_each(pack);
+        }
+        Packed { fmt, m, k, data }
+    }
+
+    pub fn fmt(&self) -> QFormat {
+        self.fmt
+    }
+
+    /// Rows (output columns of a product).
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Bytes of the packed data.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The bytes of group `g` (all its blocks).
+    fn group(&self, g: usize) -> &[u8] {
+        let gb = self.k / 32 * group_block_bytes(self.fmt);
+        &self.data[g * gb..(g + 1) * gb]
+    }
+
+    /// `y (n x m) (+)= x (n x k) W^T`.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32], n: usize, mode: MatmulMode) {
+        let (k, m) = (self.k, self.m);
+        assert_eq!(x.len(), n * k, "Packed::matmul: x is not n x k");
+        assert_eq!(y.len(), n * m, "Packed::matmul: y is not n x m");
+        if n == 0 || m == 0 {
+            return;
+        }
+        let xq = quantize_rows(x, n, k);
+        let isa = Isa::detect();
+        by_column_blocks(y, n, m, n * k * m / 4, mode == MatmulMode::Accumulate, |j0, j1, out| {
+            self.columns_with(&xq, 0, n, j0, j1, out, isa)
+        });
+    }
+
+    /// One column block on rows already quantized: `out (n x (j1 - j0)) = xq[x0 .. x0 + n]
+    /// W[j0 .. j1]^T` (`xq.k` = this matrix's `k`). The same tiles as [`Packed::matmul`], so a
+    /// row's values are the same bits.
+    pub fn columns(&self, xq: &Q8Rows, x0: usize, n: usize, j0: usize, j1: usize, out: &mut [f32]) {
+        self.columns_with(xq, x0, n, j0, j1, out, Isa::detect())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn columns_with(&self, xq: &Q8Rows, x0: usize, n: usize, j0: usize, j1: usize, out: &mut [f32], isa: Isa) {
+        assert_eq!(xq.k, self.k, "Packed::columns: x rows are not k wide");
+        assert!(
+            j0 <= j1 && j1 <= self.m && xq.q.len() >= (x0 + n) * self.k,
+            "Packed::columns: out of range"
+        );
+        let mb = j1 - j0;
+        debug_assert_eq!(out.len(), n * mb);
+        let xrows = isa.xrows();
+        let mut tile = [[0f32; GROUP]; MAX_XROWS];
+        for g in j0 / GROUP..j1.div_ceil(GROUP) {
+            let grp = self.group(g);
+            // The columns of this group inside j0 .. j1, as lanes.
+            let (c0, c1) = ((g * GROUP).max(j0), ((g + 1) * GROUP).min(j1));
+            let (l0, l1) = (c0 - g * GROUP, c1 - g * GROUP);
+            let mut i = 0;
+            while i < n {
+                let c = (n - i).min(xrows);
+                tile_any(self.fmt, grp, xq, x0 + i, c, &mut tile, isa);
+                for (ic, t) in tile.iter().enumerate().take(c) {
+                    let o = (i + ic) * mb + (c0 - j0);
+                    out[o..o + (c1 - c0)].copy_from_slice(&t[l0..l1]);
+                }
+                i += c;
+            }
+        }
+    }
+}
+
+/// Writes group `g` of `w` (`m x k`) in the packed layout into `dst`.
+fn pack_group(fmt: QFormat, w: &[u8], m: usize, k: usize, g: usize, dst: &mut [u8]) {
+    let (bb, rb, gbb) = (fmt.block_bytes(), fmt.row_bytes(k), group_block_bytes(fmt));
+    for (b, out) in dst.chunks_exact_mut(gbb).enumerate() {
+        for lane in 0..GROUP {
+            let row = g * GROUP + lane;
+            if row >= m {
+                break;
+            }
+            let blk = &w[row * rb + b * bb..row * rb + (b + 1) * bb];
+            out[scales_at(fmt) + 2 * lane..scales_at(fmt) + 2 * lane + 2].copy_from_slice(&blk[..2]);
+            match fmt {
+                QFormat::Q4_1 => {
+                    // Value t of the block: low nibble of byte t (t < 16), else high nibble
+                    // of byte t - 16. Vector p holds quads 2p (low nibbles) and 2p + 1 (high).
+                    let q = |t: usize| {
+                        if t < 16 {
+                            blk[4 + t] & 0x0F
+                        } else {
+                            blk[4 + t - 16] >> 4
+                        }
+                    };
+                    for p in 0..4 {
+                        for t in 0..4 {
+                            out[p * 64 + lane * 4 + t] = q(8 * p + t) | (q(8 * p + 4 + t) << 4);
+                        }
+                    }
+                    out[MINS_AT + 2 * lane..MINS_AT + 2 * lane + 2].copy_from_slice(&blk[2..4]);
+                }
+                QFormat::Q8_0 => {
+                    for p in 0..8 {
+                        for t in 0..4 {
+                            out[p * 64 + lane * 4 + t] = (blk[2 + 4 * p + t] as i8 as i16 + 128) as u8;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// `y (n x m) (+)= x (n x k) W^T` with `W` (`m x k`) in quantized blocks and `x` quantized to
-/// 8 bits per block inside the call (see the module doc for the error).
+/// 8 bits per block inside the call; every column block packs its rows of `W` first (the
+/// same bits as a [`Packed`] matrix).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_q8(x: &[f32], fmt: QFormat, w: &[u8], y: &mut [f32], n: usize, k: usize, m: usize, mode: MatmulMode) {
     assert_eq!(x.len(), n * k, "matmul_q8: x is not n x k");
@@ -145,32 +320,26 @@ pub fn matmul_q8(x: &[f32], fmt: QFormat, w: &[u8], y: &mut [f32], n: usize, k: 
     let rb = fmt.row_bytes(k);
     let isa = Isa::detect();
     by_column_blocks(y, n, m, n * k * m / 4, mode == MatmulMode::Accumulate, |j0, j1, out| {
-        block(&xq, 0, fmt, &w[j0 * rb..j1 * rb], out, n, j1 - j0, isa)
+        let local = Packed::new(fmt, &w[j0 * rb..j1 * rb], j1 - j0, k);
+        local.columns_with(&xq, 0, n, 0, j1 - j0, out, isa)
     });
 }
 
-/// One column block of [`matmul_q8`] on rows already quantized: `out (n x (j1 - j0)) =
-/// xq[x0 .. x0 + n] W[j0 .. j1]^T`, with `w` the whole matrix (`k = xq.k`). The same tiles as
-/// `matmul_q8`, so a row's values are the same bits.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn columns(xq: &Q8Rows, x0: usize, n: usize, fmt: QFormat, w: &[u8], j0: usize, j1: usize, out: &mut [f32]) {
-    let rb = fmt.row_bytes(xq.k);
-    debug_assert!(xq.q.len() >= (x0 + n) * xq.k && w.len() >= j1 * rb);
-    block(xq, x0, fmt, &w[j0 * rb..j1 * rb], out, n, j1 - j0, Isa::detect());
-}
-
 /// The instruction sets the integer tiles use, best first. Every kernel computes the same
-/// integer block sums and the same floating-point operations in the same order, so all give
-/// the same bits (tested).
+/// exact integer block sums and the same floating-point operations in the same order, so all
+/// give the same bits (tested).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
-    /// AVX-512 VNNI (`vpdpbusd`) on 512-bit vectors, each holding two (weight row, x row)
-    /// pairs of a tile; needs AVX-512 F/BW/VL/VNNI and F16C.
+    /// AVX-512 VNNI (`vpdpbusd`), one 512-bit vector per group; needs AVX-512 F/BW/VL/VNNI
+    /// and F16C.
     Avx512Vnni,
-    /// AVX2 `vpmaddubsw` + `vpmaddwd`; needs AVX2, FMA and F16C.
+    /// AVX2 `vpmaddubsw` + `vpmaddwd`, two 256-bit halves per group; needs AVX2, FMA, F16C.
     Avx2,
     Portable,
 }
+
+/// Most rows of `x` in one tile.
+const MAX_XROWS: usize = 8;
 
 impl Isa {
     /// This machine's best kernel, detected once per process.
@@ -194,6 +363,15 @@ impl Isa {
         Isa::Portable
     }
 
+    /// Rows of `x` per tile: as many accumulators as the registers hold (32 vectors with
+    /// AVX-512, 16 with AVX2). Rows are independent, so this does not change any value.
+    fn xrows(self) -> usize {
+        match self {
+            Isa::Avx512Vnni => 8,
+            Isa::Avx2 | Isa::Portable => 4,
+        }
+    }
+
     /// The kernels this machine can run (for tests comparing them).
     #[cfg(test)]
     fn available() -> Vec<Isa> {
@@ -205,148 +383,90 @@ impl Isa {
     }
 }
 
-/// `out (n x mb) = xq[x0 .. x0 + n] wb^T` for one block of `mb` weight rows, tile by tile.
-#[allow(clippy::too_many_arguments)]
-fn block(xq: &Q8Rows, x0: usize, fmt: QFormat, wb: &[u8], out: &mut [f32], n: usize, mb: usize, isa: Isa) {
-    let mut j = 0;
-    while j < mb {
-        let r = (mb - j).min(WROWS);
-        let mut i = 0;
-        while i < n {
-            let c = (n - i).min(XROWS);
-            tile_any(xq, x0, fmt, wb, j, r, i, c, out, mb, isa);
-            i += c;
-        }
-        j += r;
-    }
-}
-
-/// One tile of `r <= WROWS` weight rows from `j` and `c <= XROWS` rows from `i` (rows
-/// `x0 + i ..` of `xq`, rows `i ..` of `out`).
-#[allow(clippy::too_many_arguments)]
-fn tile_any(
-    xq: &Q8Rows,
-    x0: usize,
-    fmt: QFormat,
-    wb: &[u8],
-    j: usize,
-    r: usize,
-    i: usize,
-    c: usize,
-    out: &mut [f32],
-    ld: usize,
-    isa: Isa,
-) {
+/// One tile: the 16 rows of group `grp` against `c <= MAX_XROWS` rows of `xq` from `i`, into
+/// `out[0 .. c]`.
+fn tile_any(fmt: QFormat, grp: &[u8], xq: &Q8Rows, i: usize, c: usize, out: &mut [[f32; GROUP]; MAX_XROWS], isa: Isa) {
+    let nb = xq.k / 32;
+    assert!(
+        grp.len() >= nb * group_block_bytes(fmt) && xq.q.len() >= (i + c) * xq.k,
+        "qdot tile out of range"
+    );
     macro_rules! go {
-        ($r:literal, $c:literal) => {{
-            let mut acc = [[0f32; $c]; $r];
-            match isa {
-                // SAFETY (both): the instruction sets are present (`Isa::detect`); the tile's
-                // weight rows and x rows are inside `wb` and `xq` (the loops above stay in
-                // range, and the kernels assert it).
+        ($c:literal) => {{
+            let acc: &mut [[f32; GROUP]; $c] = (&mut out[..$c]).try_into().expect("tile rows");
+            let q4 = fmt == QFormat::Q4_1;
+            match (isa, q4) {
+                // SAFETY (all four): the instruction sets are present (`Isa::detect`), and the
+                // group's blocks and the tile's rows of x are in range (asserted above).
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Vnni => unsafe { avx512::tile::<$r, $c>(xq, fmt, wb, j, x0 + i, &mut acc) },
+                (Isa::Avx512Vnni, true) => unsafe { avx512::tile::<$c, true>(grp, nb, xq, i, acc) },
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { avx2::tile::<$r, $c>(xq, fmt, wb, j, x0 + i, &mut acc) },
-                _ => portable::tile::<$r, $c>(xq, fmt, wb, j, x0 + i, &mut acc),
-            }
-            for (jr, row) in acc.iter().enumerate() {
-                for (ic, v) in row.iter().enumerate() {
-                    out[(i + ic) * ld + j + jr] = *v;
-                }
+                (Isa::Avx512Vnni, false) => unsafe { avx512::tile::<$c, false>(grp, nb, xq, i, acc) },
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2, true) => unsafe { avx2::tile::<$c, true>(grp, nb, xq, i, acc) },
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2, false) => unsafe { avx2::tile::<$c, false>(grp, nb, xq, i, acc) },
+                _ => portable::tile::<$c>(fmt, grp, nb, xq, i, acc),
             }
         }};
     }
-    match (r, c) {
-        (4, 2) => go!(4, 2),
-        (4, 1) => go!(4, 1),
-        (3, 2) => go!(3, 2),
-        (3, 1) => go!(3, 1),
-        (2, 2) => go!(2, 2),
-        (2, 1) => go!(2, 1),
-        (1, 2) => go!(1, 2),
-        _ => go!(1, 1),
+    match c {
+        8 => go!(8),
+        7 => go!(7),
+        6 => go!(6),
+        5 => go!(5),
+        4 => go!(4),
+        3 => go!(3),
+        2 => go!(2),
+        _ => go!(1),
     }
 }
 
-/// Scale and minimum of a weight block.
-#[inline(always)]
-fn block_scales(fmt: QFormat, b: &[u8]) -> (f32, f32) {
-    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-    match fmt {
-        QFormat::Q4_1 => (d, f16::from_le_bytes([b[2], b[3]]).to_f32()),
-        QFormat::Q8_0 => (d, 0.0),
-    }
-}
-
-/// The sum of 8 lanes in the order of the AVX2 reduction: halves, then pairs, then the two.
-#[inline(always)]
-fn hsum8(l: &[f32; 8]) -> f32 {
-    let h = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
-    let p = [h[0] + h[2], h[1] + h[3]];
-    p[0] + p[1]
-}
-
-/// The portable kernel: the AVX2 kernel's operations written lane by lane.
+/// The portable kernel: the SIMD kernels' operations written lane by lane.
 mod portable {
     use super::*;
 
-    /// Signed weight values of one block, in element order.
-    fn unpack(fmt: QFormat, b: &[u8], out: &mut [i32; 32]) {
+    fn f16_at(b: &[u8], at: usize) -> f32 {
+        f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    }
+
+    /// Value `t` (0..32) of lane `lane` of a (group, block), as the signed weight value.
+    fn value(fmt: QFormat, gb: &[u8], lane: usize, t: usize) -> i32 {
+        let (quad, byte) = (t / 4, t % 4);
         match fmt {
             QFormat::Q4_1 => {
-                for t in 0..16 {
-                    out[t] = (b[4 + t] & 0x0F) as i32;
-                    out[t + 16] = (b[4 + t] >> 4) as i32;
-                }
+                let v = gb[(quad / 2) * 64 + lane * 4 + byte];
+                (if quad % 2 == 0 { v & 0x0F } else { v >> 4 }) as i32
             }
-            QFormat::Q8_0 => {
-                for t in 0..32 {
-                    out[t] = b[2 + t] as i8 as i32;
-                }
-            }
+            QFormat::Q8_0 => gb[quad * 64 + lane * 4 + byte] as i32 - 128,
         }
     }
 
-    pub(super) fn tile<const R: usize, const C: usize>(
-        xq: &Q8Rows,
+    pub(super) fn tile<const C: usize>(
         fmt: QFormat,
-        wb: &[u8],
-        j: usize,
+        grp: &[u8],
+        nb: usize,
+        xq: &Q8Rows,
         i: usize,
-        acc: &mut [[f32; C]; R],
+        acc: &mut [[f32; GROUP]; C],
     ) {
-        let (bb, nb) = (fmt.block_bytes(), xq.k / 32);
-        let rb = nb * bb;
-        let mut lanes = [[[0f32; 8]; C]; R];
-        let mut mins = [[0f32; C]; R];
-        let mut wv = [[0i32; 32]; R];
-        let mut ws = [(0f32, 0f32); R];
+        let gbb = group_block_bytes(fmt);
+        *acc = [[0f32; GROUP]; C];
         for b in 0..nb {
-            for r in 0..R {
-                let blk = &wb[(j + r) * rb + b * bb..(j + r) * rb + (b + 1) * bb];
-                unpack(fmt, blk, &mut wv[r]);
-                ws[r] = block_scales(fmt, blk);
-            }
-            for c in 0..C {
-                let xb = (i + c) * nb + b;
-                let xv = &xq.q[xb * 32..xb * 32 + 32];
-                let dx = xq.d[xb];
-                for r in 0..R {
-                    let scale = ws[r].0 * dx;
-                    for (l, lane) in lanes[r][c].iter_mut().enumerate() {
-                        let p: i32 = (4 * l..4 * l + 4).map(|t| wv[r][t] * xv[t] as i32).sum();
-                        *lane = (p as f32).mul_add(scale, *lane);
-                    }
+            let gb = &grp[b * gbb..(b + 1) * gbb];
+            for lane in 0..GROUP {
+                let w: [i32; 32] = std::array::from_fn(|t| value(fmt, gb, lane, t));
+                let dw = f16_at(gb, scales_at(fmt) + 2 * lane);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    let xb = (i + c) * nb + b;
+                    let xv = &xq.q[xb * 32..xb * 32 + 32];
+                    let s: i32 = w.iter().zip(xv).map(|(p, q)| p * *q as i32).sum();
+                    let mut v = (s as f32).mul_add(dw * xq.d[xb], a[lane]);
                     if fmt == QFormat::Q4_1 {
-                        mins[r][c] = ws[r].1.mul_add(xq.s[xb], mins[r][c]);
+                        v = f16_at(gb, MINS_AT + 2 * lane).mul_add(xq.s[xb], v);
                     }
+                    a[lane] = v;
                 }
-            }
-        }
-        for r in 0..R {
-            for c in 0..C {
-                acc[r][c] = hsum8(&lanes[r][c]) + mins[r][c];
             }
         }
     }
@@ -357,242 +477,145 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// 32 weights of a block as bytes: unsigned 0..15 (Q4_1) or signed (Q8_0).
-    #[inline(always)]
-    pub(super) unsafe fn load_block(fmt: QFormat, p: *const u8) -> __m256i {
-        // SAFETY (callers): `p` points at a whole block of `fmt`.
-        unsafe {
-            match fmt {
-                QFormat::Q4_1 => {
-                    let raw = _mm_loadu_si128(p.add(4) as *const __m128i);
-                    let lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
-                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), _mm_set1_epi8(0x0F));
-                    _mm256_set_m128i(hi, lo)
-                }
-                QFormat::Q8_0 => _mm256_loadu_si256(p.add(2) as *const __m256i),
-            }
-        }
-    }
-
-    /// f16 bits at `p` as f32 (F16C).
-    #[inline(always)]
-    pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
-        // SAFETY (callers): two readable bytes at p.
-        unsafe {
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                std::ptr::read_unaligned(p as *const u16) as i32,
-            )))
-        }
-    }
-
-    /// Block `b` of weight rows `j .. j + R` (`rb` bytes a row): the 32 values as bytes, the
-    /// scales and (Q4_1) the minimums.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn weight_blocks<const R: usize>(
-        fmt: QFormat,
-        wb: &[u8],
-        rb: usize,
-        j: usize,
-        b: usize,
-        wv: &mut [__m256i; R],
-        dw: &mut [f32; R],
-        mw: &mut [f32; R],
-    ) {
-        for r in 0..R {
-            // SAFETY (callers): block b of weight row j + r lies inside wb.
-            unsafe {
-                let p = wb.as_ptr().add((j + r) * rb + b * fmt.block_bytes());
-                wv[r] = load_block(fmt, p);
-                dw[r] = f16_at(p);
-                if fmt == QFormat::Q4_1 {
-                    mw[r] = f16_at(p.add(2));
-                }
-            }
-        }
-    }
-
+    /// `Q4`: Q4_1 (else Q8_0). Each group is two halves of 8 rows (lanes 0..8 and 8..16 of the
+    /// packed vectors).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile<const R: usize, const C: usize>(
+    pub(super) unsafe fn tile<const C: usize, const Q4: bool>(
+        grp: &[u8],
+        nb: usize,
         xq: &Q8Rows,
-        fmt: QFormat,
-        wb: &[u8],
-        j: usize,
         i: usize,
-        acc: &mut [[f32; C]; R],
+        acc: &mut [[f32; GROUP]; C],
     ) {
-        let (bb, nb) = (fmt.block_bytes(), xq.k / 32);
-        let rb = nb * bb;
-        assert!(
-            wb.len() >= (j + R) * rb && xq.q.len() >= (i + C) * xq.k,
-            "qdot tile out of range"
-        );
+        let fmt = if Q4 { QFormat::Q4_1 } else { QFormat::Q8_0 };
+        let gbb = group_block_bytes(fmt);
+        let k = xq.k;
         let ones = _mm256_set1_epi16(1);
-        let mut lanes = [[_mm256_setzero_ps(); C]; R];
-        let mut mins = [[0f32; C]; R];
-        let mut wv = [_mm256_setzero_si256(); R];
-        let mut dw = [0f32; R];
-        let mut mw = [0f32; R];
-        let (xp, dp, sp) = (xq.q.as_ptr(), xq.d.as_ptr(), xq.s.as_ptr());
-        for b in 0..nb {
-            // SAFETY: block b of weight rows j .. j + R lies inside wb (asserted above).
-            unsafe { weight_blocks(fmt, wb, rb, j, b, &mut wv, &mut dw, &mut mw) };
-            for c in 0..C {
-                let xb = (i + c) * nb + b;
-                // SAFETY: block xb of x lies inside xq (asserted above; d and s have a value
-                // per block).
-                let (xv, dx, sx) = unsafe {
-                    (
-                        _mm256_loadu_si256(xp.add(xb * 32) as *const __m256i),
-                        *dp.add(xb),
-                        *sp.add(xb),
-                    )
-                };
-                for r in 0..R {
-                    let prod = match fmt {
-                        // Unsigned weights times signed activations, pairs summed to i16
-                        // (at most 2 * 15 * 127: no saturation).
-                        QFormat::Q4_1 => _mm256_maddubs_epi16(wv[r], xv),
-                        // Signed times signed: |w| times x with w's sign (at most
-                        // 2 * 128 * 127 < 32767).
-                        QFormat::Q8_0 => {
-                            _mm256_maddubs_epi16(_mm256_sign_epi8(wv[r], wv[r]), _mm256_sign_epi8(xv, wv[r]))
+        let low = _mm256_set1_epi8(0x0F);
+        let flip = _mm256_set1_epi8(-128);
+        for h in 0..2 {
+            let mut lanes = [_mm256_setzero_ps(); C];
+            for b in 0..nb {
+                // SAFETY: the callers assert that the group's nb blocks and rows i .. i + C of
+                // x (k values each, k / 32 scales) are in range.
+                unsafe {
+                    let p = grp.as_ptr().add(b * gbb);
+                    let mut w = [_mm256_setzero_si256(); 8];
+                    if Q4 {
+                        for v in 0..4 {
+                            let raw = _mm256_loadu_si256(p.add(v * 64 + h * 32) as *const __m256i);
+                            w[2 * v] = _mm256_and_si256(raw, low);
+                            w[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
                         }
+                    } else {
+                        for (v, wv) in w.iter_mut().enumerate() {
+                            // Back to signed values.
+                            *wv = _mm256_xor_si256(_mm256_loadu_si256(p.add(v * 64 + h * 32) as *const __m256i), flip);
+                        }
+                    }
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(p.add(scales_at(fmt) + h * 16) as *const __m128i));
+                    let mw = if Q4 {
+                        _mm256_cvtph_ps(_mm_loadu_si128(p.add(MINS_AT + h * 16) as *const __m128i))
+                    } else {
+                        _mm256_setzero_ps()
                     };
-                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
-                    lanes[r][c] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw[r] * dx), lanes[r][c]);
-                    if fmt == QFormat::Q4_1 {
-                        mins[r][c] = mw[r].mul_add(sx, mins[r][c]);
+                    for (c, lane) in lanes.iter_mut().enumerate() {
+                        let xb = (i + c) * nb + b;
+                        let xp = xq.q.as_ptr().add((i + c) * k + b * 32) as *const i32;
+                        let mut s = _mm256_setzero_si256();
+                        for (v, wv) in w.iter().enumerate() {
+                            let xv = _mm256_set1_epi32(std::ptr::read_unaligned(xp.add(v)));
+                            let prod = if Q4 {
+                                // Unsigned weights (<= 15) times signed x: pairs <= 2 * 15 * 127.
+                                _mm256_maddubs_epi16(*wv, xv)
+                            } else {
+                                // |w| times x with w's sign: pairs <= 2 * 128 * 127 < 32767.
+                                _mm256_maddubs_epi16(_mm256_sign_epi8(*wv, *wv), _mm256_sign_epi8(xv, *wv))
+                            };
+                            s = _mm256_add_epi32(s, _mm256_madd_epi16(prod, ones));
+                        }
+                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xq.d.as_ptr().add(xb)));
+                        *lane = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *lane);
+                        if Q4 {
+                            *lane = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xq.s.as_ptr().add(xb)), *lane);
+                        }
                     }
                 }
             }
-        }
-        for r in 0..R {
-            for c in 0..C {
-                let mut l = [0f32; 8];
-                // SAFETY: l has 8 floats.
-                unsafe { _mm256_storeu_ps(l.as_mut_ptr(), lanes[r][c]) };
-                acc[r][c] = hsum8(&l) + mins[r][c];
+            for (c, lane) in lanes.iter().enumerate() {
+                // SAFETY: 8 floats from lane 8h of a 16-float row.
+                unsafe { _mm256_storeu_ps(acc[c].as_mut_ptr().add(8 * h), *lane) };
             }
         }
     }
 }
 
-/// The AVX-512 VNNI kernel: the AVX2 kernel's arithmetic with `vpdpbusd` (4 byte products
-/// summed into each i32 lane: the lanes `vpmaddubsw` + `vpmaddwd` give, without the i16
-/// step) on 512-bit vectors. Each vector holds two (weight row, x row) pairs of the tile, one
-/// per 256-bit half, so every pair's 8 f32 lanes see the same fused multiply-adds in the same
-/// order as in the AVX2 kernel, and the results are the same bits.
+/// The AVX-512 VNNI kernel: one 512-bit vector per group (16 lanes, one per weight row); per
+/// block and row of `x`, 8 `vpdpbusd` of the unpacked weight bytes with the row's 4-byte quads
+/// broadcast.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// Two 256-bit halves as one vector (`lo` in lanes 0..8).
-    #[inline(always)]
-    unsafe fn join_i(lo: __m256i, hi: __m256i) -> __m512i {
-        // SAFETY (callers): AVX-512F is present.
-        unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi) }
-    }
-
-    #[inline(always)]
-    unsafe fn join_f(lo: f32, hi: f32) -> __m512 {
-        // SAFETY (callers): AVX-512F is present.
-        unsafe {
-            _mm512_castsi512_ps(_mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(lo))),
-                _mm256_castps_si256(_mm256_set1_ps(hi)),
-            ))
-        }
-    }
-
-    /// The (weight row, x row) pair in slot `p` of an `R x C` tile (pairs in row-major order;
-    /// the last slot repeats the last pair when `R * C` is odd).
-    #[inline(always)]
-    const fn pair<const R: usize, const C: usize>(p: usize) -> (usize, usize) {
-        let p = if p < R * C { p } else { R * C - 1 };
-        (p / C, p % C)
-    }
-
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn tile<const R: usize, const C: usize>(
+    pub(super) unsafe fn tile<const C: usize, const Q4: bool>(
+        grp: &[u8],
+        nb: usize,
         xq: &Q8Rows,
-        fmt: QFormat,
-        wb: &[u8],
-        j: usize,
         i: usize,
-        acc: &mut [[f32; C]; R],
+        acc: &mut [[f32; GROUP]; C],
     ) {
-        let (bb, nb) = (fmt.block_bytes(), xq.k / 32);
-        let rb = nb * bb;
-        assert!(
-            wb.len() >= (j + R) * rb && xq.q.len() >= (i + C) * xq.k,
-            "qdot tile out of range"
-        );
-        // Vectors of pairs: slots 2v (low half) and 2v + 1 (high half). At most 4 (R, C <=
-        // WROWS, XROWS); unused ones are not touched.
-        let nv = (R * C).div_ceil(2);
-        let mut lanes = [_mm512_setzero_ps(); 4];
-        let mut mins = [[0f32; C]; R];
-        let mut wv = [_mm256_setzero_si256(); R];
-        let mut dw = [0f32; R];
-        let mut mw = [0f32; R];
-        let mut xv = [_mm256_setzero_si256(); C];
-        let mut dx = [0f32; C];
-        let mut sx = [0f32; C];
-        let (xp, dp, sp) = (xq.q.as_ptr(), xq.d.as_ptr(), xq.s.as_ptr());
+        let fmt = if Q4 { QFormat::Q4_1 } else { QFormat::Q8_0 };
+        let gbb = group_block_bytes(fmt);
+        let k = xq.k;
+        let low = _mm512_set1_epi8(0x0F);
+        let mut lanes = [_mm512_setzero_ps(); C];
         for b in 0..nb {
-            // SAFETY: block b of weight rows j .. j + R lies inside wb (asserted above).
-            unsafe { super::avx2::weight_blocks(fmt, wb, rb, j, b, &mut wv, &mut dw, &mut mw) };
-            for c in 0..C {
-                let xb = (i + c) * nb + b;
-                // SAFETY: block xb of x lies inside xq (asserted above; d and s have a value
-                // per block).
-                unsafe {
-                    xv[c] = _mm256_loadu_si256(xp.add(xb * 32) as *const __m256i);
-                    dx[c] = *dp.add(xb);
-                    sx[c] = *sp.add(xb);
+            // SAFETY: the callers assert that the group's nb blocks and rows i .. i + C of x
+            // (k values each, k / 32 scales and sums) are in range.
+            unsafe {
+                let p = grp.as_ptr().add(b * gbb);
+                let mut w = [_mm512_setzero_si512(); 8];
+                if Q4 {
+                    for v in 0..4 {
+                        let raw = _mm512_loadu_si512(p.add(v * 64) as *const __m512i);
+                        w[2 * v] = _mm512_and_si512(raw, low);
+                        w[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
+                    }
+                } else {
+                    for (v, wv) in w.iter_mut().enumerate() {
+                        *wv = _mm512_loadu_si512(p.add(v * 64) as *const __m512i);
+                    }
                 }
-            }
-            for (v, lane) in lanes.iter_mut().enumerate().take(nv) {
-                let ((r0, c0), (r1, c1)) = (pair::<R, C>(2 * v), pair::<R, C>(2 * v + 1));
-                // SAFETY: AVX-512 F/BW/VL/VNNI are enabled on this function.
-                unsafe {
-                    let w = join_i(wv[r0], wv[r1]);
-                    let x = join_i(xv[c0], xv[c1]);
-                    let sum = match fmt {
-                        // Unsigned weights times signed activations.
-                        QFormat::Q4_1 => _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x),
-                        // Signed times signed: |w| times x with w's sign (x is never -128).
-                        QFormat::Q8_0 => {
-                            let neg = _mm512_movepi8_mask(w);
-                            let xs = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), xs)
-                        }
-                    };
-                    let scale = join_f(dw[r0] * dx[c0], dw[r1] * dx[c1]);
-                    *lane = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, *lane);
-                }
-            }
-            if fmt == QFormat::Q4_1 {
-                for r in 0..R {
-                    for c in 0..C {
-                        mins[r][c] = mw[r].mul_add(sx[c], mins[r][c]);
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(scales_at(fmt)) as *const __m256i));
+                let mw = if Q4 {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(p.add(MINS_AT) as *const __m256i))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                for (c, lane) in lanes.iter_mut().enumerate() {
+                    let xb = (i + c) * nb + b;
+                    let xp = xq.q.as_ptr().add((i + c) * k + b * 32) as *const i32;
+                    let mut s = _mm512_setzero_si512();
+                    for (v, wv) in w.iter().enumerate() {
+                        s = _mm512_dpbusd_epi32(s, *wv, _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(v))));
+                    }
+                    if !Q4 {
+                        // Weights were stored + 128: sum((w + 128) x) - 128 sum(x).
+                        s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * *xq.sum.as_ptr().add(xb)));
+                    }
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*xq.d.as_ptr().add(xb)));
+                    *lane = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, *lane);
+                    if Q4 {
+                        *lane = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xq.s.as_ptr().add(xb)), *lane);
                     }
                 }
             }
         }
-        for (v, lane) in lanes.iter().enumerate().take(nv) {
-            let mut l = [0f32; 16];
-            // SAFETY: l has 16 floats.
-            unsafe { _mm512_storeu_ps(l.as_mut_ptr(), *lane) };
-            for (half, p) in [2 * v, 2 * v + 1].into_iter().enumerate() {
-                if p < R * C {
-                    let (r, c) = pair::<R, C>(p);
-                    let h: &[f32; 8] = l[half * 8..half * 8 + 8].try_into().expect("8 lanes");
-                    acc[r][c] = hsum8(h) + mins[r][c];
-                }
-            }
+        for (c, lane) in lanes.iter().enumerate() {
+            // SAFETY: 16 floats.
+            unsafe { _mm512_storeu_ps(acc[c].as_mut_ptr(), *lane) };
         }
     }
 }
@@ -642,6 +665,7 @@ mod tests {
         for b in 0..6 {
             let sum: i32 = q.q[b * 32..b * 32 + 32].iter().map(|v| *v as i32).sum();
             assert_eq!(q.s[b], q.d[b] * sum as f32);
+            assert_eq!(q.sum[b], sum);
             // The largest magnitude maps to +-127 exactly.
             assert!(q.q[b * 32..b * 32 + 32].iter().any(|v| v.unsigned_abs() == 127));
         }
@@ -698,25 +722,42 @@ mod tests {
     #[test]
     fn simd_and_portable_kernels_agree_bit_for_bit_and_rows_are_batch_invariant() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
-        // Every tile shape: 4 / 3 / 2 / 1 weight rows, 2 / 1 rows of x.
+        // Tiles of 1 ..= 8 rows of x, full and padded groups, column ranges that cut groups.
         for (fmt, (n, k, m)) in [QFormat::Q4_1, QFormat::Q8_0]
             .into_iter()
-            .flat_map(|f| [(7, 192, 23), (5, 64, 22), (3, 96, 21)].map(|s| (f, s)))
+            .flat_map(|f| [(17, 192, 23), (5, 64, 40), (3, 96, 16), (8, 32, 7)].map(|s| (f, s)))
         {
             let w = random_blocks(fmt, m, k, &mut rng);
+            let pk = Packed::new(fmt, &w, m, k);
             let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-2.0..2.0)).collect();
             let xq = quantize_rows(&x, n, k);
             let mut a = vec![0f32; n * m];
-            block(&xq, 0, fmt, &w, &mut a, n, m, Isa::Portable);
+            pk.columns_with(&xq, 0, n, 0, m, &mut a, Isa::Portable);
             for isa in Isa::available() {
                 let mut b = vec![0f32; n * m];
-                block(&xq, 0, fmt, &w, &mut b, n, m, isa);
+                pk.columns_with(&xq, 0, n, 0, m, &mut b, isa);
                 assert!(
                     a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
                     "{fmt:?} {isa:?}"
                 );
+                // A column range cutting groups, on rows from an offset.
+                let (j0, j1, x0) = (m / 3, m - 1, 1);
+                let mut c = vec![0f32; (n - x0) * (j1 - j0)];
+                pk.columns_with(&xq, x0, n - x0, j0, j1, &mut c, isa);
+                for i in 0..n - x0 {
+                    for j in j0..j1 {
+                        assert_eq!(c[i * (j1 - j0) + j - j0].to_bits(), a[(i + x0) * m + j].to_bits());
+                    }
+                }
             }
-            // Each row alone gives the same bits as inside the batch.
+            // The packed matrix's product, the raw-blocks product and each row alone: the
+            // same bits.
+            let mut p = vec![0f32; n * m];
+            pk.matmul(&x, &mut p, n, MatmulMode::Overwrite);
+            let mut r = vec![0f32; n * m];
+            matmul_q8(&x, fmt, &w, &mut r, n, k, m, MatmulMode::Overwrite);
+            assert!(p.iter().zip(&a).all(|(u, v)| u.to_bits() == v.to_bits()));
+            assert!(r.iter().zip(&a).all(|(u, v)| u.to_bits() == v.to_bits()));
             for i in 0..n {
                 let mut one = vec![0f32; m];
                 matmul_q8(
@@ -737,7 +778,7 @@ mod tests {
             }
             // Accumulate mode adds onto y.
             let mut acc = vec![1f32; n * m];
-            matmul_q8(&x, fmt, &w, &mut acc, n, k, m, MatmulMode::Accumulate);
+            pk.matmul(&x, &mut acc, n, MatmulMode::Accumulate);
             assert!(acc.iter().zip(&a).all(|(p, q)| *p == 1.0 + q));
         }
     }

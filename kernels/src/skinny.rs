@@ -42,7 +42,7 @@ pub(crate) fn by_column_blocks(
     // Narrow products (LoRA shrinks: m = rank) still get one task per thread.
     let threads = rayon::current_num_threads().max(1);
     let per = if parallel && m < threads * ROWS_PER_TASK {
-        m.div_ceil(threads).next_multiple_of(4).clamp(4, ROWS_PER_TASK)
+        m.div_ceil(threads).next_multiple_of(16).clamp(16, ROWS_PER_TASK)
     } else {
         ROWS_PER_TASK
     };

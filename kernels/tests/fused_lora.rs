@@ -19,19 +19,11 @@ fn q8(rows: usize, cols: usize, v: &[f32]) -> CpuMatrix {
         bytes.extend_from_slice(&d.to_le_bytes());
         bytes.extend(b.iter().map(|x| (x * id).round().clamp(-127.0, 127.0) as i8 as u8));
     }
-    CpuMatrix {
-        out_dim: rows,
-        in_dim: cols,
-        data: MatrixData::Quant(QFormat::Q8_0, bytes),
-    }
+    CpuMatrix::new(rows, cols, MatrixData::Quant(QFormat::Q8_0, bytes))
 }
 
 fn f32m(rows: usize, cols: usize, v: Vec<f32>) -> CpuMatrix {
-    CpuMatrix {
-        out_dim: rows,
-        in_dim: cols,
-        data: MatrixData::F32(v),
-    }
+    CpuMatrix::new(rows, cols, MatrixData::F32(v))
 }
 
 /// The separate path: shared product, bias, then [`lora_groups`].

@@ -626,12 +626,7 @@ pub fn load(dir: &Path) -> Result<LoadedModel> {
                 ),
             ));
         }
-        Ok(Linear {
-            out_dim: o,
-            in_dim: inp,
-            w: Weight::Quant(fmt, bytes.to_vec()),
-            bias: None,
-        })
+        Ok(Linear::new(o, inp, Weight::Quant(fmt, bytes.to_vec()), None))
     };
     let sh = weights_fmt.shared();
     let lin = |name: &str, o: usize, inp: usize| matrix(name, o, inp, sh);

@@ -11,10 +11,12 @@
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use rayon::prelude::*;
-use rrt_kernels::MatmulMode;
+use rrt_kernels::qdot::Packed;
 use rrt_kernels::qmatmul::{QFormat, dequantize_rows};
+use rrt_kernels::{CpuProducts, MatmulMode};
 use std::borrow::Cow;
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// The stored matrix of a linear map (f32, or GGML blocks dequantized on the fly).
 pub use rrt_kernels::MatrixData as Weight;
@@ -24,20 +26,28 @@ pub use rrt_kernels::MatrixData as Weight;
 pub struct Linear {
     pub out_dim: usize,
     pub in_dim: usize,
+    /// The matrix; not to be changed after the first int8 product, which packs it.
     pub w: Weight,
     pub bias: Option<Vec<f32>>,
+    /// The int8 kernels' layout of quantized blocks, made on the first int8 product.
+    packed: OnceLock<Packed>,
 }
 
 impl Linear {
-    /// A linear map with f32 weights.
-    pub fn f32(out_dim: usize, in_dim: usize, w: Vec<f32>, bias: Option<Vec<f32>>) -> Self {
-        debug_assert_eq!(w.len(), out_dim * in_dim);
+    pub fn new(out_dim: usize, in_dim: usize, w: Weight, bias: Option<Vec<f32>>) -> Self {
         Self {
             out_dim,
             in_dim,
-            w: Weight::F32(w),
+            w,
             bias,
+            packed: OnceLock::new(),
         }
+    }
+
+    /// A linear map with f32 weights.
+    pub fn f32(out_dim: usize, in_dim: usize, w: Vec<f32>, bias: Option<Vec<f32>>) -> Self {
+        debug_assert_eq!(w.len(), out_dim * in_dim);
+        Self::new(out_dim, in_dim, Weight::F32(w), bias)
     }
 
     /// The weight matrix as f32 (borrowed when stored as f32).
@@ -68,7 +78,13 @@ impl Linear {
     pub fn matmul(&self, x: &[f32], y: &mut [f32], n: usize, mode: MatmulMode) {
         match &self.w {
             Weight::F32(v) => rrt_kernels::matmul_nt(x, v, y, n, self.in_dim, self.out_dim, mode),
-            Weight::Quant(f, b) => rrt_kernels::qdot::matmul_quant(x, *f, b, y, n, self.in_dim, self.out_dim, mode),
+            Weight::Quant(f, b) => match rrt_kernels::cpu_products() {
+                CpuProducts::Int8 => self
+                    .packed
+                    .get_or_init(|| Packed::new(*f, b, self.out_dim, self.in_dim))
+                    .matmul(x, y, n, mode),
+                CpuProducts::Exact => rrt_kernels::qmatmul::matmul_q(x, *f, b, y, n, self.in_dim, self.out_dim, mode),
+            },
         }
     }
 
@@ -123,12 +139,7 @@ impl Linear {
                 }
             }
         }
-        Linear {
-            out_dim,
-            in_dim,
-            w,
-            bias,
-        }
+        Linear::new(out_dim, in_dim, w, bias)
     }
 
     /// The weight rows `rows` as a new linear map (used to split fused projections).
@@ -140,12 +151,7 @@ impl Linear {
                 Weight::Quant(*f, b[rows.start * rb..rows.end * rb].to_vec())
             }
         };
-        Linear {
-            out_dim: rows.len(),
-            in_dim: self.in_dim,
-            w,
-            bias: self.bias.as_ref().map(|b| b[rows].to_vec()),
-        }
+        Linear::new(rows.len(), self.in_dim, w, self.bias.as_ref().map(|b| b[rows].to_vec()))
     }
 }
 
@@ -270,12 +276,7 @@ pub fn load_weights(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights
         } else {
             None
         };
-        Ok(Linear {
-            out_dim: out,
-            in_dim: inp,
-            w,
-            bias,
-        })
+        Ok(Linear::new(out, inp, w, bias))
     };
     let layers = (0..cfg.stored_layers())
         .map(|i| -> Result<Layer> {

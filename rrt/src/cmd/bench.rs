@@ -136,11 +136,11 @@ fn matmul(a: MatmulArgs) -> Result<()> {
                     blk
                 })
                 .collect();
-            let wq = rrt_kernels::CpuMatrix {
-                out_dim: m,
-                in_dim: k,
-                data: rrt_kernels::MatrixData::Quant(rrt_kernels::qmatmul::QFormat::Q4_1, wq),
-            };
+            let wq = rrt_kernels::CpuMatrix::new(
+                m,
+                k,
+                rrt_kernels::MatrixData::Quant(rrt_kernels::qmatmul::QFormat::Q4_1, wq),
+            );
             (m, k, w, wb, wq)
         })
         .collect();
@@ -237,17 +237,9 @@ fn matmul(a: MatmulArgs) -> Result<()> {
                 rrt_kernels::MatmulMode::Overwrite,
             )
         });
-        let i8 = time(&mut |_, (m, k, _, _, wq), y| {
-            rrt_kernels::qdot::matmul_q8(
-                &x[..n * k],
-                rrt_kernels::qmatmul::QFormat::Q4_1,
-                q4_bytes(wq),
-                y,
-                n,
-                *k,
-                *m,
-                rrt_kernels::MatmulMode::Overwrite,
-            )
+        let i8 = time(&mut |_, (_, k, _, _, wq), y| {
+            // The engine's int8 path: the matrix's packed layout (made once, as at load).
+            packed(wq).matmul(&x[..n * k], y, n, rrt_kernels::MatmulMode::Overwrite)
         });
         let mut lora_time = |sets: &[Option<Vec<LoraSet>>], depths: usize, fused: bool| {
             time(&mut |i, mat, y| with_lora(mat, sets[i].as_deref(), &x[..n * mat.1], y, n, depths, fused))
@@ -303,18 +295,8 @@ fn with_lora(
 ) {
     use rrt_kernels::backend::{LoraColumns, RowGroup};
     let (m, k) = (mat.0, mat.1);
-    let q4_1 = rrt_kernels::qmatmul::QFormat::Q4_1;
     let Some(sets) = sets else {
-        rrt_kernels::qdot::matmul_q8(
-            x,
-            q4_1,
-            q4_bytes(&mat.4),
-            y,
-            n,
-            k,
-            m,
-            rrt_kernels::MatmulMode::Overwrite,
-        );
+        packed(&mat.4).matmul(x, y, n, rrt_kernels::MatmulMode::Overwrite);
         return;
     };
 
@@ -350,18 +332,14 @@ fn with_lora(
             rrt_kernels::MatmulMode::Overwrite,
         );
     } else {
-        rrt_kernels::qdot::matmul_q8(
-            x,
-            q4_1,
-            q4_bytes(&mat.4),
-            y,
-            n,
-            k,
-            m,
-            rrt_kernels::MatmulMode::Overwrite,
-        );
+        packed(&mat.4).matmul(x, y, n, rrt_kernels::MatmulMode::Overwrite);
         rrt_kernels::backend::lora_groups(x, n, k, m, &cols, &groups, y);
     }
+}
+
+/// The int8 kernels' layout of a (quantized) bench matrix.
+fn packed(m: &rrt_kernels::CpuMatrix) -> &rrt_kernels::qdot::Packed {
+    m.packed().expect("bench matrices are Q4_1")
 }
 
 /// The Q4_1 blocks of a bench matrix.
@@ -374,11 +352,7 @@ fn q4_bytes(m: &rrt_kernels::CpuMatrix) -> &[u8] {
 }
 
 fn f32_matrix(out_dim: usize, in_dim: usize, v: Vec<f32>) -> rrt_kernels::CpuMatrix {
-    rrt_kernels::CpuMatrix {
-        out_dim,
-        in_dim,
-        data: rrt_kernels::MatrixData::F32(v),
-    }
+    rrt_kernels::CpuMatrix::new(out_dim, in_dim, rrt_kernels::MatrixData::F32(v))
 }
 
 /// `l` with both matrices as Q8_0 blocks (as `rrt_kernels::Backend::lora_format` asks).
@@ -390,10 +364,11 @@ fn q8_lora(
             return m.clone();
         };
         let f = rrt_kernels::qmatmul::QFormat::Q8_0;
-        rrt_kernels::CpuMatrix {
-            data: rrt_kernels::MatrixData::Quant(f, rrt_model::quant::quantize(f, v)),
-            ..*m
-        }
+        rrt_kernels::CpuMatrix::new(
+            m.out_dim,
+            m.in_dim,
+            rrt_kernels::MatrixData::Quant(f, rrt_model::quant::quantize(f, v)),
+        )
     };
     rrt_kernels::backend::LoraMats {
         rank: l.rank,
