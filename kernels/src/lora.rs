@@ -29,9 +29,11 @@ use rayon::prelude::*;
 /// Rows of an `A` matrix per shrink task.
 const SHRINK_ROWS: usize = 16;
 
-/// Multiply-adds from which the shrink region runs in parallel: lower than the products'
-/// threshold, as its tasks read `A` matrices that are not in cache (one row: 3 x 64 x 576).
-const SHRINK_PARALLEL_WORK: usize = 1 << 15;
+/// Multiply-adds from which the shrink region runs in parallel. One row of a rank-64 q|k|v
+/// shrink (3 x 64 x 576 = 110 592) runs serially: with the int8 products a parallel region
+/// there cost more in waking the pool than it saved (`rrt bench matmul`, 1 row: fused LoRA
+/// +130-165 % parallel against +26 % serial, BENCHMARKS.md).
+const SHRINK_PARALLEL_WORK: usize = 1 << 18;
 
 /// Rows of a product's input as its kernels read them: f32, and their 8-bit quantization
 /// where a matrix multiplies in integers.
