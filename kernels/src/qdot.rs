@@ -348,7 +348,30 @@ impl Isa {
         *ISA.get_or_init(Isa::probe)
     }
 
+    /// The best kernel this CPU runs, or a lower one named by `RRT_CPU_ISA` (`avx2`,
+    /// `portable`: to measure the kernels other machines would use; never a higher one).
     fn probe() -> Isa {
+        let best = Isa::best();
+        let asked = match std::env::var("RRT_CPU_ISA").as_deref() {
+            Ok("avx2") => Some(Isa::Avx2),
+            Ok("portable") => Some(Isa::Portable),
+            _ => None,
+        };
+        match asked {
+            Some(a) if best.rank() >= a.rank() => a,
+            _ => best,
+        }
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Isa::Avx512Vnni => 2,
+            Isa::Avx2 => 1,
+            Isa::Portable => 0,
+        }
+    }
+
+    fn best() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
@@ -375,7 +398,7 @@ impl Isa {
     /// The kernels this machine can run (for tests comparing them).
     #[cfg(test)]
     fn available() -> Vec<Isa> {
-        match Isa::detect() {
+        match Isa::best() {
             Isa::Avx512Vnni => vec![Isa::Avx512Vnni, Isa::Avx2, Isa::Portable],
             Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
             Isa::Portable => vec![Isa::Portable],
