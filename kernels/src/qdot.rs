@@ -111,7 +111,8 @@ pub struct Q8Rows {
     pub sum: Vec<i32>,
 }
 
-/// Quantizes `n` rows of `k` values (`k` a multiple of 32).
+/// Quantizes `n` rows of `k` values (`k` a multiple of 32). The AVX-512 version gives the same
+/// bits as the scalar one (tested), NaN inputs included (quantized to 0).
 pub fn quantize_rows(x: &[f32], n: usize, k: usize) -> Q8Rows {
     debug_assert_eq!(x.len(), n * k);
     debug_assert_eq!(k % 32, 0);
@@ -123,22 +124,39 @@ pub fn quantize_rows(x: &[f32], n: usize, k: usize) -> Q8Rows {
         s: vec![0f32; nb],
         sum: vec![0i32; nb],
     };
-    for (b, (xb, qb)) in x.chunks_exact(32).zip(out.q.chunks_exact_mut(32)).enumerate() {
-        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, v) in qb.iter_mut().zip(xb) {
-            // |v * id| <= 127 (up to rounding of id); the clamp keeps that exact.
-            let r = (v * id).round_ties_even().clamp(-127.0, 127.0) as i32;
-            *q = r as i8;
-            sum += r;
+    let blocks = x
+        .chunks_exact(32)
+        .zip(out.q.chunks_exact_mut(32))
+        .zip(out.d.iter_mut().zip(out.s.iter_mut().zip(out.sum.iter_mut())));
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() == Isa::Avx512Vnni {
+        for ((xb, qb), (d, (s, sum))) in blocks {
+            // SAFETY: AVX-512 F/BW/VL are present (`Isa::detect`); both blocks hold 32 values.
+            let (bd, bsum) = unsafe { avx512::quantize_block(xb.try_into().expect("32"), qb.try_into().expect("32")) };
+            (*d, *s, *sum) = (bd, bd * bsum as f32, bsum);
         }
-        out.d[b] = d;
-        out.s[b] = d * sum as f32;
-        out.sum[b] = sum;
+        return out;
+    }
+    for ((xb, qb), (d, (s, sum))) in blocks {
+        let (bd, bsum) = quantize_block(xb, qb);
+        (*d, *s, *sum) = (bd, bd * bsum as f32, bsum);
     }
     out
+}
+
+/// One block of 32 values: `(d, sum(q))`, the values into `q`.
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in qb.iter_mut().zip(xb) {
+        // |v * id| <= 127 (up to rounding of id); the clamp keeps that exact.
+        let r = (v * id).round_ties_even().clamp(-127.0, 127.0) as i32;
+        *q = r as i8;
+        sum += r;
+    }
+    (d, sum)
 }
 
 /// Weight rows per packed group: one i32 lane per row in a 512-bit vector.
@@ -581,6 +599,34 @@ mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// [`super::quantize_block`] on 32 values: the same maximum (NaN ignored, as `f32::max`
+    /// does), the same products, rounding to nearest even (`vcvtps2dq` in the default mode),
+    /// clamped to +-127 (before rounding: the same integers), NaN to 0.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_block(xb: &[f32; 32], qb: &mut [i8; 32]) -> (f32, i32) {
+        // SAFETY: 32 floats in, 32 bytes out; the features are enabled on this function.
+        unsafe {
+            let v = [_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(xb.as_ptr().add(16))];
+            // maxps returns its second operand when the first is NaN: NaN never enters.
+            let m = _mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_setzero_ps());
+            let m = _mm512_max_ps(_mm512_abs_ps(v[1]), m);
+            let amax = _mm512_reduce_max_ps(m);
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+            let mut sum = _mm512_setzero_si512();
+            for (h, vh) in v.iter().enumerate() {
+                let y = _mm512_mul_ps(*vh, _mm512_set1_ps(id));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y, y);
+                let r = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(y, lo), hi));
+                let r = _mm512_maskz_mov_epi32(!nan, r);
+                sum = _mm512_add_epi32(sum, r);
+                _mm_storeu_si128(qb.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(r));
+            }
+            (d, _mm512_reduce_add_epi32(sum))
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn tile<const C: usize, const Q4: bool>(
         grp: &[u8],
@@ -691,6 +737,34 @@ mod tests {
             assert_eq!(q.sum[b], sum);
             // The largest magnitude maps to +-127 exactly.
             assert!(q.q[b * 32..b * 32 + 32].iter().any(|v| v.unsigned_abs() == 127));
+        }
+        // The SIMD quantizer (where this CPU has one) gives the scalar one's bits, also on
+        // NaN, infinities, ties and values past 127 steps.
+        let mut odd: Vec<f32> = (0..8 * 32).map(|_| rng.random_range(-3.0..3.0)).collect();
+        odd[3] = f32::NAN;
+        odd[40] = f32::INFINITY;
+        odd[70] = 0.5;
+        odd[71] = -127.0;
+        odd[72] = 1.5 * 127.0 / 127.0;
+        odd[96..128]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as f32 - 15.5);
+        odd[128..160].fill(0.0);
+        odd[160..192]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i as f32) * 1e-30);
+        let got = quantize_rows(&odd, 8, 32);
+        for (b, (xb, qb)) in odd.chunks_exact(32).zip(got.q.chunks_exact(32)).enumerate() {
+            let mut want = [0i8; 32];
+            let (d, sum) = quantize_block(xb, &mut want);
+            assert_eq!(
+                (qb, got.d[b].to_bits(), got.sum[b]),
+                (&want[..], d.to_bits(), sum),
+                "block {b}"
+            );
+            assert_eq!(got.s[b].to_bits(), (d * sum as f32).to_bits());
         }
         let zeros = quantize_rows(&[0f32; 32], 1, 32);
         assert_eq!((zeros.d[0], zeros.s[0]), (0.0, 0.0));
