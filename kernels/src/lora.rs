@@ -29,11 +29,12 @@ use rayon::prelude::*;
 /// Rows of an `A` matrix per shrink task.
 const SHRINK_ROWS: usize = 16;
 
-/// Multiply-adds from which the shrink region runs in parallel. One row of a rank-64 q|k|v
-/// shrink (3 x 64 x 576 = 110 592) runs serially: with the int8 products a parallel region
-/// there cost more in waking the pool than it saved (`rrt bench matmul`, 1 row: fused LoRA
-/// +130-165 % parallel against +26 % serial, BENCHMARKS.md).
-const SHRINK_PARALLEL_WORK: usize = 1 << 18;
+/// Multiply-adds from which the shrink region runs in parallel. Up to about 16 rows of rank-64
+/// shrinks run serially: with the int8 products a parallel region there costs more in waking
+/// the pool (tens of microseconds, once per product) than it saves (`rrt bench matmul`,
+/// BENCHMARKS.md: fused rank-64 overhead at 32 rows +18-20 % with 2^21, +28-33 % with 2^18,
+/// +38-70 % always serial; at 1 row +130-165 % always parallel).
+const SHRINK_PARALLEL_WORK: usize = 1 << 21;
 
 /// Rows of a product's input as its kernels read them: f32, and their 8-bit quantization
 /// where a matrix multiplies in integers.
