@@ -78,37 +78,15 @@ pub fn attention_paged(
     debug_assert_eq!(out.len(), q.len());
     // One task per (row, KV head): the `group` query heads that share a KV head are computed
     // together, so each key and value vector is read once for all of them.
+    let simd = group_kernel(group, hd);
     let work = |(idx, o): (usize, &mut [f32])| {
         let (r, kvh) = (idx / layout.n_kv_heads, idx % layout.n_kv_heads);
-        let row = &rows[r];
-        let q0 = (r * shape.n_heads + kvh * group) * hd;
-        let qg = &q[q0..q0 + group * hd];
-        let start = match shape.window {
-            Some(w) if row.pos + 1 > w => row.pos + 1 - w,
-            _ => 0,
-        };
-        let len = row.pos + 1 - start;
-        // scores[g * len + i]: query head g of the group, position start + i.
-        let mut scores = vec![0f32; group * len];
-        for (i, p) in (start..=row.pos).enumerate() {
-            let b = row.blocks[p / layout.block_size];
-            let off = layout.offset(b, row.layer, 0, p % layout.block_size) + kvh * hd;
-            let key = &pool[off..off + hd];
-            for g in 0..group {
-                scores[g * len + i] = dot(&qg[g * hd..(g + 1) * hd], key) * shape.scale;
-            }
-        }
-        for g in 0..group {
-            softmax_inplace(&mut scores[g * len..(g + 1) * len]);
-        }
-        o.fill(0.0);
-        for (i, p) in (start..=row.pos).enumerate() {
-            let b = row.blocks[p / layout.block_size];
-            let off = layout.offset(b, row.layer, 1, p % layout.block_size) + kvh * hd;
-            let val = &pool[off..off + hd];
-            for g in 0..group {
-                axpy(scores[g * len + i], val, &mut o[g * hd..(g + 1) * hd]);
-            }
+        let task = GroupTask::new(q, &rows[r], r, kvh, group, layout, shape);
+        match simd {
+            // SAFETY: `group_kernel` found the instruction set; the kernel checks the slices.
+            #[cfg(target_arch = "x86_64")]
+            Some(k) => unsafe { k(&task, pool, o) },
+            _ => task.run_scalar(pool, o),
         }
     };
     let total_ctx: usize = rows.iter().map(|r| r.pos + 1).sum::<usize>() * shape.n_heads;
@@ -116,6 +94,185 @@ pub fn attention_paged(
         out.par_chunks_mut(group * hd).enumerate().for_each(work);
     } else {
         out.chunks_mut(group * hd).enumerate().for_each(work);
+    }
+}
+
+/// One (row, KV head) task of [`attention_paged`]: the `group` query heads sharing the KV head.
+struct GroupTask<'a> {
+    /// `group x head_dim` queries.
+    qg: &'a [f32],
+    row: &'a AttnRow<'a>,
+    kvh: usize,
+    group: usize,
+    layout: &'a KvLayout,
+    /// First attended position.
+    start: usize,
+    scale: f32,
+}
+
+impl<'a> GroupTask<'a> {
+    fn new(
+        q: &'a [f32],
+        row: &'a AttnRow<'a>,
+        r: usize,
+        kvh: usize,
+        group: usize,
+        layout: &'a KvLayout,
+        shape: AttnShape,
+    ) -> Self {
+        let hd = layout.head_dim;
+        let q0 = (r * shape.n_heads + kvh * group) * hd;
+        let start = match shape.window {
+            Some(w) if row.pos + 1 > w => row.pos + 1 - w,
+            _ => 0,
+        };
+        GroupTask {
+            qg: &q[q0..q0 + group * hd],
+            row,
+            kvh,
+            group,
+            layout,
+            start,
+            scale: shape.scale,
+        }
+    }
+
+    /// Attended positions.
+    fn len(&self) -> usize {
+        self.row.pos + 1 - self.start
+    }
+
+    /// The key (`kind` 0) or value (1) vector of this KV head at position `p`.
+    fn kv<'p>(&self, pool: &'p [f32], kind: usize, p: usize) -> &'p [f32] {
+        let l = self.layout;
+        let b = self.row.blocks[p / l.block_size];
+        let off = l.offset(b, self.row.layer, kind, p % l.block_size) + self.kvh * l.head_dim;
+        &pool[off..off + l.head_dim]
+    }
+
+    /// The portable version: [`dot`] per (query head, key), softmax, [`axpy`] per (query
+    /// head, value).
+    fn run_scalar(&self, pool: &[f32], o: &mut [f32]) {
+        let (hd, group, len) = (self.layout.head_dim, self.group, self.len());
+        // scores[g * len + i]: query head g of the group, position start + i.
+        let mut scores = vec![0f32; group * len];
+        for (i, p) in (self.start..=self.row.pos).enumerate() {
+            let key = self.kv(pool, 0, p);
+            for g in 0..group {
+                scores[g * len + i] = dot(&self.qg[g * hd..(g + 1) * hd], key) * self.scale;
+            }
+        }
+        for g in 0..group {
+            softmax_inplace(&mut scores[g * len..(g + 1) * len]);
+        }
+        o.fill(0.0);
+        for (i, p) in (self.start..=self.row.pos).enumerate() {
+            let val = self.kv(pool, 1, p);
+            for g in 0..group {
+                axpy(scores[g * len + i], val, &mut o[g * hd..(g + 1) * hd]);
+            }
+        }
+    }
+}
+
+/// A SIMD version of [`GroupTask::run_scalar`] for one (group, head_dim) shape.
+type GroupKernel = unsafe fn(&GroupTask<'_>, &[f32], &mut [f32]);
+
+/// The AVX-512 kernel for this shape (groups of 1-4 query heads, head_dim 32, 64 or 128), if
+/// the CPU has AVX-512F; `None` runs the portable version.
+fn group_kernel(group: usize, head_dim: usize) -> Option<GroupKernel> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return None;
+        }
+        macro_rules! pick {
+            ($(($g:literal, $v:literal)),*) => {
+                match (group, head_dim) {
+                    $(($g, hd) if hd == $v * 16 => Some(avx512::group::<$g, $v> as GroupKernel),)*
+                    _ => None,
+                }
+            };
+        }
+        #[rustfmt::skip]
+        let k = pick!((1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (2, 8), (3, 2), (3, 4), (3, 8), (4, 2), (4, 4), (4, 8));
+        k
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (group, head_dim);
+        None
+    }
+}
+
+/// The AVX-512 kernel: the group's queries and outputs stay in registers (`G` query heads x
+/// `V` vectors of 16), each key and value is loaded once. The same operations in the same
+/// order as the portable version ([`dot`]'s 16 lanes and its `sum16` reduction, [`axpy`]'s
+/// fused multiply-adds in position order), so the same bits (tested).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// [`crate::elementwise::dot`]'s reduction of its 16 lanes: halves, quarters, then
+    /// `(l0 + l2) + (l1 + l3)`; plus its (empty) tail.
+    #[inline(always)]
+    unsafe fn sum16(acc: __m512) -> f32 {
+        // SAFETY (callers): AVX-512F is enabled.
+        unsafe {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+            let s8 = _mm256_add_ps(_mm512_castps512_ps256(acc), hi);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            (_mm_cvtss_f32(s2) + _mm_cvtss_f32(_mm_shuffle_ps::<1>(s2, s2))) + 0.0
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn group<const G: usize, const V: usize>(t: &GroupTask<'_>, pool: &[f32], o: &mut [f32]) {
+        let hd = V * 16;
+        assert!(
+            t.layout.head_dim == hd && t.group == G && t.qg.len() == G * hd && o.len() == G * hd,
+            "attention kernel shape"
+        );
+        let len = t.len();
+        // SAFETY (all loads and stores below): every slice is G * hd or hd floats long (asserted
+        // above, and `GroupTask::kv` returns hd floats), read in V vectors of 16.
+        unsafe {
+            let q: [[__m512; V]; G] =
+                std::array::from_fn(|g| std::array::from_fn(|v| _mm512_loadu_ps(t.qg.as_ptr().add(g * hd + 16 * v))));
+            let mut scores = vec![0f32; G * len];
+            for (i, p) in (t.start..=t.row.pos).enumerate() {
+                let key = t.kv(pool, 0, p);
+                let k: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(key.as_ptr().add(16 * v)));
+                for (g, qh) in q.iter().enumerate() {
+                    let mut acc = _mm512_setzero_ps();
+                    for v in 0..V {
+                        acc = _mm512_fmadd_ps(qh[v], k[v], acc);
+                    }
+                    scores[g * len + i] = sum16(acc) * t.scale;
+                }
+            }
+            for g in 0..G {
+                softmax_inplace(&mut scores[g * len..(g + 1) * len]);
+            }
+            let mut acc = [[_mm512_setzero_ps(); V]; G];
+            for (i, p) in (t.start..=t.row.pos).enumerate() {
+                let val = t.kv(pool, 1, p);
+                let x: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(val.as_ptr().add(16 * v)));
+                for (g, ag) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(scores[g * len + i]);
+                    for v in 0..V {
+                        ag[v] = _mm512_fmadd_ps(w, x[v], ag[v]);
+                    }
+                }
+            }
+            for (g, ag) in acc.iter().enumerate() {
+                for (v, a) in ag.iter().enumerate() {
+                    _mm512_storeu_ps(o.as_mut_ptr().add(g * hd + 16 * v), *a);
+                }
+            }
+        }
     }
 }
 
@@ -156,6 +313,58 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn simd_kernel_gives_the_portable_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            assert!(group_kernel(3, 64).is_some(), "SmolLM2's shape has a kernel");
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        for (group, hd) in [(3, 64), (1, 128), (2, 32), (4, 64), (3, 16)] {
+            let layout = KvLayout {
+                n_layers: 2,
+                block_size: 16,
+                n_kv_heads: 2,
+                head_dim: hd,
+            };
+            let n_heads = group * 2;
+            let mut pool: Vec<f32> = (0..4 * layout.block_floats())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            pool[7] = -0.0;
+            let table = [2u32, 0, 3, 1];
+            for (pos, window) in [(0, None), (37, None), (63, Some(5)), (20, Some(0))] {
+                let row = AttnRow {
+                    blocks: &table,
+                    pos,
+                    layer: 1,
+                };
+                let q: Vec<f32> = (0..n_heads * hd).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let shape = AttnShape {
+                    n_heads,
+                    window,
+                    scale: 0.125,
+                };
+                for kvh in 0..2 {
+                    let t = GroupTask::new(&q, &row, 0, kvh, group, &layout, shape);
+                    let mut a = vec![f32::NAN; group * hd];
+                    t.run_scalar(&pool, &mut a);
+                    let Some(k) = group_kernel(group, hd) else {
+                        // No AVX-512 here, or a shape without a kernel: nothing to compare.
+                        continue;
+                    };
+                    let mut b = vec![f32::NAN; group * hd];
+                    // SAFETY: `group_kernel` found the instruction set.
+                    unsafe { k(&t, &pool, &mut b) };
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "group {group} head_dim {hd} pos {pos} window {window:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
