@@ -214,7 +214,7 @@ impl HeadTop {
             }
         }
         // NaN counts as -inf everywhere (argmax, top two, the sum), as on the GPU.
-        let sum_exp = row.iter().filter(|v| !v.is_nan()).map(|v| ((v - a) as f64).exp()).sum();
+        let sum_exp = crate::elementwise::sum_exp(row, a, true);
         Self {
             id: id as u32,
             top: a,
