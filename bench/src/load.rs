@@ -477,9 +477,13 @@ impl Target {
                 reason: "the HTTP client is built without TLS: use an http:// target (or --api grpc with --ca)".into(),
             });
         }
+        // A new connection per request: a pooled keep-alive connection can be closed by the
+        // server (llama-server closes them after a few requests) just as a request is sent on
+        // it, which failed 1-10 of 64 requests per point as "error sending request".
         reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|source| BenchError::Http {
                 what: "building the HTTP client".into(),
