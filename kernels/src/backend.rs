@@ -32,6 +32,20 @@ pub enum MatrixData {
     Quant(QFormat, Vec<u8>),
 }
 
+impl MatrixData {
+    /// A copy of output rows `rows` of this `_ x in_dim` matrix (a row is whole blocks, so the
+    /// quantized bytes are copied as they are: the same values).
+    pub fn rows(&self, in_dim: usize, rows: std::ops::Range<usize>) -> MatrixData {
+        match self {
+            MatrixData::F32(v) => MatrixData::F32(v[rows.start * in_dim..rows.end * in_dim].to_vec()),
+            MatrixData::Quant(f, b) => {
+                let rb = f.row_bytes(in_dim);
+                MatrixData::Quant(*f, b[rows.start * rb..rows.end * rb].to_vec())
+            }
+        }
+    }
+}
+
 /// One low-rank adapter of a linear map: `delta(x) = (x A^T) B^T`.
 #[derive(Clone, Debug)]
 pub struct LoraMats<M> {

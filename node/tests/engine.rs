@@ -190,3 +190,52 @@ fn scheduled_exits_decode_the_exit_loop() {
         assert_eq!(first, Some(want), "{fill:?}");
     }
 }
+
+/// A KV-only fill row (an exited token's state propagated to a deeper loop) writes, at the
+/// loop's first layer, exactly the keys and values a full row at the same depth, position and
+/// hidden state writes there: the fill product (the key/value rows of the fused q|k|v matrix
+/// and the K and V LoRAs of that loop) is the full product's key/value columns.
+#[test]
+fn fill_rows_write_the_keys_and_values_of_a_full_row() {
+    use rrt_kernels::backend::Backend;
+    use rrt_node::engine::{PassRow, ResidentModel};
+    let lm = converted(3, 16);
+    let be = rrt_kernels::CpuBackend;
+    let rm = ResidentModel::new(be, copy_model(&lm)).unwrap();
+    let layout = rm.kv_layout(16);
+    let mut kv = rm.backend.kv_pool(layout, 4).unwrap();
+    let h = rm.config.hidden;
+    // A hidden state with the spread of a real one: an embedding row.
+    let mut state = rm.backend.zeros(h).unwrap();
+    rm.embed(&[1234], &mut state).unwrap();
+    let (full_blocks, fill_blocks) = ([0u32], [1u32]);
+    for depth in [1usize, 2] {
+        let pos = 5 + depth;
+        let rows = [PassRow {
+            pos,
+            depth,
+            blocks: &full_blocks,
+        }];
+        let fills = [PassRow {
+            pos,
+            depth,
+            blocks: &fill_blocks,
+        }];
+        let mut x = state.clone();
+        rm.pass(&mut kv, &layout, &mut x, &rows, Some(&state), &fills).unwrap();
+        let full = rm.backend.kv_export(&kv, &layout, &full_blocks, pos + 1).unwrap();
+        let fill = rm.backend.kv_export(&kv, &layout, &fill_blocks, pos + 1).unwrap();
+        // Position-major export: [position][layer][key, value].
+        let per_layer = 2 * layout.kv_dim();
+        let at = |v: &[f32], layer: usize| {
+            let o = (pos * layout.n_layers + layer) * per_layer;
+            v[o..o + per_layer].to_vec()
+        };
+        let first = depth * rm.shared;
+        let (a, b) = (at(&full, first), at(&fill, first));
+        assert!(a.iter().any(|v| *v != 0.0), "depth {depth}: nothing written");
+        assert_eq!(a, b, "depth {depth}: fill row keys/values differ from the full row's");
+        // Deeper layers of the loop see the full row's updated state, the fill row's is fixed.
+        assert_ne!(at(&full, first + 1), at(&fill, first + 1), "depth {depth}");
+    }
+}

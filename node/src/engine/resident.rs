@@ -31,6 +31,9 @@ struct Dense<B: Backend> {
 struct SharedLayer<B: Backend> {
     attn_norm: B::Buf,
     qkv: Dense<B>,
+    /// The key and value rows of `qkv` (models with more than one loop): the product of the
+    /// KV-only fill rows, which need no queries (40 % of `qkv`'s columns on SmolLM2).
+    kv: Option<Dense<B>>,
     o: Dense<B>,
     ffn_norm: B::Buf,
     gate_up: Dense<B>,
@@ -95,7 +98,20 @@ impl<B: Backend> ResidentModel<B> {
         let mut bytes = 0usize;
         let mut unrolled_lora = recursion.map(|r| r.lora).unwrap_or_default();
         let mut layers = Vec::with_capacity(shared);
+        let (qd, kd) = (config.q_dim(), config.kv_dim());
         for (k, layer) in weights.layers.into_iter().enumerate() {
+            let kv = (loops > 1)
+                .then(|| {
+                    let q = &layer.qkv;
+                    let kv = Linear::new(
+                        2 * kd,
+                        q.in_dim,
+                        q.w.rows(q.in_dim, qd..qd + 2 * kd),
+                        q.bias.as_ref().map(|b| b[qd..qd + 2 * kd].to_vec()),
+                    );
+                    dense(&backend, kv, &mut bytes)
+                })
+                .transpose()?;
             let mut lora: [Vec<Option<LoraMats<B::Mat>>>; 7] = Default::default();
             for d in 0..loops {
                 let li = d * shared + k;
@@ -120,6 +136,7 @@ impl<B: Backend> ResidentModel<B> {
                     .transpose()?,
                 attn_norm: backend.buffer(layer.attn_norm)?,
                 qkv: dense(&backend, layer.qkv, &mut bytes)?,
+                kv,
                 o: dense(&backend, layer.o, &mut bytes)?,
                 ffn_norm: backend.buffer(layer.ffn_norm)?,
                 gate_up: dense(&backend, layer.gate_up, &mut bytes)?,
@@ -277,7 +294,7 @@ impl<B: Backend> ResidentModel<B> {
         let mut attn = be.zeros(n * qd)?;
         let mut gu = be.zeros(n * 2 * inter)?;
         let mut act = be.zeros(n * inter)?;
-        let (mut fh, mut fqkv) = (be.zeros(fills.len() * h)?, be.zeros(fills.len() * qkvd)?);
+        let (mut fh, mut fkv) = (be.zeros(fills.len() * h)?, be.zeros(fills.len() * 2 * kd)?);
         for (k, l) in self.layers.iter().enumerate() {
             let qkv_loras = self.lora_cols(l, &[(Q, 0), (K, qd), (V, qd + kd)]);
             if n > 0 {
@@ -355,19 +372,20 @@ impl<B: Backend> ResidentModel<B> {
                     }
                 }
             }
-            if let (Some(fx), false) = (fill_x, fills.is_empty()) {
+            if let (Some(fx), false, Some(kvw)) = (fill_x, fills.is_empty(), &l.kv) {
+                // Keys and values only: the key/value rows of the fused product and their LoRAs.
                 be.rmsnorm(fx, &l.attn_norm, c.rms_eps, &mut fh)?;
                 be.linear_lora_rows(
                     &fh,
                     &pfills,
-                    &l.qkv.w,
-                    l.qkv.bias.as_ref(),
-                    &qkv_loras,
-                    &mut fqkv,
+                    &kvw.w,
+                    kvw.bias.as_ref(),
+                    &self.lora_cols(l, &[(K, 0), (V, kd)]),
+                    &mut fkv,
                     MatmulMode::Overwrite,
                 )?;
-                be.rope_rows(&self.rope, &mut fqkv, qkvd, &pfills, qd, qd, kd)?;
-                be.kv_write_rows(kv, layout, &fqkv, qkvd, qd, qd + kd, &pfills, k)?;
+                be.rope_rows(&self.rope, &mut fkv, 2 * kd, &pfills, 0, 0, kd)?;
+                be.kv_write_rows(kv, layout, &fkv, 2 * kd, 0, kd, &pfills, k)?;
             }
         }
         if n > 0 && c.loop_end_norm() {
