@@ -41,6 +41,8 @@ ap.add_argument("--samples", type=int, default=512, help="generated samples in t
 ap.add_argument("--python", default=os.path.join(root, ".venv-train", "bin", "python"))
 ap.add_argument("--rrt", default=os.environ.get("RRT_BIN", os.path.join(root, "target", "release", "rrt")))
 ap.add_argument("--windows", default="16")
+ap.add_argument("--exit-gate", action="store_true",
+                help="train the learned exit gate too; the trained model is then calibrated on it (--criterion gate)")
 a = ap.parse_args()
 
 models = os.path.join(root, "models")
@@ -49,7 +51,7 @@ os.makedirs(out_dir, exist_ok=True)
 teacher = os.path.join(models, "SmolLM2-135M-Instruct-teacher-b1")
 data = os.path.join(models, "distill-SmolLM2-135M-Instruct")
 student = os.path.join(models, f"SmolLM2-135M-Instruct-rrt-b{a.loops}-average-r{a.rank}-activation")
-name = f"b{a.loops}-r{a.rank}-{a.trainable}" + (f"-{a.tag}" if a.tag else "")
+name = f"b{a.loops}-r{a.rank}-{a.trainable}" + ("-gate" if a.exit_gate else "") + (f"-{a.tag}" if a.tag else "")
 trained = os.path.join(models, f"SmolLM2-135M-Instruct-rrt-b{a.loops}-r{a.rank}-uptrained-{name}")
 
 
@@ -85,7 +87,7 @@ t0 = time.time()
 train_cmd = [a.python, "-m", "rrt_train", "train", "--student", student, "--teacher", teacher, "--data", data,
              "--out", trained, "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq),
              "--lr", str(a.lr), "--stop-at", str(a.stop_at), "--warmup", str(a.warmup), "--trainable", a.trainable, "--device", a.device,
-             "--eval-every", str(a.eval_every)]
+             "--eval-every", str(a.eval_every)] + (["--exit-gate"] if a.exit_gate else [])
 if os.path.exists(os.path.join(trained + ".run", "state.pt")):
     train_cmd.append("--resume")
 env = dict(os.environ, PYTHONPATH=os.path.join(root, "train"))
@@ -103,8 +105,8 @@ def evaluate(model):
     return json.loads(rrt(*args))
 
 
-def mean_loops(model):
-    out = rrt("calibrate", "--model", model, "--text", calib, "--agreement", "0.9", "--also-agreement", "0.95",
+def mean_loops(model, criterion="max-prob"):
+    out = rrt("calibrate", "--model", model, "--criterion", criterion, "--text", calib, "--agreement", "0.9", "--also-agreement", "0.95",
               "--dry-run", "--json", "--tokens", "4096")
     return [json.loads(line)["mean_loops"] for line in out.splitlines() if line.strip()]
 
@@ -118,9 +120,11 @@ res = {
     "original": evaluate(None),
     "before": evaluate(student), "before_mean_loops": mean_loops(student),
     "after": evaluate(trained), "after_mean_loops": mean_loops(trained),
+    "after_gate_mean_loops": mean_loops(trained, "gate") if a.exit_gate else None,
     "first_steps": steps[:5], "last_steps": steps[-5:], "evals": evals,
 }
-rrt("calibrate", "--model", trained, "--text", calib, "--agreement", "0.95")
+rrt("calibrate", "--model", trained, "--text", calib, "--agreement", "0.95",
+    "--criterion", "gate" if a.exit_gate else "max-prob")
 json.dump(res, open(os.path.join(out_dir, name + ".json"), "w"), indent=1)
 ag = lambda e: ", ".join(f"{x['agreement']:.3f}" for x in e["loops"][:-1])
 print(f"| {a.loops} | {a.rank} | {a.trainable} | {res['tokens_seen']:,} ({res['device']}) | {res['original']['ppl']:.1f} | "

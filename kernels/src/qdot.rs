@@ -273,7 +273,14 @@ impl Packed {
                 tile_any(self.fmt, grp, xq, x0 + i, c, &mut tile, isa);
                 for (ic, t) in tile.iter().enumerate().take(c) {
                     let o = (i + ic) * mb + (c0 - j0);
-                    out[o..o + (c1 - c0)].copy_from_slice(&t[l0..l1]);
+                    if l1 - l0 == GROUP {
+                        // A whole group: a fixed-size copy (vector moves, not a memmove call,
+                        // which was 3 % of an engine profile).
+                        let dst: &mut [f32; GROUP] = (&mut out[o..o + GROUP]).try_into().expect("GROUP floats");
+                        *dst = *t;
+                    } else {
+                        out[o..o + (c1 - c0)].copy_from_slice(&t[l0..l1]);
+                    }
                 }
                 i += c;
             }

@@ -87,17 +87,27 @@ impl SamplingParams {
     }
 }
 
-/// Index of the largest value; the lowest index among equal maxima; NaN never wins.
+/// Index of the largest value; the lowest index among equal maxima; NaN never wins (0 when
+/// nothing is above -inf). Taken once per greedy token over the whole vocabulary: the maximum
+/// on 16 independent lanes (compare and select, which vectorises), then its first position.
 pub fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut bv = f32::NEG_INFINITY;
-    for (i, &v) in x.iter().enumerate() {
-        if v > bv {
-            bv = v;
-            best = i;
+    const LANES: usize = 16;
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
         }
     }
-    best as u32
+    let max = acc
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    x.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 /// A sampler with its own random stream.
@@ -267,6 +277,42 @@ impl Sampler {
 
 #[cfg(test)]
 mod tests {
+    use super::argmax;
+
+    /// The one-pass definition (first strict improvement wins).
+    fn argmax_reference(x: &[f32]) -> u32 {
+        let (mut best, mut bv) = (0usize, f32::NEG_INFINITY);
+        for (i, &v) in x.iter().enumerate() {
+            if v > bv {
+                (best, bv) = (i, v);
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn argmax_matches_its_definition_with_ties_nan_and_infinities() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for len in [0usize, 1, 15, 16, 17, 100, 49152] {
+            for case in 0..6 {
+                // Few distinct values, so maxima tie.
+                let mut x: Vec<f32> = (0..len).map(|_| rng.random_range(0..8) as f32).collect();
+                for v in x.iter_mut() {
+                    match (case, rng.random_range(0..10)) {
+                        (1, 0) => *v = f32::NAN,
+                        (2, _) => *v = f32::NEG_INFINITY,
+                        (3, 0) => *v = f32::INFINITY,
+                        (4, _) => *v = f32::NAN,
+                        (5, 0..=4) => *v = f32::NEG_INFINITY,
+                        _ => {}
+                    }
+                }
+                assert_eq!(argmax(&x), argmax_reference(&x), "len {len} case {case}");
+            }
+        }
+    }
+
     use super::*;
 
     #[test]
