@@ -258,9 +258,13 @@ unsafe fn avx512_exp_inplace(x: &mut [f32], max: f32) -> f64 {
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn avx512_silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    debug_assert!(gate.len() % 16 == 0 && up.len() == gate.len() && out.len() == gate.len());
+    debug_assert!(gate.len().is_multiple_of(16) && up.len() == gate.len() && out.len() == gate.len());
     let one = _mm512_set1_ps(1.0);
-    for ((g, u), o) in gate.chunks_exact(16).zip(up.chunks_exact(16)).zip(out.chunks_exact_mut(16)) {
+    for ((g, u), o) in gate
+        .chunks_exact(16)
+        .zip(up.chunks_exact(16))
+        .zip(out.chunks_exact_mut(16))
+    {
         // SAFETY: each pointer addresses a whole chunk of 16 floats.
         unsafe {
             let gv = _mm512_loadu_ps(g.as_ptr());
