@@ -183,20 +183,7 @@ unsafe fn avx512_sum_exp(x: &[f32], max: f32, skip_nan: bool) -> f64 {
         let m = _mm512_set1_ps(max);
         let mut acc = [_mm512_setzero_pd(); 2];
         for c in x.chunks_exact(16) {
-            let v = _mm512_loadu_ps(c.as_ptr());
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            let e = exp512(_mm512_sub_ps(v, m));
-            // NaN: nothing (skip_nan) or NaN itself.
-            let e = if skip_nan {
-                _mm512_maskz_mov_ps(!nan, e)
-            } else {
-                _mm512_mask_mov_ps(e, nan, v)
-            };
-            acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
-            acc[1] = _mm512_add_pd(
-                acc[1],
-                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)))),
-            );
+            add_f64(&mut acc, exp_shifted(_mm512_loadu_ps(c.as_ptr()), m, skip_nan));
         }
         _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]))
     }
@@ -227,6 +214,38 @@ fn exp512(t: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     _mm512_scalef_ps(y, n)
 }
 
+/// `exp(v - m)` per lane; a NaN lane gives 0 with `skip_nan`, else NaN.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+fn exp_shifted(
+    v: std::arch::x86_64::__m512,
+    m: std::arch::x86_64::__m512,
+    skip_nan: bool,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    let e = exp512(_mm512_sub_ps(v, m));
+    if skip_nan {
+        _mm512_maskz_mov_ps(!nan, e)
+    } else {
+        _mm512_mask_mov_ps(e, nan, v)
+    }
+}
+
+/// Adds the 16 lanes of `e`, widened to f64, to the two accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+fn add_f64(acc: &mut [std::arch::x86_64::__m512d; 2], e: std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+    acc[1] = _mm512_add_pd(
+        acc[1],
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)))),
+    );
+}
+
 /// `x[i] = exp(x[i] - max)` (NaN stays NaN) and the sum of the results in f64: the AVX-512
 /// body of [`softmax_inplace`] (`x.len()` a multiple of 16).
 #[cfg(target_arch = "x86_64")]
@@ -239,15 +258,9 @@ unsafe fn avx512_exp_inplace(x: &mut [f32], max: f32) -> f64 {
     for c in x.chunks_exact_mut(16) {
         // SAFETY: each pointer addresses a whole chunk of 16 floats.
         unsafe {
-            let v = _mm512_loadu_ps(c.as_ptr());
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            let e = _mm512_mask_mov_ps(exp512(_mm512_sub_ps(v, m)), nan, v);
+            let e = exp_shifted(_mm512_loadu_ps(c.as_ptr()), m, false);
             _mm512_storeu_ps(c.as_mut_ptr(), e);
-            acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
-            acc[1] = _mm512_add_pd(
-                acc[1],
-                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)))),
-            );
+            add_f64(&mut acc, e);
         }
     }
     _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]))

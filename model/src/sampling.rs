@@ -277,7 +277,7 @@ impl Sampler {
 
 #[cfg(test)]
 mod tests {
-    use super::argmax;
+    use super::*;
 
     /// The one-pass definition (first strict improvement wins).
     fn argmax_reference(x: &[f32]) -> u32 {
@@ -312,8 +312,6 @@ mod tests {
             }
         }
     }
-
-    use super::*;
 
     #[test]
     fn greedy_takes_lowest_index_of_ties() {

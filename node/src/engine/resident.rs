@@ -296,8 +296,8 @@ impl<B: Backend> ResidentModel<B> {
         let mut act = be.zeros(n * inter)?;
         let (mut fh, mut fkv) = (be.zeros(fills.len() * h)?, be.zeros(fills.len() * 2 * kd)?);
         for (k, l) in self.layers.iter().enumerate() {
-            let qkv_loras = self.lora_cols(l, &[(Q, 0), (K, qd), (V, qd + kd)]);
             if n > 0 {
+                let qkv_loras = self.lora_cols(l, &[(Q, 0), (K, qd), (V, qd + kd)]);
                 be.rmsnorm(x, &l.attn_norm, c.rms_eps, &mut hb)?;
                 be.linear_lora_rows(
                     &hb,
