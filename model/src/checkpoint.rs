@@ -470,8 +470,57 @@ fn save_weights(dir: &Path, model: &Model, format: WeightFormat) -> Result<()> {
         t.push((EXIT_GATE_BIAS.into(), st(vec![1], &[g.b])));
     }
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    safetensors::serialize_to_file(t.iter().map(|(n, s)| (n.clone(), s)), None, &wpath)
-        .map_err(|e| ModelError::format(&wpath, format!("cannot write: {e}")))
+    write_tensors(&wpath, &t)
+}
+
+/// Writes `tensors` to `path` through a temporary file renamed over it: a reader that has the
+/// old file mapped keeps its bytes, and a failed write leaves the old file whole.
+fn write_tensors(path: &Path, tensors: &[(String, St)]) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(tensors.iter().map(|(n, s)| (n.clone(), s)), None, &tmp)
+        .map_err(|e| ModelError::format(&tmp, format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+/// Gives the checkpoint in `dir` the exit gate `gate` (`rrt calibrate --fit-gate`), replacing
+/// any it had: `exit_gate.weight` / `.bias` are written as f32, every other tensor is copied
+/// byte for byte, and the config's `exit_gate` flag is set. Returns the config written.
+pub fn write_exit_gate(dir: &Path, gate: &ExitGate) -> Result<CheckpointConfig> {
+    let mut cfg = read_config(dir)?;
+    let hidden = cfg.architecture.hidden;
+    if gate.w.len() != hidden || !gate.b.is_finite() || gate.w.iter().any(|v| !v.is_finite()) {
+        return Err(ModelError::InvalidArgument {
+            field: "exit_gate",
+            msg: format!(
+                "an exit gate for this checkpoint needs {hidden} finite weights and a finite bias, got {} weights",
+                gate.w.len()
+            ),
+        });
+    }
+    let wpath = dir.join("model.safetensors");
+    let bytes = std::fs::read(&wpath).map_err(|e| ModelError::io(&wpath, e))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| ModelError::format(&wpath, format!("cannot read: {e}")))?;
+    let mut t: Vec<(String, St)> = file
+        .iter()
+        .filter(|(name, _)| *name != EXIT_GATE_WEIGHT && *name != EXIT_GATE_BIAS)
+        .map(|(name, v)| {
+            (
+                name.to_string(),
+                St {
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    data: v.data().to_vec(),
+                },
+            )
+        })
+        .collect();
+    t.push((EXIT_GATE_WEIGHT.into(), st(vec![1, hidden], &gate.w)));
+    t.push((EXIT_GATE_BIAS.into(), st(vec![1], &[gate.b])));
+    write_tensors(&wpath, &t)?;
+    cfg.exit_gate = true;
+    write_config(dir, &cfg)?;
+    Ok(cfg)
 }
 
 /// Rewrites the checkpoint `src` into `out` with its matrices in `format` (`rrt quantize`):

@@ -6,6 +6,7 @@
 //! agreement target allows (more exits), or `None` (never exit there) when no threshold does.
 
 use crate::error::{ModelError, Result};
+use crate::exit_fit::LoopTrace;
 use crate::forward::sequence_rows;
 use crate::kv::{DEFAULT_BLOCK_SIZE, single_sequence};
 use crate::loader::LoadedModel;
@@ -113,8 +114,33 @@ pub fn collect_samples_with(
     tokens: &[u32],
     window: usize,
     criterion: Criterion,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<LoopSamples> {
+    Ok(run_windows(lm, tokens, window, Some(criterion), false, progress)?.0)
+}
+
+/// Runs the model over `tokens` in windows and keeps every loop's state before the last with
+/// its agreement (what [`crate::exit_fit::fit_gate`] fits a gate to), calling
+/// `progress(windows done, windows)` after each window.
+pub fn trace_loops_with(
+    lm: &LoadedModel,
+    tokens: &[u32],
+    window: usize,
+    progress: impl FnMut(usize, usize),
+) -> Result<LoopTrace> {
+    Ok(run_windows(lm, tokens, window, None, true, progress)?.1)
+}
+
+/// The calibration pass: scores under `criterion` (none: no samples) and, with `keep_states`,
+/// the states and agreements of every loop before the last.
+fn run_windows(
+    lm: &LoadedModel,
+    tokens: &[u32],
+    window: usize,
+    criterion: Option<Criterion>,
+    keep_states: bool,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(LoopSamples, LoopTrace)> {
     let model = &lm.model;
     let loops = model.loops();
     if loops < 2 {
@@ -125,7 +151,12 @@ pub fn collect_samples_with(
     }
     let h = model.config.hidden;
     let vocab = model.config.vocab;
-    let mut samples: LoopSamples = vec![Vec::new(); loops - 1];
+    let mut samples: LoopSamples = vec![Vec::new(); if criterion.is_some() { loops - 1 } else { 0 }];
+    let mut trace = LoopTrace {
+        hidden: h,
+        states: vec![Vec::new(); if keep_states { loops - 1 } else { 0 }],
+        agrees: vec![Vec::new(); if keep_states { loops - 1 } else { 0 }],
+    };
     let windows = tokens.chunks(window.max(1)).filter(|w| w.len() >= 2).count();
     for (done, win) in tokens.chunks(window.max(1)).filter(|w| w.len() >= 2).enumerate() {
         progress(done, windows);
@@ -138,12 +169,12 @@ pub fn collect_samples_with(
         let last_top: Vec<u32> = last.chunks_exact(vocab).map(crate::sampling::argmax).collect();
         let mut hazard = vec![0f64; win.len()];
         for b in 0..loops - 1 {
-            if criterion == Criterion::Gate {
+            if criterion == Some(Criterion::Gate) {
                 let g = model
                     .gate_logits(&hidden[b], &select)
                     .ok_or_else(|| ModelError::InvalidArgument {
                         field: "criterion",
-                        msg: "the gate criterion needs a model with a learned exit gate (Ouro, or a checkpoint trained with --exit-gate)".into(),
+                        msg: "the gate criterion needs a model with a learned exit gate (Ouro, a checkpoint trained with --exit-gate, or one given a gate by `rrt calibrate --fit-gate`)".into(),
                     })?;
                 for (hz, g) in hazard.iter_mut().zip(g) {
                     *hz += gate_hazard(g);
@@ -152,6 +183,10 @@ pub fn collect_samples_with(
             let logits = model.logits(&hidden[b], &select);
             for (i, row) in logits.chunks_exact(vocab).enumerate() {
                 let agrees = crate::sampling::argmax(row) == last_top[i];
+                if keep_states {
+                    trace.agrees[b].push(agrees);
+                }
+                let Some(criterion) = criterion else { continue };
                 let score = match criterion {
                     Criterion::MaxProb => prob_scores(row).0,
                     Criterion::Margin => prob_scores(row).1,
@@ -167,10 +202,13 @@ pub fn collect_samples_with(
                 };
                 samples[b].push((score, agrees));
             }
+            if keep_states {
+                trace.states[b].extend_from_slice(&hidden[b][..win.len() * h]);
+            }
         }
     }
     progress(windows, windows);
-    Ok(samples)
+    Ok((samples, trace))
 }
 
 /// Calibrated thresholds and what they are expected to do on the calibration text.

@@ -366,12 +366,7 @@ impl Model {
     pub fn gate_logits(&self, hidden: &[f32], select: &[usize]) -> Option<Vec<f32>> {
         let g = self.weights.exit_gate.as_ref()?;
         let h = self.config.hidden;
-        Some(
-            select
-                .iter()
-                .map(|&r| (rrt_kernels::backend::dot_f64(&hidden[r * h..(r + 1) * h], &g.w) + g.b as f64) as f32)
-                .collect(),
-        )
+        Some(select.iter().map(|&r| g.logit(&hidden[r * h..(r + 1) * h])).collect())
     }
 
     /// Final norm and LM head for the rows `select` of `hidden` (`select.len() x vocab`). A

@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod exit;
+pub mod exit_fit;
 pub mod forward;
 pub mod generate;
 pub mod gguf;

@@ -188,6 +188,13 @@ pub struct ExitGate {
     pub b: f32,
 }
 
+impl ExitGate {
+    /// `w . h + b` of one state `h` (dot product in f64).
+    pub fn logit(&self, h: &[f32]) -> f32 {
+        (rrt_kernels::backend::dot_f64(h, &self.w) + self.b as f64) as f32
+    }
+}
+
 /// All weights of a decoder.
 #[derive(Clone, Debug)]
 pub struct Weights {

@@ -246,3 +246,98 @@ fn a_bad_gate_is_refused_naming_the_tensor() {
     assert!(!dir.join("model.safetensors").exists());
     std::fs::remove_dir_all(&good).unwrap();
 }
+
+/// `rrt calibrate --fit-gate`'s pieces on a checkpoint without a gate: the loop trace's
+/// agreements are the calibration's, its gate samples under a gate are exactly what the
+/// gate criterion collects from a model carrying that gate, and `write_exit_gate` adds (then
+/// replaces) the gate in place, leaving every other tensor's bytes and the config's other
+/// fields as they were, while the old file is still loaded. A gate of the wrong size or with
+/// a non-finite value is refused and nothing is written.
+#[test]
+fn a_fitted_gate_is_written_in_place_and_scores_as_the_criterion_does() {
+    let m = tiny(24, false);
+    let dir = tmpdir("fit");
+    save(&dir, &m, tokenizer(), None, prov(), WeightFormat::Q8_0).unwrap();
+    let before = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let cfg_before = read_config(&dir).unwrap();
+    let lm = load(&dir);
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 7919 + 13) % 49152).collect();
+    let trace = rrt_model::exit::trace_loops_with(&lm, &ids, 16, |_, _| {}).unwrap();
+    assert_eq!((trace.states.len(), trace.agrees.len()), (1, 1));
+    assert_eq!(trace.states[0].len(), ids.len() * 64);
+    let maxprob = collect_samples(&lm, &ids, 16, Criterion::MaxProb).unwrap();
+    assert_eq!(
+        trace.agrees[0],
+        maxprob[0].iter().map(|s| s.1).collect::<Vec<_>>(),
+        "the trace's agreements are the calibration's"
+    );
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+    let gate = ExitGate {
+        w: (0..64).map(|_| rng.random_range(-0.3..0.3)).collect(),
+        b: 0.4,
+    };
+    // Written while `lm` still maps the old file.
+    let cfg = checkpoint::write_exit_gate(&dir, &gate).unwrap();
+    assert!(cfg.exit_gate && config_json(&dir)["exit_gate"] == true);
+    assert_eq!(cfg.exit, cfg_before.exit);
+    assert_eq!(cfg.weights, cfg_before.weights);
+    let after = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let (old, new) = (
+        safetensors::SafeTensors::deserialize(&before).unwrap(),
+        safetensors::SafeTensors::deserialize(&after).unwrap(),
+    );
+    assert_eq!(new.names().len(), old.names().len() + 2);
+    for (name, v) in old.iter() {
+        let w = new.tensor(name).unwrap();
+        assert_eq!(
+            (w.dtype(), w.shape(), w.data()),
+            (v.dtype(), v.shape(), v.data()),
+            "{name}"
+        );
+    }
+    let lm2 = load(&dir);
+    assert_eq!(lm2.model.weights.exit_gate.as_ref(), Some(&gate));
+    let criterion = collect_samples(&lm2, &ids, 16, Criterion::Gate).unwrap();
+    assert_eq!(
+        trace.gate_samples(&gate),
+        criterion,
+        "fit-time scores are the criterion's"
+    );
+    // The old mapping still reads the old model.
+    assert!(lm.model.weights.exit_gate.is_none());
+    assert_eq!(collect_samples(&lm, &ids, 16, Criterion::MaxProb).unwrap(), maxprob);
+
+    // Replacing: one gate, the new one.
+    let gate2 = ExitGate {
+        w: vec![0.01; 64],
+        b: -1.0,
+    };
+    checkpoint::write_exit_gate(&dir, &gate2).unwrap();
+    let again = std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert_eq!(
+        safetensors::SafeTensors::deserialize(&again).unwrap().names().len(),
+        old.names().len() + 2
+    );
+    assert_eq!(load(&dir).model.weights.exit_gate, Some(gate2));
+
+    for bad in [
+        ExitGate {
+            w: vec![0.0; 63],
+            b: 0.0,
+        },
+        ExitGate {
+            w: vec![f32::NAN; 64],
+            b: 0.0,
+        },
+        ExitGate {
+            w: vec![0.0; 64],
+            b: f32::INFINITY,
+        },
+    ] {
+        let e = checkpoint::write_exit_gate(&dir, &bad).unwrap_err().to_string();
+        assert!(e.contains("64 finite weights"), "{e}");
+        assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), again);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

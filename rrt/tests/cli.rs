@@ -298,3 +298,71 @@ fn convert_and_quantize_write_quantized_checkpoints() {
     assert_eq!(cfg(&q8)["weights"], "q8_0", "the refused rewrite left its input alone");
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// `rrt calibrate --fit-gate` on a converted checkpoint trained without a gate: it fits a
+/// gate, writes it and the gate criterion's thresholds, and the written checkpoint reproduces
+/// the fit-time calibration exactly when calibrated again on its own gate (the scores the
+/// fit calibrated on are the ones the gate criterion computes). Conflicting or bad flags are
+/// refused without touching the checkpoint.
+#[test]
+fn calibrate_fit_gate_writes_a_gate_that_reproduces_its_calibration() {
+    let base = std::env::temp_dir().join(format!("rrt-cli-fitgate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let ck = base.join("b2");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let o = rrt(&["convert", "--out", &s(&ck), "--loops", "2", "--quant", "q4_1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt");
+    let text = s(&text);
+    let cfg = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(ck.join("rrt_checkpoint.json")).unwrap()).unwrap()
+    };
+    assert!(cfg().get("exit_gate").is_none());
+    let refused: [(&[&str], &str); 2] = [
+        (&["--criterion", "max-prob"], "--fit-gate fits the gate criterion"),
+        (&["--gate-l2=-1"], "ridge"),
+    ];
+    for (extra, needle) in refused {
+        let mut args = vec![
+            "calibrate",
+            "--model",
+            &ck.to_str().unwrap(),
+            "--text",
+            &text,
+            "--fit-gate",
+        ];
+        args.extend_from_slice(extra);
+        let r = rrt(&args);
+        assert!(!r.status.success(), "{extra:?} succeeded");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(needle) && !err.contains("panicked"), "{extra:?}: {err}");
+        assert!(cfg().get("exit_gate").is_none(), "{extra:?} wrote a gate");
+    }
+    let common = [
+        "--model",
+        ck.to_str().unwrap(),
+        "--text",
+        &text,
+        "--tokens",
+        "768",
+        "--agreement",
+        "0.9",
+        "--json",
+    ];
+    let mut args = vec!["calibrate", "--fit-gate"];
+    args.extend_from_slice(&common);
+    let fitted: serde_json::Value = serde_json::from_str(stdout(&rrt(&args)).trim()).unwrap();
+    let c = cfg();
+    assert_eq!(c["exit_gate"], true);
+    assert_eq!(c["exit"]["criterion"], "gate");
+    assert_eq!(c["exit"]["thresholds"], fitted["thresholds"]);
+    let fit = &c["exit"]["calibration"]["fitted_gate"];
+    assert_eq!(fit["samples"], 768);
+    let acc = fit["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.5 && acc <= 1.0, "{fit}");
+    let mut args = vec!["calibrate", "--criterion", "gate", "--dry-run"];
+    args.extend_from_slice(&common);
+    let again: serde_json::Value = serde_json::from_str(stdout(&rrt(&args)).trim()).unwrap();
+    assert_eq!(again, fitted, "the written gate reproduces the fit-time calibration");
+    std::fs::remove_dir_all(&base).unwrap();
+}

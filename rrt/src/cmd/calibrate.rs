@@ -2,7 +2,8 @@
 
 use super::ModelArg;
 use anyhow::{Context, Result, bail};
-use rrt_model::exit::{Criterion, calibrate, collect_samples_with};
+use rrt_model::exit::{Criterion, calibrate, collect_samples_with, trace_loops_with};
+use rrt_model::exit_fit::{FitOptions, fit_gate};
 use std::path::PathBuf;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -28,9 +29,18 @@ pub struct Args {
     /// (with --json: one line per target, --agreement first).
     #[arg(long, value_delimiter = ',')]
     pub also_agreement: Vec<f64>,
-    /// Exit criterion.
-    #[arg(long, value_enum, default_value = "max-prob")]
-    pub criterion: CriterionArg,
+    /// Exit criterion (default: max-prob; gate with --fit-gate).
+    #[arg(long, value_enum)]
+    pub criterion: Option<CriterionArg>,
+    /// Fit the exit gate to the calibration text before calibrating it: a logistic regression
+    /// of "this loop's top-1 already equals the last loop's" on the loop's state (one dot
+    /// product per token, as the engine evaluates it), written into the checkpoint in place of
+    /// any gate it had. Works on checkpoints trained without a gate; implies --criterion gate.
+    #[arg(long)]
+    pub fit_gate: bool,
+    /// Ridge penalty of --fit-gate on the standardised gate weights.
+    #[arg(long, default_value_t = FitOptions::default().l2, requires = "fit_gate")]
+    pub gate_l2: f64,
     /// Tokens of the text to use.
     #[arg(long, default_value_t = 4096)]
     pub tokens: usize,
@@ -56,11 +66,12 @@ pub fn run(a: Args) -> Result<()> {
         .with_context(|| format!("{} is not a recursive checkpoint", dir.display()))?;
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
     let lm = a.model.load()?;
-    let criterion = match a.criterion {
-        CriterionArg::MaxProb => Criterion::MaxProb,
-        CriterionArg::Margin => Criterion::Margin,
-        CriterionArg::Saturation => Criterion::Saturation,
-        CriterionArg::Gate => Criterion::Gate,
+    let criterion = match (a.criterion, a.fit_gate) {
+        (None, false) | (Some(CriterionArg::MaxProb), false) => Criterion::MaxProb,
+        (Some(CriterionArg::Margin), false) => Criterion::Margin,
+        (Some(CriterionArg::Saturation), false) => Criterion::Saturation,
+        (None | Some(CriterionArg::Gate), _) => Criterion::Gate,
+        (Some(c), true) => bail!("--fit-gate fits the gate criterion, not --criterion {c:?}"),
     };
     let ids = lm.tokenizer.encode(&text, false, false)?;
     let ids = &ids[..ids.len().min(a.tokens)];
@@ -70,11 +81,36 @@ pub fn run(a: Args) -> Result<()> {
         )
         .expect("valid template"),
     );
-    let samples = collect_samples_with(&lm, ids, 256, criterion, |done, total| {
+    let progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    })?;
-    bar.finish_and_clear();
+    };
+    let (samples, fitted) = if a.fit_gate {
+        let trace = trace_loops_with(&lm, ids, 256, progress)?;
+        bar.finish_and_clear();
+        let fit = fit_gate(
+            &trace,
+            FitOptions {
+                l2: a.gate_l2,
+                ..FitOptions::default()
+            },
+        )?;
+        if !a.quiet {
+            eprintln!(
+                "fitted the exit gate on {} loop states ({:.1} % agreeing): cross-entropy {:.4}, accuracy {:.4}, {} Newton steps",
+                fit.samples,
+                100.0 * fit.agree_rate,
+                fit.cross_entropy,
+                fit.accuracy,
+                fit.iterations
+            );
+        }
+        (trace.gate_samples(&fit.gate), Some(fit))
+    } else {
+        let s = collect_samples_with(&lm, ids, 256, criterion, progress)?;
+        bar.finish_and_clear();
+        (s, None)
+    };
     let c = calibrate(&samples, a.agreement);
     for (i, &t) in std::iter::once(&a.agreement).chain(&a.also_agreement).enumerate() {
         let ci = if i == 0 { c.clone() } else { calibrate(&samples, t) };
@@ -87,6 +123,10 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if !a.dry_run {
+        if let Some(fit) = &fitted {
+            drop(lm);
+            cfg = rrt_model::checkpoint::write_exit_gate(&dir, &fit.gate)?;
+        }
         cfg.exit = rrt_model::checkpoint::ExitConfig {
             criterion: Some(criterion),
             thresholds: c.thresholds.clone(),
@@ -96,6 +136,7 @@ pub fn run(a: Args) -> Result<()> {
                 "tokens": c.tokens,
                 "expected_exit_fraction": c.exit_fraction,
                 "expected_mean_loops": c.mean_loops,
+                "fitted_gate": fitted,
             }),
         };
         rrt_model::checkpoint::write_config(&dir, &cfg)?;
