@@ -12,7 +12,9 @@
    split, which training never reads: 40 kB for exit calibration, 60 kB for perplexity):
    perplexity and per-loop agreement of the original, the student before and after training
    (`rrt eval`), mean loops per token at thresholds calibrated for agreement 0.9 and 0.95
-   (`rrt calibrate --dry-run`), then the trained checkpoint is calibrated at 0.95 for serving.
+   (`rrt calibrate --dry-run`: max-prob, the trained gate with --exit-gate, and a gate fitted to
+   the calibration text), then the trained checkpoint is calibrated at 0.95 for serving (on
+   the fitted gate with --fit-gate).
 
 Writes `bench-out/uptrain/<name>.json` and prints the markdown row.
 """
@@ -43,6 +45,8 @@ ap.add_argument("--rrt", default=os.environ.get("RRT_BIN", os.path.join(root, "t
 ap.add_argument("--windows", default="16")
 ap.add_argument("--exit-gate", action="store_true",
                 help="train the learned exit gate too; the trained model is then calibrated on it (--criterion gate)")
+ap.add_argument("--fit-gate", action="store_true",
+                help="serve on a gate fitted to the calibration text (`rrt calibrate --fit-gate`), replacing a trained one")
 a = ap.parse_args()
 
 models = os.path.join(root, "models")
@@ -106,7 +110,8 @@ def evaluate(model):
 
 
 def mean_loops(model, criterion="max-prob"):
-    out = rrt("calibrate", "--model", model, "--criterion", criterion, "--text", calib, "--agreement", "0.9", "--also-agreement", "0.95",
+    how = ["--fit-gate"] if criterion == "fitted-gate" else ["--criterion", criterion]
+    out = rrt("calibrate", "--model", model, *how, "--text", calib, "--agreement", "0.9", "--also-agreement", "0.95",
               "--dry-run", "--json", "--tokens", "4096")
     return [json.loads(line)["mean_loops"] for line in out.splitlines() if line.strip()]
 
@@ -121,10 +126,11 @@ res = {
     "before": evaluate(student), "before_mean_loops": mean_loops(student),
     "after": evaluate(trained), "after_mean_loops": mean_loops(trained),
     "after_gate_mean_loops": mean_loops(trained, "gate") if a.exit_gate else None,
+    "after_fitted_gate_mean_loops": mean_loops(trained, "fitted-gate"),
     "first_steps": steps[:5], "last_steps": steps[-5:], "evals": evals,
 }
 rrt("calibrate", "--model", trained, "--text", calib, "--agreement", "0.95",
-    "--criterion", "gate" if a.exit_gate else "max-prob")
+    *(["--fit-gate"] if a.fit_gate else ["--criterion", "gate" if a.exit_gate else "max-prob"]))
 json.dump(res, open(os.path.join(out_dir, name + ".json"), "w"), indent=1)
 ag = lambda e: ", ".join(f"{x['agreement']:.3f}" for x in e["loops"][:-1])
 print(f"| {a.loops} | {a.rank} | {a.trainable} | {res['tokens_seen']:,} ({res['device']}) | {res['original']['ppl']:.1f} | "

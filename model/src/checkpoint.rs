@@ -12,7 +12,8 @@
 //!   `exit_gate.weight` (`1 x hidden`) and `exit_gate.bias` (`1`);
 //! - `tokenizer.json`.
 //!
-//! The exit gate (trained by `rrt-train train --exit-gate`; Ouro's gate, for our checkpoints):
+//! The exit gate (trained by `rrt-train train --exit-gate`, or fitted after training by `rrt
+//! calibrate --fit-gate` through [`write_exit_gate`]; Ouro's gate, for our checkpoints):
 //! `g = w . h + b` on each loop's output `h` as the forward pass holds it, which for these
 //! Llama-family checkpoints is the residual stream *before* the final norm; `sigmoid(g)` is
 //! the probability of exiting after that loop. It loads into [`Weights::exit_gate`], which is
@@ -21,6 +22,8 @@
 //! (every checkpoint written before it existed) there is no gate and `exit_gate.*` tensors are
 //! not read. [`save`] sets the flag from the model and omits it without a gate, so gate-less
 //! checkpoints are written exactly as before; [`quantize`] carries the gate through unchanged.
+//! Weights are written to a temporary file renamed over `model.safetensors`, so a process
+//! that has the old file mapped keeps reading the old bytes.
 //!
 //! With `weights: f32` every tensor is f32. With `q8_0` the shared-layer matrices and
 //! `embed` / `lm_head` are GGML Q8_0 blocks; with `q4_1` the shared-layer matrices are Q4_1
