@@ -38,6 +38,15 @@ impl LoopTrace {
         self.agrees.first().map_or(0, Vec::len)
     }
 
+    /// Every (state, agrees) sample, loop by loop.
+    fn rows(&self) -> Vec<(&[f32], bool)> {
+        self.states
+            .iter()
+            .zip(&self.agrees)
+            .flat_map(|(s, ag)| s.chunks_exact(self.hidden).zip(ag.iter().copied()))
+            .collect()
+    }
+
     /// Gate-criterion samples under `gate`: per loop, the token's cumulative exit probability
     /// and its agreement, exactly what [`crate::exit::collect_samples`] gives for a model
     /// carrying `gate` (for [`crate::exit::calibrate`]).
@@ -107,12 +116,7 @@ pub fn fit_gate(trace: &LoopTrace, opt: FitOptions) -> Result<GateFit> {
             opt.l2
         )));
     }
-    let rows: Vec<(&[f32], bool)> = trace
-        .states
-        .iter()
-        .zip(&trace.agrees)
-        .flat_map(|(s, ag)| s.chunks_exact(h).zip(ag.iter().copied()))
-        .collect();
+    let rows = trace.rows();
     let n = rows.len();
     let agreeing = rows.iter().filter(|r| r.1).count();
     if n == 0 || agreeing == 0 || agreeing == n {
@@ -140,16 +144,16 @@ pub fn fit_gate(trace: &LoopTrace, opt: FitOptions) -> Result<GateFit> {
     });
     let y: Vec<f64> = rows.iter().map(|r| f64::from(u8::from(r.1))).collect();
     let mut w = vec![0f64; d];
-    let objective = |w: &[f64]| -> f64 {
+    // The penalised objective at `w`, and the logits it was computed from.
+    let objective = |w: &[f64]| -> (f64, Mat<f64>) {
         let logits = &z * Mat::<f64>::from_fn(d, 1, |j, _| w[j]);
         let ce: f64 = (0..n).map(|i| bce(logits[(i, 0)], y[i])).sum::<f64>() / n as f64;
-        ce + opt.l2 * w[..h].iter().map(|v| v * v).sum::<f64>()
+        (ce + opt.l2 * w[..h].iter().map(|v| v * v).sum::<f64>(), logits)
     };
-    let mut f = objective(&w);
+    let (mut f, mut logits) = objective(&w);
     let mut iterations = 0;
     while iterations < opt.max_iterations {
         iterations += 1;
-        let logits = &z * Mat::<f64>::from_fn(d, 1, |j, _| w[j]);
         let p: Vec<f64> = (0..n).map(|i| sigmoid(logits[(i, 0)])).collect();
         // Gradient and Hessian of the mean cross-entropy plus the ridge term.
         let resid = Mat::<f64>::from_fn(n, 1, |i, _| (p[i] - y[i]) / n as f64);
@@ -174,14 +178,14 @@ pub fn fit_gate(trace: &LoopTrace, opt: FitOptions) -> Result<GateFit> {
         let mut t = 1.0;
         let next = loop {
             let cand: Vec<f64> = (0..d).map(|j| w[j] - t * step[(j, 0)]).collect();
-            let fc = objective(&cand);
+            let (fc, lc) = objective(&cand);
             if fc <= f || t < 1e-6 {
-                break (cand, fc);
+                break (cand, fc, lc);
             }
             t *= 0.5;
         };
         let moved = (0..d).map(|j| (t * step[(j, 0)]).abs()).fold(0f64, f64::max);
-        (w, f) = next;
+        (w, f, logits) = next;
         if moved < 1e-9 {
             break;
         }
@@ -331,12 +335,7 @@ mod tests {
         // Penalised: the gradient of the penalised objective vanishes at the fit.
         let l2 = 0.05;
         let fit = fit_gate(&trace, FitOptions { l2, max_iterations: 50 }).unwrap();
-        let rows: Vec<(&[f32], bool)> = trace
-            .states
-            .iter()
-            .zip(&trace.agrees)
-            .flat_map(|(s, ag)| s.chunks_exact(h).zip(ag.iter().copied()))
-            .collect();
+        let rows = trace.rows();
         let (mean, scale) = standardisation(&rows, h);
         // In standardised coordinates: w_std = w_raw * scale.
         let mut grad = vec![0f64; h + 1];
