@@ -299,6 +299,14 @@ pub trait Backend: Send + Sync + 'static {
 
     fn name(&self) -> &'static str;
 
+    /// Runs one pass's operations (`f`) from the thread that issues them most cheaply. A
+    /// device backend issues from the caller's thread (the default); the CPU backend from a
+    /// worker of its thread pool ([`crate::on_compute_pool`]), so that its parallel regions do
+    /// not each pay a hand-off between threads.
+    fn issue<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     /// The block format this backend wants LoRA matrices in, or `None` to keep them f32. The
     /// loader quantizes each LoRA matrix whose input width is whole blocks to it.
     fn lora_format(&self) -> Option<QFormat> {
@@ -679,6 +687,10 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn issue<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        crate::on_compute_pool(f)
     }
 
     /// With int8 products, LoRAs are Q8_0 blocks multiplied in integers like the shared

@@ -302,7 +302,7 @@ impl Model {
     /// Runs all layers for `rows`, writing their keys and values into `pool`, and returns the
     /// final hidden states (`n x hidden`, before the final norm).
     pub fn forward_hidden(&self, rows: &[Row<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
-        self.run_layers(rows, pool, None, |_| {})
+        rrt_kernels::on_compute_pool(|| self.run_layers(rows, pool, None, |_| {}))
     }
 
     /// [`Self::forward_hidden`] that shows every layer's inputs to `tap` (calibration).
@@ -320,7 +320,7 @@ impl Model {
     /// prediction can be decoded with the final norm and LM head.
     pub fn forward_loops(&self, rows: &[Row<'_>], pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(self.loops());
-        self.run_layers(rows, pool, None, |x| out.push(x.to_vec()))?;
+        rrt_kernels::on_compute_pool(|| self.run_layers(rows, pool, None, |x| out.push(x.to_vec())))?;
         Ok(out)
     }
 
@@ -394,8 +394,10 @@ impl Model {
 
     /// [`Self::forward_hidden`] then [`Self::logits`] of the rows `select`.
     pub fn forward(&self, rows: &[Row<'_>], pool: &mut KvPool, select: &[usize]) -> Result<Vec<f32>> {
-        let hidden = self.forward_hidden(rows, pool)?;
-        Ok(self.logits(&hidden, select))
+        rrt_kernels::on_compute_pool(|| {
+            let hidden = self.forward_hidden(rows, pool)?;
+            Ok(self.logits(&hidden, select))
+        })
     }
 
     fn check_rows(&self, rows: &[Row<'_>], pool: &KvPool) -> Result<()> {

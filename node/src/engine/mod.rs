@@ -967,7 +967,11 @@ impl<B: Backend> Engine<B> {
         if new_rows.is_empty() && self.flights.is_empty() && self.fills.is_empty() {
             return Ok(std::mem::take(&mut self.events));
         }
-        self.run_pass(new_rows)?;
+        // The pass runs where the backend issues work most cheaply (the CPU backend: on a
+        // worker of its thread pool); the step's span goes with it.
+        let span = tracing::Span::current();
+        let engine = &mut *self;
+        B::issue(move || span.in_scope(|| engine.run_pass(new_rows)))?;
         if let Some(f) = self.model.backend.fault() {
             return Err(EngineError::Backend(f));
         }

@@ -190,8 +190,8 @@ fn matmul(a: MatmulArgs) -> Result<()> {
     );
     rrt_kernels::set_cpu_products(rrt_kernels::CpuProducts::Int8);
     println!(
-        "ms per step (median of {}); LoRA rank {} on every module but the head, int8 products, \
-         overhead against q4_1 int8 in brackets",
+        "ms per step (median of {}, the cases interleaved); LoRA rank {} on every module but the \
+         head, int8 products, overhead against q4_1 int8 in brackets (median of paired ratios)",
         a.reps, a.lora_rank
     );
     print!(
@@ -205,53 +205,69 @@ fn matmul(a: MatmulArgs) -> Result<()> {
     for &n in &a.batch {
         let x = rnd(n * 1536);
         let mut y = vec![0f32; n * 49152];
-        let mut time = |f: &mut dyn FnMut(usize, &Mat, &mut [f32])| -> f64 {
-            let mut v: Vec<f64> = (0..a.reps.max(1) + 1)
-                .map(|_| {
-                    let t = Instant::now();
-                    for (i, mat) in mats.iter().enumerate() {
-                        f(i, mat, &mut y[..n * mat.0]);
-                    }
-                    t.elapsed().as_secs_f64() * 1e3
-                })
-                .collect();
-            v.remove(0);
+        // One step of every case per repetition, the cases interleaved, so that a slow spell
+        // of the (shared, noisy) host falls on all of them; each LoRA overhead is the median
+        // of its per-repetition ratios to the int8 step measured next to it.
+        type Step<'s> = Box<dyn FnMut(usize, &Mat, &mut [f32]) + 's>;
+        let x = &x;
+        let mut cases: Vec<Step<'_>> = vec![
+            // Force the general GEMM path (gemm crate) even for few rows.
+            Box::new(move |_, (m, k, w, _, _), y| {
+                rrt_kernels::matmul::matmul_gemm(&x[..n * k], w, y, n, *k, *m, rrt_kernels::MatmulMode::Overwrite)
+            }),
+            Box::new(move |_, (m, k, w, _, _), y| matmul_skinny(&x[..n * k], w, y, n, *k, *m, false)),
+            Box::new(move |_, (m, k, _, wb, _), y| matmul_skinny_bf16(&x[..n * k], wb, y, n, *k, *m)),
+            Box::new(move |_, (m, k, _, _, wq), y| {
+                rrt_kernels::qmatmul::matmul_q(
+                    &x[..n * k],
+                    rrt_kernels::qmatmul::QFormat::Q4_1,
+                    q4_bytes(wq),
+                    y,
+                    n,
+                    *k,
+                    *m,
+                    rrt_kernels::MatmulMode::Overwrite,
+                )
+            }),
+            // The engine's int8 path: the matrix's packed layout (made once, as at load).
+            Box::new(move |_, (_, k, _, _, wq), y| {
+                packed(wq).matmul(&x[..n * k], y, n, rrt_kernels::MatmulMode::Overwrite)
+            }),
+        ];
+        const INT8: usize = 4;
+        for (sets, fused) in [(&loras, false), (&loras_q8, false), (&loras_q8, true)] {
+            for depths in [1, 2] {
+                cases.push(Box::new(move |i, mat, y| {
+                    with_lora(mat, sets[i].as_deref(), &x[..n * mat.1], y, n, depths, fused)
+                }));
+            }
+        }
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+        for rep in 0..=a.reps.max(1) {
+            for (c, case) in cases.iter_mut().enumerate() {
+                let t = Instant::now();
+                for (i, mat) in mats.iter().enumerate() {
+                    case(i, mat, &mut y[..n * mat.0]);
+                }
+                // The first repetition warms caches and packs the matrices: not timed.
+                if rep > 0 {
+                    times[c].push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        let g = time(&mut |_, (m, k, w, _, _), y| {
-            // Force the general GEMM path (gemm crate) even for few rows.
-            rrt_kernels::matmul::matmul_gemm(&x[..n * k], w, y, n, *k, *m, rrt_kernels::MatmulMode::Overwrite)
-        });
-        let s = time(&mut |_, (m, k, w, _, _), y| matmul_skinny(&x[..n * k], w, y, n, *k, *m, false));
-        let b = time(&mut |_, (m, k, _, wb, _), y| matmul_skinny_bf16(&x[..n * k], wb, y, n, *k, *m));
-        let q = time(&mut |_, (m, k, _, _, wq), y| {
-            rrt_kernels::qmatmul::matmul_q(
-                &x[..n * k],
-                rrt_kernels::qmatmul::QFormat::Q4_1,
-                q4_bytes(wq),
-                y,
-                n,
-                *k,
-                *m,
-                rrt_kernels::MatmulMode::Overwrite,
-            )
-        });
-        let i8 = time(&mut |_, (_, k, _, _, wq), y| {
-            // The engine's int8 path: the matrix's packed layout (made once, as at load).
-            packed(wq).matmul(&x[..n * k], y, n, rrt_kernels::MatmulMode::Overwrite)
-        });
-        let mut lora_time = |sets: &[Option<Vec<LoraSet>>], depths: usize, fused: bool| {
-            time(&mut |i, mat, y| with_lora(mat, sets[i].as_deref(), &x[..n * mat.1], y, n, depths, fused))
-        };
-        let lora: Vec<f64> = [(&loras, false), (&loras_q8, false), (&loras_q8, true)]
-            .into_iter()
-            .flat_map(|(sets, fused)| [1, 2].map(|d| (sets, d, fused)))
-            .map(|(sets, d, fused)| lora_time(sets, d, fused))
-            .collect();
-        print!("{n:>6} | {g:>9.2} {s:>9.2} {b:>9.2} {q:>9.2} {i8:>9.2} |");
-        for v in &lora {
-            print!(" {v:>9.2} ({:>+4.0} %)", (v / i8 - 1.0) * 100.0);
+        print!("{n:>6} |");
+        for t in &times[..=INT8] {
+            print!(" {:>9.2}", median(t));
+        }
+        print!(" |");
+        for t in &times[INT8 + 1..] {
+            let ratios: Vec<f64> = t.iter().zip(&times[INT8]).map(|(l, b)| l / b).collect();
+            print!(" {:>9.2} ({:>+4.0} %)", median(t), (median(&ratios) - 1.0) * 100.0);
         }
         println!();
     }
