@@ -9,32 +9,31 @@
 //! 1. **Shrink**: the input rows are quantized once; the shrinks of every pair (all depth
 //!    groups, all modules stacked in the product) are one parallel region whose tasks are
 //!    blocks of [`SHRINK_ROWS`] rows of the `A` matrices.
-//! 2. **Shared product + bias + expand**: one parallel region over blocks of output columns.
-//!    Each task computes its tile of `x W^T`, adds the bias, then adds `t_g B_g^T` for the
-//!    rows of each group on the same columns (rows `j0 .. j1` of `B`), while the tile is in
-//!    L1. The expand is split the way the shared product is, so even one row keeps every core
-//!    busy.
+//! 2. **Shared product + expand + bias**: one parallel region over blocks of output columns.
+//!    When every matrix multiplies in integers and every adapter's columns start on a packed
+//!    group of 16 (all real models), the expand is fused into the shared product's tiles
+//!    ([`crate::qdot::Packed::columns_plus`]): a tile of 16 columns and up to 8 rows computes
+//!    `x W^T`, then continues accumulating `t_g B_g^T` (Q8_0 blocks of the rank dimension) in
+//!    the same registers, and is stored once; tiles are cut where a depth group's rows begin
+//!    or end. Otherwise each task computes its tile of `x W^T` and then adds `t_g B_g^T` for
+//!    the rows of each group on the same columns (rows `j0 .. j1` of `B`), while the tile is
+//!    in L1. Either way the expand is split the way the shared product is, so even one row
+//!    keeps every core busy.
 //!
-//! Every value is computed by the same kernels and tiles as the separate path, so with
-//! [`MatmulMode::Overwrite`] the result is the same bits; with `Accumulate` the shared
-//! product, bias and LoRA are summed before they are added to `y` (a different rounding
-//! order, within a few ulps of the tile's values).
+//! Every block sum is the separate path's (the same kernels, the same quantized `x` and `t`);
+//! only the order of the floating-point additions differs (shared, LoRA and bias summed in
+//! the tile before `y`), within a few ulps of the values (tested against the separate path).
+//! Pass-level callers issue this from a pool worker ([`crate::on_compute_pool`]): its two
+//! regions are then `join`s, not hand-offs between threads.
 
 use crate::backend::{CpuMatrix, LoraColumns, LoraMats, MatrixData, RowGroup, lora_pairs};
 use crate::matmul::MatmulMode;
-use crate::qdot::{CpuProducts, Q8Rows, cpu_products, quantize_rows};
+use crate::qdot::{Addend, CpuProducts, GROUP, Q8Rows, cpu_products, quantize_rows};
 use crate::skinny::by_column_blocks;
 use rayon::prelude::*;
 
 /// Rows of an `A` matrix per shrink task.
 const SHRINK_ROWS: usize = 16;
-
-/// Multiply-adds from which the shrink region runs in parallel. Up to about 16 rows of rank-64
-/// shrinks run serially: with the int8 products a parallel region there costs more in waking
-/// the pool (tens of microseconds, once per product) than it saves (`rrt bench matmul`,
-/// BENCHMARKS.md: fused rank-64 overhead at 32 rows +18-20 % with 2^21, +28-33 % with 2^18,
-/// +38-70 % always serial; at 1 row +130-165 % always parallel).
-const SHRINK_PARALLEL_WORK: usize = 1 << 21;
 
 /// Rows of a product's input as its kernels read them: f32, and their 8-bit quantization
 /// where a matrix multiplies in integers.
@@ -137,6 +136,36 @@ pub fn linear_lora(
         .collect();
     let shared_work = if w.reads_q8() { n * k * m / 4 } else { n * k * m };
     let work = shared_work + pairs.iter().map(|p| p.g.len * p.l.rank * p.l.b.out_dim).sum::<usize>();
+    // In-tile expands: every matrix multiplies in integers and every adapter's columns start
+    // on a packed group, so each tile of the shared product takes its rows' expand before it
+    // is stored.
+    let addends: Option<Vec<Addend<'_>>> = match (w.packed().filter(|_| w.reads_q8()), &xq) {
+        (Some(_), Some(_)) => pairs
+            .iter()
+            .zip(&tq)
+            .map(|(p, tq)| {
+                let b = p.l.b.packed().filter(|_| p.l.b.reads_q8() && p.col0 % GROUP == 0)?;
+                Some(Addend {
+                    rows: p.g.start..p.g.start + p.g.len,
+                    col0: p.col0,
+                    b,
+                    tq: tq.as_ref()?,
+                })
+            })
+            .collect(),
+        _ => None,
+    };
+    if let (Some(addends), Some(wp), Some(xq)) = (&addends, w.packed(), &xq) {
+        by_column_blocks(y, n, m, work, mode == MatmulMode::Accumulate, |j0, j1, out| {
+            wp.columns_plus(xq, 0, n, j0, j1, out, addends);
+            if let Some(b) = bias {
+                for row in out.chunks_exact_mut(j1 - j0) {
+                    row.iter_mut().zip(&b[j0..j1]).for_each(|(v, bi)| *v += bi);
+                }
+            }
+        });
+        return;
+    }
     by_column_blocks(y, n, m, work, mode == MatmulMode::Accumulate, |j0, j1, out| {
         let mb = j1 - j0;
         w.columns(input, j0, j1, out);
@@ -185,8 +214,11 @@ fn shrink(input: Input<'_>, k: usize, pairs: &[Pair<'_>]) -> Vec<Vec<f32>> {
         p.l.a.columns(input.rows(p.g.start, p.g.len, k), r0, r1, &mut out);
         out
     };
-    let work: usize = pairs.iter().map(|p| p.g.len * p.l.rank * k).sum();
-    let parts: Vec<Vec<f32>> = if work >= SHRINK_PARALLEL_WORK && tasks.len() > 1 {
+    // Always a parallel region, even for one row: issued from a pool worker (passes run on
+    // one, `crate::on_compute_pool`) it is a cheap `join`, and a serial shrink leaves the
+    // other workers idle long enough to fall asleep before the shared product wakes them
+    // (`rrt bench matmul`, one row: +35 % rank-64 overhead parallel, +75 % serial).
+    let parts: Vec<Vec<f32>> = if tasks.len() > 1 {
         tasks.par_iter().map(run).collect()
     } else {
         tasks.iter().map(run).collect()

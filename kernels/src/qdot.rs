@@ -253,24 +253,94 @@ impl Packed {
 
     #[allow(clippy::too_many_arguments)]
     fn columns_with(&self, xq: &Q8Rows, x0: usize, n: usize, j0: usize, j1: usize, out: &mut [f32], isa: Isa) {
+        self.columns_plus_with(xq, x0, n, j0, j1, out, &[], isa)
+    }
+
+    /// [`Packed::columns`] plus `addends` accumulated into the same tiles: for each, on its
+    /// rows and columns, `t B^T` is added to the lanes of the shared product before they are
+    /// stored (the expand of a LoRA fused into the shared product's output tile). Every
+    /// addend's `col0` is a multiple of [`GROUP`], so a group of columns lies inside an
+    /// addend's columns or outside them; addends on the same columns have disjoint rows (one
+    /// per depth group), and each continues the lanes of its own rows of a tile.
+    #[allow(clippy::too_many_arguments)]
+    pub fn columns_plus(
+        &self,
+        xq: &Q8Rows,
+        x0: usize,
+        n: usize,
+        j0: usize,
+        j1: usize,
+        out: &mut [f32],
+        addends: &[Addend<'_>],
+    ) {
+        self.columns_plus_with(xq, x0, n, j0, j1, out, addends, Isa::detect())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn columns_plus_with(
+        &self,
+        xq: &Q8Rows,
+        x0: usize,
+        n: usize,
+        j0: usize,
+        j1: usize,
+        out: &mut [f32],
+        addends: &[Addend<'_>],
+        isa: Isa,
+    ) {
         assert_eq!(xq.k, self.k, "Packed::columns: x rows are not k wide");
         assert!(
             j0 <= j1 && j1 <= self.m && xq.q.len() >= (x0 + n) * self.k,
             "Packed::columns: out of range"
         );
+        for a in addends {
+            assert!(
+                a.col0 % GROUP == 0
+                    && a.col0 + a.b.m <= self.m
+                    && a.rows.end <= n
+                    && a.tq.k == a.b.k
+                    && a.tq.q.len() >= a.rows.len() * a.b.k,
+                "Packed::columns_plus: addend out of range"
+            );
+        }
         let mb = j1 - j0;
         debug_assert_eq!(out.len(), n * mb);
         let xrows = isa.xrows();
         let mut tile = [[0f32; GROUP]; MAX_XROWS];
+        let mut part = [[0f32; GROUP]; MAX_XROWS];
+        // This group's addends (at most a few: one per row group on these columns).
+        let mut here: Vec<&Addend<'_>> = Vec::with_capacity(addends.len());
         for g in j0 / GROUP..j1.div_ceil(GROUP) {
             let grp = self.group(g);
             // The columns of this group inside j0 .. j1, as lanes.
             let (c0, c1) = ((g * GROUP).max(j0), ((g + 1) * GROUP).min(j1));
             let (l0, l1) = (c0 - g * GROUP, c1 - g * GROUP);
+            here.clear();
+            here.extend(
+                addends
+                    .iter()
+                    .filter(|a| !a.rows.is_empty() && (a.col0..a.col0 + a.b.m).contains(&(g * GROUP))),
+            );
             let mut i = 0;
             while i < n {
                 let c = (n - i).min(xrows);
-                tile_any(self.fmt, grp, xq, x0 + i, c, &mut tile, isa);
+                tile_any(self.fmt, grp, xq, x0 + i, c, &mut tile, false, isa);
+                // Each addend on some of the tile's rows continues those rows' lanes (in a
+                // scratch tile when it does not start at the tile's first row).
+                for a in &here {
+                    let (s, e) = (a.rows.start.max(i), a.rows.end.min(i + c));
+                    if s >= e {
+                        continue;
+                    }
+                    let bg = a.b.group((g * GROUP - a.col0) / GROUP);
+                    if s == i {
+                        tile_any(a.b.fmt, bg, a.tq, s - a.rows.start, e - s, &mut tile, true, isa);
+                    } else {
+                        part[..e - s].copy_from_slice(&tile[s - i..e - i]);
+                        tile_any(a.b.fmt, bg, a.tq, s - a.rows.start, e - s, &mut part, true, isa);
+                        tile[s - i..e - i].copy_from_slice(&part[..e - s]);
+                    }
+                }
                 for (ic, t) in tile.iter().enumerate().take(c) {
                     let o = (i + ic) * mb + (c0 - j0);
                     if l1 - l0 == GROUP {
@@ -286,6 +356,16 @@ impl Packed {
             }
         }
     }
+}
+
+/// A product added into the tiles of another ([`Packed::columns_plus`]): on the output rows
+/// `rows` and the columns `col0 .. col0 + b.rows()`, `t B^T`, with `t`'s rows (the first of
+/// them for `rows.start`) quantized in `tq`.
+pub struct Addend<'a> {
+    pub rows: std::ops::Range<usize>,
+    pub col0: usize,
+    pub b: &'a Packed,
+    pub tq: &'a Q8Rows,
 }
 
 /// Writes group `g` of `w` (`m x k`) in the packed layout into `dst`.
@@ -432,8 +512,19 @@ impl Isa {
 }
 
 /// One tile: the 16 rows of group `grp` against `c <= MAX_XROWS` rows of `xq` from `i`, into
-/// `out[0 .. c]`.
-fn tile_any(fmt: QFormat, grp: &[u8], xq: &Q8Rows, i: usize, c: usize, out: &mut [[f32; GROUP]; MAX_XROWS], isa: Isa) {
+/// `out[0 .. c]`; with `cont`, the block sums are accumulated onto `out`'s values instead of
+/// onto zero (the same operations in the same order on every instruction set).
+#[allow(clippy::too_many_arguments)]
+fn tile_any(
+    fmt: QFormat,
+    grp: &[u8],
+    xq: &Q8Rows,
+    i: usize,
+    c: usize,
+    out: &mut [[f32; GROUP]; MAX_XROWS],
+    cont: bool,
+    isa: Isa,
+) {
     let nb = xq.k / 32;
     assert!(
         grp.len() >= nb * group_block_bytes(fmt) && xq.q.len() >= (i + c) * xq.k,
@@ -447,14 +538,14 @@ fn tile_any(fmt: QFormat, grp: &[u8], xq: &Q8Rows, i: usize, c: usize, out: &mut
                 // SAFETY (all four): the instruction sets are present (`Isa::detect`), and the
                 // group's blocks and the tile's rows of x are in range (asserted above).
                 #[cfg(target_arch = "x86_64")]
-                (Isa::Avx512Vnni, true) => unsafe { avx512::tile::<$c, true>(grp, nb, xq, i, acc) },
+                (Isa::Avx512Vnni, true) => unsafe { avx512::tile::<$c, true>(grp, nb, xq, i, acc, cont) },
                 #[cfg(target_arch = "x86_64")]
-                (Isa::Avx512Vnni, false) => unsafe { avx512::tile::<$c, false>(grp, nb, xq, i, acc) },
+                (Isa::Avx512Vnni, false) => unsafe { avx512::tile::<$c, false>(grp, nb, xq, i, acc, cont) },
                 #[cfg(target_arch = "x86_64")]
-                (Isa::Avx2, true) => unsafe { avx2::tile::<$c, true>(grp, nb, xq, i, acc) },
+                (Isa::Avx2, true) => unsafe { avx2::tile::<$c, true>(grp, nb, xq, i, acc, cont) },
                 #[cfg(target_arch = "x86_64")]
-                (Isa::Avx2, false) => unsafe { avx2::tile::<$c, false>(grp, nb, xq, i, acc) },
-                _ => portable::tile::<$c>(fmt, grp, nb, xq, i, acc),
+                (Isa::Avx2, false) => unsafe { avx2::tile::<$c, false>(grp, nb, xq, i, acc, cont) },
+                _ => portable::tile::<$c>(fmt, grp, nb, xq, i, acc, cont),
             }
         }};
     }
@@ -497,9 +588,12 @@ mod portable {
         xq: &Q8Rows,
         i: usize,
         acc: &mut [[f32; GROUP]; C],
+        cont: bool,
     ) {
         let gbb = group_block_bytes(fmt);
-        *acc = [[0f32; GROUP]; C];
+        if !cont {
+            *acc = [[0f32; GROUP]; C];
+        }
         for b in 0..nb {
             let gb = &grp[b * gbb..(b + 1) * gbb];
             for lane in 0..GROUP {
@@ -534,6 +628,7 @@ mod avx2 {
         xq: &Q8Rows,
         i: usize,
         acc: &mut [[f32; GROUP]; C],
+        cont: bool,
     ) {
         let fmt = if Q4 { QFormat::Q4_1 } else { QFormat::Q8_0 };
         let gbb = group_block_bytes(fmt);
@@ -543,6 +638,12 @@ mod avx2 {
         let flip = _mm256_set1_epi8(-128);
         for h in 0..2 {
             let mut lanes = [_mm256_setzero_ps(); C];
+            if cont {
+                for (lane, a) in lanes.iter_mut().zip(acc.iter()) {
+                    // SAFETY: 8 floats from lane 8h of a 16-float row.
+                    *lane = unsafe { _mm256_loadu_ps(a.as_ptr().add(8 * h)) };
+                }
+            }
             for b in 0..nb {
                 // SAFETY: the callers assert that the group's nb blocks and rows i .. i + C of
                 // x (k values each, k / 32 scales) are in range.
@@ -641,12 +742,19 @@ mod avx512 {
         xq: &Q8Rows,
         i: usize,
         acc: &mut [[f32; GROUP]; C],
+        cont: bool,
     ) {
         let fmt = if Q4 { QFormat::Q4_1 } else { QFormat::Q8_0 };
         let gbb = group_block_bytes(fmt);
         let k = xq.k;
         let low = _mm512_set1_epi8(0x0F);
         let mut lanes = [_mm512_setzero_ps(); C];
+        if cont {
+            for (lane, a) in lanes.iter_mut().zip(acc.iter()) {
+                // SAFETY: 16 floats.
+                *lane = unsafe { _mm512_loadu_ps(a.as_ptr()) };
+            }
+        }
         for b in 0..nb {
             // SAFETY: the callers assert that the group's nb blocks and rows i .. i + C of x
             // (k values each, k / 32 scales and sums) are in range.
@@ -819,6 +927,75 @@ mod tests {
                     let err = (a[i * m + jj] - b[i * m + jj]).abs();
                     assert!(err <= 0.01 * scale, "{fmt:?} ({i}, {jj}): error {err}, terms {scale}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn in_tile_addends_match_the_reference_and_agree_across_kernels() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        // A Q4_1 shared matrix of 3 modules (48 + 32 + 20 columns) and rank-64 Q8_0 expands:
+        // module 0 for rows 0..4 and 9..n (two depth groups), module 2 (padded last group)
+        // for rows 2..7; module 1 has none. Addends begin and end inside tiles.
+        let (n, k, m, r) = (13, 96, 100, 64);
+        let w = random_blocks(QFormat::Q4_1, m, k, &mut rng);
+        let pk = Packed::new(QFormat::Q4_1, &w, m, k);
+        let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let xq = quantize_rows(&x, n, k);
+        let specs = [(0..4, 0, 48), (9..n, 0, 48), (2..7, 80, 20)];
+        let parts: Vec<(Vec<u8>, Packed, Q8Rows)> = specs
+            .iter()
+            .map(|(rows, _, o)| {
+                let b = random_blocks(QFormat::Q8_0, *o, r, &mut rng);
+                let pb = Packed::new(QFormat::Q8_0, &b, *o, r);
+                let t: Vec<f32> = (0..rows.len() * r).map(|_| rng.random_range(-1.0..1.0)).collect();
+                (b, pb, quantize_rows(&t, rows.len(), r))
+            })
+            .collect();
+        let addends: Vec<Addend<'_>> = specs
+            .iter()
+            .zip(&parts)
+            .map(|((rows, col0, _), (_, b, tq))| Addend {
+                rows: rows.clone(),
+                col0: *col0,
+                b,
+                tq,
+            })
+            .collect();
+        let mut want = reference(&xq, QFormat::Q4_1, &w, n, k, m);
+        for ((rows, col0, o), (b, _, tq)) in specs.iter().zip(&parts) {
+            let add = reference(tq, QFormat::Q8_0, b, rows.len(), r, *o);
+            for (i, row) in rows.clone().enumerate() {
+                for j in 0..*o {
+                    want[row * m + col0 + j] += add[i * o + j];
+                }
+            }
+        }
+        let mut first: Option<Vec<f32>> = None;
+        for isa in Isa::available() {
+            let mut y = vec![0f32; n * m];
+            pk.columns_plus_with(&xq, 0, n, 0, m, &mut y, &addends, isa);
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{isa:?} value {i}: {a} vs {b}"
+                );
+            }
+            // A column range cutting groups: the same bits as the whole product's columns.
+            let (j0, j1) = (20, 90);
+            let mut c = vec![0f32; n * (j1 - j0)];
+            pk.columns_plus_with(&xq, 0, n, j0, j1, &mut c, &addends, isa);
+            for i in 0..n {
+                for j in j0..j1 {
+                    assert_eq!(c[i * (j1 - j0) + j - j0].to_bits(), y[i * m + j].to_bits());
+                }
+            }
+            match &first {
+                None => first = Some(y),
+                Some(f) => assert!(
+                    f.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{isa:?} differs from the first kernel"
+                ),
             }
         }
     }

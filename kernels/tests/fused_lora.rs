@@ -1,6 +1,7 @@
-//! The fused CPU LoRA product (`rrt_kernels::lora`) against the separate path: the same bits
-//! with `Overwrite`, within 1e-5 relative with `Accumulate`. Its own test binary: it sets the
-//! process-wide int8 product mode.
+//! The fused CPU LoRA product (`rrt_kernels::lora`) against the separate path: the same block
+//! sums added in another order (the expand in the shared product's tiles), so within 1e-5
+//! relative with `Overwrite` and `Accumulate`. Its own test binary: it sets the process-wide
+//! int8 product mode.
 
 use rand::{Rng, SeedableRng};
 use rrt_kernels::backend::{LoraColumns, LoraMats, RowGroup, lora_groups};
@@ -110,14 +111,10 @@ fn fused_equals_separate_path() {
                 linear_lora(&x, n, &w, Some(&bias), &cols, &groups, &mut a, mode);
                 separate(&x, n, &w, &bias, &cols, &groups, &mut b, mode);
                 for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                    if mode == MatmulMode::Overwrite {
-                        assert_eq!(p.to_bits(), q.to_bits(), "rank {rank} n {n} value {i}: {p} vs {q}");
-                    } else {
-                        assert!(
-                            (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
-                            "rank {rank} n {n} value {i}: {p} vs {q}"
-                        );
-                    }
+                    assert!(
+                        (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                        "rank {rank} n {n} {mode:?} value {i}: {p} vs {q}"
+                    );
                 }
             }
         }

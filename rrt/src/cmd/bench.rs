@@ -205,10 +205,10 @@ fn matmul(a: MatmulArgs) -> Result<()> {
     for &n in &a.batch {
         let x = rnd(n * 1536);
         let mut y = vec![0f32; n * 49152];
-        // One step of every case per repetition, the cases interleaved, so that a slow spell
+        // One step of every case per repetition (on a worker of the pool), the cases interleaved, so that a slow spell
         // of the (shared, noisy) host falls on all of them; each LoRA overhead is the median
         // of its per-repetition ratios to the int8 step measured next to it.
-        type Step<'s> = Box<dyn FnMut(usize, &Mat, &mut [f32]) + 's>;
+        type Step<'s> = Box<dyn FnMut(usize, &Mat, &mut [f32]) + Send + 's>;
         let x = &x;
         let mut cases: Vec<Step<'_>> = vec![
             // Force the general GEMM path (gemm crate) even for few rows.
@@ -246,9 +246,12 @@ fn matmul(a: MatmulArgs) -> Result<()> {
         for rep in 0..=a.reps.max(1) {
             for (c, case) in cases.iter_mut().enumerate() {
                 let t = Instant::now();
-                for (i, mat) in mats.iter().enumerate() {
-                    case(i, mat, &mut y[..n * mat.0]);
-                }
+                // On a pool worker, as the engine's passes run (`rrt_kernels::on_compute_pool`).
+                rrt_kernels::on_compute_pool(|| {
+                    for (i, mat) in mats.iter().enumerate() {
+                        case(i, mat, &mut y[..n * mat.0]);
+                    }
+                });
                 // The first repetition warms caches and packs the matrices: not timed.
                 if rep > 0 {
                     times[c].push(t.elapsed().as_secs_f64() * 1e3);
