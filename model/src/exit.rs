@@ -41,6 +41,48 @@ impl Criterion {
     }
 }
 
+/// Calibration tokens from the checkpoint itself: `prompts` prompts of `prompt_len` tokens at
+/// evenly spaced offsets of `text` (token ids), each followed by the greedy continuation the
+/// model decodes from it at full depth (up to `tokens` tokens, ending at an end-of-generation
+/// token as a served request does), prompt and continuation one after another.
+///
+/// Served decode runs on the model's own continuations, which are easier (often repetitive)
+/// than real text: a gate fitted or calibrated on real text alone exits later in serving than
+/// on its calibration (BENCHMARKS.md, "A gate fitted after training"). Appending these to the
+/// real text makes the calibration see both.
+pub fn self_generated(
+    lm: &LoadedModel,
+    text: &[u32],
+    prompts: usize,
+    prompt_len: usize,
+    tokens: usize,
+) -> Result<Vec<u32>> {
+    if prompts == 0 || tokens == 0 {
+        return Ok(Vec::new());
+    }
+    if prompt_len == 0 || text.len() < prompt_len {
+        return Err(ModelError::InvalidArgument {
+            field: "self-generated",
+            msg: format!(
+                "prompts of {prompt_len} tokens need a text of at least that many tokens (it has {})",
+                text.len()
+            ),
+        });
+    }
+    // Offsets 0, step, 2 step, ... with the last prompt ending at the text's end.
+    let span = text.len() - prompt_len;
+    let starts: Vec<usize> = (0..prompts)
+        .map(|i| if prompts == 1 { 0 } else { i * span / (prompts - 1) })
+        .collect();
+    let ps: Vec<Vec<u32>> = starts.iter().map(|&o| text[o..o + prompt_len].to_vec()).collect();
+    let greedy = crate::sampling::SamplingParams::default();
+    let gens = crate::generate::generate_batch(lm, &ps, tokens, &greedy, true)?;
+    Ok(gens
+        .into_iter()
+        .flat_map(|g| g.prompt_ids.into_iter().chain(g.ids))
+        .collect())
+}
+
 /// `-ln(1 - sigmoid(g))`: what one loop adds to a token's accumulated exit hazard, exact where
 /// `sigmoid(g)` rounds to 1 (the survival `prod (1 - lambda)` is `exp(-hazard)`).
 pub fn gate_hazard(g: f32) -> f64 {

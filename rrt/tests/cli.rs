@@ -364,5 +364,34 @@ fn calibrate_fit_gate_writes_a_gate_that_reproduces_its_calibration() {
     args.extend_from_slice(&common);
     let again: serde_json::Value = serde_json::from_str(stdout(&rrt(&args)).trim()).unwrap();
     assert_eq!(again, fitted, "the written gate reproduces the fit-time calibration");
+    // With the checkpoint's own continuations appended: 2 prompts of 16 tokens, each
+    // continued for at most 8; the fit and the calibration see text and continuations.
+    let mut args = vec![
+        "calibrate",
+        "--fit-gate",
+        "--self-generated",
+        "2",
+        "--self-generated-prompt",
+        "16",
+        "--self-generated-tokens",
+        "8",
+    ];
+    args.extend_from_slice(&common);
+    let own: serde_json::Value = serde_json::from_str(stdout(&rrt(&args)).trim()).unwrap();
+    let c = cfg();
+    let sg = &c["exit"]["calibration"]["self_generated"];
+    let appended = sg["tokens"].as_u64().unwrap();
+    assert!((34..=48).contains(&appended), "{sg}");
+    assert_eq!(sg["prompts"], 2);
+    assert_eq!(c["exit"]["calibration"]["fitted_gate"]["samples"], 768 + appended);
+    assert_eq!(own["tokens"], 768 + appended);
+    let mut args = vec!["calibrate", "--self-generated", "2", "--self-generated-prompt", "0"];
+    args.extend_from_slice(&common);
+    let r = rrt(&args);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("self-generated") && !err.contains("panicked"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&base).unwrap();
 }

@@ -2,7 +2,7 @@
 
 use super::ModelArg;
 use anyhow::{Context, Result, bail};
-use rrt_model::exit::{Criterion, calibrate, collect_samples_with, trace_loops_with};
+use rrt_model::exit::{Criterion, calibrate, collect_samples_with, self_generated, trace_loops_with};
 use rrt_model::exit_fit::{FitOptions, fit_gate};
 use std::path::PathBuf;
 
@@ -44,6 +44,19 @@ pub struct Args {
     /// Tokens of the text to use.
     #[arg(long, default_value_t = 4096)]
     pub tokens: usize,
+    /// Also calibrate on the checkpoint's own greedy continuations (served decode runs on
+    /// them, and they are easier than real text): this many prompts cut from the text at
+    /// evenly spaced offsets, each continued by the checkpoint at full depth; prompts and
+    /// continuations are appended to the --tokens of real text. 0: real text only.
+    #[arg(long, default_value_t = 0)]
+    pub self_generated: usize,
+    /// Tokens of each --self-generated prompt.
+    #[arg(long, default_value_t = 32)]
+    pub self_generated_prompt: usize,
+    /// Most tokens of each --self-generated continuation (it stops at an end-of-generation
+    /// token, as a served request does).
+    #[arg(long, default_value_t = 160)]
+    pub self_generated_tokens: usize,
     /// Print the result without writing it into the checkpoint.
     #[arg(long)]
     pub dry_run: bool,
@@ -74,7 +87,36 @@ pub fn run(a: Args) -> Result<()> {
         (Some(c), true) => bail!("--fit-gate fits the gate criterion, not --criterion {c:?}"),
     };
     let ids = lm.tokenizer.encode(&text, false, false)?;
-    let ids = &ids[..ids.len().min(a.tokens)];
+    let real = &ids[..ids.len().min(a.tokens)];
+    let own = if a.self_generated > 0 {
+        let spin = indicatif::ProgressBar::new_spinner().with_message(format!(
+            "decoding {} continuations of up to {} tokens",
+            a.self_generated, a.self_generated_tokens
+        ));
+        spin.enable_steady_tick(std::time::Duration::from_millis(200));
+        let own = self_generated(
+            &lm,
+            real,
+            a.self_generated,
+            a.self_generated_prompt,
+            a.self_generated_tokens,
+        )?;
+        spin.finish_and_clear();
+        if !a.quiet {
+            eprintln!(
+                "appended {} self-generated tokens ({} prompts of {} tokens and their continuations) to {} tokens of text",
+                own.len(),
+                a.self_generated,
+                a.self_generated_prompt,
+                real.len()
+            );
+        }
+        own
+    } else {
+        Vec::new()
+    };
+    let all: Vec<u32> = real.iter().copied().chain(own.iter().copied()).collect();
+    let ids = &all[..];
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} calibrating exits: window {pos}/{len} of 256 tokens [{elapsed_precise} < {eta}] {wide_bar}",
@@ -137,6 +179,12 @@ pub fn run(a: Args) -> Result<()> {
                 "expected_exit_fraction": c.exit_fraction,
                 "expected_mean_loops": c.mean_loops,
                 "fitted_gate": fitted,
+                "self_generated": (a.self_generated > 0).then(|| serde_json::json!({
+                    "prompts": a.self_generated,
+                    "prompt_tokens": a.self_generated_prompt,
+                    "max_tokens": a.self_generated_tokens,
+                    "tokens": own.len(),
+                })),
             }),
         };
         rrt_model::checkpoint::write_config(&dir, &cfg)?;
