@@ -286,8 +286,8 @@ mod avx512 {
                 for (g, qh) in q.iter().enumerate() {
                     let acc: [__m512; 16] = std::array::from_fn(|j| {
                         let mut a = _mm512_setzero_ps();
-                        for v in 0..V {
-                            a = _mm512_fmadd_ps(qh[v], _mm512_loadu_ps(keys[j].add(16 * v)), a);
+                        for (v, qv) in qh.iter().enumerate() {
+                            a = _mm512_fmadd_ps(*qv, _mm512_loadu_ps(keys[j].add(16 * v)), a);
                         }
                         a
                     });
