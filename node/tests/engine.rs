@@ -239,3 +239,81 @@ fn fill_rows_write_the_keys_and_values_of_a_full_row() {
         assert_ne!(at(&full, first + 1), at(&fill, first + 1), "depth {depth}");
     }
 }
+
+/// Prompt exits (`EngineConfig::prompt_exits`): a prompt prefilled with its rows taking the
+/// gate's exit test (each row's own hazard, deeper keys/values propagated from its exit state)
+/// leaves the keys and values that feeding the same tokens one at a time as forced decoded
+/// tokens leaves (their exits are the engine's decode exits, tested above): the greedy
+/// continuation after it is the same, token for token, loop for loop and log-probability for
+/// log-probability. Prompt rows exit after every loop. Without the fill rows written before
+/// the pass's attention (`ResidentModel::pass`) the log-probabilities differ.
+#[test]
+fn prompt_exits_equal_feeding_the_prompt_as_forced_tokens() {
+    use rrt_model::exit::Criterion;
+    use rrt_model::weights::ExitGate;
+    use rrt_node::ExitRule;
+    let lm = converted(3, 16);
+    let tok = std::sync::Arc::new(lm.tokenizer.clone());
+    let ids = lm.tokenizer.encode(&shakespeare()[..20_000], false, false).unwrap();
+    let p = ids[500..548].to_vec();
+    let h = lm.model.config.hidden;
+    // A fixed gate whose logits on real states straddle 0, so that tokens exit at every loop.
+    let gate = ExitGate {
+        w: (0..h).map(|i| 0.02 * ((i * 7919 % 97) as f32 / 48.0 - 1.0)).collect(),
+        b: 0.0,
+    };
+    let rule = ExitRule {
+        criterion: Criterion::Gate,
+        thresholds: vec![Some(0.6), Some(0.45)],
+    };
+    let n = 10;
+    let run = |prompt: Vec<u32>, forced: Option<Vec<u32>>, max_tokens: usize, prompt_exits: bool| {
+        let mut m = copy_model(&lm);
+        m.weights.exit_gate = Some(gate.clone());
+        let mut eng = engine(
+            m,
+            tok.clone(),
+            EngineConfig {
+                exit: Some(rule.clone()),
+                prompt_exits,
+                ..Default::default()
+            },
+        );
+        let mut params = greedy(max_tokens);
+        params.ignore_eos = true;
+        params.forced = forced;
+        let id = eng.submit(Request { prompt, params }).unwrap();
+        let out: Vec<(u32, usize, f32)> = eng
+            .run_to_completion()
+            .unwrap()
+            .into_iter()
+            .filter_map(|(i, e)| match e {
+                Event::Token(t) if i == id => Some((t.id, t.loops, t.logprob)),
+                _ => None,
+            })
+            .collect();
+        (out, eng.stats().clone())
+    };
+    let (prefilled, stats) = run(p.clone(), None, n, true);
+    let (fed, _) = run(p[..1].to_vec(), Some(p[1..].to_vec()), p.len() - 1 + n, false);
+    assert_eq!(prefilled.len(), n);
+    assert_eq!(&fed[..p.len() - 1].iter().map(|t| t.0).collect::<Vec<_>>(), &p[1..]);
+    for (a, b) in fed[p.len() - 1..].iter().zip(&prefilled) {
+        assert_eq!((a.0, a.1), (b.0, b.1), "continuation after the prompt");
+        assert!((a.2 - b.2).abs() <= 1e-4, "logprob {} against {}", a.2, b.2);
+    }
+    // Rows 0 .. len - 1 of the prompt took the test: some left after loop 1, some after
+    // loop 2, some ran all 3.
+    let loops: Vec<usize> = fed[..p.len() - 1].iter().map(|t| t.1).collect();
+    assert!((1..=3).all(|l| loops.contains(&l)), "{loops:?}");
+    let fed_exits = loops.iter().filter(|&&l| l < 3).count() as u64;
+    assert_eq!(stats.prompt_exits, fed_exits, "the same prompt rows exit either way");
+    assert!(
+        stats.prompt_exits > 0 && stats.prompt_exits < p.len() as u64 - 1,
+        "{stats:?}"
+    );
+    // Off, the prompt runs every loop: the same first pass over the prompt, no prompt exits.
+    let (_, off) = run(p.clone(), None, n, false);
+    assert_eq!(off.prompt_exits, 0);
+    assert!(off.fill_rows < stats.fill_rows);
+}

@@ -80,6 +80,8 @@ proptest! {
             exit,
             // Prompts of one seed share their first tokens: some start from the cache.
             prefix_cache_bytes: if cache { 1 << 20 } else { 0 },
+            // Inert here: these models have no exit gate.
+            prompt_exits: false,
         };
         let mut eng = engine(model, tok(), cfg);
         prop_assert_eq!(eng.kv_blocks().0, 12);

@@ -17,6 +17,7 @@
 //! | `node.max_running` | 64 | most sequences holding KV at once |
 //! | `node.early_exit` | true | exit at the checkpoint's calibrated thresholds |
 //! | `node.kv_fill` | `propagate` | `propagate` or `recompute`: K/V of skipped loops |
+//! | `node.prompt_exits` | false | prompt tokens take the gate's exit test too (gate criterion, `propagate`): cheaper prefill, a quality trade (`rrt eval-exit --prompt-exits`) |
 //! | `node.drain_seconds` | 30 | time to finish in-flight requests after SIGTERM |
 //! | `node.tls_cert`, `node.tls_key` | none | PEM certificate and key: the node serves TLS only |
 //! | `node.tls_client_ca` | none | PEM CA: callers need a client certificate it signed (mutual TLS) |
@@ -173,6 +174,7 @@ pub struct NodeConfig {
     pub max_running: usize,
     pub early_exit: bool,
     pub kv_fill: rrt_node::KvFill,
+    pub prompt_exits: bool,
     pub drain_seconds: u64,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -228,6 +230,7 @@ impl Default for NodeConfig {
             max_running: 64,
             early_exit: true,
             kv_fill: rrt_node::KvFill::Propagate,
+            prompt_exits: false,
             drain_seconds: 30,
             tls_cert: None,
             tls_key: None,
@@ -259,6 +262,7 @@ impl NodeConfig {
             max_running: self.max_running,
             kv_fill: self.kv_fill,
             prefix_cache_bytes: self.prefix_cache_mib << 20,
+            prompt_exits: self.prompt_exits,
             ..Default::default()
         }
     }

@@ -141,6 +141,14 @@ pub struct EngineConfig {
     pub exit: Option<ExitRule>,
     /// Bytes of host memory for the prefix cache (0: off).
     pub prefix_cache_bytes: usize,
+    /// Prompt tokens may exit early too (opt-in): with the `gate` criterion and
+    /// [`KvFill::Propagate`], every prompt row but the last takes the exit test a decoded
+    /// token takes (its own accumulated gate hazard against the loop's threshold), and an
+    /// exited row's deeper keys/values are propagated from its exit state in the next pass,
+    /// as a decoded token's are. Prefill then costs the loops the gate asks for instead of
+    /// every loop. A quality trade like decode exits (later tokens attend to propagated keys
+    /// of the prompt), so off by default; `rrt eval-exit --prompt-exits` measures it.
+    pub prompt_exits: bool,
 }
 
 impl Default for EngineConfig {
@@ -154,6 +162,7 @@ impl Default for EngineConfig {
             kv_fill: KvFill::Propagate,
             exit: None,
             prefix_cache_bytes: 0,
+            prompt_exits: false,
         }
     }
 }
@@ -175,6 +184,8 @@ pub struct EngineStats {
     pub tokens: u64,
     /// Output tokens by loops run (index = loops - 1).
     pub exits: Vec<u64>,
+    /// Prompt rows that left before the last loop ([`EngineConfig::prompt_exits`]).
+    pub prompt_exits: u64,
     pub preemptions: u64,
     /// Positions computed from a prompt (or replayed output, or recomputed after preemption)
     /// rather than decoded: what a KV import saves.
@@ -346,6 +357,9 @@ struct Flight {
     emit: bool,
     /// Its hidden state: row of the previous pass's output.
     row: usize,
+    /// A prompt row's accumulated gate hazard ([`EngineConfig::prompt_exits`]; decoded
+    /// tokens keep theirs in their sequence).
+    hazard: f64,
 }
 
 /// A token whose deeper unrolled layers need keys/values (propagated from its exit state).
@@ -1060,7 +1074,10 @@ impl<B: Backend> Engine<B> {
                 s.kv.len = s.kv.len.max(pos + 1);
             }
         }
-        self.after_pass(&meta, &x, x_in.as_ref())?;
+        let hazards: Vec<f64> = std::iter::repeat_n(0.0, n_new)
+            .chain(flights.iter().map(|f| f.hazard))
+            .collect();
+        self.after_pass(&meta, &hazards, &x, x_in.as_ref())?;
         self.carry = Some(x);
         let mut rows_per_depth = vec![0; loops];
         let mut requests: Vec<RequestId> = Vec::new();
@@ -1143,6 +1160,7 @@ impl<B: Backend> Engine<B> {
     fn after_pass(
         &mut self,
         meta: &[(RequestId, usize, usize, bool)],
+        hazards: &[f64],
         x: &B::Buf,
         x_in: Option<&B::Buf>,
     ) -> Result<(), EngineError> {
@@ -1154,16 +1172,24 @@ impl<B: Backend> Engine<B> {
         let mut test_head: Vec<(usize, Criterion, f32)> = Vec::new();
         let mut test_sat: Vec<(usize, f32)> = Vec::new();
         let mut test_gate: Vec<(usize, f32)> = Vec::new();
+        // Prompt rows that take the gate's exit test (`EngineConfig::prompt_exits`).
+        let mut test_prompt: Vec<(usize, f32)> = Vec::new();
+        let prompt_exits = self.cfg.prompt_exits && self.cfg.kv_fill == KvFill::Propagate;
         for (i, &(id, pos, depth, emit)) in meta.iter().enumerate() {
             let Some(s) = self.seqs.get(&id) else { continue };
             if !emit {
                 if depth + 1 < loops {
+                    if prompt_exits && let Some((Criterion::Gate, t)) = self.threshold(s, depth) {
+                        test_prompt.push((i, t));
+                        continue;
+                    }
                     next.push(Flight {
                         seq: id,
                         pos,
                         depth: depth + 1,
                         emit: false,
                         row: i,
+                        hazard: 0.0,
                     });
                 }
                 continue;
@@ -1203,6 +1229,35 @@ impl<B: Backend> Engine<B> {
                     if gate_exits(s.gate_hazard, t) {
                         decode.push(i);
                     }
+                }
+            }
+        }
+        // Prompt rows: the same test on each row's own hazard; an exited row's deeper keys
+        // and values are propagated from its state (a fill row per skipped loop, next pass).
+        let mut prompt_fills: Vec<Fill> = Vec::new();
+        if !test_prompt.is_empty() {
+            let rows: Vec<u32> = test_prompt.iter().map(|t| t.0 as u32).collect();
+            let g = self.model.gate_logits(x, &rows)?;
+            for (&(i, t), g) in test_prompt.iter().zip(g) {
+                let (id, pos, depth, _) = meta[i];
+                let hazard = hazards[i] + gate_hazard(g);
+                if gate_exits(hazard, t) {
+                    self.stats.prompt_exits += 1;
+                    prompt_fills.push(Fill {
+                        seq: id,
+                        pos,
+                        from_depth: depth + 1,
+                        row: i,
+                    });
+                } else {
+                    next.push(Flight {
+                        seq: id,
+                        pos,
+                        depth: depth + 1,
+                        emit: false,
+                        row: i,
+                        hazard,
+                    });
                 }
             }
         }
@@ -1263,6 +1318,7 @@ impl<B: Backend> Engine<B> {
                     depth: depth + 1,
                     emit: true,
                     row: i,
+                    hazard: 0.0,
                 });
             }
         }
@@ -1285,10 +1341,12 @@ impl<B: Backend> Engine<B> {
                         depth: depth + 1,
                         emit: false,
                         row: i,
+                        hazard: 0.0,
                     }),
                 }
             }
         }
+        fills.extend(prompt_fills);
         // Sequences finished or preempted during this call leave no rows behind.
         next.retain(|f| self.seqs.get(&f.seq).is_some_and(|s| s.running));
         fills.retain(|f| self.seqs.get(&f.seq).is_some_and(|s| s.running));

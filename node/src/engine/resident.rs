@@ -296,6 +296,23 @@ impl<B: Backend> ResidentModel<B> {
         let mut act = be.zeros(n * inter)?;
         let (mut fh, mut fkv) = (be.zeros(fills.len() * h)?, be.zeros(fills.len() * 2 * kd)?);
         for (k, l) in self.layers.iter().enumerate() {
+            // Fill rows first: a later row of this pass may read what they write at this
+            // layer (a prompt row behind an exited one, `EngineConfig::prompt_exits`).
+            if let (Some(fx), false, Some(kvw)) = (fill_x, fills.is_empty(), &l.kv) {
+                // Keys and values only: the key/value rows of the fused product and their LoRAs.
+                be.rmsnorm(fx, &l.attn_norm, c.rms_eps, &mut fh)?;
+                be.linear_lora_rows(
+                    &fh,
+                    &pfills,
+                    &kvw.w,
+                    kvw.bias.as_ref(),
+                    &self.lora_cols(l, &[(K, 0), (V, kd)]),
+                    &mut fkv,
+                    MatmulMode::Overwrite,
+                )?;
+                be.rope_rows(&self.rope, &mut fkv, 2 * kd, &pfills, 0, 0, kd)?;
+                be.kv_write_rows(kv, layout, &fkv, 2 * kd, 0, kd, &pfills, k)?;
+            }
             if n > 0 {
                 let qkv_loras = self.lora_cols(l, &[(Q, 0), (K, qd), (V, qd + kd)]);
                 be.rmsnorm(x, &l.attn_norm, c.rms_eps, &mut hb)?;
@@ -371,21 +388,6 @@ impl<B: Backend> ResidentModel<B> {
                         be.add_normed_branch(&hb, ffn_bn, c.rms_eps, x)?;
                     }
                 }
-            }
-            if let (Some(fx), false, Some(kvw)) = (fill_x, fills.is_empty(), &l.kv) {
-                // Keys and values only: the key/value rows of the fused product and their LoRAs.
-                be.rmsnorm(fx, &l.attn_norm, c.rms_eps, &mut fh)?;
-                be.linear_lora_rows(
-                    &fh,
-                    &pfills,
-                    &kvw.w,
-                    kvw.bias.as_ref(),
-                    &self.lora_cols(l, &[(K, 0), (V, kd)]),
-                    &mut fkv,
-                    MatmulMode::Overwrite,
-                )?;
-                be.rope_rows(&self.rope, &mut fkv, 2 * kd, &pfills, 0, 0, kd)?;
-                be.kv_write_rows(kv, layout, &fkv, 2 * kd, 0, kd, &pfills, k)?;
             }
         }
         if n > 0 && c.loop_end_norm() {

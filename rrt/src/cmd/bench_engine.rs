@@ -55,6 +55,9 @@ pub struct EngineArgs {
     /// How exited tokens get their deeper keys/values.
     #[arg(long, value_enum, default_value = "propagate")]
     pub kv_fill: FillArg,
+    /// Prompt tokens take the gate's exit test too (`node.prompt_exits`; gate criterion).
+    #[arg(long)]
+    pub prompt_exits: bool,
     /// Text the prompts are cut from (default: ../shared/data/tinyshakespeare.txt).
     #[arg(long)]
     pub text: Option<PathBuf>,
@@ -438,6 +441,7 @@ pub fn run(a: EngineArgs) -> Result<()> {
         max_step_rows: a.max_step_rows,
         max_running: a.concurrency.iter().copied().max().unwrap_or(1).max(1),
         kv_fill: fill,
+        prompt_exits: a.prompt_exits,
         ..Default::default()
     };
     let f16 = match a.gpu_weights.as_str() {

@@ -39,6 +39,11 @@ pub struct Args {
     /// Print JSON lines.
     #[arg(long)]
     pub json: bool,
+    /// In the exit runs, let the prompt's tokens exit too (`node.prompt_exits`; gate
+    /// criterion, propagate fill): the continuation is then scored after a prompt prefilled
+    /// at the loops its gate asks for.
+    #[arg(long)]
+    pub prompt_exits: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -99,6 +104,7 @@ pub fn run(a: Args) -> Result<()> {
             kv_fill: fill,
             exit: if exits { rule.clone() } else { None },
             max_step_rows: 512,
+            prompt_exits: exits && a.prompt_exits,
             ..Default::default()
         };
         let mut eng: Engine<CpuBackend> =
