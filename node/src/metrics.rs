@@ -152,6 +152,12 @@ pub async fn render(service: &NodeService) -> Result<String, crate::engine_actor
         "KV-only fill rows of early-exited tokens",
         st.fill_rows,
     );
+    counter(
+        &mut r,
+        "rrt_engine_prompt_exits",
+        "Prompt rows that left before the last loop (node.prompt_exits)",
+        st.prompt_exits,
+    );
     counter(&mut r, "rrt_engine_head_rows", "Rows through the LM head", st.head_rows);
     gauge(
         &mut r,
