@@ -256,7 +256,19 @@ pub trait TensorSource {
 
 /// Fails with [`ModelError::NonFinite`] at the first NaN or infinity.
 pub fn check_finite(path: &Path, tensor: &str, data: &[f32]) -> Result<()> {
-    let bad = data.par_iter().position_first(|v| !v.is_finite());
+    // Chunks, not single values, per rayon item: the per-item bookkeeping of `position_first`
+    // cost more than the test (about 10 % of a short engine benchmark's profile, at load).
+    const CHUNK: usize = 1 << 14;
+    let bad = data
+        .par_chunks(CHUNK)
+        .position_first(|c| c.iter().any(|v| !v.is_finite()))
+        .and_then(|ci| {
+            let c0 = ci * CHUNK;
+            data[c0..(c0 + CHUNK).min(data.len())]
+                .iter()
+                .position(|v| !v.is_finite())
+                .map(|i| c0 + i)
+        });
     match bad {
         None => Ok(()),
         Some(index) => Err(ModelError::NonFinite {
@@ -331,4 +343,39 @@ pub fn load_weights(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights
         lm_head,
         exit_gate,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_finite_names_the_first_non_finite_value() {
+        let path = Path::new("w.safetensors");
+        let mut data = vec![0.5f32; 3 * (1 << 14) + 7];
+        assert!(check_finite(path, "t", &data).is_ok());
+        assert!(check_finite(path, "t", &[]).is_ok());
+        // The first bad value wins, in whichever chunk it lies; the last value is checked.
+        for (at, v) in [
+            (0, f32::NAN),
+            (1 << 14, f32::INFINITY),
+            (data.len() - 1, f32::NEG_INFINITY),
+        ] {
+            let mut d = data.clone();
+            d[at] = v;
+            d[data.len() - 1] = if at == data.len() - 1 { v } else { f32::NAN };
+            match check_finite(path, "t", &d) {
+                Err(ModelError::NonFinite { index, tensor, .. }) => {
+                    assert_eq!((index, tensor.as_str()), (at, "t"));
+                }
+                other => panic!("bad value at {at}: {other:?}"),
+            }
+        }
+        data[40_000] = f32::NAN;
+        data[20_000] = f32::INFINITY;
+        assert!(matches!(
+            check_finite(path, "t", &data),
+            Err(ModelError::NonFinite { index: 20_000, .. })
+        ));
+    }
 }
