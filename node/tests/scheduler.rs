@@ -1,7 +1,7 @@
 //! Scheduler properties on tiny random models: blocks and rows are never leaked or lost under
-//! random arrivals, exits, cancellations and preemptions; cancellation frees everything at
-//! once; a request's seeded output does not depend on its batch; every rejection names its
-//! field.
+//! random arrivals, exits (prompt exits included), cancellations and preemptions; cancellation
+//! frees everything at once; a request's seeded output does not depend on its batch; every
+//! rejection names its field.
 
 mod common;
 
@@ -59,14 +59,23 @@ proptest! {
         step_rows in 4usize..48,
         seqwise in any::<bool>(),
         recompute in any::<bool>(),
-        rule in 0usize..3,
+        rule in 0usize..4,
         cache in any::<bool>(),
+        prompt_exits in any::<bool>(),
     ) {
         let layers = if loops == 3 { 3 } else { 4 };
-        let model = tiny_model(layers, loops, 2, 7);
+        let mut model = tiny_model(layers, loops, 2, 7);
+        if rule == 3 {
+            // A fixed exit gate: its logits on the tiny model's states straddle 0.
+            model.weights.exit_gate = Some(rrt_model::weights::ExitGate {
+                w: (0..model.config.hidden).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.2).collect(),
+                b: 0.0,
+            });
+        }
         let exit = match (rule, loops > 1) {
             (1, true) => Some(ExitRule { criterion: Criterion::Saturation, thresholds: vec![Some(0.3); loops - 1] }),
             (2, true) => Some(ExitRule { criterion: Criterion::MaxProb, thresholds: vec![Some(1e-4); loops - 1] }),
+            (3, true) => Some(ExitRule { criterion: Criterion::Gate, thresholds: vec![Some(0.5); loops - 1] }),
             _ => None,
         };
         let cfg = EngineConfig {
@@ -80,8 +89,9 @@ proptest! {
             exit,
             // Prompts of one seed share their first tokens: some start from the cache.
             prefix_cache_bytes: if cache { 1 << 20 } else { 0 },
-            // Inert here: these models have no exit gate.
-            prompt_exits: false,
+            // Prompt rows take the gate's test too under the gate rule (with propagate fill;
+            // elsewhere the setting is inert).
+            prompt_exits: prompt_exits || rule == 3,
         };
         let mut eng = engine(model, tok(), cfg);
         prop_assert_eq!(eng.kv_blocks().0, 12);
