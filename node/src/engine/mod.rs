@@ -283,9 +283,6 @@ struct Seq {
     /// Its prompt's whole blocks are still to be offered to the prefix cache (a request
     /// computed here from its prompt; not one moved with keys/values computed elsewhere).
     cache_prompt: bool,
-    /// The exit gate's accumulated hazard (`-ln` of the survival) over the loops the token in
-    /// flight has run (gate criterion); reset when it is produced.
-    gate_hazard: f64,
 }
 
 impl Seq {
@@ -357,9 +354,24 @@ struct Flight {
     emit: bool,
     /// Its hidden state: row of the previous pass's output.
     row: usize,
-    /// A prompt row's accumulated gate hazard ([`EngineConfig::prompt_exits`]; decoded
-    /// tokens keep theirs in their sequence).
+    /// The exit gate's accumulated hazard (`-ln` of the survival) over the loops this row has
+    /// run (gate criterion: a decoded token's row, or a prompt row under
+    /// [`EngineConfig::prompt_exits`]; 0 otherwise).
     hazard: f64,
+}
+
+impl Flight {
+    /// Row `row` of this pass (`meta`: sequence, position, depth, emit), one loop deeper.
+    fn deeper((seq, pos, depth, emit): (RequestId, usize, usize, bool), row: usize, hazard: f64) -> Flight {
+        Flight {
+            seq,
+            pos,
+            depth: depth + 1,
+            emit,
+            row,
+            hazard,
+        }
+    }
 }
 
 /// A token whose deeper unrolled layers need keys/values (propagated from its exit state).
@@ -369,6 +381,19 @@ struct Fill {
     pos: usize,
     from_depth: usize,
     row: usize,
+}
+
+impl Fill {
+    /// The loops after this pass's depth for row `row` (`meta`: sequence, position, depth,
+    /// emit), which exited.
+    fn after((seq, pos, depth, _): (RequestId, usize, usize, bool), row: usize) -> Fill {
+        Fill {
+            seq,
+            pos,
+            from_depth: depth + 1,
+            row,
+        }
+    }
 }
 
 /// A row entering loop 0 this pass.
@@ -588,7 +613,6 @@ impl<B: Backend> Engine<B> {
                 resumed,
                 exporting: false,
                 cache_prompt: from_cache && resumed == 0 && self.prefix.is_some(),
-                gate_hazard: 0.0,
             },
         );
         let s = self.seqs.get_mut(&id).expect("just inserted");
@@ -817,7 +841,6 @@ impl<B: Backend> Engine<B> {
             s.kv.len = 0;
             s.fed = 0;
             s.emit_in_flight = false;
-            s.gate_hazard = 0.0;
             s.running = false;
         }
         self.flights.retain(|f| f.seq != id);
@@ -1171,26 +1194,20 @@ impl<B: Backend> Engine<B> {
         let mut decode: Vec<usize> = Vec::new();
         let mut test_head: Vec<(usize, Criterion, f32)> = Vec::new();
         let mut test_sat: Vec<(usize, f32)> = Vec::new();
+        // Rows whose exit the gate decides: decoded tokens' rows, and prompt rows under
+        // `EngineConfig::prompt_exits`. Each row's hazard starts from its flight's.
         let mut test_gate: Vec<(usize, f32)> = Vec::new();
-        // Prompt rows that take the gate's exit test (`EngineConfig::prompt_exits`).
-        let mut test_prompt: Vec<(usize, f32)> = Vec::new();
+        let mut hazard = hazards.to_vec();
         let prompt_exits = self.cfg.prompt_exits && self.cfg.kv_fill == KvFill::Propagate;
-        for (i, &(id, pos, depth, emit)) in meta.iter().enumerate() {
+        for (i, &(id, _, depth, emit)) in meta.iter().enumerate() {
             let Some(s) = self.seqs.get(&id) else { continue };
             if !emit {
                 if depth + 1 < loops {
                     if prompt_exits && let Some((Criterion::Gate, t)) = self.threshold(s, depth) {
-                        test_prompt.push((i, t));
-                        continue;
+                        test_gate.push((i, t));
+                    } else {
+                        next.push(Flight::deeper(meta[i], i, 0.0));
                     }
-                    next.push(Flight {
-                        seq: id,
-                        pos,
-                        depth: depth + 1,
-                        emit: false,
-                        row: i,
-                        hazard: 0.0,
-                    });
                 }
                 continue;
             }
@@ -1214,9 +1231,12 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
+        // An exited prompt row's deeper keys and values are propagated from its state (a fill
+        // row per skipped loop, next pass), as a decoded token's are.
+        let mut prompt_fills: Vec<Fill> = Vec::new();
         if !test_gate.is_empty() {
             // One dot product per row on the loop's output (no LM head): accumulate each
-            // token's hazard, exit once its cumulative exit probability reaches the threshold.
+            // row's hazard, exit once its cumulative exit probability reaches the threshold.
             let rows: Vec<u32> = test_gate.iter().map(|t| t.0 as u32).collect();
             debug_assert!(
                 self.model.has_gate(),
@@ -1224,40 +1244,17 @@ impl<B: Backend> Engine<B> {
             );
             let g = self.model.gate_logits(x, &rows)?;
             for (&(i, t), g) in test_gate.iter().zip(g) {
-                if let Some(s) = self.seqs.get_mut(&meta[i].0) {
-                    s.gate_hazard += gate_hazard(g);
-                    if gate_exits(s.gate_hazard, t) {
-                        decode.push(i);
+                hazard[i] += gate_hazard(g);
+                match (meta[i].3, gate_exits(hazard[i], t)) {
+                    (true, true) => decode.push(i),
+                    // A decoded token's row that stays continues below, with the rows the
+                    // softmax tests keep.
+                    (true, false) => {}
+                    (false, true) => {
+                        self.stats.prompt_exits += 1;
+                        prompt_fills.push(Fill::after(meta[i], i));
                     }
-                }
-            }
-        }
-        // Prompt rows: the same test on each row's own hazard; an exited row's deeper keys
-        // and values are propagated from its state (a fill row per skipped loop, next pass).
-        let mut prompt_fills: Vec<Fill> = Vec::new();
-        if !test_prompt.is_empty() {
-            let rows: Vec<u32> = test_prompt.iter().map(|t| t.0 as u32).collect();
-            let g = self.model.gate_logits(x, &rows)?;
-            for (&(i, t), g) in test_prompt.iter().zip(g) {
-                let (id, pos, depth, _) = meta[i];
-                let hazard = hazards[i] + gate_hazard(g);
-                if gate_exits(hazard, t) {
-                    self.stats.prompt_exits += 1;
-                    prompt_fills.push(Fill {
-                        seq: id,
-                        pos,
-                        from_depth: depth + 1,
-                        row: i,
-                    });
-                } else {
-                    next.push(Flight {
-                        seq: id,
-                        pos,
-                        depth: depth + 1,
-                        emit: false,
-                        row: i,
-                        hazard,
-                    });
+                    (false, false) => next.push(Flight::deeper(meta[i], i, hazard[i])),
                 }
             }
         }
@@ -1310,38 +1307,22 @@ impl<B: Backend> Engine<B> {
         for &(i, _) in &produce {
             producing[i] = true;
         }
-        for (i, &(id, pos, depth, emit)) in meta.iter().enumerate() {
+        for (i, &(id, _, _, emit)) in meta.iter().enumerate() {
             if emit && !producing[i] && self.seqs.contains_key(&id) {
-                next.push(Flight {
-                    seq: id,
-                    pos,
-                    depth: depth + 1,
-                    emit: true,
-                    row: i,
-                    hazard: 0.0,
-                });
+                next.push(Flight::deeper(meta[i], i, hazard[i]));
             }
         }
         produce.sort_by_key(|p| p.0);
         let mut fills = Vec::new();
         for (i, row) in produce {
-            let (id, pos, depth, _) = meta[i];
+            let (id, _, depth, _) = meta[i];
             let finished = self.produce(id, row, depth + 1)?;
             if !finished && depth + 1 < loops {
                 match self.cfg.kv_fill {
-                    KvFill::Propagate => fills.push(Fill {
-                        seq: id,
-                        pos,
-                        from_depth: depth + 1,
-                        row: i,
-                    }),
+                    KvFill::Propagate => fills.push(Fill::after(meta[i], i)),
                     KvFill::Recompute => next.push(Flight {
-                        seq: id,
-                        pos,
-                        depth: depth + 1,
                         emit: false,
-                        row: i,
-                        hazard: 0.0,
+                        ..Flight::deeper(meta[i], i, 0.0)
                     }),
                 }
             }
@@ -1378,7 +1359,6 @@ impl<B: Backend> Engine<B> {
         };
         s.loops += loops;
         s.emit_in_flight = false;
-        s.gate_hazard = 0.0;
         self.stats.tokens += 1;
         self.stats.exits[loops - 1] += 1;
         if s.params.stop_ids.contains(&token) {
