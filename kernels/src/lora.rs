@@ -136,44 +136,47 @@ pub fn linear_lora(
         .collect();
     let shared_work = if w.reads_q8() { n * k * m / 4 } else { n * k * m };
     let work = shared_work + pairs.iter().map(|p| p.g.len * p.l.rank * p.l.b.out_dim).sum::<usize>();
+    let add_bias = |j0: usize, j1: usize, out: &mut [f32]| {
+        if let Some(b) = bias {
+            for row in out.chunks_exact_mut(j1 - j0) {
+                row.iter_mut().zip(&b[j0..j1]).for_each(|(v, bi)| *v += bi);
+            }
+        }
+    };
     // In-tile expands: every matrix multiplies in integers and every adapter's columns start
     // on a packed group, so each tile of the shared product takes its rows' expand before it
     // is stored.
-    let addends: Option<Vec<Addend<'_>>> = match (w.packed().filter(|_| w.reads_q8()), &xq) {
-        (Some(_), Some(_)) => pairs
-            .iter()
-            .zip(&tq)
-            .map(|(p, tq)| {
-                let b = p.l.b.packed().filter(|_| p.l.b.reads_q8() && p.col0 % GROUP == 0)?;
-                Some(Addend {
-                    rows: p.g.start..p.g.start + p.g.len,
-                    col0: p.col0,
-                    b,
-                    tq: tq.as_ref()?,
+    let in_tile = w
+        .packed()
+        .filter(|_| w.reads_q8())
+        .zip(xq.as_ref())
+        .and_then(|(wp, xq)| {
+            let addends = pairs
+                .iter()
+                .zip(&tq)
+                .map(|(p, tq)| {
+                    let b = p.l.b.packed().filter(|_| p.l.b.reads_q8() && p.col0 % GROUP == 0)?;
+                    Some(Addend {
+                        rows: p.g.start..p.g.start + p.g.len,
+                        col0: p.col0,
+                        b,
+                        tq: tq.as_ref()?,
+                    })
                 })
-            })
-            .collect(),
-        _ => None,
-    };
-    if let (Some(addends), Some(wp), Some(xq)) = (&addends, w.packed(), &xq) {
+                .collect::<Option<Vec<_>>>()?;
+            Some((wp, xq, addends))
+        });
+    if let Some((wp, xq, addends)) = in_tile {
         by_column_blocks(y, n, m, work, mode == MatmulMode::Accumulate, |j0, j1, out| {
-            wp.columns_plus(xq, 0, n, j0, j1, out, addends);
-            if let Some(b) = bias {
-                for row in out.chunks_exact_mut(j1 - j0) {
-                    row.iter_mut().zip(&b[j0..j1]).for_each(|(v, bi)| *v += bi);
-                }
-            }
+            wp.columns_plus(xq, 0, n, j0, j1, out, &addends);
+            add_bias(j0, j1, out);
         });
         return;
     }
     by_column_blocks(y, n, m, work, mode == MatmulMode::Accumulate, |j0, j1, out| {
         let mb = j1 - j0;
         w.columns(input, j0, j1, out);
-        if let Some(b) = bias {
-            for row in out.chunks_exact_mut(mb) {
-                row.iter_mut().zip(&b[j0..j1]).for_each(|(v, bi)| *v += bi);
-            }
-        }
+        add_bias(j0, j1, out);
         for (p, (t, tq)) in pairs.iter().zip(ts.iter().zip(&tq)) {
             let (c0, c1) = (j0.max(p.col0), j1.min(p.col0 + p.l.b.out_dim));
             if c0 >= c1 {

@@ -15,6 +15,10 @@ pub enum CriterionArg {
     Gate,
 }
 
+/// Defaults of `--self-generated-prompt` and `--self-generated-tokens`.
+pub const SELF_GENERATED_PROMPT: usize = 32;
+pub const SELF_GENERATED_TOKENS: usize = 160;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
@@ -51,11 +55,11 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub self_generated: usize,
     /// Tokens of each --self-generated prompt.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = SELF_GENERATED_PROMPT)]
     pub self_generated_prompt: usize,
     /// Most tokens of each --self-generated continuation (it stops at an end-of-generation
     /// token, as a served request does).
-    #[arg(long, default_value_t = 160)]
+    #[arg(long, default_value_t = SELF_GENERATED_TOKENS)]
     pub self_generated_tokens: usize,
     /// Print the result without writing it into the checkpoint.
     #[arg(long)]
@@ -86,9 +90,10 @@ pub fn run(a: Args) -> Result<()> {
         (None | Some(CriterionArg::Gate), _) => Criterion::Gate,
         (Some(c), true) => bail!("--fit-gate fits the gate criterion, not --criterion {c:?}"),
     };
-    let ids = lm.tokenizer.encode(&text, false, false)?;
-    let real = &ids[..ids.len().min(a.tokens)];
-    let own = if a.self_generated > 0 {
+    let mut ids = lm.tokenizer.encode(&text, false, false)?;
+    ids.truncate(a.tokens);
+    // The checkpoint's own continuations, appended to the real text.
+    let own_tokens = if a.self_generated > 0 {
         let spin = indicatif::ProgressBar::new_spinner().with_message(format!(
             "decoding {} continuations of up to {} tokens",
             a.self_generated, a.self_generated_tokens
@@ -96,7 +101,7 @@ pub fn run(a: Args) -> Result<()> {
         spin.enable_steady_tick(std::time::Duration::from_millis(200));
         let own = self_generated(
             &lm,
-            real,
+            &ids,
             a.self_generated,
             a.self_generated_prompt,
             a.self_generated_tokens,
@@ -108,15 +113,15 @@ pub fn run(a: Args) -> Result<()> {
                 own.len(),
                 a.self_generated,
                 a.self_generated_prompt,
-                real.len()
+                ids.len()
             );
         }
-        own
+        ids.extend_from_slice(&own);
+        own.len()
     } else {
-        Vec::new()
+        0
     };
-    let all: Vec<u32> = real.iter().copied().chain(own.iter().copied()).collect();
-    let ids = &all[..];
+    let ids = &ids[..];
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} calibrating exits: window {pos}/{len} of 256 tokens [{elapsed_precise} < {eta}] {wide_bar}",
@@ -183,7 +188,7 @@ pub fn run(a: Args) -> Result<()> {
                     "prompts": a.self_generated,
                     "prompt_tokens": a.self_generated_prompt,
                     "max_tokens": a.self_generated_tokens,
-                    "tokens": own.len(),
+                    "tokens": own_tokens,
                 })),
             }),
         };
