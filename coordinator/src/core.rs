@@ -16,8 +16,8 @@ use dashmap::mapref::entry::Entry;
 use rrt_proto::refusal::Refusal;
 use rrt_proto::v1 as api;
 use rrt_proto::v1::node as pb;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -28,6 +28,8 @@ pub(crate) type Opened = (String, NodeClient, tonic::Streaming<pb::RunEvent>, Pe
 
 /// How often a request is re-routed when its node refuses the connection.
 const START_ATTEMPTS: usize = 3;
+/// Exports of one move's keys/values (the first, and one more when its stream broke).
+const EXPORT_ATTEMPTS: usize = 2;
 
 /// A served model, as its nodes describe it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -823,33 +825,73 @@ impl Coordinator {
         let Some(mut to) = self.registry.client(&target) else {
             return KvMove::Kept(tonic::Status::unavailable("no connection to the peer"));
         };
-        let req = pb::ExportRequest {
-            request_id: id.to_string(),
-        };
-        // Generous: the old node first lets the request's rows finish their loops.
-        let export = match tokio::time::timeout(self.cfg.node_timeout, client.export(req)).await {
-            Ok(Ok(s)) => s.into_inner(),
-            Ok(Err(s)) => return KvMove::Kept(s),
-            // It may still let go later; then its stream says "moved" and the request replays.
-            Err(_) => return KvMove::Kept(tonic::Status::deadline_exceeded("export timed out")),
-        };
-        // A broken export ends the import short, which the peer refuses.
-        let chunks = tokio_stream::StreamExt::map_while(export, |c| c.ok());
-        let limit = self.cfg.node_timeout.max(Duration::from_secs(30));
-        match tokio::time::timeout(limit, to.import(chunks)).await {
-            Ok(Ok(r)) => KvMove::Staged {
-                node: target,
-                ticket: r.into_inner().ticket,
-            },
-            Ok(Err(s)) => {
-                tracing::warn!(request = id, to = target, error = %s, "peer refused the keys/values; replaying");
-                KvMove::HandedOff
-            }
-            Err(_) => {
-                tracing::warn!(request = id, to = target, "moving keys/values timed out; replaying");
-                KvMove::HandedOff
+        // A transfer whose export stream broke is tried once more: the old node keeps what
+        // it exported for a while (`rrt_node::outbound`) and sends the same bytes again.
+        for attempt in 0..EXPORT_ATTEMPTS {
+            let req = pb::ExportRequest {
+                request_id: id.to_string(),
+            };
+            // Generous: the old node first lets the request's rows finish their loops.
+            let export = match tokio::time::timeout(self.cfg.node_timeout, client.export(req)).await {
+                Ok(Ok(s)) => s.into_inner(),
+                Ok(Err(s)) if attempt == 0 => return KvMove::Kept(s),
+                Ok(Err(s)) => {
+                    tracing::warn!(request = id, from, error = %s, "the keys/values could not be exported again; replaying");
+                    return KvMove::HandedOff;
+                }
+                // It may still let go later; then its stream says "moved" and the request replays.
+                Err(_) if attempt == 0 => return KvMove::Kept(tonic::Status::deadline_exceeded("export timed out")),
+                Err(_) => return KvMove::HandedOff,
+            };
+            // A broken export ends the import short, which the peer refuses.
+            let broke = Arc::new(Mutex::new(None::<tonic::Status>));
+            let chunks = {
+                let broke = broke.clone();
+                tokio_stream::StreamExt::map_while(export, move |c| match c {
+                    Ok(c) => Some(c),
+                    Err(s) => {
+                        *broke.lock().expect("export error lock") = Some(s);
+                        None
+                    }
+                })
+            };
+            let limit = self.cfg.node_timeout.max(Duration::from_secs(30));
+            let refused = match tokio::time::timeout(limit, to.import(chunks)).await {
+                Ok(Ok(r)) => {
+                    return KvMove::Staged {
+                        node: target,
+                        ticket: r.into_inner().ticket,
+                    };
+                }
+                Ok(Err(s)) => s,
+                Err(_) => {
+                    tracing::warn!(request = id, to = target, "moving keys/values timed out; replaying");
+                    return KvMove::HandedOff;
+                }
+            };
+            let broke = broke.lock().expect("export error lock").take();
+            match broke {
+                Some(e) => tracing::warn!(
+                    request = id,
+                    from,
+                    to = target,
+                    attempt,
+                    error = %e,
+                    "the keys/values' export stream broke"
+                ),
+                None => {
+                    tracing::warn!(request = id, to = target, error = %refused, "peer refused the keys/values; replaying");
+                    return KvMove::HandedOff;
+                }
             }
         }
+        tracing::warn!(
+            request = id,
+            from,
+            to = target,
+            "the keys/values could not be moved; replaying"
+        );
+        KvMove::HandedOff
     }
 
     /// Opens `run` on `node` (a peer holding its staged state); anywhere else by replay

@@ -3,6 +3,7 @@
 
 use crate::engine::{Event, GenParams, KvGeometry, KvState, LoadReport, Request};
 use crate::engine_actor::{ActorError, EngineHandle};
+use crate::outbound::Outbound;
 use rrt_model::chat::{Message, Prompter};
 use rrt_model::sampling::SamplingParams;
 use rrt_proto::v1::node as pb;
@@ -115,6 +116,8 @@ struct Inner {
     fingerprint_source: OnceLock<std::path::PathBuf>,
     /// Imported states waiting for their Run, by ticket.
     staged: Mutex<HashMap<String, (KvState, Instant)>>,
+    /// Exported states kept for a repeated Export, and the export streams being sent.
+    outbound: Outbound,
     /// Adjusts every request before the engine sees it (a simulated node draws its exits).
     hook: Option<RequestHook>,
 }
@@ -302,6 +305,7 @@ impl NodeService {
                 fingerprint: OnceLock::new(),
                 fingerprint_source: OnceLock::new(),
                 staged: Mutex::new(HashMap::new()),
+                outbound: Outbound::new(STAGED_MAX_BYTES),
                 hook: None,
             }),
         }
@@ -405,6 +409,43 @@ impl NodeService {
     /// Refuses new requests from now on (in-flight ones continue).
     pub fn start_draining(&self) {
         self.inner.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Resolves once no export stream is being sent (a draining node waits for this before
+    /// it closes its connections: a cut export makes the peer recompute the prompt).
+    pub async fn exports_sent(&self) {
+        self.inner.outbound.streams_done().await
+    }
+
+    /// `Export`'s stream for `state`: the header, then whole positions up to [`CHUNK_BYTES`]
+    /// per chunk; counted as open until dropped.
+    fn export_stream(
+        &self,
+        rid: String,
+        state: Arc<KvState>,
+        geo: &KvGeometry,
+        fingerprint: String,
+    ) -> <Self as pb::node_server::Node>::ExportStream {
+        let header = pb::KvHeader {
+            request_id: rid,
+            tokens: state.tokens.clone(),
+            prompt_tokens: state.prompt_tokens as u32,
+            positions: state.positions as u32,
+            layers: geo.layers as u32,
+            kv_heads: geo.kv_heads as u32,
+            head_dim: geo.head_dim as u32,
+            model_fingerprint: fingerprint,
+        };
+        let per_chunk = (CHUNK_BYTES / (geo.position_floats() * 4)).max(1) * geo.position_floats();
+        let guard = self.inner.outbound.stream();
+        let chunks = std::iter::once(pb::kv_chunk::Chunk::Header(header)).chain(
+            (0..state.data.len().div_ceil(per_chunk)).map(move |i| {
+                let _sending = &guard;
+                let part = &state.data[i * per_chunk..((i + 1) * per_chunk).min(state.data.len())];
+                pb::kv_chunk::Chunk::Data(part.iter().flat_map(|f| f.to_le_bytes()).collect())
+            }),
+        );
+        Box::pin(tokio_stream::iter(chunks.map(|c| Ok(pb::KvChunk { chunk: Some(c) }))))
     }
 
     /// The engine's load as the `Node/Load` report: what the node serves and its counters.
@@ -607,6 +648,12 @@ impl pb::node_server::Node for NodeService {
     async fn export(&self, req: GrpcRequest<pb::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
         let rid = req.into_inner().request_id;
         let fingerprint = self.fingerprint().await?;
+        if let Some(state) = self.inner.outbound.again(&rid) {
+            // Asked again: the first transfer broke. The engine let go of it already.
+            let (_, geo) = self.inner.engine.stats().await.map_err(status)?;
+            tracing::info!(request = rid, "exporting a request's keys/values again");
+            return Ok(Response::new(self.export_stream(rid, state, &geo, fingerprint)));
+        }
         let id = self.inner.ids.lock().expect("ids lock").get(&rid).copied();
         let Some(id) = id else {
             return Err(Status::not_found(format!("request `{rid}` is not on this node")));
@@ -622,26 +669,8 @@ impl pb::node_server::Node for NodeService {
             positions = state.positions,
             "exporting a request with its keys/values"
         );
-        let header = pb::KvHeader {
-            request_id: rid,
-            tokens: state.tokens,
-            prompt_tokens: state.prompt_tokens as u32,
-            positions: state.positions as u32,
-            layers: geo.layers as u32,
-            kv_heads: geo.kv_heads as u32,
-            head_dim: geo.head_dim as u32,
-            model_fingerprint: fingerprint,
-        };
-        let per_chunk = (CHUNK_BYTES / (geo.position_floats() * 4)).max(1) * geo.position_floats();
-        let data = state.data;
-        let chunks = std::iter::once(pb::kv_chunk::Chunk::Header(header)).chain(
-            (0..data.len().div_ceil(per_chunk)).map(move |i| {
-                let part = &data[i * per_chunk..((i + 1) * per_chunk).min(data.len())];
-                pb::kv_chunk::Chunk::Data(part.iter().flat_map(|f| f.to_le_bytes()).collect())
-            }),
-        );
-        let stream = tokio_stream::iter(chunks.map(|c| Ok(pb::KvChunk { chunk: Some(c) })));
-        Ok(Response::new(Box::pin(stream)))
+        let state = self.inner.outbound.retain(&rid, state);
+        Ok(Response::new(self.export_stream(rid, state, &geo, fingerprint)))
     }
 
     async fn import(

@@ -14,6 +14,7 @@ pub mod fake;
 pub mod fingerprint;
 pub mod grpc;
 pub mod metrics;
+pub mod outbound;
 pub mod server;
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -4,8 +4,8 @@
 //! by `rrt node` (one per process) and `rrt serve` (several in one process).
 //!
 //! Shutdown: when the given signal fires, health turns NOT_SERVING at once, new runs are
-//! refused, in-flight requests finish (up to the drain deadline, then are cancelled), and the
-//! server stops.
+//! refused, in-flight requests finish or move (up to the drain deadline, then are cancelled),
+//! the keys/values of those that moved finish streaming, and the server stops.
 
 use crate::engine_actor::EngineHandle;
 use crate::grpc::{NodeService, ServedModel};
@@ -237,9 +237,15 @@ pub async fn serve(
                     tracing::info!("shutdown requested: draining");
                     health_reporter.set_not_serving::<NodeServer<NodeService>>().await;
                     service.start_draining();
-                    if tokio::time::timeout(drain, engine.shutdown(true)).await.is_err() {
+                    let deadline = tokio::time::Instant::now() + drain;
+                    if tokio::time::timeout_at(deadline, engine.shutdown(true)).await.is_err() {
                         tracing::warn!("drain deadline passed; cancelling what is left");
                         let _ = engine.shutdown(false).await;
+                    }
+                    // Requests that moved to peers may still be streaming their keys/values:
+                    // the connections close after those are sent.
+                    if tokio::time::timeout_at(deadline, service.exports_sent()).await.is_err() {
+                        tracing::warn!("drain deadline passed with keys/values still being exported");
                     }
                 }
                 e = engine_exit.ended() => {

@@ -117,3 +117,90 @@ async fn run_load_cancel_over_loopback() {
         .into_inner();
     assert!(!c.found);
 }
+
+/// Export hands a running request's keys/values over (its Run stream ends MOVED, the engine
+/// frees it), and a second Export of the same request (the coordinator's retry when the first
+/// transfer broke) streams the same bytes again; the state imports on a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_export_can_be_asked_for_again() {
+    let weights = std::env::temp_dir().join(format!("rrt-export-again-{}", std::process::id()));
+    std::fs::write(&weights, b"stand-in weights for the fingerprint").unwrap();
+    let (handle, _join) = EngineHandle::spawn(
+        engine(tiny_model(4, 2, 2, 31), tokenizer(), EngineConfig::default()),
+        16,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = NodeService::new("node-a", served(&tiny_model(4, 2, 2, 31), tokenizer()), handle.clone());
+    svc.set_fingerprint_source(weights.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(NodeServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    let mut client = NodeClient::connect(format!("http://{addr}")).await.unwrap();
+    let prompt: Vec<u32> = (0..12).map(|p| 200 + 7 * p).collect();
+    let mut s = client
+        .run(pb::RunRequest {
+            request_id: "m".into(),
+            prompt: prompt.clone(),
+            max_new_tokens: 3000,
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        assert!(s.message().await.unwrap().is_some());
+    }
+    async fn export(
+        client: &mut NodeClient<tonic::transport::Channel>,
+        rid: &str,
+    ) -> Result<Vec<pb::KvChunk>, tonic::Status> {
+        let mut st = client
+            .export(pb::ExportRequest { request_id: rid.into() })
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(c) = st.message().await? {
+            out.push(c);
+        }
+        Ok(out)
+    }
+    let first = export(&mut client, "m").await.unwrap();
+    let Some(pb::kv_chunk::Chunk::Header(h)) = &first[0].chunk else {
+        panic!("the first chunk is the header: {:?}", first[0]);
+    };
+    assert_eq!(h.tokens[..12], prompt[..]);
+    assert!(h.positions as usize >= 12 + 2, "{h:?}");
+    assert!(first.len() >= 2, "header and data");
+    // The Run stream ends MOVED; the engine let go of the request.
+    let mut reason = None;
+    while let Some(e) = s.message().await.unwrap() {
+        if let Some(pb::run_event::Event::Finished(f)) = e.event {
+            reason = Some(f.reason());
+        }
+    }
+    assert_eq!(reason, Some(pb::FinishReason::Moved));
+    let load = client.load(pb::LoadRequest {}).await.unwrap().into_inner();
+    assert_eq!((load.running_requests, load.kv_exports_total), (0, 1), "{load:?}");
+
+    let again = export(&mut client, "m").await.unwrap();
+    assert_eq!(again, first, "asked again: the same header and bytes");
+    let load = client.load(pb::LoadRequest {}).await.unwrap().into_inner();
+    assert_eq!(load.kv_exports_total, 1, "the engine exported once");
+    let unknown = export(&mut client, "nope").await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    let ticket = client
+        .import(tokio_stream::iter(again))
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket;
+    assert_eq!(ticket, "m");
+    let _ = std::fs::remove_file(&weights);
+}
