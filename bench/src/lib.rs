@@ -19,6 +19,7 @@
 
 pub mod capacity;
 mod error;
+pub mod frontier;
 pub mod load;
 pub mod plot;
 pub mod uptrain;

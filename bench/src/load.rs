@@ -660,6 +660,7 @@ fn grpc_request(spec: &Spec, g: &GenSettings) -> api::GenerateRequest {
         full_depth: g.full_depth,
         exit_threshold: g.exit_threshold,
         max_loops: g.max_loops,
+        prompt_exits: None,
     });
     api::GenerateRequest {
         input: Some(api::generate_request::Input::Prompt(spec.prompt.clone())),

@@ -702,6 +702,7 @@ impl Coordinator {
             full_depth: req.full_depth,
             exit_threshold: req.exit_threshold,
             max_loops: req.max_loops,
+            prompt_exits: req.prompt_exits,
             rng_draws: 0,
             kv_ticket: String::new(),
             model: model.clone(),

@@ -101,6 +101,7 @@ pub fn to_gen_request(r: api::GenerateRequest) -> Result<GenRequest, CoordError>
         g.full_depth = d.full_depth;
         g.exit_threshold = d.exit_threshold;
         g.max_loops = d.max_loops;
+        g.prompt_exits = d.prompt_exits;
     }
     Ok(g)
 }

@@ -6,7 +6,7 @@
 //!
 //! Beyond OpenAI's fields the requests accept `top_k`, `min_p`, `repetition_penalty`,
 //! `ignore_eos`, `stop_token_ids` (as vLLM does) and the depth controls `full_depth`,
-//! `exit_threshold`, `max_loops`; `usage` adds `mean_loops` per output token.
+//! `exit_threshold`, `max_loops`, `prompt_exits`; `usage` adds `mean_loops` per output token.
 
 use crate::core::{Coordinator, Generation};
 use crate::error::CoordError;
@@ -160,6 +160,7 @@ struct Common {
     full_depth: bool,
     exit_threshold: Option<f32>,
     max_loops: Option<u32>,
+    prompt_exits: Option<bool>,
     /// Seconds the whole request may take (504 past it).
     timeout: Option<f64>,
 }
@@ -190,6 +191,7 @@ impl Common {
         g.full_depth = self.full_depth;
         g.exit_threshold = self.exit_threshold;
         g.max_loops = self.max_loops;
+        g.prompt_exits = self.prompt_exits;
         if let Some(t) = self.timeout {
             if !(t.is_finite() && t > 0.0 && t <= 86_400.0) {
                 return Err(CoordError::invalid(
@@ -632,4 +634,34 @@ async fn metrics(State(coord): State<Arc<Coordinator>>) -> Response {
         coord.metrics.encode(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_controls_reach_the_generation_request() {
+        let body = json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "full_depth": false,
+            "exit_threshold": 0.4,
+            "max_loops": 2,
+            "prompt_exits": true,
+        });
+        let r: ChatRequest = serde_json::from_value(body).unwrap();
+        let mut g = GenRequest::new(Input::Prompt(String::new()));
+        r.common.apply(&mut g, None).unwrap();
+        assert_eq!(
+            (g.full_depth, g.exit_threshold, g.max_loops, g.prompt_exits),
+            (false, Some(0.4), Some(2), Some(true))
+        );
+        let r: ChatRequest = serde_json::from_value(json!({"messages": [], "prompt_exits": false})).unwrap();
+        r.common.apply(&mut g, None).unwrap();
+        assert_eq!(g.prompt_exits, Some(false));
+        let r: ChatRequest = serde_json::from_value(json!({"messages": []})).unwrap();
+        r.common.apply(&mut g, None).unwrap();
+        assert_eq!(g.prompt_exits, None, "unset: the node decides");
+        assert!(serde_json::from_value::<ChatRequest>(json!({"messages": [], "prompt_exits": "yes"})).is_err());
+    }
 }

@@ -45,6 +45,8 @@ pub struct GenRequest {
     pub full_depth: bool,
     pub exit_threshold: Option<f32>,
     pub max_loops: Option<u32>,
+    /// Prompt tokens take the exit test too (`None`: the node's setting).
+    pub prompt_exits: Option<bool>,
     /// When the request must be over (gRPC `grpc-timeout`, HTTP `timeout`): past it the
     /// client gets DEADLINE_EXCEEDED / 504 and the node frees the request.
     pub deadline: Option<std::time::Instant>,
@@ -75,6 +77,7 @@ impl GenRequest {
             full_depth: false,
             exit_threshold: None,
             max_loops: None,
+            prompt_exits: None,
             deadline: None,
             trace: Default::default(),
         }

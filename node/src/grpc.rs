@@ -214,6 +214,7 @@ pub fn to_request(r: &pb::RunRequest) -> Result<Request, Status> {
     params.exit.full_depth = r.full_depth;
     params.exit.threshold = r.exit_threshold;
     params.exit.max_loops = r.max_loops.map(|m| m as usize);
+    params.exit.prompt_exits = r.prompt_exits;
     Ok(Request { prompt, params })
 }
 

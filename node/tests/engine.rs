@@ -317,3 +317,89 @@ fn prompt_exits_equal_feeding_the_prompt_as_forced_tokens() {
     assert_eq!(off.prompt_exits, 0);
     assert!(off.fill_rows < stats.fill_rows);
 }
+
+/// A request's own `prompt_exits` switch: on in an engine where prompt exits are off, it
+/// gives what the engine-wide setting gives (and off where they are on, full depth); and the
+/// prefix cache never hands one policy's prompt keys/values to the other: with the cache, a
+/// full-depth request after a prompt-exit one with the same prompt (and the reverse) returns
+/// what it returns alone, and a request under the same policy hits the cache.
+#[test]
+fn prompt_exits_per_request_and_the_prefix_cache_keeps_policies_apart() {
+    use rrt_model::exit::Criterion;
+    use rrt_model::weights::ExitGate;
+    use rrt_node::ExitRule;
+    let lm = converted(3, 16);
+    let tok = std::sync::Arc::new(lm.tokenizer.clone());
+    let ids = lm.tokenizer.encode(&shakespeare()[..20_000], false, false).unwrap();
+    let p = ids[500..548].to_vec();
+    let h = lm.model.config.hidden;
+    let gate = ExitGate {
+        w: (0..h).map(|i| 0.02 * ((i * 7919 % 97) as f32 / 48.0 - 1.0)).collect(),
+        b: 0.0,
+    };
+    let new_engine = |prompt_exits: bool, cache: bool| {
+        let mut m = copy_model(&lm);
+        m.weights.exit_gate = Some(gate.clone());
+        engine(
+            m,
+            tok.clone(),
+            EngineConfig {
+                exit: Some(ExitRule {
+                    criterion: Criterion::Gate,
+                    thresholds: vec![Some(0.6), Some(0.45)],
+                }),
+                prompt_exits,
+                prefix_cache_bytes: if cache { 64 << 20 } else { 0 },
+                ..Default::default()
+            },
+        )
+    };
+    type Out = Vec<(u32, usize, f32)>;
+    let run = |eng: &mut rrt_node::Engine<rrt_kernels::CpuBackend>, switch: Option<bool>| -> (Out, u64) {
+        let before = eng.stats().prompt_exits;
+        let mut params = greedy(8);
+        params.ignore_eos = true;
+        params.exit.prompt_exits = switch;
+        let id = eng
+            .submit(Request {
+                prompt: p.clone(),
+                params,
+            })
+            .unwrap();
+        let out = eng
+            .run_to_completion()
+            .unwrap()
+            .into_iter()
+            .filter_map(|(i, e)| match e {
+                Event::Token(t) if i == id => Some((t.id, t.loops, t.logprob)),
+                _ => None,
+            })
+            .collect();
+        (out, eng.stats().prompt_exits - before)
+    };
+    let (engine_wide, exits) = run(&mut new_engine(true, false), None);
+    let (full, none) = run(&mut new_engine(false, false), None);
+    assert!(exits > 0 && none == 0, "{exits} {none}");
+    assert_ne!(engine_wide, full, "prompt exits change the continuation here");
+    assert_eq!(
+        run(&mut new_engine(false, false), Some(true)),
+        (engine_wide.clone(), exits)
+    );
+    assert_eq!(run(&mut new_engine(true, false), Some(false)), (full.clone(), 0));
+
+    let mut cached = new_engine(false, true);
+    assert_eq!(run(&mut cached, Some(true)), (engine_wide.clone(), exits));
+    assert_eq!(
+        run(&mut cached, None),
+        (full.clone(), 0),
+        "full depth after prompt exits"
+    );
+    assert_eq!(cached.stats().prefix_hits, 0, "the other policy's blocks are not used");
+    assert_eq!(
+        run(&mut cached, Some(true)).0,
+        engine_wide,
+        "prompt exits again, from the cache"
+    );
+    assert_eq!(run(&mut cached, None).0, full, "full depth again, from the cache");
+    assert_eq!(cached.stats().prefix_hits, 2);
+}

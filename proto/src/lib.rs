@@ -92,6 +92,7 @@ mod tests {
                 full_depth: false,
                 exit_threshold: Some(0.9),
                 max_loops: Some(2),
+                prompt_exits: Some(true),
             }),
             ..Default::default()
         };

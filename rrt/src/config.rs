@@ -17,7 +17,7 @@
 //! | `node.max_running` | 64 | most sequences holding KV at once |
 //! | `node.early_exit` | true | exit at the checkpoint's calibrated thresholds |
 //! | `node.kv_fill` | `propagate` | `propagate` or `recompute`: K/V of skipped loops |
-//! | `node.prompt_exits` | false | prompt tokens take the gate's exit test too (gate criterion, `propagate`): cheaper prefill, a quality trade (`rrt eval-exit --prompt-exits`) |
+//! | `node.prompt_exits` | false | prompt tokens take the gate's exit test too (gate criterion, `propagate`): cheaper prefill, a quality trade (`rrt eval-exit --prompt-exits`); a request's `prompt_exits` overrides it |
 //! | `node.drain_seconds` | 30 | time to finish in-flight requests after SIGTERM |
 //! | `node.tls_cert`, `node.tls_key` | none | PEM certificate and key: the node serves TLS only |
 //! | `node.tls_client_ca` | none | PEM CA: callers need a client certificate it signed (mutual TLS) |

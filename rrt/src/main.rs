@@ -51,6 +51,8 @@ enum Command {
     Capacity(cmd::capacity::Args),
     /// Write a random-weight model shaped like a published one (`--like ouro-1.4b`).
     RandomModel(cmd::random_model::Args),
+    /// Tabulate and plot an exit checkpoint's speed/quality frontier (scripts/exit-frontier.sh).
+    PlotFrontier(cmd::plot_frontier::Args),
     /// Plot an uptraining run's log (per-loop KL and held-out perplexity) as SVG.
     PlotUptrain(cmd::plot_uptrain::Args),
 }
@@ -101,6 +103,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Capacity(a) => cmd::capacity::run(a),
         Command::RandomModel(a) => cmd::random_model::run(a),
+        Command::PlotFrontier(a) => cmd::plot_frontier::run(a),
         Command::PlotUptrain(a) => cmd::plot_uptrain::run(a),
     };
     match result {

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use prefix::PromptDepth;
 pub use request::{Event, ExitControl, FinishReason, GenParams, Request, TokenEvent, Usage};
 pub use resident::{PassRow, ResidentModel};
 use stop::TextStream;
@@ -91,6 +92,13 @@ pub struct ExitRule {
 }
 
 impl ExitRule {
+    /// Whether a token under `exit` can leave before the last of `loops` loops under the
+    /// gate criterion (some loop's threshold, the request's override first, below 1).
+    fn gate_can_exit(&self, loops: usize, exit: &ExitControl) -> bool {
+        let t_at = |d: usize| exit.threshold.or_else(|| self.thresholds.get(d).copied().flatten());
+        self.criterion == Criterion::Gate && (0..loops.saturating_sub(1)).any(|d| t_at(d).is_some_and(|t| t < 1.0))
+    }
+
     /// The rule a natively looped model ships with: its learned gate at the config's
     /// threshold on every loop (Ouro's `early_exit_threshold`; 1.0 runs every loop unless a
     /// request asks for a lower `exit_threshold`).
@@ -147,7 +155,8 @@ pub struct EngineConfig {
     /// exited row's deeper keys/values are propagated from its exit state in the next pass,
     /// as a decoded token's are. Prefill then costs the loops the gate asks for instead of
     /// every loop. A quality trade like decode exits (later tokens attend to propagated keys
-    /// of the prompt), so off by default; `rrt eval-exit --prompt-exits` measures it.
+    /// of the prompt), so off by default; `rrt eval-exit --prompt-exits` measures it. A
+    /// request's own [`ExitControl::prompt_exits`] overrides it.
     pub prompt_exits: bool,
 }
 
@@ -638,8 +647,9 @@ impl<B: Backend> Engine<B> {
         if running >= self.cfg.max_running {
             return Ok(());
         }
-        let prompt = &self.seqs[&id].prompt;
-        let Some((positions, data)) = cache.lookup(prompt, prompt.len() - 1) else {
+        let depth = prompt_depth(&self.cfg, self.model.loops, s);
+        let prompt = &s.prompt;
+        let Some((positions, data)) = cache.lookup(depth, prompt, prompt.len() - 1) else {
             return Ok(());
         };
         if self.adopt_kv(id, positions, &data)? {
@@ -697,8 +707,9 @@ impl<B: Backend> Engine<B> {
             if positions == 0 {
                 continue;
             }
+            let depth = prompt_depth(&self.cfg, self.model.loops, s);
             let (be, kv, layout, blocks) = (&self.model.backend, &self.kv, &self.layout, &s.kv.blocks);
-            cache.insert(&s.prompt, positions, |b| {
+            cache.insert(depth, &s.prompt, positions, |b| {
                 be.kv_export(kv, layout, &blocks[b..b + 1], bs)
             })?;
         }
@@ -1162,15 +1173,14 @@ impl<B: Backend> Engine<B> {
             return None;
         }
         if rule.criterion == Criterion::Gate {
-            let last = self.model.loops - 1;
-            let t_at = |d: usize| {
-                s.params
-                    .exit
-                    .threshold
-                    .or_else(|| rule.thresholds.get(d).copied().flatten())
-            };
-            let can_exit = (0..last).any(|d| t_at(d).is_some_and(|t| t < 1.0));
-            return can_exit.then(|| (Criterion::Gate, t_at(depth).unwrap_or(1.0)));
+            let t = s
+                .params
+                .exit
+                .threshold
+                .or_else(|| rule.thresholds.get(depth).copied().flatten());
+            return rule
+                .gate_can_exit(self.model.loops, &s.params.exit)
+                .then(|| (Criterion::Gate, t.unwrap_or(1.0)));
         }
         let t = s
             .params
@@ -1198,12 +1208,13 @@ impl<B: Backend> Engine<B> {
         // `EngineConfig::prompt_exits`. Each row's hazard starts from its flight's.
         let mut test_gate: Vec<(usize, f32)> = Vec::new();
         let mut hazard = hazards.to_vec();
-        let prompt_exits = self.cfg.prompt_exits && self.cfg.kv_fill == KvFill::Propagate;
         for (i, &(id, _, depth, emit)) in meta.iter().enumerate() {
             let Some(s) = self.seqs.get(&id) else { continue };
             if !emit {
                 if depth + 1 < loops {
-                    if prompt_exits && let Some((Criterion::Gate, t)) = self.threshold(s, depth) {
+                    if prompt_depth(&self.cfg, loops, s) != PromptDepth::Full
+                        && let Some((Criterion::Gate, t)) = self.threshold(s, depth)
+                    {
                         test_gate.push((i, t));
                     } else {
                         next.push(Flight::deeper(meta[i], i, 0.0));
@@ -1459,4 +1470,18 @@ fn top_n(logits: &[f32], n: usize, lse: f32) -> Vec<(u32, f32)> {
     idx.truncate(n);
     idx.sort_by(cmp);
     idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect()
+}
+
+/// How deep the prompt rows of `s` run: through the gate's exit test when prompt exits are on
+/// for it (its own switch, else the engine's), fill is propagated, it is not held at full
+/// depth, and the gate can let a token leave at all; otherwise every loop.
+fn prompt_depth(cfg: &EngineConfig, loops: usize, s: &Seq) -> PromptDepth {
+    let exit = &s.params.exit;
+    let on = exit.prompt_exits.unwrap_or(cfg.prompt_exits) && cfg.kv_fill == KvFill::Propagate && !exit.full_depth;
+    match &cfg.exit {
+        Some(rule) if on && rule.gate_can_exit(loops, exit) => PromptDepth::GateExits {
+            threshold: exit.threshold,
+        },
+        _ => PromptDepth::Full,
+    }
 }

@@ -8,17 +8,47 @@
 //! entry also keeps its tokens and its parent's key, and a hit compares them, so a hash
 //! collision can never hand out another prompt's keys/values.
 //!
-//! Exactness: an entry holds every unrolled layer of every position of its block, computed
-//! at full depth (prompt positions never exit; only positions before a prompt's last token
-//! are cached, and only once none of them is still in flight), and keys/values of a position
-//! depend only on the tokens up to it. With batch-invariant kernels a request served from the
-//! cache therefore produces the tokens it would have produced without it (tested).
+//! Exactness: an entry holds every unrolled layer of every position of its block (only
+//! positions before a prompt's last token are cached, and only once none of them is still in
+//! flight), and keys/values of a position depend only on the tokens up to it and on how deep
+//! the prompt's rows ran: every loop, or the gate's prompt exits under one threshold
+//! ([`PromptDepth`]). Each depth policy chains from its own root, so keys/values computed
+//! under one never serve a request under another. With batch-invariant kernels a request
+//! served from the cache therefore produces the tokens it would have produced without it
+//! (tested).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 /// Key of the first block's parent.
 const ROOT: u64 = 0x5252_5450_5245_4649;
+
+/// How deep a prompt's rows ran, which its keys/values depend on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PromptDepth {
+    /// Every prompt row ran every loop.
+    Full,
+    /// Prompt rows took the gate's exit test (`EngineConfig::prompt_exits` or the request's
+    /// own switch) under the request's threshold override (`None`: the calibrated ones).
+    GateExits { threshold: Option<f32> },
+}
+
+impl PromptDepth {
+    /// Key of the first block's parent under this policy.
+    fn root(self) -> u64 {
+        match self {
+            PromptDepth::Full => ROOT,
+            PromptDepth::GateExits { threshold } => chain(
+                ROOT,
+                &[
+                    0x4741_5445,
+                    threshold.is_some() as u32,
+                    threshold.map_or(0, f32::to_bits),
+                ],
+            ),
+        }
+    }
+}
 
 /// Chained key of a block of `tokens` after the block keyed `parent`.
 fn chain(parent: u64, tokens: &[u32]) -> u64 {
@@ -74,12 +104,12 @@ impl PrefixCache {
     }
 
     /// The keys/values of the longest cached prefix of `tokens` of at most `max_positions`
-    /// positions (whole blocks), position-major as [`rrt_kernels::Backend::kv_import`] takes
+    /// positions (whole blocks) computed under `depth`, position-major as [`rrt_kernels::Backend::kv_import`] takes
     /// them; `None` when not even the first block is cached.
-    pub fn lookup(&mut self, tokens: &[u32], max_positions: usize) -> Option<(usize, Vec<f32>)> {
+    pub fn lookup(&mut self, depth: PromptDepth, tokens: &[u32], max_positions: usize) -> Option<(usize, Vec<f32>)> {
         let bs = self.block_size;
         let blocks = max_positions.min(tokens.len()) / bs;
-        let mut parent = ROOT;
+        let mut parent = depth.root();
         let mut keys = Vec::new();
         for b in 0..blocks {
             let t = &tokens[b * bs..(b + 1) * bs];
@@ -103,11 +133,13 @@ impl PrefixCache {
         Some((keys.len() * bs, data))
     }
 
-    /// Caches the whole blocks of `tokens[..positions]` that are not cached yet; `export(b)`
+    /// Caches the whole blocks of `tokens[..positions]` (computed under `depth`) that are not
+    /// cached yet; `export(b)`
     /// gives block `b`'s keys/values. Least recently used blocks leave when over budget (a
     /// block larger than the whole budget is not kept).
     pub fn insert<E>(
         &mut self,
+        depth: PromptDepth,
         tokens: &[u32],
         positions: usize,
         mut export: impl FnMut(usize) -> Result<Vec<f32>, E>,
@@ -115,7 +147,7 @@ impl PrefixCache {
         let bs = self.block_size;
         let blocks = positions.min(tokens.len()) / bs;
         self.clock += 1;
-        let mut parent = ROOT;
+        let mut parent = depth.root();
         for b in 0..blocks {
             let t = &tokens[b * bs..(b + 1) * bs];
             let key = chain(parent, t);
@@ -202,20 +234,21 @@ mod tests {
     fn longest_cached_prefix_by_whole_blocks() {
         let mut c = PrefixCache::new(1 << 20, 4);
         let a: Vec<u32> = (0..13).collect();
-        c.insert(&a, 12, |b| ok(block_data(b, &a[b * 4..]))).unwrap();
+        c.insert(PromptDepth::Full, &a, 12, |b| ok(block_data(b, &a[b * 4..])))
+            .unwrap();
         assert_eq!(c.usage().blocks, 3);
         // Same first 9 tokens: two whole blocks match.
         let mut q = a[..9].to_vec();
         q.extend([100, 101, 102, 103]);
-        let (n, data) = c.lookup(&q, q.len() - 1).expect("hit");
+        let (n, data) = c.lookup(PromptDepth::Full, &q, q.len() - 1).expect("hit");
         assert_eq!(n, 8);
         assert_eq!(data, [block_data(0, &a[0..]), block_data(1, &a[4..])].concat());
         // At most max_positions: a prompt equal to the cached one keeps its last block back.
-        assert_eq!(c.lookup(&a[..12], 11).map(|h| h.0), Some(8));
+        assert_eq!(c.lookup(PromptDepth::Full, &a[..12], 11).map(|h| h.0), Some(8));
         // A different first block: no hit, even though later blocks are equal.
         let mut other = a.clone();
         other[0] = 99;
-        assert!(c.lookup(&other, 12).is_none());
+        assert!(c.lookup(PromptDepth::Full, &other, 12).is_none());
     }
 
     #[test]
@@ -224,16 +257,19 @@ mod tests {
         let mut c = PrefixCache::new(96, 2);
         let a = [1u32, 2, 3, 4];
         let b = [5u32, 6, 7, 8];
-        c.insert(&a, 4, |i| ok(block_data(i, &a[i * 2..]))).unwrap();
-        c.insert(&b, 4, |i| ok(block_data(i, &b[i * 2..]))).unwrap();
+        c.insert(PromptDepth::Full, &a, 4, |i| ok(block_data(i, &a[i * 2..])))
+            .unwrap();
+        c.insert(PromptDepth::Full, &b, 4, |i| ok(block_data(i, &b[i * 2..])))
+            .unwrap();
         // 4 blocks over a 3-block budget: a's deeper block went (a is the least recent).
         assert_eq!(c.usage().blocks, 3);
-        assert_eq!(c.lookup(&a, 4).map(|h| h.0), Some(2));
-        assert_eq!(c.lookup(&b, 4).map(|h| h.0), Some(4));
+        assert_eq!(c.lookup(PromptDepth::Full, &a, 4).map(|h| h.0), Some(2));
+        assert_eq!(c.lookup(PromptDepth::Full, &b, 4).map(|h| h.0), Some(4));
         assert!(c.usage().bytes <= 96);
         // A block larger than the budget is never kept.
         let mut tiny = PrefixCache::new(16, 2);
-        tiny.insert(&a, 4, |i| ok(block_data(i, &a[i * 2..]))).unwrap();
+        tiny.insert(PromptDepth::Full, &a, 4, |i| ok(block_data(i, &a[i * 2..])))
+            .unwrap();
         assert_eq!(tiny.usage().blocks, 0);
     }
 
@@ -241,10 +277,26 @@ mod tests {
     fn a_colliding_entry_is_never_handed_out() {
         let mut c = PrefixCache::new(1 << 20, 2);
         let a = [1u32, 2];
-        c.insert(&a, 2, |i| ok(block_data(i, &a))).unwrap();
+        c.insert(PromptDepth::Full, &a, 2, |i| ok(block_data(i, &a))).unwrap();
         // Forge a collision: the entry under a's key claims other tokens.
         let key = chain(ROOT, &a);
         c.entries.get_mut(&key).unwrap().tokens = vec![9, 9];
-        assert!(c.lookup(&a, 2).is_none());
+        assert!(c.lookup(PromptDepth::Full, &a, 2).is_none());
+    }
+
+    #[test]
+    fn keys_values_of_one_prompt_depth_never_serve_another() {
+        let mut c = PrefixCache::new(1 << 20, 4);
+        let a: Vec<u32> = (0..13).collect();
+        let gate = PromptDepth::GateExits { threshold: None };
+        let gate_half = PromptDepth::GateExits { threshold: Some(0.5) };
+        c.insert(gate, &a, 12, |b| ok(block_data(b, &a[b * 4..]))).unwrap();
+        assert!(c.lookup(PromptDepth::Full, &a, 12).is_none());
+        assert!(c.lookup(gate_half, &a, 12).is_none());
+        assert_eq!(c.lookup(gate, &a, 12).map(|h| h.0), Some(12));
+        c.insert(PromptDepth::Full, &a, 8, |b| ok(vec![-1.0; 8 + b])).unwrap();
+        let (n, data) = c.lookup(PromptDepth::Full, &a, 12).unwrap();
+        assert_eq!((n, data.len()), (8, 17), "its own blocks, not the gate's");
+        assert_eq!(c.usage().blocks, 5);
     }
 }

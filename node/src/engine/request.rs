@@ -18,6 +18,9 @@ pub struct ExitControl {
     /// Never run more than this many loops per token (the token is decoded after loop
     /// `max_loops`, whatever its score).
     pub max_loops: Option<usize>,
+    /// Let the prompt's tokens take the gate's exit test too (`Some(true)`), or run them at
+    /// full depth (`Some(false)`); `None`: the engine's `EngineConfig::prompt_exits`.
+    pub prompt_exits: Option<bool>,
     /// Loops to run for output token `i` (`schedule[i]`, clamped to `1..=B`); tokens past the
     /// end run full depth. This is how the benchmark replays an oracle exit pattern (the first
     /// loop whose argmax equals the final one, measured beforehand).

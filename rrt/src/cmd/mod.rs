@@ -23,6 +23,7 @@ pub mod eval;
 pub mod eval_exit;
 pub mod generate;
 pub mod node;
+pub mod plot_frontier;
 pub mod plot_uptrain;
 pub mod quantize;
 pub mod random_model;
