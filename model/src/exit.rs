@@ -323,6 +323,31 @@ pub fn calibrate(samples: &LoopSamples, target: f64) -> Calibrated {
     }
 }
 
+/// The calibration whose expected mean loops stay within `max_mean_loops`, at the highest
+/// agreement target that allows it: every target on a 0.001 grid of (0, 1] is calibrated
+/// (mean loops need not fall monotonically with the target, loop by loop choices interact),
+/// and of those within the budget the one agreeing most with full depth is kept (fewer loops
+/// on a tie). Returns the target and its calibration; `None` when no target is within the
+/// budget (below one loop, or no samples).
+pub fn calibrate_for_loops(samples: &LoopSamples, max_mean_loops: f64) -> Option<(f64, Calibrated)> {
+    let mut best: Option<(f64, Calibrated)> = None;
+    for step in 1..=1000 {
+        let target = step as f64 / 1000.0;
+        let c = calibrate(samples, target);
+        if c.tokens == 0 || c.mean_loops > max_mean_loops + 1e-12 {
+            continue;
+        }
+        let better = match &best {
+            None => true,
+            Some((_, b)) => (c.agreement, -c.mean_loops) > (b.agreement, -b.mean_loops),
+        };
+        if better {
+            best = Some((target, c));
+        }
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,5 +413,39 @@ mod gate_tests {
         assert!(!gate_exits(gate_hazard(-2.0), 0.5));
         assert!(gate_exits(gate_hazard(0.1), 0.5));
         assert!(gate_exits(0.0, 0.0));
+    }
+
+    #[test]
+    fn a_loop_budget_picks_the_most_agreeing_calibration_within_it() {
+        // Two loops before the last, 8 tokens: scores rank agreeing tokens first.
+        let s0: Vec<(f32, bool)> = vec![
+            (0.9, true),
+            (0.8, true),
+            (0.7, false),
+            (0.6, true),
+            (0.5, false),
+            (0.4, false),
+            (0.3, true),
+            (0.2, false),
+        ];
+        let s1: Vec<(f32, bool)> = s0.iter().map(|&(sc, _)| (sc, true)).collect();
+        let samples = vec![s0, s1];
+        let full = calibrate(&samples, 1.0);
+        let (t, c) = calibrate_for_loops(&samples, 3.0).unwrap();
+        assert_eq!(c.agreement, 1.0, "no budget pressure: full agreement ({t})");
+        assert!(c.mean_loops <= full.mean_loops);
+        for budget in [1.0, 1.3, 1.5, 1.75, 2.0] {
+            let (t, c) = calibrate_for_loops(&samples, budget).unwrap();
+            assert!(c.mean_loops <= budget + 1e-12, "{budget}: {c:?}");
+            // No target on the grid does better within the budget.
+            for step in 1..=1000 {
+                let o = calibrate(&samples, step as f64 / 1000.0);
+                if o.mean_loops <= budget + 1e-12 {
+                    assert!(o.agreement <= c.agreement, "{budget}: target {t} against {step}");
+                }
+            }
+        }
+        assert!(calibrate_for_loops(&samples, 0.9).is_none());
+        assert!(calibrate_for_loops(&vec![Vec::new(), Vec::new()], 2.0).is_none());
     }
 }

@@ -393,5 +393,38 @@ fn calibrate_fit_gate_writes_a_gate_that_reproduces_its_calibration() {
         !r.status.success() && err.contains("self-generated") && !err.contains("panicked"),
         "{err}"
     );
+    // To a loop budget: the written thresholds keep within it on the calibration tokens.
+    let budget = [
+        "calibrate",
+        "--model",
+        ck.to_str().unwrap(),
+        "--text",
+        &text,
+        "--tokens",
+        "768",
+        "--criterion",
+        "gate",
+        "--json",
+        "--mean-loops",
+    ];
+    let mut args = budget.to_vec();
+    args.push("1.3");
+    let within: serde_json::Value = serde_json::from_str(stdout(&rrt(&args)).trim()).unwrap();
+    let c = cfg();
+    let loops = within["mean_loops"].as_f64().unwrap();
+    assert!((1.0..=1.3).contains(&loops), "{within}");
+    assert_eq!(c["exit"]["thresholds"], within["thresholds"]);
+    assert_eq!(c["exit"]["calibration"]["mean_loops_budget"], 1.3);
+    assert_eq!(c["exit"]["calibration"]["expected_mean_loops"], within["mean_loops"]);
+    let t = c["exit"]["target_agreement"].as_f64().unwrap();
+    assert!(t > 0.0 && t <= 1.0, "{c}");
+    let mut args = budget.to_vec();
+    args.push("0.5");
+    let r = rrt(&args);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("--mean-loops") && !err.contains("panicked"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&base).unwrap();
 }

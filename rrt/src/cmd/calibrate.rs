@@ -2,7 +2,9 @@
 
 use super::ModelArg;
 use anyhow::{Context, Result, bail};
-use rrt_model::exit::{Criterion, calibrate, collect_samples_with, self_generated, trace_loops_with};
+use rrt_model::exit::{
+    Criterion, calibrate, calibrate_for_loops, collect_samples_with, self_generated, trace_loops_with,
+};
 use rrt_model::exit_fit::{FitOptions, fit_gate};
 use std::path::PathBuf;
 
@@ -33,6 +35,11 @@ pub struct Args {
     /// (with --json: one line per target, --agreement first).
     #[arg(long, value_delimiter = ',')]
     pub also_agreement: Vec<f64>,
+    /// Calibrate to a compute budget instead of --agreement: the highest agreement target
+    /// whose expected mean loops per token on the calibration tokens stay within this many
+    /// (at least 1). Speed follows mean loops (BENCHMARKS.md, "The exit frontier").
+    #[arg(long)]
+    pub mean_loops: Option<f64>,
     /// Exit criterion (default: max-prob; gate with --fit-gate).
     #[arg(long, value_enum)]
     pub criterion: Option<CriterionArg>,
@@ -77,6 +84,11 @@ pub fn run(a: Args) -> Result<()> {
         if !(t > 0.0 && t <= 1.0) {
             bail!("--agreement must be in (0, 1], got {t}");
         }
+    }
+    if let Some(l) = a.mean_loops
+        && !(l.is_finite() && l >= 1.0)
+    {
+        bail!("--mean-loops must be a number of loops, at least 1, got {l}");
     }
     let dir = a.model.path()?;
     let mut cfg = rrt_model::checkpoint::read_config(&dir)
@@ -158,8 +170,18 @@ pub fn run(a: Args) -> Result<()> {
         bar.finish_and_clear();
         (s, None)
     };
-    let c = calibrate(&samples, a.agreement);
-    for (i, &t) in std::iter::once(&a.agreement).chain(&a.also_agreement).enumerate() {
+    let (target, c) = match a.mean_loops {
+        Some(l) => {
+            let (t, c) = calibrate_for_loops(&samples, l)
+                .with_context(|| format!("no calibration keeps within {l} mean loops on these tokens"))?;
+            if !a.quiet && !a.json {
+                eprintln!("within {l} mean loops: target agreement {t}");
+            }
+            (t, c)
+        }
+        None => (a.agreement, calibrate(&samples, a.agreement)),
+    };
+    for (i, &t) in std::iter::once(&target).chain(&a.also_agreement).enumerate() {
         let ci = if i == 0 { c.clone() } else { calibrate(&samples, t) };
         if a.quiet {
             continue;
@@ -177,12 +199,13 @@ pub fn run(a: Args) -> Result<()> {
         cfg.exit = rrt_model::checkpoint::ExitConfig {
             criterion: Some(criterion),
             thresholds: c.thresholds.clone(),
-            target_agreement: Some(a.agreement),
+            target_agreement: Some(target),
             calibration: serde_json::json!({
                 "text": a.text.display().to_string(),
                 "tokens": c.tokens,
                 "expected_exit_fraction": c.exit_fraction,
                 "expected_mean_loops": c.mean_loops,
+                "mean_loops_budget": a.mean_loops,
                 "fitted_gate": fitted,
                 "self_generated": (a.self_generated > 0).then(|| serde_json::json!({
                     "prompts": a.self_generated,

@@ -170,6 +170,7 @@ pub fn default_checkpoint(cfg: &crate::config::ServeConfig) -> Result<PathBuf> {
             text: text.clone(),
             agreement: 0.95,
             also_agreement: Vec::new(),
+            mean_loops: None,
             criterion: Some(super::calibrate::CriterionArg::MaxProb),
             fit_gate: false,
             gate_l2: rrt_model::exit_fit::FitOptions::default().l2,
