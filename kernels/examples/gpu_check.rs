@@ -602,13 +602,13 @@ fn check_attention(cx: &mut Ctx<'_>, s: &Shapes, block_size: usize, n: usize) {
     let (tables, ctx_len, pool) = random_pool(cx.rng, &layout, seqs, per_seq);
     let n_blocks = pool.len() / layout.block_floats();
     let all: Vec<u32> = (0..n_blocks as u32).collect();
-    let mut pc = pool.clone();
+    let mut pc = rrt_kernels::CpuKv::F32(pool.clone());
     let mut pg = gpu.kv_pool(layout, n_blocks).must();
     gpu.kv_import(
         &mut pg,
         &layout,
         &all,
-        &cpu.kv_export(&pool, &layout, &all, n_blocks * block_size).must(),
+        &cpu.kv_export(&pc, &layout, &all, n_blocks * block_size).must(),
     )
     .keep();
     // Rows: sequence i % seqs at its last positions, loop depth i % LOOPS.

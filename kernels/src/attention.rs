@@ -1,13 +1,120 @@
 //! Causal grouped-query attention over a paged KV cache.
 //!
-//! The cache is one flat `f32` pool of fixed-size blocks. A block holds `block_size`
+//! The cache is one flat pool of fixed-size blocks, of `f32` or `f16` values ([`KvValue`]:
+//! f16 halves the bytes every attention call reads, as llama.cpp's default cache type does;
+//! values are widened to f32 exactly on load, and all arithmetic stays f32). A block holds `block_size`
 //! consecutive positions of one sequence for *every* layer of the (unrolled) model, keys and
 //! values separately: `[layer][k|v][slot][kv_heads * head_dim]`. A sequence owns a block table
 //! (block ids in position order), so position `p` lives in block `table[p / block_size]`,
 //! slot `p % block_size`.
 
 use crate::elementwise::{axpy, dot, softmax_inplace};
+use half::f16;
 use rayon::prelude::*;
+
+/// The value type a CPU KV pool stores (`node.kv_dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    /// Exact: what the layer computed (the default, and the reference).
+    #[default]
+    F32,
+    /// Half the bytes per position (more sequences per byte, half the bytes attention reads);
+    /// values rounded to f16 once when written.
+    F16,
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => Err(format!("`{other}` is not a KV cache type (f32, f16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+static KV_DTYPE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the value type of the CPU KV pools this process creates from now on (a process-wide
+/// setting like [`crate::set_cpu_products`]; pools already made keep theirs). The library
+/// default is [`KvDtype::F32`].
+pub fn set_cpu_kv_dtype(d: KvDtype) {
+    KV_DTYPE.store(d as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current process-wide [`KvDtype`] for new CPU KV pools.
+pub fn cpu_kv_dtype() -> KvDtype {
+    match KV_DTYPE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => KvDtype::F16,
+        _ => KvDtype::F32,
+    }
+}
+
+/// A value type of the KV pool.
+pub trait KvValue: Copy + Send + Sync + 'static {
+    fn from_f32(v: f32) -> Self;
+    /// `s` as f32: itself for f32, widened into `buf` (exactly) for f16.
+    fn as_f32<'a>(s: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+    /// 16 values from `p`, widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512F is enabled and `p` points to 16 readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl KvValue for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+
+    #[inline(always)]
+    fn as_f32<'a>(s: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
+        s
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl KvValue for f16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+
+    #[inline(always)]
+    fn as_f32<'a>(s: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
+        let buf = &mut buf[..s.len()];
+        for (b, v) in buf.iter_mut().zip(s) {
+            *b = v.to_f32();
+        }
+        buf
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (f16 is 16 bits, `repr(transparent)`).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+}
 
 /// Geometry of the paged KV pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,10 +171,10 @@ pub struct AttnShape {
 ///
 /// `q` and `out` are `rows.len() x (n_heads * head_dim)`. Rows are independent: each reads the
 /// keys and values that are already in `pool` (write the batch's own keys first).
-pub fn attention_paged(
+pub fn attention_paged<T: KvValue>(
     q: &[f32],
     rows: &[AttnRow<'_>],
-    pool: &[f32],
+    pool: &[T],
     layout: &KvLayout,
     shape: AttnShape,
     out: &mut [f32],
@@ -78,7 +185,7 @@ pub fn attention_paged(
     debug_assert_eq!(out.len(), q.len());
     // One task per (row, KV head): the `group` query heads that share a KV head are computed
     // together, so each key and value vector is read once for all of them.
-    let simd = group_kernel(group, hd);
+    let simd = group_kernel::<T>(group, hd);
     let work = |(idx, o): (usize, &mut [f32])| {
         let (r, kvh) = (idx / layout.n_kv_heads, idx % layout.n_kv_heads);
         let task = GroupTask::new(q, &rows[r], r, kvh, group, layout, shape);
@@ -143,7 +250,7 @@ impl<'a> GroupTask<'a> {
     }
 
     /// The key (`kind` 0) or value (1) vector of this KV head at position `p`.
-    fn kv<'p>(&self, pool: &'p [f32], kind: usize, p: usize) -> &'p [f32] {
+    fn kv<'p, T>(&self, pool: &'p [T], kind: usize, p: usize) -> &'p [T] {
         let l = self.layout;
         let b = self.row.blocks[p / l.block_size];
         let off = l.offset(b, self.row.layer, kind, p % l.block_size) + self.kvh * l.head_dim;
@@ -152,12 +259,13 @@ impl<'a> GroupTask<'a> {
 
     /// The portable version: [`dot`] per (query head, key), softmax, [`axpy`] per (query
     /// head, value).
-    fn run_scalar(&self, pool: &[f32], o: &mut [f32]) {
+    fn run_scalar<T: KvValue>(&self, pool: &[T], o: &mut [f32]) {
         let (hd, group, len) = (self.layout.head_dim, self.group, self.len());
+        let mut buf = vec![0f32; hd];
         // scores[g * len + i]: query head g of the group, position start + i.
         let mut scores = vec![0f32; group * len];
         for (i, p) in (self.start..=self.row.pos).enumerate() {
-            let key = self.kv(pool, 0, p);
+            let key = T::as_f32(self.kv(pool, 0, p), &mut buf);
             for g in 0..group {
                 scores[g * len + i] = dot(&self.qg[g * hd..(g + 1) * hd], key) * self.scale;
             }
@@ -167,7 +275,7 @@ impl<'a> GroupTask<'a> {
         }
         o.fill(0.0);
         for (i, p) in (self.start..=self.row.pos).enumerate() {
-            let val = self.kv(pool, 1, p);
+            let val = T::as_f32(self.kv(pool, 1, p), &mut buf);
             for g in 0..group {
                 axpy(scores[g * len + i], val, &mut o[g * hd..(g + 1) * hd]);
             }
@@ -176,11 +284,11 @@ impl<'a> GroupTask<'a> {
 }
 
 /// A SIMD version of [`GroupTask::run_scalar`] for one (group, head_dim) shape.
-type GroupKernel = unsafe fn(&GroupTask<'_>, &[f32], &mut [f32]);
+type GroupKernel<T> = unsafe fn(&GroupTask<'_>, &[T], &mut [f32]);
 
 /// The AVX-512 kernel for this shape (groups of 1-4 query heads, head_dim 32, 64 or 128), if
 /// the CPU has AVX-512F; `None` runs the portable version.
-fn group_kernel(group: usize, head_dim: usize) -> Option<GroupKernel> {
+fn group_kernel<T: KvValue>(group: usize, head_dim: usize) -> Option<GroupKernel<T>> {
     #[cfg(target_arch = "x86_64")]
     {
         if !std::arch::is_x86_feature_detected!("avx512f") {
@@ -189,7 +297,7 @@ fn group_kernel(group: usize, head_dim: usize) -> Option<GroupKernel> {
         macro_rules! pick {
             ($(($g:literal, $v:literal)),*) => {
                 match (group, head_dim) {
-                    $(($g, hd) if hd == $v * 16 => Some(avx512::group::<$g, $v> as GroupKernel),)*
+                    $(($g, hd) if hd == $v * 16 => Some(avx512::group::<T, $g, $v> as GroupKernel<T>),)*
                     _ => None,
                 }
             };
@@ -264,7 +372,11 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn group<const G: usize, const V: usize>(t: &GroupTask<'_>, pool: &[f32], o: &mut [f32]) {
+    pub(super) unsafe fn group<T: KvValue, const G: usize, const V: usize>(
+        t: &GroupTask<'_>,
+        pool: &[T],
+        o: &mut [f32],
+    ) {
         let hd = V * 16;
         assert!(
             t.layout.head_dim == hd && t.group == G && t.qg.len() == G * hd && o.len() == G * hd,
@@ -282,12 +394,12 @@ mod avx512 {
             let whole = len / 16 * 16;
             let scale = _mm512_set1_ps(t.scale);
             for i0 in (0..whole).step_by(16) {
-                let keys: [*const f32; 16] = std::array::from_fn(|j| t.kv(pool, 0, t.start + i0 + j).as_ptr());
+                let keys: [*const T; 16] = std::array::from_fn(|j| t.kv(pool, 0, t.start + i0 + j).as_ptr());
                 for (g, qh) in q.iter().enumerate() {
                     let acc: [__m512; 16] = std::array::from_fn(|j| {
                         let mut a = _mm512_setzero_ps();
                         for (v, qv) in qh.iter().enumerate() {
-                            a = _mm512_fmadd_ps(*qv, _mm512_loadu_ps(keys[j].add(16 * v)), a);
+                            a = _mm512_fmadd_ps(*qv, T::load16(keys[j].add(16 * v)), a);
                         }
                         a
                     });
@@ -297,7 +409,7 @@ mod avx512 {
             }
             for (i, p) in (t.start..=t.row.pos).enumerate().skip(whole) {
                 let key = t.kv(pool, 0, p);
-                let k: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(key.as_ptr().add(16 * v)));
+                let k: [__m512; V] = std::array::from_fn(|v| T::load16(key.as_ptr().add(16 * v)));
                 for (g, qh) in q.iter().enumerate() {
                     let mut acc = _mm512_setzero_ps();
                     for v in 0..V {
@@ -312,7 +424,7 @@ mod avx512 {
             let mut acc = [[_mm512_setzero_ps(); V]; G];
             for (i, p) in (t.start..=t.row.pos).enumerate() {
                 let val = t.kv(pool, 1, p);
-                let x: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(val.as_ptr().add(16 * v)));
+                let x: [__m512; V] = std::array::from_fn(|v| T::load16(val.as_ptr().add(16 * v)));
                 for (g, ag) in acc.iter_mut().enumerate() {
                     let w = _mm512_set1_ps(scores[g * len + i]);
                     for v in 0..V {
@@ -368,11 +480,70 @@ mod tests {
         out
     }
 
+    /// An f16 cache gives exactly what an f32 cache holding the same (f16-rounded) values
+    /// gives, through the AVX-512 kernel and the portable version alike: values are widened
+    /// exactly and every operation after that is the f32 one.
+    #[test]
+    fn an_f16_cache_equals_an_f32_cache_of_its_values() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for (group, hd) in [(3, 64), (1, 128), (3, 16)] {
+            let layout = KvLayout {
+                n_layers: 2,
+                block_size: 16,
+                n_kv_heads: 2,
+                head_dim: hd,
+            };
+            let n_heads = group * 2;
+            let pool16: Vec<f16> = (0..4 * layout.block_floats())
+                .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+                .collect();
+            let pool32: Vec<f32> = pool16.iter().map(|v| v.to_f32()).collect();
+            let table = [2u32, 0, 3, 1];
+            let rows: Vec<AttnRow<'_>> = [0usize, 15, 37, 63]
+                .iter()
+                .map(|&pos| AttnRow {
+                    blocks: &table,
+                    pos,
+                    layer: 1,
+                })
+                .collect();
+            let q: Vec<f32> = (0..rows.len() * n_heads * hd)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            let shape = AttnShape {
+                n_heads,
+                window: None,
+                scale: 0.125,
+            };
+            let (mut a, mut b) = (vec![f32::NAN; q.len()], vec![f32::NAN; q.len()]);
+            attention_paged(&q, &rows, &pool16, &layout, shape, &mut a);
+            attention_paged(&q, &rows, &pool32, &layout, shape, &mut b);
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "group {group} head_dim {hd}"
+            );
+            for kvh in 0..2 {
+                let t = GroupTask::new(&q, &rows[3], 3, kvh, group, &layout, shape);
+                let mut scalar = vec![f32::NAN; group * hd];
+                t.run_scalar(&pool16, &mut scalar);
+                let o = (3 * n_heads + kvh * group) * hd;
+                assert!(
+                    scalar
+                        .iter()
+                        .zip(&b[o..o + group * hd])
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "portable f16, group {group} head_dim {hd}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn simd_kernel_gives_the_portable_bits() {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            assert!(group_kernel(3, 64).is_some(), "SmolLM2's shape has a kernel");
+            assert!(group_kernel::<f32>(3, 64).is_some(), "SmolLM2's shape has a kernel");
+            assert!(group_kernel::<f16>(3, 64).is_some(), "also over an f16 cache");
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
         for (group, hd) in [(3, 64), (1, 128), (2, 32), (4, 64), (3, 16)] {
@@ -411,7 +582,7 @@ mod tests {
                     let t = GroupTask::new(&q, &row, 0, kvh, group, &layout, shape);
                     let mut a = vec![f32::NAN; group * hd];
                     t.run_scalar(&pool, &mut a);
-                    let Some(k) = group_kernel(group, hd) else {
+                    let Some(k) = group_kernel::<f32>(group, hd) else {
                         // No AVX-512 here, or a shape without a kernel: nothing to compare.
                         continue;
                     };

@@ -323,6 +323,11 @@ pub trait Backend: Send + Sync + 'static {
     fn to_host(&self, buf: &Self::Buf) -> Result<Vec<f32>, BackendError>;
     /// A KV pool of `n_blocks` blocks of `layout`.
     fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> Result<Self::Kv, BackendError>;
+    /// Bytes of one stored key or value element in the pools this backend makes now (what
+    /// a KV byte budget is divided by).
+    fn kv_value_bytes(&self) -> usize {
+        4
+    }
     /// Bytes of resident memory one matrix takes.
     fn matrix_bytes(&self, m: &Self::Mat) -> usize;
 
@@ -675,10 +680,48 @@ pub fn lora_groups(
     }
 }
 
+/// The CPU backend's KV pool: f32 values, or f16 ([`crate::set_cpu_kv_dtype`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum CpuKv {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl CpuKv {
+    /// A pool of `n` zeros of type `dtype`.
+    pub fn zeros(dtype: crate::KvDtype, n: usize) -> Self {
+        match dtype {
+            crate::KvDtype::F32 => CpuKv::F32(vec![0f32; n]),
+            crate::KvDtype::F16 => CpuKv::F16(vec![half::f16::ZERO; n]),
+        }
+    }
+
+    /// Writes `v` (f32) at `off`, rounded to the pool's type.
+    #[inline]
+    fn put(&mut self, off: usize, v: &[f32]) {
+        match self {
+            CpuKv::F32(p) => p[off..off + v.len()].copy_from_slice(v),
+            CpuKv::F16(p) => {
+                use half::slice::HalfFloatSliceExt;
+                p[off..off + v.len()].convert_from_f32_slice(v)
+            }
+        }
+    }
+
+    /// Appends `len` values from `off` to `out`, as f32.
+    #[inline]
+    fn get(&self, off: usize, len: usize, out: &mut Vec<f32>) {
+        match self {
+            CpuKv::F32(p) => out.extend_from_slice(&p[off..off + len]),
+            CpuKv::F16(p) => out.extend(p[off..off + len].iter().map(|v| v.to_f32())),
+        }
+    }
+}
+
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Mat = CpuMatrix;
-    type Kv = Vec<f32>;
+    type Kv = CpuKv;
     type Rows = HostRows;
 
     fn prepare_rows(&self, sets: Vec<HostRows>) -> Result<Vec<HostRows>, BackendError> {
@@ -715,8 +758,15 @@ impl Backend for CpuBackend {
         Ok(buf.clone())
     }
 
-    fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> Result<Vec<f32>, BackendError> {
-        Ok(vec![0f32; n_blocks * layout.block_floats()])
+    fn kv_pool(&self, layout: KvLayout, n_blocks: usize) -> Result<CpuKv, BackendError> {
+        Ok(CpuKv::zeros(crate::cpu_kv_dtype(), n_blocks * layout.block_floats()))
+    }
+
+    fn kv_value_bytes(&self) -> usize {
+        match crate::cpu_kv_dtype() {
+            crate::KvDtype::F32 => 4,
+            crate::KvDtype::F16 => 2,
+        }
     }
 
     fn matrix_bytes(&self, m: &CpuMatrix) -> usize {
@@ -807,7 +857,7 @@ impl Backend for CpuBackend {
 
     fn kv_write(
         &self,
-        kv: &mut Vec<f32>,
+        kv: &mut CpuKv,
         layout: &KvLayout,
         src: &Vec<f32>,
         ld: usize,
@@ -818,17 +868,15 @@ impl Backend for CpuBackend {
         let kd = layout.kv_dim();
         for (i, s) in slots.iter().enumerate() {
             let row = &src[i * ld..(i + 1) * ld];
-            let ko = layout.offset(s.block, s.layer, 0, s.slot);
-            kv[ko..ko + kd].copy_from_slice(&row[k_col0..k_col0 + kd]);
-            let vo = layout.offset(s.block, s.layer, 1, s.slot);
-            kv[vo..vo + kd].copy_from_slice(&row[v_col0..v_col0 + kd]);
+            kv.put(layout.offset(s.block, s.layer, 0, s.slot), &row[k_col0..k_col0 + kd]);
+            kv.put(layout.offset(s.block, s.layer, 1, s.slot), &row[v_col0..v_col0 + kd]);
         }
         Ok(())
     }
 
     fn kv_export(
         &self,
-        kv: &Vec<f32>,
+        kv: &CpuKv,
         layout: &KvLayout,
         blocks: &[u32],
         positions: usize,
@@ -839,28 +887,23 @@ impl Backend for CpuBackend {
             let (block, slot) = (blocks[p / layout.block_size], p % layout.block_size);
             for l in 0..layout.n_layers {
                 for kind in 0..2 {
-                    let o = layout.offset(block, l, kind, slot);
-                    out.extend_from_slice(&kv[o..o + kd]);
+                    kv.get(layout.offset(block, l, kind, slot), kd, &mut out);
                 }
             }
         }
         Ok(out)
     }
 
-    fn kv_import(
-        &self,
-        kv: &mut Vec<f32>,
-        layout: &KvLayout,
-        blocks: &[u32],
-        data: &[f32],
-    ) -> Result<(), BackendError> {
+    fn kv_import(&self, kv: &mut CpuKv, layout: &KvLayout, blocks: &[u32], data: &[f32]) -> Result<(), BackendError> {
         let kd = layout.kv_dim();
         for (i, v) in data.chunks_exact(kd).enumerate() {
             let kind = i % 2;
             let l = (i / 2) % layout.n_layers;
             let p = i / (2 * layout.n_layers);
-            let o = layout.offset(blocks[p / layout.block_size], l, kind, p % layout.block_size);
-            kv[o..o + kd].copy_from_slice(v);
+            kv.put(
+                layout.offset(blocks[p / layout.block_size], l, kind, p % layout.block_size),
+                v,
+            );
         }
         Ok(())
     }
@@ -870,7 +913,7 @@ impl Backend for CpuBackend {
         qkv: &Vec<f32>,
         ld: usize,
         rows: &[AttnRow<'_>],
-        kv: &Vec<f32>,
+        kv: &CpuKv,
         layout: &KvLayout,
         shape: AttnShape,
         out: &mut Vec<f32>,
@@ -880,7 +923,11 @@ impl Backend for CpuBackend {
         for (i, qr) in q.chunks_exact_mut(qd).enumerate() {
             qr.copy_from_slice(&qkv[i * ld..i * ld + qd]);
         }
-        attention_paged(&q, rows, kv, layout, shape, &mut out[..rows.len() * qd]);
+        let out = &mut out[..rows.len() * qd];
+        match kv {
+            CpuKv::F32(p) => attention_paged(&q, rows, p, layout, shape, out),
+            CpuKv::F16(p) => attention_paged(&q, rows, p, layout, shape, out),
+        }
         Ok(())
     }
 
@@ -967,6 +1014,70 @@ mod tests {
 
     fn rand_vec(n: usize, rng: &mut impl Rng) -> Vec<f32> {
         (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// An f16 pool: written keys/values come back rounded to f16 (export), an import of
+    /// those comes back unchanged, and attention over it equals attention over an f32 pool
+    /// holding the same rounded values, bit for bit.
+    #[test]
+    fn an_f16_pool_rounds_once_and_attends_like_f32_of_its_values() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let be = CpuBackend;
+        let layout = KvLayout {
+            n_layers: 2,
+            block_size: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+        };
+        let kd = layout.kv_dim();
+        let (n_heads, ld) = (4, 4 * 16 + 2 * kd);
+        let blocks = [3u32, 1];
+        let positions = 6;
+        let mut f16 = CpuKv::zeros(crate::KvDtype::F16, 4 * layout.block_floats());
+        let mut f32p = CpuKv::zeros(crate::KvDtype::F32, 4 * layout.block_floats());
+        let src = rand_vec(positions * ld, &mut rng);
+        for layer in 0..layout.n_layers {
+            let slots: Vec<KvSlot> = (0..positions)
+                .map(|p| KvSlot {
+                    layer,
+                    block: blocks[p / 4],
+                    slot: p % 4,
+                })
+                .collect();
+            be.kv_write(&mut f16, &layout, &src, ld, 4 * 16, 4 * 16 + kd, &slots)
+                .unwrap();
+        }
+        let out = be.kv_export(&f16, &layout, &blocks, positions).unwrap();
+        assert_eq!(out.len(), positions * layout.n_layers * 2 * kd);
+        // Position-major export: position 2, layer 1, values = src's value columns, rounded.
+        let at = ((2 * layout.n_layers + 1) * 2 + 1) * kd;
+        let want: Vec<f32> = src[2 * ld + 4 * 16 + kd..2 * ld + 4 * 16 + 2 * kd]
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
+        assert_eq!(&out[at..at + kd], &want[..]);
+        be.kv_import(&mut f32p, &layout, &blocks, &out).unwrap();
+        let mut again = CpuKv::zeros(crate::KvDtype::F16, 4 * layout.block_floats());
+        be.kv_import(&mut again, &layout, &blocks, &out).unwrap();
+        assert_eq!(be.kv_export(&again, &layout, &blocks, positions).unwrap(), out);
+        let q = rand_vec(3 * ld, &mut rng);
+        let rows: Vec<AttnRow<'_>> = (3..6)
+            .map(|pos| AttnRow {
+                blocks: &blocks,
+                pos,
+                layer: 1,
+            })
+            .collect();
+        let shape = AttnShape {
+            n_heads,
+            window: None,
+            scale: 0.25,
+        };
+        let (mut a, mut b) = (vec![0f32; 3 * n_heads * 16], vec![0f32; 3 * n_heads * 16]);
+        be.attention(&q, ld, &rows, &f16, &layout, shape, &mut a).unwrap();
+        be.attention(&q, ld, &rows, &f32p, &layout, shape, &mut b).unwrap();
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(a.iter().any(|v| *v != 0.0));
     }
 
     /// The fused product against a float64 reference that applies each row's own adapter

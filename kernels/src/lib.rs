@@ -23,8 +23,8 @@ pub mod qmatmul;
 pub mod rope;
 pub mod skinny;
 
-pub use attention::{AttnRow, AttnShape, KvLayout, attention_paged};
-pub use backend::{Backend, BackendError, CpuBackend, CpuMatrix, HeadTop, MatrixData};
+pub use attention::{AttnRow, AttnShape, KvDtype, KvLayout, KvValue, attention_paged, cpu_kv_dtype, set_cpu_kv_dtype};
+pub use backend::{Backend, BackendError, CpuBackend, CpuKv, CpuMatrix, HeadTop, MatrixData};
 pub use elementwise::{add_inplace, axpy, dot, logsumexp, rmsnorm, silu_mul, softmax_inplace};
 pub use matmul::{MatmulMode, matmul_nt};
 pub use pool::on_compute_pool;

@@ -27,7 +27,7 @@ struct Reducing {
 impl Backend for Reducing {
     type Buf = Vec<f32>;
     type Mat = CpuMatrix;
-    type Kv = Vec<f32>;
+    type Kv = rrt_kernels::CpuKv;
     type Rows = rrt_kernels::backend::HostRows;
     fn prepare_rows(
         &self,
@@ -50,8 +50,11 @@ impl Backend for Reducing {
     fn to_host(&self, b: &Vec<f32>) -> Result<Vec<f32>, BackendError> {
         Ok(b.clone())
     }
-    fn kv_pool(&self, l: KvLayout, n: usize) -> Result<Vec<f32>, BackendError> {
+    fn kv_pool(&self, l: KvLayout, n: usize) -> Result<rrt_kernels::CpuKv, BackendError> {
         self.cpu.kv_pool(l, n)
+    }
+    fn kv_value_bytes(&self) -> usize {
+        self.cpu.kv_value_bytes()
     }
     fn matrix_bytes(&self, m: &CpuMatrix) -> usize {
         self.cpu.matrix_bytes(m)
@@ -95,7 +98,7 @@ impl Backend for Reducing {
     #[allow(clippy::too_many_arguments)]
     fn kv_write(
         &self,
-        kv: &mut Vec<f32>,
+        kv: &mut rrt_kernels::CpuKv,
         l: &KvLayout,
         s: &Vec<f32>,
         ld: usize,
@@ -105,10 +108,10 @@ impl Backend for Reducing {
     ) -> Result<(), BackendError> {
         self.cpu.kv_write(kv, l, s, ld, k0, v0, slots)
     }
-    fn kv_export(&self, kv: &Vec<f32>, l: &KvLayout, b: &[u32], p: usize) -> Result<Vec<f32>, BackendError> {
+    fn kv_export(&self, kv: &rrt_kernels::CpuKv, l: &KvLayout, b: &[u32], p: usize) -> Result<Vec<f32>, BackendError> {
         self.cpu.kv_export(kv, l, b, p)
     }
-    fn kv_import(&self, kv: &mut Vec<f32>, l: &KvLayout, b: &[u32], d: &[f32]) -> Result<(), BackendError> {
+    fn kv_import(&self, kv: &mut rrt_kernels::CpuKv, l: &KvLayout, b: &[u32], d: &[f32]) -> Result<(), BackendError> {
         self.cpu.kv_import(kv, l, b, d)
     }
     #[allow(clippy::too_many_arguments)]
@@ -117,7 +120,7 @@ impl Backend for Reducing {
         qkv: &Vec<f32>,
         ld: usize,
         rows: &[AttnRow<'_>],
-        kv: &Vec<f32>,
+        kv: &rrt_kernels::CpuKv,
         l: &KvLayout,
         s: AttnShape,
         out: &mut Vec<f32>,

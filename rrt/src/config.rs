@@ -25,6 +25,7 @@
 //! | `node.device` | `cpu` | `cpu`, `cuda` or `cuda:N`: the engine's backend (CUDA needs a `--features cuda` build; unusable: CPU with a warning) |
 //! | `node.gpu_weights` | `bf16` | `bf16` or `f16`: weight precision on a GPU (f32 accumulation) |
 //! | `node.cpu_products` | `exact` | `exact` or `int8`: products with Q4_1 / Q8_0 weights on the CPU (exact f32, or 8-bit activations and integer dot products as llama.cpp: faster, perplexity +1 %, greedy near-ties can flip) |
+//! | `node.kv_dtype` | `f32` | `f32` or `f16`: the CPU KV cache's value type (`f16`: half the bytes per position, twice the positions per `kv_mib`, attention reads half; values rounded once as llama.cpp's default cache does) |
 //! | `node.prefix_cache_mib` | 256 | host memory for the prefix cache (keys/values of prompt blocks reused by later prompts with the same prefix; 0: off) |
 //! | `coordinator.grpc_listen` | `127.0.0.1:7300` | client gRPC (`rrt.v1.Generation`) address |
 //! | `coordinator.http_listen` | `127.0.0.1:8080` | OpenAI-compatible HTTP address |
@@ -183,7 +184,29 @@ pub struct NodeConfig {
     pub device: rrt_node::Device,
     pub gpu_weights: rrt_node::GpuWeights,
     pub cpu_products: CpuProducts,
+    pub kv_dtype: KvDtype,
     pub prefix_cache_mib: usize,
+}
+
+/// The value type of the CPU KV cache (`node.kv_dtype`; one setting per process).
+///
+/// `f32` keeps what each layer computed (the reference); `f16` halves the cache's bytes, so
+/// the same `node.kv_mib` holds twice the positions and attention reads half the bytes, at
+/// the rounding llama.cpp's default cache type also makes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+/// Sets the process's CPU KV cache type from `node.kv_dtype`.
+pub fn apply_kv_dtype(d: KvDtype) {
+    rrt_kernels::set_cpu_kv_dtype(match d {
+        KvDtype::F32 => rrt_kernels::KvDtype::F32,
+        KvDtype::F16 => rrt_kernels::KvDtype::F16,
+    });
 }
 
 /// How the CPU multiplies activations with quantized (Q4_1 / Q8_0) weights
@@ -239,6 +262,7 @@ impl Default for NodeConfig {
             device: rrt_node::Device::Cpu,
             gpu_weights: rrt_node::GpuWeights::Bf16,
             cpu_products: CpuProducts::Exact,
+            kv_dtype: KvDtype::F32,
             prefix_cache_mib: 256,
         }
     }

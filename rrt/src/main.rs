@@ -83,6 +83,14 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         }
+        match config::figment(None).extract_inner::<config::KvDtype>("node.kv_dtype") {
+            Ok(d) => config::apply_kv_dtype(d),
+            Err(e) if e.missing() => {}
+            Err(e) => {
+                eprintln!("error: node.kv_dtype: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
     }
     let result: Result<()> = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),

@@ -576,12 +576,12 @@ mod tests {
         let mut got = vec![0f32; n_blocks * l.block_floats()];
         let (d, s) = kv_write_offsets(&l, &slots, ld, kd + 1, 2 * kd + 1);
         copy_vecs(&mut got, &d, &src, &s, kd);
-        assert_eq!(got, want);
+        assert_eq!(crate::CpuKv::F32(got), want);
 
         // Export of 6 positions over blocks [4, 1] from a pool of distinct values.
         let pool: Vec<f32> = (0..n_blocks * l.block_floats()).map(|i| i as f32).collect();
         let blocks = [4u32, 1];
-        let want = be.kv_export(&pool, &l, &blocks, 6).unwrap();
+        let want = be.kv_export(&crate::CpuKv::F32(pool.clone()), &l, &blocks, 6).unwrap();
         let offs = kv_export_offsets(&l, &blocks, 6);
         let mut got = vec![0f32; offs.len() * kd];
         let dst = row_offsets(0..offs.len(), kd);
@@ -589,12 +589,12 @@ mod tests {
         assert_eq!(got, want);
 
         // Import is the same list the other way round.
-        let mut want_pool = vec![0f32; pool.len()];
+        let mut want_pool = crate::CpuKv::F32(vec![0f32; pool.len()]);
         be.kv_import(&mut want_pool, &l, &[2, 0], &want).unwrap();
         let mut got_pool = vec![0f32; pool.len()];
         let offs = kv_export_offsets(&l, &[2, 0], 6);
         copy_vecs(&mut got_pool, &offs, &want, &dst, kd);
-        assert_eq!(got_pool, want_pool);
+        assert_eq!(crate::CpuKv::F32(got_pool), want_pool);
     }
 
     #[test]

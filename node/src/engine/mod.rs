@@ -470,14 +470,14 @@ impl<B: Backend> Engine<B> {
             );
         }
         let layout = model.kv_layout(cfg.block_size);
-        let n_blocks = cfg.kv_bytes / (layout.block_floats() * 4);
+        let block_bytes = layout.block_floats() * model.backend.kv_value_bytes();
+        let n_blocks = cfg.kv_bytes / block_bytes;
         if n_blocks == 0 {
             return cerr(
                 "kv_bytes",
                 format!(
-                    "{} bytes hold no KV block (one block takes {} bytes)",
-                    cfg.kv_bytes,
-                    layout.block_floats() * 4
+                    "{} bytes hold no KV block (one block takes {block_bytes} bytes)",
+                    cfg.kv_bytes
                 ),
             );
         }

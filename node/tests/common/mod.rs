@@ -147,7 +147,7 @@ mod faulty {
     impl Backend for Faulty {
         type Buf = Vec<f32>;
         type Mat = CpuMatrix;
-        type Kv = Vec<f32>;
+        type Kv = rrt_kernels::CpuKv;
         type Rows = HostRows;
         fn prepare_rows(&self, sets: Vec<HostRows>) -> Result<Vec<HostRows>, BackendError> {
             if self.armed.load(Ordering::Relaxed) {
@@ -173,8 +173,11 @@ mod faulty {
         fn to_host(&self, b: &Vec<f32>) -> Result<Vec<f32>, BackendError> {
             Ok(b.clone())
         }
-        fn kv_pool(&self, l: KvLayout, n: usize) -> Result<Vec<f32>, BackendError> {
+        fn kv_pool(&self, l: KvLayout, n: usize) -> Result<rrt_kernels::CpuKv, BackendError> {
             self.cpu.kv_pool(l, n)
+        }
+        fn kv_value_bytes(&self) -> usize {
+            self.cpu.kv_value_bytes()
         }
         fn matrix_bytes(&self, m: &CpuMatrix) -> usize {
             self.cpu.matrix_bytes(m)
@@ -223,7 +226,7 @@ mod faulty {
         }
         fn kv_write(
             &self,
-            kv: &mut Vec<f32>,
+            kv: &mut rrt_kernels::CpuKv,
             l: &KvLayout,
             s: &Vec<f32>,
             ld: usize,
@@ -233,10 +236,22 @@ mod faulty {
         ) -> Result<(), BackendError> {
             self.cpu.kv_write(kv, l, s, ld, k0, v0, slots)
         }
-        fn kv_export(&self, kv: &Vec<f32>, l: &KvLayout, b: &[u32], p: usize) -> Result<Vec<f32>, BackendError> {
+        fn kv_export(
+            &self,
+            kv: &rrt_kernels::CpuKv,
+            l: &KvLayout,
+            b: &[u32],
+            p: usize,
+        ) -> Result<Vec<f32>, BackendError> {
             self.cpu.kv_export(kv, l, b, p)
         }
-        fn kv_import(&self, kv: &mut Vec<f32>, l: &KvLayout, b: &[u32], d: &[f32]) -> Result<(), BackendError> {
+        fn kv_import(
+            &self,
+            kv: &mut rrt_kernels::CpuKv,
+            l: &KvLayout,
+            b: &[u32],
+            d: &[f32],
+        ) -> Result<(), BackendError> {
             self.cpu.kv_import(kv, l, b, d)
         }
         fn attention(
@@ -244,7 +259,7 @@ mod faulty {
             qkv: &Vec<f32>,
             ld: usize,
             rows: &[AttnRow<'_>],
-            kv: &Vec<f32>,
+            kv: &rrt_kernels::CpuKv,
             l: &KvLayout,
             s: AttnShape,
             out: &mut Vec<f32>,

@@ -71,6 +71,9 @@ pub struct Args {
     /// `int8` or `exact`: how the CPU multiplies with quantized weights (`node.cpu_products`).
     #[arg(long)]
     pub cpu_products: Option<String>,
+    /// `f32` or `f16`: the CPU KV cache's value type (`node.kv_dtype`).
+    #[arg(long)]
+    pub kv_dtype: Option<String>,
     #[command(flatten)]
     pub telemetry: super::TelemetryArgs,
 }
@@ -101,6 +104,7 @@ impl Args {
         flag!(device, "node.device");
         flag!(gpu_weights, "node.gpu_weights");
         flag!(cpu_products, "node.cpu_products");
+        flag!(kv_dtype, "node.kv_dtype");
         self.telemetry.apply(f)
     }
 }
@@ -109,6 +113,7 @@ pub fn run(a: Args) -> Result<()> {
     let cfg = crate::config::extract(&a.figment())?;
     let _telemetry = rrt_telemetry::init(&cfg.telemetry, "rrt-node", "warn")?;
     crate::config::apply_cpu_products(cfg.node.cpu_products);
+    crate::config::apply_kv_dtype(cfg.node.kv_dtype);
     let lm = ModelArg {
         model: cfg.model.clone(),
     }

@@ -41,6 +41,9 @@ pub struct Args {
     /// `int8` or `exact`: how the CPU multiplies with quantized weights (`node.cpu_products`).
     #[arg(long)]
     pub cpu_products: Option<String>,
+    /// `f32` or `f16`: the CPU KV cache's value type (`node.kv_dtype`).
+    #[arg(long)]
+    pub kv_dtype: Option<String>,
     #[command(flatten)]
     pub telemetry: super::TelemetryArgs,
 }
@@ -56,6 +59,7 @@ impl Args {
         let f = flag(f, "coordinator.grpc_listen", &self.grpc_listen);
         let f = flag(f, "node.kv_mib", &self.kv_mib);
         let f = flag(f, "node.cpu_products", &self.cpu_products);
+        let f = flag(f, "node.kv_dtype", &self.kv_dtype);
         self.telemetry.apply(f)
     }
 }
@@ -241,6 +245,7 @@ pub fn run(a: Args) -> Result<()> {
     // Conversion (first run) computes exactly; serving uses the configured products.
     let specs = models_to_serve(&cfg)?;
     crate::config::apply_cpu_products(cfg.node.cpu_products);
+    crate::config::apply_kv_dtype(cfg.node.kv_dtype);
     let n = cfg.serve.nodes;
     let mut models = Vec::with_capacity(n * specs.len());
     for spec in &specs {
