@@ -240,6 +240,53 @@ fn fill_rows_write_the_keys_and_values_of_a_full_row() {
     }
 }
 
+/// The B = 3 checkpoint of these tests with a fixed gate whose logits on real states
+/// straddle 0, so that tokens exit after every loop (thresholds 0.6, 0.45), and a 48-token
+/// prompt of real text.
+struct GateSetup {
+    lm: LoadedModel,
+    tok: std::sync::Arc<rrt_model::tokenizer::Tokenizer>,
+    gate: rrt_model::weights::ExitGate,
+    prompt: Vec<u32>,
+}
+
+impl GateSetup {
+    fn new() -> Self {
+        let lm = converted(3, 16);
+        let tok = std::sync::Arc::new(lm.tokenizer.clone());
+        let ids = lm.tokenizer.encode(&shakespeare()[..20_000], false, false).unwrap();
+        let h = lm.model.config.hidden;
+        let gate = rrt_model::weights::ExitGate {
+            w: (0..h).map(|i| 0.02 * ((i * 7919 % 97) as f32 / 48.0 - 1.0)).collect(),
+            b: 0.0,
+        };
+        GateSetup {
+            prompt: ids[500..548].to_vec(),
+            lm,
+            tok,
+            gate,
+        }
+    }
+
+    /// An engine over a copy of the model with the gate, `cfg` with the gate's exit rule.
+    fn engine(&self, cfg: EngineConfig) -> rrt_node::Engine<rrt_kernels::CpuBackend> {
+        let mut m = copy_model(&self.lm);
+        m.weights.exit_gate = Some(self.gate.clone());
+        let rule = rrt_node::ExitRule {
+            criterion: rrt_model::exit::Criterion::Gate,
+            thresholds: vec![Some(0.6), Some(0.45)],
+        };
+        engine(
+            m,
+            self.tok.clone(),
+            EngineConfig {
+                exit: Some(rule),
+                ..cfg
+            },
+        )
+    }
+}
+
 /// Prompt exits (`EngineConfig::prompt_exits`): a prompt prefilled with its rows taking the
 /// gate's exit test (each row's own hazard, deeper keys/values propagated from its exit state)
 /// leaves the keys and values that feeding the same tokens one at a time as forced decoded
@@ -249,36 +296,14 @@ fn fill_rows_write_the_keys_and_values_of_a_full_row() {
 /// the pass's attention (`ResidentModel::pass`) the log-probabilities differ.
 #[test]
 fn prompt_exits_equal_feeding_the_prompt_as_forced_tokens() {
-    use rrt_model::exit::Criterion;
-    use rrt_model::weights::ExitGate;
-    use rrt_node::ExitRule;
-    let lm = converted(3, 16);
-    let tok = std::sync::Arc::new(lm.tokenizer.clone());
-    let ids = lm.tokenizer.encode(&shakespeare()[..20_000], false, false).unwrap();
-    let p = ids[500..548].to_vec();
-    let h = lm.model.config.hidden;
-    // A fixed gate whose logits on real states straddle 0, so that tokens exit at every loop.
-    let gate = ExitGate {
-        w: (0..h).map(|i| 0.02 * ((i * 7919 % 97) as f32 / 48.0 - 1.0)).collect(),
-        b: 0.0,
-    };
-    let rule = ExitRule {
-        criterion: Criterion::Gate,
-        thresholds: vec![Some(0.6), Some(0.45)],
-    };
+    let g = GateSetup::new();
+    let p = g.prompt.clone();
     let n = 10;
     let run = |prompt: Vec<u32>, forced: Option<Vec<u32>>, max_tokens: usize, prompt_exits: bool| {
-        let mut m = copy_model(&lm);
-        m.weights.exit_gate = Some(gate.clone());
-        let mut eng = engine(
-            m,
-            tok.clone(),
-            EngineConfig {
-                exit: Some(rule.clone()),
-                prompt_exits,
-                ..Default::default()
-            },
-        );
+        let mut eng = g.engine(EngineConfig {
+            prompt_exits,
+            ..Default::default()
+        });
         let mut params = greedy(max_tokens);
         params.ignore_eos = true;
         params.forced = forced;
@@ -325,34 +350,14 @@ fn prompt_exits_equal_feeding_the_prompt_as_forced_tokens() {
 /// what it returns alone, and a request under the same policy hits the cache.
 #[test]
 fn prompt_exits_per_request_and_the_prefix_cache_keeps_policies_apart() {
-    use rrt_model::exit::Criterion;
-    use rrt_model::weights::ExitGate;
-    use rrt_node::ExitRule;
-    let lm = converted(3, 16);
-    let tok = std::sync::Arc::new(lm.tokenizer.clone());
-    let ids = lm.tokenizer.encode(&shakespeare()[..20_000], false, false).unwrap();
-    let p = ids[500..548].to_vec();
-    let h = lm.model.config.hidden;
-    let gate = ExitGate {
-        w: (0..h).map(|i| 0.02 * ((i * 7919 % 97) as f32 / 48.0 - 1.0)).collect(),
-        b: 0.0,
-    };
+    let g = GateSetup::new();
+    let p = g.prompt.clone();
     let new_engine = |prompt_exits: bool, cache: bool| {
-        let mut m = copy_model(&lm);
-        m.weights.exit_gate = Some(gate.clone());
-        engine(
-            m,
-            tok.clone(),
-            EngineConfig {
-                exit: Some(ExitRule {
-                    criterion: Criterion::Gate,
-                    thresholds: vec![Some(0.6), Some(0.45)],
-                }),
-                prompt_exits,
-                prefix_cache_bytes: if cache { 64 << 20 } else { 0 },
-                ..Default::default()
-            },
-        )
+        g.engine(EngineConfig {
+            prompt_exits,
+            prefix_cache_bytes: if cache { 64 << 20 } else { 0 },
+            ..Default::default()
+        })
     };
     type Out = Vec<(u32, usize, f32)>;
     let run = |eng: &mut rrt_node::Engine<rrt_kernels::CpuBackend>, switch: Option<bool>| -> (Out, u64) {
