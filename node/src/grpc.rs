@@ -412,10 +412,12 @@ impl NodeService {
         self.inner.draining.store(true, Ordering::Relaxed);
     }
 
-    /// Resolves once no export stream is being sent (a draining node waits for this before
-    /// it closes its connections: a cut export makes the peer recompute the prompt).
-    pub async fn exports_sent(&self) {
-        self.inner.outbound.streams_done().await
+    /// Resolves once no export stream is being sent and the coordinator released every
+    /// export (or [`crate::outbound::RETAIN_FOR`] passed): a draining node waits for this
+    /// before it closes its connections, since a cut export makes the peer recompute the
+    /// prompt.
+    pub async fn exports_settled(&self) {
+        self.inner.outbound.settled().await
     }
 
     /// `Export`'s stream for `state`: the header, then whole positions up to [`CHUNK_BYTES`]
@@ -605,6 +607,10 @@ impl pb::node_server::Node for NodeService {
     }
 
     async fn cancel(&self, req: GrpcRequest<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
+        // A moved request: the coordinator is done with its export.
+        if self.inner.outbound.release(&req.get_ref().request_id) {
+            return Ok(Response::new(pb::CancelResponse { found: true }));
+        }
         let id = self
             .inner
             .ids

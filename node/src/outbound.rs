@@ -4,8 +4,14 @@
 //! hands the state over), but the transfer can still break: a connection cut mid-stream
 //! leaves the peer with nothing. So the node keeps each exported state for a while
 //! ([`Outbound`]): the coordinator can ask for the same request again and get the same bytes,
-//! instead of replaying its prompt on the peer. And a draining node does not start closing
-//! its connections while an export is still being streamed ([`Outbound::streams_done`]).
+//! instead of replaying its prompt on the peer.
+//!
+//! An export is done when the coordinator says so, not when its last chunk left this process:
+//! written bytes can still be lost in the kernel when the process exits (a socket closed with
+//! unread input is reset, and what it had not sent yet goes with it). The coordinator releases
+//! each export it asked for (`Node/Cancel` of the moved request, [`Outbound::release`]) once
+//! the peer holds the state or it gave up and replays; a draining node closes its connections
+//! only after every export is released or [`RETAIN_FOR`] has passed ([`Outbound::settled`]).
 
 use crate::engine::KvState;
 use std::collections::HashMap;
@@ -14,25 +20,42 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// How long an exported state can be asked for again.
+/// How long an exported state can be asked for again (and a draining node waits for its
+/// release at most).
 pub const RETAIN_FOR: Duration = Duration::from_secs(30);
+
+/// One export not yet released: its bytes when the budget kept them.
+struct Exported {
+    state: Option<Arc<KvState>>,
+    at: Instant,
+}
+
+impl Exported {
+    fn live(&self) -> bool {
+        self.at.elapsed() < RETAIN_FOR
+    }
+
+    fn bytes(&self) -> usize {
+        self.state.as_ref().map_or(0, |s| s.data.len() * 4)
+    }
+}
 
 /// Exported states by coordinator request id, and the export streams still being sent.
 pub struct Outbound {
-    retained: Mutex<HashMap<String, (Arc<KvState>, Instant)>>,
+    exported: Mutex<HashMap<String, Exported>>,
     max_bytes: usize,
-    streams: Arc<Streams>,
+    shared: Arc<Shared>,
 }
 
 #[derive(Default)]
-struct Streams {
+struct Shared {
     open: AtomicUsize,
     changed: Notify,
 }
 
 /// One export stream being sent; dropped with the stream (when its last chunk has gone, or
 /// the client went away).
-pub struct StreamGuard(Arc<Streams>);
+pub struct StreamGuard(Arc<Shared>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
@@ -45,63 +68,98 @@ impl Outbound {
     /// Keeps at most `max_bytes` of exported keys/values (the oldest go first).
     pub fn new(max_bytes: usize) -> Self {
         Self {
-            retained: Mutex::new(HashMap::new()),
+            exported: Mutex::new(HashMap::new()),
             max_bytes,
-            streams: Arc::default(),
+            shared: Arc::default(),
         }
     }
 
-    /// Keeps `state`, exported for request `rid`, for [`RETAIN_FOR`]; returns it shared.
+    /// Records `state`, exported for request `rid`, as unreleased and keeps its bytes for
+    /// [`RETAIN_FOR`] within the budget; returns it shared.
     pub fn retain(&self, rid: &str, state: KvState) -> Arc<KvState> {
         let state = Arc::new(state);
-        let bytes = |s: &KvState| s.data.len() * 4;
-        if bytes(&state) > self.max_bytes {
-            return state;
-        }
-        let mut m = self.retained.lock().expect("outbound lock");
-        m.retain(|_, (_, at)| at.elapsed() < RETAIN_FOR);
-        let mut held: usize = m.values().map(|(s, _)| bytes(s)).sum();
-        while held + bytes(&state) > self.max_bytes {
-            let Some(oldest) = m.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone()) else {
-                break;
-            };
-            if let Some((s, _)) = m.remove(&oldest) {
-                held -= bytes(&s);
+        let bytes = state.data.len() * 4;
+        let mut m = self.exported.lock().expect("outbound lock");
+        m.retain(|_, e| e.live());
+        let keep = bytes <= self.max_bytes;
+        if keep {
+            let mut held: usize = m.values().map(Exported::bytes).sum();
+            while held + bytes > self.max_bytes {
+                let Some(oldest) = m.values_mut().filter(|e| e.state.is_some()).min_by_key(|e| e.at) else {
+                    break;
+                };
+                held -= oldest.bytes();
+                oldest.state = None;
             }
         }
-        m.insert(rid.to_string(), (state.clone(), Instant::now()));
+        m.insert(
+            rid.to_string(),
+            Exported {
+                state: keep.then(|| state.clone()),
+                at: Instant::now(),
+            },
+        );
         state
     }
 
     /// The state exported for `rid` within [`RETAIN_FOR`], if still held.
     pub fn again(&self, rid: &str) -> Option<Arc<KvState>> {
-        let m = self.retained.lock().expect("outbound lock");
-        m.get(rid)
-            .filter(|(_, at)| at.elapsed() < RETAIN_FOR)
-            .map(|(s, _)| s.clone())
+        let m = self.exported.lock().expect("outbound lock");
+        m.get(rid).filter(|e| e.live()).and_then(|e| e.state.clone())
+    }
+
+    /// The coordinator is done with the export of `rid` (the peer holds it, or the request
+    /// replays): its bytes go. False when `rid` was not exported (or not within
+    /// [`RETAIN_FOR`]).
+    pub fn release(&self, rid: &str) -> bool {
+        let gone = self.exported.lock().expect("outbound lock").remove(rid);
+        self.shared.changed.notify_waiters();
+        gone.is_some_and(|e| e.live())
+    }
+
+    /// Exports not released yet (within [`RETAIN_FOR`]).
+    pub fn unreleased(&self) -> usize {
+        self.exported
+            .lock()
+            .expect("outbound lock")
+            .values()
+            .filter(|e| e.live())
+            .count()
     }
 
     /// Counts one more export stream until the guard drops.
     pub fn stream(&self) -> StreamGuard {
-        self.streams.open.fetch_add(1, Ordering::AcqRel);
-        StreamGuard(self.streams.clone())
+        self.shared.open.fetch_add(1, Ordering::AcqRel);
+        StreamGuard(self.shared.clone())
     }
 
     /// Export streams being sent now.
     pub fn open_streams(&self) -> usize {
-        self.streams.open.load(Ordering::Acquire)
+        self.shared.open.load(Ordering::Acquire)
     }
 
-    /// Resolves once no export stream is being sent.
-    pub async fn streams_done(&self) {
+    /// When the oldest unreleased export stops counting.
+    fn next_expiry(&self) -> Option<Instant> {
+        let m = self.exported.lock().expect("outbound lock");
+        m.values().filter(|e| e.live()).map(|e| e.at + RETAIN_FOR).min()
+    }
+
+    /// Resolves once no export stream is being sent and every export was released (or is
+    /// older than [`RETAIN_FOR`]).
+    pub async fn settled(&self) {
         loop {
-            let changed = self.streams.changed.notified();
+            let changed = self.shared.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.open_streams() == 0 {
+            if self.open_streams() == 0 && self.unreleased() == 0 {
                 return;
             }
-            changed.await;
+            match self.next_expiry() {
+                Some(at) => {
+                    let _ = tokio::time::timeout_at(at.into(), changed).await;
+                }
+                None => changed.await,
+            }
         }
     }
 }
@@ -125,7 +183,7 @@ mod tests {
         o.retain("a", state(60));
         assert_eq!(o.again("a").unwrap().data.len(), 60);
         assert!(o.again("b").is_none());
-        // 60 + 60 floats do not fit in 100: "a" goes.
+        // 60 + 60 floats do not fit in 100: "a"'s bytes go (it still awaits its release).
         o.retain("b", state(60));
         assert!(o.again("a").is_none());
         assert_eq!(o.again("b").unwrap().tokens, vec![1, 2]);
@@ -134,17 +192,25 @@ mod tests {
         assert_eq!(big.data.len(), 200);
         assert!(o.again("c").is_none());
         assert!(o.again("b").is_some());
+        assert_eq!(o.unreleased(), 3);
+        assert!(o.release("a") && o.release("c"));
+        assert!(!o.release("a"), "released once");
+        assert!(!o.release("never"));
+        assert_eq!(o.unreleased(), 1);
+        assert!(o.release("b"));
+        assert!(o.again("b").is_none(), "a released export's bytes go");
     }
 
     #[tokio::test]
-    async fn streams_done_waits_for_every_guard() {
-        let o = Arc::new(Outbound::new(0));
-        o.streams_done().await;
+    async fn settled_waits_for_every_stream_and_every_release() {
+        let o = Arc::new(Outbound::new(1 << 20));
+        o.settled().await;
         let g1 = o.stream();
         let g2 = o.stream();
+        o.retain("x", state(10));
         let waiter = {
             let o = o.clone();
-            tokio::spawn(async move { o.streams_done().await })
+            tokio::spawn(async move { o.settled().await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
@@ -152,6 +218,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "one stream is still open");
         drop(g2);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "sent, but not released");
+        assert!(o.release("x"));
         tokio::time::timeout(Duration::from_secs(2), waiter)
             .await
             .unwrap()

@@ -243,8 +243,8 @@ pub async fn serve(
                         let _ = engine.shutdown(false).await;
                     }
                     // Requests that moved to peers may still be streaming their keys/values:
-                    // the connections close after those are sent.
-                    if tokio::time::timeout_at(deadline, service.exports_sent()).await.is_err() {
+                    // the connections close once the coordinator released them all.
+                    if tokio::time::timeout_at(deadline, service.exports_settled()).await.is_err() {
                         tracing::warn!("drain deadline passed with keys/values still being exported");
                     }
                 }

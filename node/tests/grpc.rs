@@ -204,3 +204,80 @@ async fn a_broken_export_can_be_asked_for_again() {
     assert_eq!(ticket, "m");
     let _ = std::fs::remove_file(&weights);
 }
+
+/// A draining node keeps its connections open until the coordinator released what it
+/// exported (`Cancel` of the moved request): bytes written but not yet delivered would be
+/// lost with the process. Released, it stops at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_waits_for_its_exports_to_be_released() {
+    let weights = std::env::temp_dir().join(format!("rrt-export-release-{}", std::process::id()));
+    std::fs::write(&weights, b"stand-in weights for the fingerprint").unwrap();
+    let (handle, thread) = EngineHandle::spawn(
+        engine(tiny_model(4, 2, 2, 31), tokenizer(), EngineConfig::default()),
+        16,
+    );
+    let watch = rrt_node::supervisor::EngineWatch::spawn(thread, |_| {});
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = NodeService::new("node-a", served(&tiny_model(4, 2, 2, 31), tokenizer()), handle.clone());
+    svc.set_fingerprint_source(weights.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(rrt_node::server::serve(
+        listener,
+        svc,
+        handle,
+        watch,
+        std::time::Duration::from_secs(20),
+        None,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut client = NodeClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut s = client
+        .run(pb::RunRequest {
+            request_id: "m".into(),
+            prompt: (0..12).map(|p| 200 + 7 * p).collect(),
+            max_new_tokens: 3000,
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        assert!(s.message().await.unwrap().is_some());
+    }
+    let mut st = client
+        .export(pb::ExportRequest { request_id: "m".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut chunks = 0;
+    while st.message().await.unwrap().is_some() {
+        chunks += 1;
+    }
+    assert!(chunks >= 2, "header and data");
+    while s.message().await.unwrap().is_some() {}
+    // SIGTERM: nothing runs any more, every byte was sent, but the export is not released.
+    stop.send(()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert!(
+        !serving.is_finished(),
+        "the node stopped before its export was released"
+    );
+    let found = client
+        .cancel(pb::CancelRequest { request_id: "m".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .found;
+    assert!(found, "the export was there to release");
+    drop(client);
+    tokio::time::timeout(std::time::Duration::from_secs(5), serving)
+        .await
+        .expect("released: the node stops")
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&weights);
+}
