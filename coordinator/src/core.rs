@@ -805,8 +805,8 @@ impl Coordinator {
 
     /// Moves request `id` off node `from` with its state: `Export` there, piped into `Import`
     /// on the peer the request would be routed to now (the coordinator holds one chunk at a
-    /// time). Once the old node exported, it is told the export is done with (`Cancel`),
-    /// whatever came of it: a draining node keeps its connections open until then.
+    /// time). The pump releases the export on the old node once its stream said "moved"
+    /// (`RequestPump::release_export`).
     pub(crate) async fn move_kv(
         &self,
         run: &pb::RunRequest,
@@ -827,23 +827,10 @@ impl Coordinator {
         let Some(mut to) = self.registry.client(&target) else {
             return KvMove::Kept(tonic::Status::unavailable("no connection to the peer"));
         };
-        let mut exported = false;
-        let moved = self.transfer(id, from, client, &target, &mut to, &mut exported).await;
-        if exported {
-            let mut old = client.clone();
-            let req = pb::CancelRequest {
-                request_id: id.to_string(),
-            };
-            let timeout = self.cfg.node_timeout;
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(timeout, old.cancel(req)).await;
-            });
-        }
-        moved
+        self.transfer(id, from, client, &target, &mut to).await
     }
 
-    /// `Export` on `client` piped into `Import` on `to`; `exported` turns true once the old
-    /// node let go of the request. A transfer whose export stream broke, or that the peer
+    /// `Export` on `client` piped into `Import` on `to`. A transfer whose export stream broke, or that the peer
     /// refused as malformed (cut short), is tried once more: the old node keeps what it
     /// exported for a while (`rrt_node::outbound`) and sends the same bytes again.
     async fn transfer(
@@ -853,7 +840,6 @@ impl Coordinator {
         client: &mut NodeClient,
         target: &str,
         to: &mut NodeClient,
-        exported: &mut bool,
     ) -> KvMove {
         for attempt in 0..EXPORT_ATTEMPTS {
             let req = pb::ExportRequest {
@@ -871,7 +857,6 @@ impl Coordinator {
                 Err(_) if attempt == 0 => return KvMove::Kept(tonic::Status::deadline_exceeded("export timed out")),
                 Err(_) => return KvMove::HandedOff,
             };
-            *exported = true;
             // A broken export ends the import short, which the peer refuses.
             let broke = Arc::new(Mutex::new(None::<tonic::Status>));
             let chunks = {

@@ -190,6 +190,7 @@ impl RequestPump {
     /// The old node let go of the request after its last token: continue on the peer holding
     /// its keys/values, or replay it anywhere.
     async fn on_moved(&mut self) -> Next {
+        self.release_export();
         self.run.generated = self.generated();
         let opened = match self.switching.take() {
             Some((to, ticket)) => {
@@ -216,6 +217,21 @@ impl RequestPump {
         }
     }
 
+    /// Tells the old node that the coordinator is done with the request's export (`Cancel`):
+    /// its stream said "moved" and the keys/values are on a peer or the request replays. A
+    /// draining node keeps its connections open until every export is released
+    /// (`rrt_node::outbound`).
+    fn release_export(&self) {
+        let mut old = self.client.clone();
+        let req = pb::CancelRequest {
+            request_id: self.id.clone(),
+        };
+        let timeout = self.coord.config().node_timeout;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(timeout, old.cancel(req)).await;
+        });
+    }
+
     /// The node failed the request (died, froze past the keepalive, or broke the stream):
     /// resume it elsewhere from its prompt and the tokens already streamed, unless the error
     /// is the request's own fault or it has moved too often.
@@ -231,7 +247,16 @@ impl RequestPump {
         self.coord.registry.mark_failed(&self.node);
         tracing::warn!(request = self.id, node = self.node, error = %e, "node failed mid-request; migrating");
         self.run.generated = self.generated();
-        match self.coord.open_run(&mut self.run).await {
+        let opened = match self.switching.take() {
+            // Its keys/values made it to a peer before the old stream broke.
+            Some((to, ticket)) => {
+                self.release_export();
+                self.run.kv_ticket = ticket;
+                self.coord.open_run_on(&to, &mut self.run).await
+            }
+            None => self.coord.open_run(&mut self.run).await,
+        };
+        match opened {
             Ok(o) => {
                 self.switch_to(o);
                 Next::Continue
