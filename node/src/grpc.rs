@@ -666,10 +666,21 @@ impl pb::node_server::Node for NodeService {
             return Err(Status::not_found(format!("request `{rid}` is not on this node")));
         };
         let (_, geo) = self.inner.engine.stats().await.map_err(status)?;
-        let Some(state) = self.inner.engine.export(id).await.map_err(status)? else {
-            return Err(Status::not_found(format!(
-                "request `{rid}` finished before it could move"
-            )));
+        // Counted before the engine lets go: a draining node whose engine just finished its
+        // last request must still wait for this export.
+        self.inner.outbound.reserve(&rid);
+        let state = match self.inner.engine.export(id).await {
+            Ok(Some(state)) => state,
+            Ok(None) => {
+                self.inner.outbound.release(&rid);
+                return Err(Status::not_found(format!(
+                    "request `{rid}` finished before it could move"
+                )));
+            }
+            Err(e) => {
+                self.inner.outbound.release(&rid);
+                return Err(status(e));
+            }
         };
         tracing::info!(
             request = rid,

@@ -74,32 +74,42 @@ impl Outbound {
         }
     }
 
-    /// Records `state`, exported for request `rid`, as unreleased and keeps its bytes for
-    /// [`RETAIN_FOR`] within the budget; returns it shared.
+    /// Keeps `state`, exported for request `rid` (reserved with [`Outbound::reserve`]), for
+    /// [`RETAIN_FOR`] within the budget; returns it shared. An export released (or expired)
+    /// since its reservation is not kept.
     pub fn retain(&self, rid: &str, state: KvState) -> Arc<KvState> {
         let state = Arc::new(state);
         let bytes = state.data.len() * 4;
         let mut m = self.exported.lock().expect("outbound lock");
         m.retain(|_, e| e.live());
-        let keep = bytes <= self.max_bytes;
-        if keep {
-            let mut held: usize = m.values().map(Exported::bytes).sum();
-            while held + bytes > self.max_bytes {
-                let Some(oldest) = m.values_mut().filter(|e| e.state.is_some()).min_by_key(|e| e.at) else {
-                    break;
-                };
-                held -= oldest.bytes();
-                oldest.state = None;
-            }
+        if bytes > self.max_bytes || !m.contains_key(rid) {
+            return state;
         }
+        let mut held: usize = m.values().map(Exported::bytes).sum();
+        while held + bytes > self.max_bytes {
+            let Some(oldest) = m.values_mut().filter(|e| e.state.is_some()).min_by_key(|e| e.at) else {
+                break;
+            };
+            held -= oldest.bytes();
+            oldest.state = None;
+        }
+        if let Some(e) = m.get_mut(rid) {
+            e.state = Some(state.clone());
+        }
+        state
+    }
+
+    /// Counts an export of `rid` about to be taken from the engine as unreleased (its bytes
+    /// follow with [`Outbound::retain`]; [`Outbound::release`] when the engine had nothing).
+    pub fn reserve(&self, rid: &str) {
+        let mut m = self.exported.lock().expect("outbound lock");
         m.insert(
             rid.to_string(),
             Exported {
-                state: keep.then(|| state.clone()),
+                state: None,
                 at: Instant::now(),
             },
         );
-        state
     }
 
     /// The state exported for `rid` within [`RETAIN_FOR`], if still held.
@@ -177,18 +187,23 @@ mod tests {
         }
     }
 
+    fn export(o: &Outbound, rid: &str, floats: usize) -> Arc<KvState> {
+        o.reserve(rid);
+        o.retain(rid, state(floats))
+    }
+
     #[test]
     fn a_retained_state_comes_back_the_same_and_the_oldest_go_over_budget() {
         let o = Outbound::new(4 * 100);
-        o.retain("a", state(60));
+        export(&o, "a", 60);
         assert_eq!(o.again("a").unwrap().data.len(), 60);
         assert!(o.again("b").is_none());
         // 60 + 60 floats do not fit in 100: "a"'s bytes go (it still awaits its release).
-        o.retain("b", state(60));
+        export(&o, "b", 60);
         assert!(o.again("a").is_none());
         assert_eq!(o.again("b").unwrap().tokens, vec![1, 2]);
         // Bigger than the whole budget: handed back, not kept, nothing else evicted.
-        let big = o.retain("c", state(200));
+        let big = export(&o, "c", 200);
         assert_eq!(big.data.len(), 200);
         assert!(o.again("c").is_none());
         assert!(o.again("b").is_some());
@@ -199,15 +214,25 @@ mod tests {
         assert_eq!(o.unreleased(), 1);
         assert!(o.release("b"));
         assert!(o.again("b").is_none(), "a released export's bytes go");
+        // Released while the engine was still letting go (the client went away): not kept.
+        o.reserve("d");
+        assert!(o.release("d"));
+        o.retain("d", state(10));
+        assert!(o.again("d").is_none());
+        assert_eq!(o.unreleased(), 0);
     }
 
     #[tokio::test]
     async fn settled_waits_for_every_stream_and_every_release() {
         let o = Arc::new(Outbound::new(1 << 20));
         o.settled().await;
+        o.reserve("r");
+        assert_eq!(o.unreleased(), 1, "reserved before the engine let go");
+        assert!(o.again("r").is_none(), "no bytes yet");
+        assert!(o.release("r"));
         let g1 = o.stream();
         let g2 = o.stream();
-        o.retain("x", state(10));
+        export(&o, "x", 10);
         let waiter = {
             let o = o.clone();
             tokio::spawn(async move { o.settled().await })
