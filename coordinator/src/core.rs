@@ -830,9 +830,10 @@ impl Coordinator {
         self.transfer(id, from, client, &target, &mut to).await
     }
 
-    /// `Export` on `client` piped into `Import` on `to`. A transfer whose export stream broke, or that the peer
-    /// refused as malformed (cut short), is tried once more: the old node keeps what it
-    /// exported for a while (`rrt_node::outbound`) and sends the same bytes again.
+    /// `Export` on `client` piped into `Import` on `to`. A transfer whose export stream broke,
+    /// or that the peer refused as malformed (cut short), is tried once more: the old node
+    /// keeps what it exported for a while (`rrt_node::outbound`) and sends the same bytes
+    /// again.
     async fn transfer(
         &self,
         id: &str,
