@@ -1,6 +1,6 @@
-//! A KV move whose export stream breaks mid-transfer, in process with two real nodes (the
-//! default GGUF model, from `scripts/fetch-model.sh`): the coordinator asks the draining node
-//! for the same export again (the node kept it, `rrt_node::outbound`), the peer stages it and
+//! A KV move whose export stream breaks mid-transfer (with an error, or ended early without
+//! one), in process with two real nodes (the default GGUF model, from
+//! `scripts/fetch-model.sh`): the coordinator asks the draining node for the same export again (the node kept it, `rrt_node::outbound`), the peer stages it and
 //! continues the request without recomputing its prompt, the client's tokens equal an
 //! undisturbed run's, and the draining node's export is released.
 
@@ -22,12 +22,21 @@ fn model_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// A node whose next `cuts` exports break after their header and first data chunk (as a
-/// connection cut mid-stream does); everything else is the real node's.
+/// How an export breaks.
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    /// After the header and the first data chunk, an error (a connection cut mid-stream).
+    Error,
+    /// After the header, the stream just ends (the peer sees too few floats).
+    Short,
+}
+
+/// A node whose next `cuts` exports break as `how` says; everything else is the real node's.
 #[derive(Clone)]
 struct CutExports {
     inner: NodeService,
     cuts: Arc<AtomicUsize>,
+    how: Cut,
 }
 
 #[tonic::async_trait]
@@ -68,10 +77,13 @@ impl Node for CutExports {
         {
             return Ok(Response::new(s));
         }
-        let cut = s
-            .take(2)
-            .chain(tokio_stream::once(Err(Status::unavailable("connection cut"))));
-        Ok(Response::new(Box::pin(cut)))
+        Ok(Response::new(match self.how {
+            Cut::Error => Box::pin(
+                s.take(2)
+                    .chain(tokio_stream::once(Err(Status::unavailable("connection cut")))),
+            ),
+            Cut::Short => Box::pin(s.take(1)),
+        }))
     }
 
     async fn import(&self, r: Request<tonic::Streaming<pb::KvChunk>>) -> Result<Response<pb::ImportResponse>, Status> {
@@ -79,8 +91,8 @@ impl Node for CutExports {
     }
 }
 
-/// A node on loopback serving the default model; its next `cuts` exports break.
-async fn node(id: &str, cuts: usize) -> (NodeService, String, Arc<AtomicUsize>) {
+/// A node on loopback serving the default model; its next `cuts` exports break as `how` says.
+async fn node(id: &str, cuts: usize, how: Cut) -> (NodeService, String, Arc<AtomicUsize>) {
     let lm = rrt_model::load(&model_path()).expect("the default model (scripts/fetch-model.sh)");
     let n = rrt_node::server::start_as(
         lm,
@@ -97,6 +109,7 @@ async fn node(id: &str, cuts: usize) -> (NodeService, String, Arc<AtomicUsize>) 
     let svc = CutExports {
         inner: n.service.clone(),
         cuts: cuts.clone(),
+        how,
     };
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
@@ -141,8 +154,19 @@ async fn load(addr: &str) -> pb::LoadReport {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_export_is_asked_for_again_and_the_peer_recomputes_nothing() {
-    let (a_svc, a, cuts) = node("node-a", 1).await;
-    let (_, b, _) = node("node-b", 0).await;
+    moves_despite(Cut::Error).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_export_is_asked_for_again_and_the_peer_recomputes_nothing() {
+    moves_despite(Cut::Short).await;
+}
+
+/// Node A serves a request, node B joins, A drains: the request moves with its keys/values
+/// although A's first export breaks as `how` says.
+async fn moves_despite(how: Cut) {
+    let (a_svc, a, cuts) = node("node-a", 1, how).await;
+    let (_, b, _) = node("node-b", 0, how).await;
     // The coordinator first knows node A only (so the request starts there), then both.
     let sources = Arc::new(Mutex::new(vec![NodeSource::Static(a.clone())]));
     let reg = Registry::new();
