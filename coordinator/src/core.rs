@@ -806,7 +806,7 @@ impl Coordinator {
     /// Moves request `id` off node `from` with its state: `Export` there, piped into `Import`
     /// on the peer the request would be routed to now (the coordinator holds one chunk at a
     /// time). The pump releases the export on the old node once its stream said "moved"
-    /// (`RequestPump::release_export`).
+    /// (`RequestPump::cancel_on_node`).
     pub(crate) async fn move_kv(
         &self,
         run: &pb::RunRequest,

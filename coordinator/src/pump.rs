@@ -190,7 +190,7 @@ impl RequestPump {
     /// The old node let go of the request after its last token: continue on the peer holding
     /// its keys/values, or replay it anywhere.
     async fn on_moved(&mut self) -> Next {
-        self.release_export();
+        self.cancel_on_node();
         self.run.generated = self.generated();
         let opened = match self.switching.take() {
             Some((to, ticket)) => {
@@ -217,11 +217,11 @@ impl RequestPump {
         }
     }
 
-    /// Tells the old node that the coordinator is done with the request's export (`Cancel`):
-    /// its stream said "moved" and the keys/values are on a peer or the request replays. A
-    /// draining node keeps its connections open until every export is released
-    /// (`rrt_node::outbound`).
-    fn release_export(&self) {
+    /// `Cancel` of the request on the node the pump reads now, in the background, before it
+    /// switches away: frees the request there when it replays elsewhere, or releases its
+    /// export once the stream said "moved" (a draining node keeps its connections open until
+    /// every export is released, `rrt_node::outbound`).
+    fn cancel_on_node(&self) {
         let mut old = self.client.clone();
         let req = pb::CancelRequest {
             request_id: self.id.clone(),
@@ -250,7 +250,7 @@ impl RequestPump {
         let opened = match self.switching.take() {
             // Its keys/values made it to a peer before the old stream broke.
             Some((to, ticket)) => {
-                self.release_export();
+                self.cancel_on_node();
                 self.run.kv_ticket = ticket;
                 self.coord.open_run_on(&to, &mut self.run).await
             }
@@ -300,15 +300,8 @@ impl RequestPump {
                 match self.coord.open_run(&mut self.run).await {
                     Ok(o) => {
                         let old_node = self.node.clone();
-                        let mut old = self.client.clone();
+                        self.cancel_on_node();
                         self.switch_to(o);
-                        let req = pb::CancelRequest {
-                            request_id: self.id.clone(),
-                        };
-                        let timeout = self.coord.config().node_timeout;
-                        tokio::spawn(async move {
-                            let _ = tokio::time::timeout(timeout, old.cancel(req)).await;
-                        });
                         tracing::info!(
                             request = self.id,
                             from = old_node,

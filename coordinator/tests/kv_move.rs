@@ -117,8 +117,6 @@ async fn node(id: &str, cuts: usize, how: Cut) -> (NodeService, String, Arc<Atom
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await;
     });
-    // The engine thread lives as long as the handle: the test process ends it.
-    std::mem::forget(n.engine);
     (n.service, addr, cuts)
 }
 

@@ -671,15 +671,12 @@ impl pb::node_server::Node for NodeService {
         self.inner.outbound.reserve(&rid);
         let state = match self.inner.engine.export(id).await {
             Ok(Some(state)) => state,
-            Ok(None) => {
+            other => {
                 self.inner.outbound.release(&rid);
-                return Err(Status::not_found(format!(
-                    "request `{rid}` finished before it could move"
-                )));
-            }
-            Err(e) => {
-                self.inner.outbound.release(&rid);
-                return Err(status(e));
+                return Err(match other {
+                    Err(e) => status(e),
+                    _ => Status::not_found(format!("request `{rid}` finished before it could move")),
+                });
             }
         };
         tracing::info!(

@@ -161,14 +161,13 @@ impl Outbound {
             let changed = self.shared.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.open_streams() == 0 && self.unreleased() == 0 {
-                return;
-            }
-            match self.next_expiry() {
-                Some(at) => {
+            // No expiry ahead: nothing is unreleased.
+            match (self.next_expiry(), self.open_streams()) {
+                (None, 0) => return,
+                (None, _) => changed.await,
+                (Some(at), _) => {
                     let _ = tokio::time::timeout_at(at.into(), changed).await;
                 }
-                None => changed.await,
             }
         }
     }

@@ -118,34 +118,51 @@ async fn run_load_cancel_over_loopback() {
     assert!(!c.found);
 }
 
-/// Export hands a running request's keys/values over (its Run stream ends MOVED, the engine
-/// frees it), and a second Export of the same request (the coordinator's retry when the first
-/// transfer broke) streams the same bytes again; the state imports on a node.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broken_export_can_be_asked_for_again() {
-    let weights = std::env::temp_dir().join(format!("rrt-export-again-{}", std::process::id()));
-    std::fs::write(&weights, b"stand-in weights for the fingerprint").unwrap();
-    let (handle, _join) = EngineHandle::spawn(
-        engine(tiny_model(4, 2, 2, 31), tokenizer(), EngineConfig::default()),
-        16,
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let svc = NodeService::new("node-a", served(&tiny_model(4, 2, 2, 31), tokenizer()), handle.clone());
-    svc.set_fingerprint_source(weights.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(NodeServer::new(svc))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
-    let mut client = NodeClient::connect(format!("http://{addr}")).await.unwrap();
-    let prompt: Vec<u32> = (0..12).map(|p| 200 + 7 * p).collect();
+/// A node on a tiny model whose weights file (for the fingerprint KV moves need) is a
+/// stand-in; its engine runs, its service is not served yet.
+struct ExportingNode {
+    svc: NodeService,
+    handle: EngineHandle,
+    thread: rrt_node::engine_actor::EngineThread,
+    listener: tokio::net::TcpListener,
+    addr: std::net::SocketAddr,
+    weights: std::path::PathBuf,
+}
+
+impl ExportingNode {
+    async fn new(tag: &str) -> Self {
+        let weights = std::env::temp_dir().join(format!("rrt-{tag}-{}", std::process::id()));
+        std::fs::write(&weights, b"stand-in weights for the fingerprint").unwrap();
+        let (handle, thread) = EngineHandle::spawn(
+            engine(tiny_model(4, 2, 2, 31), tokenizer(), EngineConfig::default()),
+            16,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = NodeService::new("node-a", served(&tiny_model(4, 2, 2, 31), tokenizer()), handle.clone());
+        svc.set_fingerprint_source(weights.clone());
+        Self {
+            svc,
+            handle,
+            thread,
+            listener,
+            addr,
+            weights,
+        }
+    }
+}
+
+/// The prompt of the request `running` starts.
+fn moving_prompt() -> Vec<u32> {
+    (0..12).map(|p| 200 + 7 * p).collect()
+}
+
+/// Starts request "m" (long, so it is still running) and reads its first three events.
+async fn running(client: &mut NodeClient<tonic::transport::Channel>) -> tonic::Streaming<pb::RunEvent> {
     let mut s = client
         .run(pb::RunRequest {
             request_id: "m".into(),
-            prompt: prompt.clone(),
+            prompt: moving_prompt(),
             max_new_tokens: 3000,
             ignore_eos: true,
             ..Default::default()
@@ -156,20 +173,42 @@ async fn a_broken_export_can_be_asked_for_again() {
     for _ in 0..3 {
         assert!(s.message().await.unwrap().is_some());
     }
-    async fn export(
-        client: &mut NodeClient<tonic::transport::Channel>,
-        rid: &str,
-    ) -> Result<Vec<pb::KvChunk>, tonic::Status> {
-        let mut st = client
-            .export(pb::ExportRequest { request_id: rid.into() })
-            .await?
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(c) = st.message().await? {
-            out.push(c);
-        }
-        Ok(out)
+    s
+}
+
+/// Every chunk of `Export` of `rid`.
+async fn export(
+    client: &mut NodeClient<tonic::transport::Channel>,
+    rid: &str,
+) -> Result<Vec<pb::KvChunk>, tonic::Status> {
+    let mut st = client
+        .export(pb::ExportRequest { request_id: rid.into() })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(c) = st.message().await? {
+        out.push(c);
     }
+    Ok(out)
+}
+
+/// Export hands a running request's keys/values over (its Run stream ends MOVED, the engine
+/// frees it), and a second Export of the same request (the coordinator's retry when the first
+/// transfer broke) streams the same bytes again; the state imports on a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_export_can_be_asked_for_again() {
+    let node = ExportingNode::new("export-again").await;
+    let (svc, listener, weights) = (node.svc, node.listener, node.weights);
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(NodeServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    let mut client = NodeClient::connect(format!("http://{}", node.addr)).await.unwrap();
+    let prompt = moving_prompt();
+    let mut s = running(&mut client).await;
     let first = export(&mut client, "m").await.unwrap();
     let Some(pb::kv_chunk::Chunk::Header(h)) = &first[0].chunk else {
         panic!("the first chunk is the header: {:?}", first[0]);
@@ -210,22 +249,13 @@ async fn a_broken_export_can_be_asked_for_again() {
 /// lost with the process. Released, it stops at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_waits_for_its_exports_to_be_released() {
-    let weights = std::env::temp_dir().join(format!("rrt-export-release-{}", std::process::id()));
-    std::fs::write(&weights, b"stand-in weights for the fingerprint").unwrap();
-    let (handle, thread) = EngineHandle::spawn(
-        engine(tiny_model(4, 2, 2, 31), tokenizer(), EngineConfig::default()),
-        16,
-    );
-    let watch = rrt_node::supervisor::EngineWatch::spawn(thread, |_| {});
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let svc = NodeService::new("node-a", served(&tiny_model(4, 2, 2, 31), tokenizer()), handle.clone());
-    svc.set_fingerprint_source(weights.clone());
+    let node = ExportingNode::new("export-release").await;
+    let watch = rrt_node::supervisor::EngineWatch::spawn(node.thread, |_| {});
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(rrt_node::server::serve(
-        listener,
-        svc,
-        handle,
+        node.listener,
+        node.svc,
+        node.handle,
         watch,
         std::time::Duration::from_secs(20),
         None,
@@ -233,31 +263,9 @@ async fn a_draining_node_waits_for_its_exports_to_be_released() {
             let _ = stopped.await;
         },
     ));
-    let mut client = NodeClient::connect(format!("http://{addr}")).await.unwrap();
-    let mut s = client
-        .run(pb::RunRequest {
-            request_id: "m".into(),
-            prompt: (0..12).map(|p| 200 + 7 * p).collect(),
-            max_new_tokens: 3000,
-            ignore_eos: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    for _ in 0..3 {
-        assert!(s.message().await.unwrap().is_some());
-    }
-    let mut st = client
-        .export(pb::ExportRequest { request_id: "m".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut chunks = 0;
-    while st.message().await.unwrap().is_some() {
-        chunks += 1;
-    }
-    assert!(chunks >= 2, "header and data");
+    let mut client = NodeClient::connect(format!("http://{}", node.addr)).await.unwrap();
+    let mut s = running(&mut client).await;
+    assert!(export(&mut client, "m").await.unwrap().len() >= 2, "header and data");
     while s.message().await.unwrap().is_some() {}
     // SIGTERM: nothing runs any more, every byte was sent, but the export is not released.
     stop.send(()).unwrap();
@@ -279,5 +287,5 @@ async fn a_draining_node_waits_for_its_exports_to_be_released() {
         .expect("released: the node stops")
         .unwrap()
         .unwrap();
-    let _ = std::fs::remove_file(&weights);
+    let _ = std::fs::remove_file(&node.weights);
 }
