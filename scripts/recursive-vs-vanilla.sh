@@ -3,13 +3,14 @@
 # depth (c), with its calibrated exits (d) and with oracle exits (e), the checkpoints measured
 # alternately in the same session so their ratios share the host's state.
 #
-#   scripts/recursive-vs-vanilla.sh OUT_DIR NAME=CHECKPOINT [NAME=CHECKPOINT ...]
+#   scripts/recursive-vs-vanilla.sh OUT_DIR NAME=CHECKPOINT[@SETTINGS] [NAME=CHECKPOINT ...]
 #
 # Each CHECKPOINT must carry calibrated thresholds (setting d). Environment: ROUNDS (2),
 # CONCURRENCY (32), PROMPT (32), OUTPUT (128), REPS (2), SETTINGS (a,c,d,e) and the node's
 # RRT_NODE__CPU_PRODUCTS (int8 by default here). Every round runs `rrt bench engine
 # --checkpoint CKPT --settings SETTINGS` once per checkpoint, so (a) is measured beside each
-# checkpoint's settings and every ratio divides by the (a) of its own call. Writes
+# checkpoint's settings and every ratio divides by the (a) of its own call. `@a,d` after a
+# checkpoint runs only those settings for it (another calibration of the same weights, say). Writes
 # OUT_DIR/runs.jsonl (one line per setting and call) and prints a markdown table.
 set -euo pipefail
 out=$1; shift
@@ -21,8 +22,9 @@ echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; date 
   | tee "$out/machine.txt"
 for round in $(seq "${ROUNDS:-2}"); do
   for pair in "$@"; do
-    name=${pair%%=*} ckpt=${pair#*=}
-    "$rrt" bench engine --checkpoint "$ckpt" --settings "${SETTINGS:-a,c,d,e}" \
+    name=${pair%%=*} ckpt=${pair#*=} settings=${SETTINGS:-a,c,d,e}
+    if [[ $ckpt == *@* ]]; then settings=${ckpt##*@} ckpt=${ckpt%@*}; fi
+    "$rrt" bench engine --checkpoint "$ckpt" --settings "$settings" \
       --concurrency "${CONCURRENCY:-32}" --prompt-tokens "${PROMPT:-32}" \
       --max-tokens "${OUTPUT:-128}" --reps "${REPS:-2}" --json \
       | python3 -c 'import json, sys
