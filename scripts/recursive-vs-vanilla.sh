@@ -10,16 +10,17 @@
 # RRT_NODE__CPU_PRODUCTS (int8 by default here). Every round runs `rrt bench engine
 # --checkpoint CKPT --settings SETTINGS` once per checkpoint, so (a) is measured beside each
 # checkpoint's settings and every ratio divides by the (a) of its own call. `@a,d` after a
-# checkpoint runs only those settings for it (another calibration of the same weights, say). Writes
-# OUT_DIR/runs.jsonl (one line per setting and call) and prints a markdown table.
+# checkpoint runs only those settings for it (another calibration of the same weights, say).
+# Writes OUT_DIR/runs.jsonl (one line per setting and call) and prints a markdown table.
 set -euo pipefail
+# shellcheck source=scripts/bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
 out=$1; shift
 rrt=${RRT_BIN:-target/release/rrt}
 export RRT_NODE__CPU_PRODUCTS=${RRT_NODE__CPU_PRODUCTS:-int8}
 mkdir -p "$out"
 : > "$out/runs.jsonl"
-echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; date $(date -u +%F)" \
-  | tee "$out/machine.txt"
+machine_line | tee "$out/machine.txt"
 for round in $(seq "${ROUNDS:-2}"); do
   for pair in "$@"; do
     name=${pair%%=*} ckpt=${pair#*=} settings=${SETTINGS:-a,c,d,e}

@@ -1,8 +1,9 @@
 //! A KV move whose export stream breaks mid-transfer (with an error, or ended early without
 //! one), in process with two real nodes (the default GGUF model, from
-//! `scripts/fetch-model.sh`): the coordinator asks the draining node for the same export again (the node kept it, `rrt_node::outbound`), the peer stages it and
-//! continues the request without recomputing its prompt, the client's tokens equal an
-//! undisturbed run's, and the draining node's export is released.
+//! `scripts/fetch-model.sh`): the coordinator asks the draining node for the same export
+//! again (the node kept it, `rrt_node::outbound`), the peer stages it and continues the
+//! request without recomputing its prompt, the client's tokens equal an undisturbed run's,
+//! and the draining node's export is released.
 
 use rrt_coordinator::registry::{NodeSource, Registry};
 use rrt_coordinator::{Coordinator, CoordinatorConfig, GenEvent, GenRequest, Generation, Input};

@@ -670,15 +670,15 @@ impl pb::node_server::Node for NodeService {
         // last request must still wait for this export.
         self.inner.outbound.reserve(&rid);
         let state = match self.inner.engine.export(id).await {
-            Ok(Some(state)) => state,
-            other => {
-                self.inner.outbound.release(&rid);
-                return Err(match other {
-                    Err(e) => status(e),
-                    _ => Status::not_found(format!("request `{rid}` finished before it could move")),
-                });
-            }
-        };
+            Ok(Some(state)) => Ok(state),
+            Ok(None) => Err(Status::not_found(format!(
+                "request `{rid}` finished before it could move"
+            ))),
+            Err(e) => Err(status(e)),
+        }
+        .inspect_err(|_| {
+            self.inner.outbound.release(&rid);
+        })?;
         tracing::info!(
             request = rid,
             positions = state.positions,

@@ -33,13 +33,7 @@ async fn run_load_cancel_over_loopback() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let svc = NodeService::new("node-a", served(&tiny_model(4, 2, 2, 31), tokenizer()), handle.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(NodeServer::new(svc))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
+    serve_plain(svc, listener);
     let mut client = NodeClient::connect(format!("http://{addr}")).await.unwrap();
     let run = |max_new_tokens: u32| pb::RunRequest {
         request_id: format!("r{max_new_tokens}"),
@@ -116,6 +110,17 @@ async fn run_load_cancel_over_loopback() {
         .unwrap()
         .into_inner();
     assert!(!c.found);
+}
+
+/// Serves `svc` on `listener` in the background (no drain: the test's runtime ends it).
+fn serve_plain(svc: NodeService, listener: tokio::net::TcpListener) {
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(NodeServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
 }
 
 /// A node on a tiny model whose weights file (for the fingerprint KV moves need) is a
@@ -198,14 +203,8 @@ async fn export(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_export_can_be_asked_for_again() {
     let node = ExportingNode::new("export-again").await;
-    let (svc, listener, weights) = (node.svc, node.listener, node.weights);
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(NodeServer::new(svc))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
+    let weights = node.weights;
+    serve_plain(node.svc, node.listener);
     let mut client = NodeClient::connect(format!("http://{}", node.addr)).await.unwrap();
     let prompt = moving_prompt();
     let mut s = running(&mut client).await;
